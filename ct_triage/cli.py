@@ -1,0 +1,193 @@
+"""The ``ct-triage`` command line: thin composition of node, worker and database."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from ct_triage import __version__
+from ct_triage.errors import CtTriageError
+from ct_triage.runtime import log_effective_config, open_database, setup_logging
+from ct_triage.settings import Settings
+
+log = logging.getLogger("ct_triage")
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+
+
+def _start_node(settings: Settings, session_factory):
+    from ct_triage.contract import make_publisher
+    from dicom_node import DicomNode
+
+    node = DicomNode(settings, session_factory, make_publisher(settings.broker_url))
+    node.start()
+    return node
+
+
+def cmd_serve(args, settings: Settings) -> int:
+    """Node + embedded worker on one machine, no servers needed."""
+    log_effective_config(settings, "serve")
+    _, session_factory = open_database(settings)
+    node = _start_node(settings, session_factory)
+    consumer = None
+    worker_process = None
+    if settings.embedded_queue:
+        from ct_triage.contract import make_publisher
+        from worker.embedded import EmbeddedConsumer
+        from worker.jobs import WorkerContext
+
+        consumer = EmbeddedConsumer(WorkerContext(settings, session_factory, make_publisher("")),
+                                    poll_interval_s=settings.poll_interval_s)
+        consumer.start()
+        log.info("embedded worker consuming jobs from the database")
+    else:
+        import subprocess
+
+        worker_process = subprocess.Popen([sys.executable, "-m", "ct_triage.cli", "worker"])
+        log.info("Celery worker started (pid %d) on %s", worker_process.pid, "gpu,io")
+    log.info("ct-triage serve ready: DICOM %s on port %d", settings.ae_title, node.port)
+    try:
+        _wait_for_signal()
+    finally:
+        node.stop()
+        if consumer:
+            consumer.stop()
+        if worker_process:
+            worker_process.terminate()
+            worker_process.wait(timeout=30)
+    return 0
+
+
+def cmd_node(args, settings: Settings) -> int:
+    log_effective_config(settings, "node")
+    if settings.embedded_queue:
+        log.warning("CT_TRIAGE_BROKER_URL is empty: jobs wait in the database for a `ct-triage serve`")
+    _, session_factory = open_database(settings)
+    node = _start_node(settings, session_factory)
+    log.info("ct-triage node ready: DICOM %s on port %d", settings.ae_title, node.port)
+    try:
+        _wait_for_signal()
+    finally:
+        node.stop()
+    return 0
+
+
+def cmd_worker(args, settings: Settings) -> int:
+    if settings.embedded_queue:
+        raise CtTriageError("ct-triage worker needs CT_TRIAGE_BROKER_URL (e.g. redis://127.0.0.1:6379/0); "
+                            "for one machine use `ct-triage serve`")
+    log_effective_config(settings, "worker")
+    open_database(settings)  # migrations before the first task
+    from worker.celery_app import app
+
+    argv = ["worker", "--queues", args.queues, "--concurrency", str(args.concurrency), "--loglevel",
+            settings.log_level, "--hostname", args.hostname, "--without-gossip", "--without-mingle"]
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_db_upgrade(args, settings: Settings) -> int:
+    from db.migrate import current_revision
+
+    engine, _ = open_database(settings)
+    print(f"database at revision {current_revision(engine)}")
+    return 0
+
+
+def _fmt_time(value) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def cmd_status(args, settings: Settings) -> int:
+    from db import repository
+    from db.session import session_scope
+
+    _, session_factory = open_database(settings)
+    with session_scope(session_factory) as session:
+        rows = repository.series_status(session, limit=args.limit)
+    headers = ["study_instance_uid", "series_instance_uid", "mod", "instances", "dups", "ver", "state",
+               "first_received", "last_received", "stable", "queued", "reason/flags"]
+    table = [[r.study_instance_uid, r.series_instance_uid, r.modality or "-", str(r.instance_count),
+              str(r.duplicate_count), str(r.version), r.state, _fmt_time(r.first_received_at),
+              _fmt_time(r.last_received_at), _fmt_time(r.stable_at), _fmt_time(r.queued_at),
+              "; ".join(filter(None, [r.state_reason or "", *r.flags]))] for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    if not table:
+        print("(no series received yet)")
+    return 0
+
+
+def cmd_config(args, settings: Settings) -> int:
+    if args.markdown:
+        print("| variable | default | meaning |\n|---|---|---|")
+        for name, default, text in Settings.documentation():
+            print(f"| `{name}` | `{default}` | {text} |" if default else f"| `{name}` | | {text} |")
+    else:
+        for key, value in settings.effective().items():
+            print(f"{key}={value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ct-triage", description="COVID-19 chest CT worklist triage daemon")
+    parser.add_argument("--version", action="version", version=f"ct-triage {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="DICOM node + worker on one machine (embedded defaults)").set_defaults(
+        func=cmd_serve)
+    sub.add_parser("node", help="the DICOM node alone (publishes to CT_TRIAGE_BROKER_URL)").set_defaults(
+        func=cmd_node)
+    worker = sub.add_parser("worker", help="a Celery worker (needs CT_TRIAGE_BROKER_URL)")
+    worker.add_argument("--queues", default="gpu,io", help="comma-separated queues (default gpu,io)")
+    worker.add_argument("--concurrency", type=int, default=1, help="processes (one per GPU for gpu)")
+    worker.add_argument("--hostname", default="ct-triage@%h", help="Celery node name")
+    worker.set_defaults(func=cmd_worker)
+    db = sub.add_parser("db", help="database maintenance")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_sub.add_parser("upgrade", help="apply migrations").set_defaults(func=cmd_db_upgrade)
+    status = sub.add_parser("status", help="series and queue state as a table")
+    status.add_argument("--limit", type=int, default=200)
+    status.set_defaults(func=cmd_status)
+    config = sub.add_parser("config", help="print the effective settings")
+    config.add_argument("--markdown", action="store_true", help="the settings table for the README")
+    config.set_defaults(func=cmd_config)
+    try:
+        from worker import commands as worker_commands
+    except ImportError:  # the scoring commands are optional until the worker package provides them
+        worker_commands = None
+    if worker_commands is not None:
+        worker_commands.register(sub, Settings.from_env)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        setup_logging(settings.log_level)
+        return int(args.func(args, settings) or 0) if _takes_settings(args.func) else int(args.func(args) or 0)
+    except CtTriageError as exc:
+        print(f"ct-triage: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _takes_settings(func) -> bool:
+    import inspect
+
+    return len(inspect.signature(func).parameters) >= 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The task contract between the DICOM node and the workers.
+
+Both sides import this module and nothing of each other: task names, the queue
+each task goes to, the payload (an ID, never data), and how a payload is published.
+Publishing happens only after the database commit that created the job row, so a
+worker never sees an ID it cannot read. In the embedded mode (no broker) the job
+row itself is the message: the in-process consumer polls the jobs table.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+SCORE_STUDY = "ct_triage.score_study"
+DELIVER_OUTPUTS = "ct_triage.deliver_outputs"
+
+QUEUE_GPU = "gpu"
+QUEUE_IO = "io"
+
+TASK_QUEUES = {SCORE_STUDY: QUEUE_GPU, DELIVER_OUTPUTS: QUEUE_IO}
+
+log = logging.getLogger(__name__)
+
+
+def task_payload(job_id: int) -> list[int]:
+    """The positional arguments of every task: the job's primary key."""
+    if not isinstance(job_id, int) or isinstance(job_id, bool) or job_id <= 0:
+        raise ValueError(f"job_id must be a positive int, got {job_id!r}")
+    return [job_id]
+
+
+class Publisher(Protocol):
+    def publish(self, task_name: str, job_id: int) -> None: ...
+
+
+class EmbeddedPublisher:
+    """No broker: the committed job row is picked up by the in-process consumer."""
+
+    def publish(self, task_name: str, job_id: int) -> None:
+        task_payload(job_id)
+        if task_name not in TASK_QUEUES:
+            raise ValueError(f"unknown task_name {task_name!r}")
+
+
+class CeleryPublisher:
+    """Sends tasks by name to a Celery broker (no import of the worker code)."""
+
+    def __init__(self, broker_url: str):
+        from celery import Celery  # imported here: the embedded mode needs no celery
+
+        self.app = Celery("ct_triage_publisher", broker=broker_url)
+        self.app.conf.broker_connection_retry_on_startup = True
+        self.app.conf.broker_transport_options = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+
+    def publish(self, task_name: str, job_id: int) -> None:
+        queue = TASK_QUEUES[task_name]
+        self.app.send_task(task_name, args=task_payload(job_id), queue=queue)
+        log.debug("published %s job=%s queue=%s", task_name, job_id, queue)
+
+
+# Redis redelivers an unacknowledged task after this many seconds; it must exceed the
+# longest task (scoring a study, delivering to a slow PACS) or tasks run twice.
+VISIBILITY_TIMEOUT_S = 3600
+
+
+def make_publisher(broker_url: str) -> Publisher:
+    return CeleryPublisher(broker_url) if broker_url else EmbeddedPublisher()

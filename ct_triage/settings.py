@@ -1,0 +1,258 @@
+"""One typed settings object per process, read from ``CT_TRIAGE_*`` variables.
+
+Precedence: environment variable > TOML file named by ``CT_TRIAGE_CONFIG`` > default.
+Defaults need no servers: SQLite under ``./var``, storage under ``./var/storage``,
+the embedded queue (the database itself) instead of a broker.
+
+Every field documents itself (``help``); ``ct-triage config`` prints the table that
+the README carries, and :meth:`Settings.effective` is logged at start with secrets masked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from ct_triage.errors import ConfigError
+
+PREFIX = "CT_TRIAGE_"
+
+
+def _f(default, help: str, secret: bool = False):
+    return field(default=default, metadata={"help": help, "secret": secret})
+
+
+def _lf(default: list[str], help: str):
+    return field(default_factory=lambda: list(default), metadata={"help": help, "secret": False})
+
+
+DEFAULT_LUNG_KERNELS = [
+    "FC50", "FC51", "FC52", "FC53", "FC55", "FC56", "FC86",  # Toshiba/Canon lung
+    "B60f", "B70f", "B80f", "Br59", "Br60", "Bl57", "Bl64", "I70f", "Hr60",  # Siemens sharp
+    "LUNG", "BONE", "BONEPLUS", "BONE-PLUS", "EDGE",  # GE
+    "L", "YA", "YB", "LC",  # Philips lung
+]
+
+
+@dataclass(frozen=True)
+class Settings:
+    var_dir: Path = _f(Path("var"), "Working folder for the default database, storage and logs.")
+    database_url: str = _f(
+        "", "SQLAlchemy URL of the database. Empty: SQLite (WAL) at VAR_DIR/ct-triage.sqlite.",
+        secret=True,
+    )
+    broker_url: str = _f(
+        "", "Celery broker (e.g. redis://127.0.0.1:6379/0). Empty: embedded queue in the database.",
+        secret=True,
+    )
+    storage_dir: Path | None = _f(None, "Where received instances are kept. Empty: VAR_DIR/storage.")
+    ae_title: str = _f("CTTRIAGE", "Our AE title.")
+    bind_address: str = _f("0.0.0.0", "Address the DICOM node listens on.")
+    port: int = _f(11112, "DICOM port (TLS-only when TLS_REQUIRED).")
+    allowed_calling_aes: list[str] = _lf(
+        [], "Comma-separated calling AE titles allowed to associate, each optionally AET@address. "
+        "Empty: any caller (a warning is logged)."
+    )
+    max_associations: int = _f(16, "Concurrent associations accepted; more are rejected (transient).")
+    acse_timeout_s: float = _f(30.0, "ACSE (association set-up/release) timeout.")
+    dimse_timeout_s: float = _f(60.0, "DIMSE message timeout.")
+    network_timeout_s: float = _f(60.0, "Idle network timeout of an association.")
+    max_pdu_bytes: int = _f(1048576, "Maximum PDU size we receive (0: unlimited).")
+    min_free_disk_mb: int = _f(1024, "Refuse C-STORE with 0xA700 when free space under STORAGE_DIR would drop below this.")
+    stable_age_s: float = _f(15.0, "Quiet period after the last instance before a series is stable.")
+    max_receive_s: float = _f(3600.0, "Force a series complete after receiving this long.")
+    tls_cert: Path | None = _f(None, "PEM certificate for DICOM TLS. Empty: no TLS.")
+    tls_key: Path | None = _f(None, "PEM private key for DICOM TLS.", secret=False)
+    tls_ca: Path | None = _f(None, "CA bundle; when set, callers must present a certificate it signed.")
+    tls_required: bool = _f(False, "When true (and TLS_CERT set) PORT speaks TLS only; plain TCP is refused.")
+    tls_port: int = _f(2762, "Extra TLS port when TLS is configured but not required.")
+    destinations: list[str] = _lf([], "Comma-separated PACS targets AET@host:port (append '+tls' for TLS).")
+    device: str = _f("auto", "Scoring device: auto, cpu or cuda.")
+    scorer: str = _f("classical", "Scorer: classical (default, no weights) or unet.")
+    unet_weights: Path | None = _f(None, "Weights file of the 3D U-Net scorer.")
+    lung_kernels: list[str] = _lf(DEFAULT_LUNG_KERNELS, "Convolution kernels preferred for scoring (case-insensitive).")
+    min_slices: int = _f(20, "Fewer slices than this: the series is not applicable.")
+    noise_floor_percent: float = _f(0.5, "Involvement below this is CT-0 (no signs).")
+    poll_interval_s: float = _f(1.0, "How often the completeness tracker and the embedded queue look for work.")
+    log_level: str = _f("INFO", "Logging level.")
+
+    # -- derived -------------------------------------------------------------------
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.var_dir / 'ct-triage.sqlite').as_posix()}"
+
+    @property
+    def effective_storage_dir(self) -> Path:
+        return self.storage_dir or (self.var_dir / "storage")
+
+    @property
+    def embedded_queue(self) -> bool:
+        return not self.broker_url
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None
+
+    # -- loading -------------------------------------------------------------------
+    @classmethod
+    def from_env(cls, environ: typing.Mapping[str, str] | None = None, **overrides) -> Settings:
+        environ = os.environ if environ is None else environ
+        raw: dict[str, object] = {}
+        config_file = environ.get(PREFIX + "CONFIG")
+        if config_file:
+            try:
+                with open(config_file, "rb") as fh:
+                    data = tomllib.load(fh)
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"{PREFIX}CONFIG={config_file}: {exc}") from exc
+            for key, value in data.items():
+                raw[key.lower()] = value
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - names
+        if unknown:
+            raise ConfigError(f"unknown setting(s) in {config_file}: {', '.join(sorted(unknown))}")
+        for f in dataclasses.fields(cls):
+            env_name = PREFIX + f.name.upper()
+            if env_name in environ:
+                raw[f.name] = environ[env_name]
+        raw.update(overrides)
+        values = {name: _coerce(name, hints[name], value) for name, value in raw.items()}
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"{PREFIX}PORT must be 1..65535, got {self.port}")
+        if not 1 <= len(self.ae_title) <= 16:
+            raise ConfigError(f"{PREFIX}AE_TITLE must be 1..16 characters, got {self.ae_title!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"{PREFIX}DEVICE must be auto, cpu or cuda, got {self.device!r}")
+        if self.scorer not in ("classical", "unet"):
+            raise ConfigError(f"{PREFIX}SCORER must be classical or unet, got {self.scorer!r}")
+        if self.tls_cert and not self.tls_key:
+            raise ConfigError(f"{PREFIX}TLS_KEY is required when {PREFIX}TLS_CERT is set")
+        if self.tls_required and not self.tls_cert:
+            raise ConfigError(f"{PREFIX}TLS_REQUIRED needs {PREFIX}TLS_CERT and {PREFIX}TLS_KEY")
+        if self.stable_age_s < 0 or self.max_receive_s <= 0:
+            raise ConfigError(f"{PREFIX}STABLE_AGE_S must be >= 0 and {PREFIX}MAX_RECEIVE_S > 0")
+        for dest in self.destinations:
+            parse_destination(dest)
+        for entry in self.allowed_calling_aes:
+            parse_allowed_caller(entry)
+
+    def effective(self) -> dict[str, str]:
+        """The settings as logged at start: every field, secrets masked."""
+        out: dict[str, str] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("secret") and value:
+                value = mask_url(str(value))
+            elif isinstance(value, list):
+                value = ",".join(value)
+            out[f.name] = "" if value is None else str(value)
+        out["effective_database_url"] = mask_url(self.effective_database_url)
+        out["effective_storage_dir"] = str(self.effective_storage_dir)
+        return out
+
+    @classmethod
+    def documentation(cls) -> list[tuple[str, str, str]]:
+        """(variable, default, help) rows for the README's settings table."""
+        rows = []
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            if isinstance(default, list):
+                default = ",".join(default)
+            rows.append((PREFIX + f.name.upper(), "" if default is None else str(default), f.metadata["help"]))
+        return rows
+
+
+def mask_url(url: str) -> str:
+    """Hide a password in a URL (``redis://:secret@host`` -> ``redis://:***@host``)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _coerce(name: str, hint, value):
+    env_name = PREFIX + name.upper()
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType")) and args:
+        if value in ("", None):
+            return None
+        hint = args[0]
+        origin = typing.get_origin(hint)
+    try:
+        if origin is list:
+            if isinstance(value, str):
+                return [item.strip() for item in value.split(",") if item.strip()]
+            return [str(item) for item in value]
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError("expected true/false")
+        if hint is Path:
+            return Path(str(value))
+        if hint in (int, float, str):
+            return hint(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{env_name}={value!r}: {exc}") from exc
+    return value
+
+
+@dataclass(frozen=True)
+class Destination:
+    ae_title: str
+    host: str
+    port: int
+    tls: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}" + ("+tls" if self.tls else "")
+
+
+def parse_destination(text: str) -> Destination:
+    """Parse ``AET@host:port[+tls]``; ConfigError naming the entry when malformed."""
+    entry = text.strip()
+    tls = entry.endswith("+tls")
+    if tls:
+        entry = entry[: -len("+tls")]
+    aet, sep, hostport = entry.partition("@")
+    host, sep2, port = hostport.rpartition(":")
+    if not sep or not sep2 or not aet or not host or not port.isdigit() or len(aet) > 16:
+        raise ConfigError(f"{PREFIX}DESTINATIONS entry {text!r} is not AET@host:port[+tls]")
+    return Destination(aet, host, int(port), tls)
+
+
+@dataclass(frozen=True)
+class AllowedCaller:
+    ae_title: str
+    address: str | None = None
+
+
+def parse_allowed_caller(text: str) -> AllowedCaller:
+    aet, _, address = text.strip().partition("@")
+    if not aet or len(aet) > 16:
+        raise ConfigError(f"{PREFIX}ALLOWED_CALLING_AES entry {text!r} is not AET or AET@address")
+    return AllowedCaller(aet, address or None)

@@ -1,0 +1,203 @@
+"""SQLAlchemy 2 models: the source of truth the node, the workers and the dashboard share.
+
+Every series state change is both a timestamp column on ``series`` (for cheap
+turnaround queries) and a row in ``series_events`` (for the audit trail).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from db.states import SeriesState
+from db.types import UTCDateTime, utcnow
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+UID = String(64)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Patient(Base):
+    __tablename__ = "patients"
+    __table_args__ = (UniqueConstraint("patient_id", "issuer_of_patient_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    # PHI: kept for the PACS outputs, never logged at INFO.
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8))
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    studies: Mapped[list[Study]] = relationship(back_populates="patient")
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    patient_fk: Mapped[int] = mapped_column(ForeignKey("patients.id"), index=True)
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    study_time: Mapped[str | None] = mapped_column(String(32))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    # Bumped when a late instance reopens a settled series: each version is scored once.
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+    patient: Mapped[Patient] = relationship(back_populates="studies")
+    series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
+    jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.id")
+
+
+class Series(Base):
+    __tablename__ = "series"
+    __table_args__ = (Index("ix_series_state_last", "state", "last_received_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    study_fk: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    sop_class_uid: Mapped[str | None] = mapped_column(UID)
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    convolution_kernel: Mapped[str | None] = mapped_column(String(64))
+    slice_thickness: Mapped[float | None] = mapped_column(Float)
+    images_in_acquisition: Mapped[int | None] = mapped_column(Integer)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    duplicate_count: Mapped[int] = mapped_column(Integer, default=0)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+    state: Mapped[str] = mapped_column(String(16), default=SeriesState.RECEIVING.value)
+    state_reason: Mapped[str | None] = mapped_column(Text)
+    flags_json: Mapped[str] = mapped_column(Text, default="[]")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # One timestamp per state (the latest entry into it); history in series_events.
+    receiving_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    stable_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    scoring_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    scored_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    delivering_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    not_applicable_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series", order_by="Instance.id")
+    events: Mapped[list[SeriesEvent]] = relationship(back_populates="series", order_by="SeriesEvent.id")
+
+    @property
+    def flags(self) -> list[str]:
+        return json.loads(self.flags_json or "[]")
+
+    @flags.setter
+    def flags(self, value: list[str]) -> None:
+        self.flags_json = json.dumps(list(value))
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    series_fk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    series_version: Mapped[int] = mapped_column(Integer, default=1)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(String(255))  # relative to the storage folder
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    # Position along the slice normal (mm): what gap and spacing checks use.
+    slice_position: Mapped[float | None] = mapped_column(Float)
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class SeriesEvent(Base):
+    __tablename__ = "series_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_fk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    series: Mapped[Series] = relationship(back_populates="events")
+
+
+class Job(Base):
+    """One scoring job per study version; the row is also the embedded queue's message."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("task_name", "study_fk", "study_version", name="uq_jobs_task_study_version"),
+        Index("ix_jobs_state", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_name: Mapped[str] = mapped_column(String(64))
+    study_fk: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    study_version: Mapped[int] = mapped_column(Integer)
+    # queued -> running -> done | failed (| queued again on a retry)
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    study: Mapped[Study] = relationship(back_populates="jobs")
+
+
+class RejectedInstance(Base):
+    """A C-STORE we answered with a failure status, and why."""
+
+    __tablename__ = "rejected_instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    peer_address: Mapped[str | None] = mapped_column(String(64))
+    sop_class_uid: Mapped[str | None] = mapped_column(String(128))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(128))  # as sent, maybe invalid
+    status_code: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+    quarantine_path: Mapped[str | None] = mapped_column(String(255))

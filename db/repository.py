@@ -1,0 +1,353 @@
+"""Queries and state changes the node and the workers share.
+
+Functions take an open ``Session`` and never commit: the caller owns the
+transaction (and publishes tasks only after its commit).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from db.models import Instance, Job, Patient, RejectedInstance, Series, SeriesEvent, Study
+from db.states import SETTLED, SeriesState, can_transition
+from db.types import utcnow
+
+
+class InvalidStateChange(Exception):
+    """A series was asked for a state change its state machine does not allow."""
+
+
+@dataclass
+class InstanceRecord:
+    """What the node read from a received instance's header (no pixel data)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    path: str
+    size_bytes: int
+    patient_id: str = ""
+    issuer_of_patient_id: str = ""
+    patient_name: str | None = None
+    patient_birth_date: str | None = None
+    patient_sex: str | None = None
+    accession_number: str | None = None
+    study_date: str | None = None
+    study_time: str | None = None
+    study_description: str | None = None
+    modality: str | None = None
+    series_number: int | None = None
+    series_description: str | None = None
+    convolution_kernel: str | None = None
+    slice_thickness: float | None = None
+    images_in_acquisition: int | None = None
+    instance_number: int | None = None
+    slice_position: float | None = None
+    rows: int | None = None
+    columns: int | None = None
+    calling_ae_title: str | None = None
+    # None when the series is a scoring candidate; else why it never will be.
+    not_applicable_reason: str | None = None
+
+
+@dataclass
+class StoreOutcome:
+    duplicate: bool
+    series_id: int
+    series_state: str
+    series_version: int
+    created_series: bool = False
+    reopened: bool = False
+    became_stable: bool = False
+
+
+def transition(session: Session, series: Series, target: SeriesState, reason: str | None = None,
+               now: datetime | None = None) -> None:
+    """Move a series to ``target``, stamping the state's column and the event log."""
+    now = now or utcnow()
+    current = SeriesState(series.state)
+    if not can_transition(current, target):
+        raise InvalidStateChange(f"series {series.series_instance_uid}: {current.value} -> {target.value}")
+    series.state = target.value
+    series.state_reason = reason
+    setattr(series, f"{target.value}_at", now)
+    session.add(SeriesEvent(series=series, version=series.version, from_state=current.value,
+                            to_state=target.value, reason=reason, at=now))
+
+
+def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
+    return session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
+
+
+def count_duplicate(session: Session, instance: Instance) -> None:
+    session.execute(update(Series).where(Series.id == instance.series_fk)
+                    .values(duplicate_count=Series.duplicate_count + 1))
+
+
+def _get_or_create_patient(session: Session, rec: InstanceRecord) -> Patient:
+    patient = session.scalar(select(Patient).where(Patient.patient_id == rec.patient_id,
+                                                   Patient.issuer_of_patient_id == rec.issuer_of_patient_id))
+    if patient is None:
+        patient = Patient(patient_id=rec.patient_id, issuer_of_patient_id=rec.issuer_of_patient_id,
+                          patient_name=rec.patient_name, patient_birth_date=rec.patient_birth_date,
+                          patient_sex=rec.patient_sex)
+        session.add(patient)
+        session.flush()
+    return patient
+
+
+def _get_or_create_study(session: Session, rec: InstanceRecord, now: datetime) -> Study:
+    study = session.scalar(select(Study).where(Study.study_instance_uid == rec.study_instance_uid))
+    if study is None:
+        patient = _get_or_create_patient(session, rec)
+        study = Study(study_instance_uid=rec.study_instance_uid, patient_fk=patient.id,
+                      accession_number=rec.accession_number, study_date=rec.study_date,
+                      study_time=rec.study_time, study_description=rec.study_description,
+                      first_received_at=now, last_received_at=now, version=1)
+        session.add(study)
+        session.flush()
+    else:
+        study.last_received_at = now
+    return study
+
+
+def record_instance(session: Session, rec: InstanceRecord, now: datetime | None = None) -> StoreOutcome:
+    """Index one stored instance; creates patient/study/series rows as needed.
+
+    A late instance for a settled series reopens it with a new version (and bumps
+    the study's version, so the study is scored again exactly once).
+    """
+    now = now or utcnow()
+    existing = find_instance(session, rec.sop_instance_uid)
+    if existing is not None:
+        count_duplicate(session, existing)
+        series = session.get(Series, existing.series_fk)
+        return StoreOutcome(True, series.id, series.state, series.version)
+
+    study = _get_or_create_study(session, rec, now)
+    series = session.scalar(select(Series).where(Series.series_instance_uid == rec.series_instance_uid))
+    created = reopened = False
+    if series is None:
+        created = True
+        series = Series(series_instance_uid=rec.series_instance_uid, study_fk=study.id, modality=rec.modality,
+                        sop_class_uid=rec.sop_class_uid, series_number=rec.series_number,
+                        series_description=rec.series_description, convolution_kernel=rec.convolution_kernel,
+                        slice_thickness=rec.slice_thickness, images_in_acquisition=rec.images_in_acquisition,
+                        instance_count=0, duplicate_count=0, version=1, state=SeriesState.RECEIVING.value,
+                        receiving_at=now, first_received_at=now, last_received_at=now, flags_json="[]")
+        session.add(series)
+        session.flush()
+        session.add(SeriesEvent(series=series, version=1, from_state=None,
+                                to_state=SeriesState.RECEIVING.value, reason="first instance", at=now))
+        if rec.not_applicable_reason:
+            transition(session, series, SeriesState.NOT_APPLICABLE, rec.not_applicable_reason, now)
+    elif series.state != SeriesState.RECEIVING.value:
+        fixed_not_applicable = series.state == SeriesState.NOT_APPLICABLE.value and rec.not_applicable_reason
+        if not fixed_not_applicable:
+            series.version += 1
+            study.version += 1
+            transition(session, series, SeriesState.RECEIVING, "late instance reopened the series", now)
+            reopened = True
+
+    series.instance_count += 1
+    series.last_received_at = now
+    if rec.images_in_acquisition and not series.images_in_acquisition:
+        series.images_in_acquisition = rec.images_in_acquisition
+    session.add(Instance(sop_instance_uid=rec.sop_instance_uid, sop_class_uid=rec.sop_class_uid,
+                         series_fk=series.id, series_version=series.version,
+                         transfer_syntax_uid=rec.transfer_syntax_uid, path=rec.path, size_bytes=rec.size_bytes,
+                         instance_number=rec.instance_number, slice_position=rec.slice_position,
+                         rows=rec.rows, columns=rec.columns, calling_ae_title=rec.calling_ae_title,
+                         received_at=now))
+    became_stable = False
+    if (series.state == SeriesState.RECEIVING.value and series.images_in_acquisition
+            and series.instance_count >= series.images_in_acquisition):
+        session.flush()
+        mark_stable(session, series, "ImagesInAcquisition reached", now)
+        became_stable = True
+    return StoreOutcome(False, series.id, series.state, series.version, created, reopened, became_stable)
+
+
+def geometry_flags(positions: list[float]) -> list[str]:
+    """Z-gaps and inconsistent spacing among slice positions (mm along the normal)."""
+    values = sorted(p for p in positions if p is not None)
+    if len(values) < 3:
+        return []
+    diffs = [b - a for a, b in zip(values, values[1:])]
+    flags = []
+    if any(d < 1e-3 for d in diffs):
+        flags.append(f"duplicate slice positions ({sum(d < 1e-3 for d in diffs)})")
+    positive = [d for d in diffs if d >= 1e-3]
+    if not positive:
+        return flags
+    median = statistics.median(positive)
+    gaps = [(values[i], values[i + 1]) for i, d in enumerate(diffs) if d > 1.5 * median]
+    if gaps:
+        a, b = gaps[0]
+        flags.append(f"z_gap: {len(gaps)} gap(s), first {b - a:.2f} mm between {a:.2f} and {b:.2f} "
+                     f"(median spacing {median:.2f} mm)")
+    elif max(positive) - min(positive) > 0.1 * median + 0.01:
+        flags.append(f"inconsistent_spacing: {min(positive):.2f}..{max(positive):.2f} mm")
+    return flags
+
+
+def mark_stable(session: Session, series: Series, reason: str, now: datetime | None = None) -> None:
+    positions = session.scalars(select(Instance.slice_position).where(Instance.series_fk == series.id)).all()
+    series.flags = geometry_flags(list(positions))
+    transition(session, series, SeriesState.STABLE, reason, now)
+
+
+def settle_quiet_series(session: Session, stable_age_s: float, max_receive_s: float,
+                        now: datetime | None = None) -> list[Series]:
+    """Receiving series quiet for ``stable_age_s`` (or receiving longer than the cap) become stable."""
+    now = now or utcnow()
+    quiet_before = now - timedelta(seconds=stable_age_s)
+    cap_before = now - timedelta(seconds=max_receive_s)
+    candidates = session.scalars(
+        select(Series).where(Series.state == SeriesState.RECEIVING.value,
+                             (Series.last_received_at <= quiet_before) | (Series.receiving_at <= cap_before))
+    ).all()
+    for series in candidates:
+        if series.last_received_at <= quiet_before:
+            mark_stable(session, series, f"quiet for {stable_age_s:g} s", now)
+        else:
+            mark_stable(session, series, f"force-complete after {max_receive_s:g} s", now)
+            series.flags = series.flags + ["force_complete"]
+    return list(candidates)
+
+
+def create_due_jobs(session: Session, task_name: str, *, busy_study_uids: frozenset[str] = frozenset(),
+                    stable_age_s: float = 15.0, now: datetime | None = None) -> list[int]:
+    """One job per study version whose series have all settled and some are stable.
+
+    A study that an open association is still sending is left alone until that
+    association ends or the study has been quiet for ``stable_age_s``, so a second
+    series that follows a complete first one lands in the same version.
+    """
+    now = now or utcnow()
+    study_ids = session.scalars(
+        select(Series.study_fk).where(Series.state == SeriesState.STABLE.value).distinct()
+    ).all()
+    job_ids = []
+    for study_id in study_ids:
+        study = session.get(Study, study_id)
+        states = {s.state for s in study.series}
+        if SeriesState.RECEIVING.value in states:
+            continue
+        quiet = study.last_received_at <= now - timedelta(seconds=stable_age_s)
+        if study.study_instance_uid in busy_study_uids and not quiet:
+            continue
+        job = session.scalar(select(Job).where(Job.task_name == task_name, Job.study_fk == study.id,
+                                               Job.study_version == study.version))
+        if job is None:
+            job = Job(task_name=task_name, study_fk=study.id, study_version=study.version, state="queued",
+                      attempts=0, created_at=now)
+            session.add(job)
+            session.flush()
+            job_ids.append(job.id)
+        for series in study.series:
+            if series.state == SeriesState.STABLE.value:
+                transition(session, series, SeriesState.QUEUED, f"job {job.id} (study version {study.version})",
+                           now)
+    return job_ids
+
+
+def unpublished_job_ids(session: Session) -> list[int]:
+    return list(session.scalars(select(Job.id).where(Job.published_at.is_(None), Job.state == "queued")
+                                .order_by(Job.id)).all())
+
+
+def mark_published(session: Session, job_ids: list[int], now: datetime | None = None) -> None:
+    if job_ids:
+        session.execute(update(Job).where(Job.id.in_(job_ids)).values(published_at=now or utcnow()))
+
+
+def claim_job(session: Session, job_id: int, worker: str, now: datetime | None = None) -> bool:
+    """Atomically move a queued job to running; False if someone else has it or it is done."""
+    result = session.execute(update(Job).where(Job.id == job_id, Job.state == "queued")
+                             .values(state="running", worker=worker, started_at=now or utcnow(),
+                                     attempts=Job.attempts + 1))
+    return result.rowcount == 1
+
+
+def next_queued_job_id(session: Session, task_name: str) -> int | None:
+    return session.scalar(select(Job.id).where(Job.task_name == task_name, Job.state == "queued")
+                          .order_by(Job.id).limit(1))
+
+
+def requeue_abandoned_jobs(session: Session, task_name: str) -> list[int]:
+    """Jobs left ``running`` by a process that died (embedded mode, at start)."""
+    ids = list(session.scalars(select(Job.id).where(Job.task_name == task_name, Job.state == "running")).all())
+    if ids:
+        session.execute(update(Job).where(Job.id.in_(ids)).values(state="queued", worker=None))
+    return ids
+
+
+def record_rejection(session: Session, *, status_code: int, reason: str, calling_ae_title: str | None,
+                     peer_address: str | None, sop_class_uid: str | None, sop_instance_uid: str | None,
+                     quarantine_path: str | None = None, now: datetime | None = None) -> None:
+    session.add(RejectedInstance(status_code=status_code, reason=reason, calling_ae_title=calling_ae_title,
+                                 peer_address=peer_address, sop_class_uid=(sop_class_uid or "")[:128],
+                                 sop_instance_uid=(sop_instance_uid or "")[:128],
+                                 quarantine_path=quarantine_path, received_at=now or utcnow()))
+
+
+@dataclass
+class SeriesStatusRow:
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str | None
+    series_description: str | None
+    instance_count: int
+    duplicate_count: int
+    version: int
+    state: str
+    state_reason: str | None
+    flags: list[str]
+    first_received_at: datetime
+    last_received_at: datetime
+    stable_at: datetime | None
+    queued_at: datetime | None
+    scored_at: datetime | None
+    delivered_at: datetime | None
+
+
+def series_status(session: Session, limit: int = 200) -> list[SeriesStatusRow]:
+    rows = session.execute(
+        select(Series, Study.study_instance_uid).join(Study, Series.study_fk == Study.id)
+        .order_by(Series.last_received_at.desc()).limit(limit)
+    ).all()
+    return [SeriesStatusRow(study_uid, s.series_instance_uid, s.modality, s.series_description, s.instance_count,
+                            s.duplicate_count, s.version, s.state, s.state_reason, s.flags, s.first_received_at,
+                            s.last_received_at, s.stable_at, s.queued_at, s.scored_at, s.delivered_at)
+            for s, study_uid in rows]
+
+
+def stored_sop_instance_uids(session: Session, sop_instance_uids: list[str]) -> dict[str, str]:
+    """{sop_instance_uid: sop_class_uid} for those we hold (storage commitment)."""
+    held: dict[str, str] = {}
+    for start in range(0, len(sop_instance_uids), 500):
+        chunk = sop_instance_uids[start:start + 500]
+        for uid, sop_class in session.execute(select(Instance.sop_instance_uid, Instance.sop_class_uid)
+                                              .where(Instance.sop_instance_uid.in_(chunk))):
+            held[uid] = sop_class
+    return held
+
+
+def counts(session: Session) -> dict[str, int]:
+    return {
+        "studies": session.scalar(select(func.count(Study.id))) or 0,
+        "series": session.scalar(select(func.count(Series.id))) or 0,
+        "instances": session.scalar(select(func.count(Instance.id))) or 0,
+        "rejected": session.scalar(select(func.count(RejectedInstance.id))) or 0,
+    }
+
+
+SETTLED_STATES = frozenset(s.value for s in SETTLED)

@@ -1,0 +1,191 @@
+"""The pynetdicom AE: contexts, security, handlers bound through ``evt_handlers``."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import tempfile
+from pathlib import Path
+
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
+from sqlalchemy.orm import Session, sessionmaker
+
+from ct_triage.contract import Publisher
+from ct_triage.settings import Settings, parse_allowed_caller
+from dicom_node import status
+from dicom_node.commitment import CommitmentService
+from dicom_node.completeness import CompletenessTracker
+from dicom_node.spool import Spool
+from dicom_node.store import StoreService
+
+log = logging.getLogger("ct_triage.node")
+
+# Stored as received: we never transcode what a scanner sends.
+TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old scanners)
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+]
+
+# PS3.8: A-ASSOCIATE-RJ result/source/reason for "calling AE title not recognized"
+REJECT_PERMANENT, SOURCE_SERVICE_USER, CALLING_AE_NOT_RECOGNIZED = 0x01, 0x01, 0x03
+
+
+# -- thin handlers: never raise, return named statuses ------------------------------
+def handle_echo(event) -> int:
+    return status.SUCCESS
+
+
+def handle_store(event, store: StoreService) -> int:
+    try:
+        return store.on_c_store(event)
+    except Exception:
+        log.exception("unexpected error in C-STORE")
+        return status.PROCESSING_FAILURE
+
+
+def handle_n_action(event, commitment: CommitmentService):
+    try:
+        return commitment.on_n_action(event)
+    except Exception:
+        log.exception("unexpected error in storage commitment N-ACTION")
+        return status.PROCESSING_FAILURE, None
+
+
+def handle_requested(event, allowed: list) -> None:
+    """Reject callers outside the allowlist at association time."""
+    if not allowed:
+        return
+    calling = event.assoc.requestor.primitive.calling_ae_title.strip()
+    address = event.assoc.requestor.address
+    for rule in allowed:
+        if rule.ae_title == calling and (rule.address is None or rule.address == address):
+            return
+    log.warning("association from %s at %s rejected: calling AE title not allowed", calling, address)
+    event.assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER, CALLING_AE_NOT_RECOGNIZED)
+    # As pynetdicom's own rejection path does: wait for the DUL to send the A-ASSOCIATE-RJ
+    # before the server closes the socket, or the caller only sees a dropped connection.
+    event.assoc.kill()
+
+
+def handle_established(event, store: StoreService) -> None:
+    store.association_started(event.assoc)
+    log.info("association from %s at %s:%s established", event.assoc.requestor.ae_title,
+             event.assoc.requestor.address, event.assoc.requestor.port)
+
+
+def handle_released(event, store: StoreService) -> None:
+    store.association_ended(event.assoc, "released")
+
+
+def handle_aborted(event, store: StoreService) -> None:
+    store.association_ended(event.assoc, "aborted")
+
+
+def build_tls_context(settings: Settings) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile=str(settings.tls_cert), keyfile=str(settings.tls_key))
+    if settings.tls_ca:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=str(settings.tls_ca))
+    return context
+
+
+class DicomNode:
+    """The node: AE + servers + completeness tracker. ``start()`` returns at once."""
+
+    def __init__(self, settings: Settings, session_factory: sessionmaker[Session], publisher: Publisher):
+        self.settings = settings
+        self.spool = Spool(settings.effective_storage_dir, settings.min_free_disk_mb * 2**20)
+        self.store = StoreService(self.spool, session_factory, on_series_stable=self._wake_tracker)
+        self.commitment = CommitmentService(session_factory)
+        self.tracker = CompletenessTracker(session_factory, publisher, stable_age_s=settings.stable_age_s,
+                                           max_receive_s=settings.max_receive_s,
+                                           poll_interval_s=settings.poll_interval_s,
+                                           busy_study_uids=self.store.busy_study_uids)
+        self.allowed = [parse_allowed_caller(entry) for entry in settings.allowed_calling_aes]
+        self.ae = self._build_ae()
+        self.servers = []
+
+    def _wake_tracker(self) -> None:
+        self.tracker.wake()
+
+    def _build_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        ae.acse_timeout = s.acse_timeout_s
+        ae.dimse_timeout = s.dimse_timeout_s
+        ae.network_timeout = s.network_timeout_s
+        ae.maximum_associations = s.max_associations
+        ae.maximum_pdu_size = s.max_pdu_bytes
+        ae.add_supported_context(Verification)
+        ae.add_supported_context(StorageCommitmentPushModel)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        return ae
+
+    def handlers(self) -> list:
+        return [
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_STORE, handle_store, [self.store]),
+            (evt.EVT_N_ACTION, handle_n_action, [self.commitment]),
+            (evt.EVT_REQUESTED, handle_requested, [self.allowed]),
+            (evt.EVT_ESTABLISHED, handle_established, [self.store]),
+            (evt.EVT_RELEASED, handle_released, [self.store]),
+            (evt.EVT_ABORTED, handle_aborted, [self.store]),
+        ]
+
+    def start(self) -> None:
+        s = self.settings
+        # Data sets stream to disk as they arrive, into a temp folder on the storage
+        # file system, so the final placement is a link, not a copy.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        tempfile.tempdir = str(self.spool.tmp_dir)
+        self._clean_tmp()
+        if not self.allowed:
+            log.warning("CT_TRIAGE_ALLOWED_CALLING_AES is empty: any calling AE may store")
+        tls = build_tls_context(s) if s.tls_enabled else None
+        if s.tls_enabled and s.tls_required:
+            self.servers.append(self._serve(s.port, tls))
+        else:
+            self.servers.append(self._serve(s.port, None))
+            if tls is not None:
+                self.servers.append(self._serve(s.tls_port, tls))
+        self.tracker.start()
+
+    def _serve(self, port: int, tls: ssl.SSLContext | None):
+        server = self.ae.start_server((self.settings.bind_address, port), block=False,
+                                      evt_handlers=self.handlers(), ssl_context=tls)
+        log.info("DICOM node %s listening on %s:%d%s", self.settings.ae_title, self.settings.bind_address,
+                 server.server_address[1], " (TLS)" if tls else "")
+        return server
+
+    @property
+    def port(self) -> int:
+        return self.servers[0].server_address[1]
+
+    def _clean_tmp(self) -> None:
+        for leftover in Path(self.spool.tmp_dir).glob("*"):
+            try:
+                leftover.unlink()
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.shutdown()
+        self.servers = []
+        self.tracker.stop()
+        log.info("DICOM node stopped")

@@ -1,0 +1,84 @@
+"""Durable on-disk storage of received instances.
+
+Write path: pynetdicom streams the data set into a temp file under STORAGE_DIR/tmp
+(same file system), we fsync it, hard-link it to its final hashed path (link fails
+if a copy already exists, so the first copy is never overwritten), fsync the
+directory, and only then is the instance row committed and success answered.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+
+class Spool:
+    def __init__(self, storage_dir: Path, min_free_bytes: int):
+        self.root = Path(storage_dir).resolve()
+        self.tmp_dir = self.root / "tmp"
+        self.quarantine_dir = self.root / "quarantine"
+        self.min_free_bytes = int(min_free_bytes)
+        for folder in (self.root, self.tmp_dir, self.quarantine_dir, self.root / "instances"):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, relpath: str) -> Path:
+        return self.root / relpath
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def has_room_for(self, nbytes: int) -> bool:
+        """False when keeping ``nbytes`` more would take free space under the floor."""
+        return self.free_bytes() - nbytes >= self.min_free_bytes
+
+    def store(self, temp_path: Path, relpath: str, *, replace: bool = False) -> bool:
+        """Make ``temp_path`` durable at ``relpath``; False if a file is already there.
+
+        With ``replace`` an existing file (an orphan left by a crash between link and
+        commit, not in the database) is replaced atomically.
+        """
+        with open(temp_path, "rb") as fh:
+            os.fsync(fh.fileno())
+        final = self.root / relpath
+        parent = final.parent
+        if not parent.is_dir():
+            parent.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(parent.parent)
+            _fsync_dir(parent.parent.parent)
+        if replace:
+            os.replace(temp_path, final)
+        else:
+            try:
+                os.link(temp_path, final)
+            except FileExistsError:
+                return False
+        _fsync_dir(parent)
+        return True
+
+    def quarantine(self, temp_path: Path, name: str) -> str | None:
+        """Keep a rejected data set for inspection; returns its relative path."""
+        safe = "".join(c for c in name if c.isalnum() or c in "-_.")[:80] or "rejected"
+        target = self.quarantine_dir / f"{safe}.dcm"
+        try:
+            shutil.copyfile(temp_path, target)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                return None
+            return None
+        return str(target.relative_to(self.root))
+
+    def remove(self, relpath: str) -> None:
+        try:
+            (self.root / relpath).unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,178 @@
+"""C-STORE: receive without loss, index, answer.
+
+Success is answered only after the bytes are fsynced at their final path and the
+instance row is committed. Every failure is a named status, a log line and, for
+bad data, a ``rejected_instances`` row with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom.uid import UID
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import repository
+from db.session import session_scope
+from dicom_node import status
+from dicom_node.metadata import RejectedInstance, read_instance_record
+from dicom_node.spool import Spool
+
+log = logging.getLogger("ct_triage.node.store")
+
+
+@dataclass
+class AssociationStats:
+    calling_ae_title: str
+    address: str
+    started: float = field(default_factory=time.monotonic)
+    stored: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    bytes: int = 0
+    study_uids: set[str] = field(default_factory=set)
+
+
+class StoreService:
+    def __init__(self, spool: Spool, session_factory: sessionmaker[Session], on_series_stable=None):
+        self.spool = spool
+        self.session_factory = session_factory
+        self.on_series_stable = on_series_stable or (lambda: None)
+        # Stores of the same SOP Instance UID are serialized so "keep the first copy"
+        # holds even when two associations race with the same instance.
+        self._uid_locks = [threading.Lock() for _ in range(64)]
+        self._stats: dict[int, AssociationStats] = {}
+        self._stats_lock = threading.Lock()
+
+    # -- association bookkeeping (for logs and the completeness tracker) ---------
+    def association_started(self, assoc) -> None:
+        with self._stats_lock:
+            self._stats[id(assoc)] = AssociationStats(assoc.requestor.ae_title, assoc.requestor.address)
+
+    def association_ended(self, assoc, how: str) -> None:
+        with self._stats_lock:
+            stats = self._stats.pop(id(assoc), None)
+        if stats is None:
+            return
+        seconds = time.monotonic() - stats.started
+        log.info("association %s from %s %s after %.2f s: stored=%d duplicates=%d failed=%d %.1f MB",
+                 stats.calling_ae_title, stats.address, how, seconds, stats.stored, stats.duplicates,
+                 stats.failed, stats.bytes / 1e6)
+        if stats.study_uids:
+            self.on_series_stable()  # an association ending may complete a study
+
+    def busy_study_uids(self) -> frozenset[str]:
+        with self._stats_lock:
+            return frozenset(uid for stats in self._stats.values() for uid in stats.study_uids)
+
+    def _stats_for(self, assoc) -> AssociationStats:
+        with self._stats_lock:
+            stats = self._stats.get(id(assoc))
+            if stats is None:
+                stats = self._stats[id(assoc)] = AssociationStats(assoc.requestor.ae_title,
+                                                                  assoc.requestor.address)
+            return stats
+
+    # -- C-STORE -----------------------------------------------------------------------
+    def on_c_store(self, event) -> int:
+        assoc = event.assoc
+        stats = self._stats_for(assoc)
+        req = event.request
+        sop_class_uid = str(req.AffectedSOPClassUID)
+        sop_instance_uid = str(req.AffectedSOPInstanceUID)
+        temp_path = Path(event.dataset_path)
+        calling = assoc.requestor.ae_title
+        try:
+            record = read_instance_record(temp_path, affected_sop_class_uid=sop_class_uid,
+                                          affected_sop_instance_uid=sop_instance_uid,
+                                          transfer_syntax_uid=str(event.context.transfer_syntax),
+                                          calling_ae_title=calling)
+        except RejectedInstance as rejected:
+            stats.failed += 1
+            return self._reject(rejected.status_code, rejected.reason, assoc, sop_class_uid, sop_instance_uid,
+                                temp_path)
+
+        if not self.spool.has_room_for(record.size_bytes):
+            stats.failed += 1
+            return self._reject(status.OUT_OF_RESOURCES_DISK_FLOOR,
+                                f"free disk {self.spool.free_bytes() // 2**20} MiB would drop under the floor "
+                                f"of {self.spool.min_free_bytes // 2**20} MiB", assoc, sop_class_uid,
+                                sop_instance_uid, None)
+
+        with self._uid_locks[hash(sop_instance_uid) % len(self._uid_locks)]:
+            try:
+                result = self._store_locked(record, temp_path)
+            except OSError as exc:
+                stats.failed += 1
+                log.error("storage write failed for %s: %s", sop_instance_uid, exc)
+                return status.OUT_OF_RESOURCES_WRITE_FAILED
+            except SQLAlchemyError as exc:
+                stats.failed += 1
+                log.error("database unavailable while indexing %s: %s", sop_instance_uid,
+                          str(exc).splitlines()[0][:300])
+                return status.OUT_OF_RESOURCES_DATABASE
+        if result is None:
+            stats.duplicates += 1
+            return status.SUCCESS
+        stats.stored += 1
+        stats.bytes += record.size_bytes
+        stats.study_uids.add(record.study_instance_uid)
+        self._log_outcome(record, result)
+        return status.SUCCESS
+
+    def _store_locked(self, record: repository.InstanceRecord, temp_path: Path):
+        """Returns the StoreOutcome, or None for a duplicate (first copy kept)."""
+        with session_scope(self.session_factory) as session:
+            existing = repository.find_instance(session, record.sop_instance_uid)
+            if existing is not None:
+                repository.count_duplicate(session, existing)
+                log.debug("duplicate %s kept first copy", record.sop_instance_uid)
+                return None
+        if not self.spool.store(temp_path, record.path):
+            # A file without a row: a crash came between the link and the commit.
+            self.spool.store(temp_path, record.path, replace=True)
+        for attempt in range(3):
+            try:
+                with session_scope(self.session_factory) as session:
+                    return repository.record_instance(session, record)
+            except IntegrityError:
+                # Another association created the same study/series row concurrently
+                # (PostgreSQL); the retry finds it.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _log_outcome(self, record: repository.InstanceRecord, outcome: repository.StoreOutcome) -> None:
+        if outcome.created_series:
+            log.info("series %s of study %s: %s (%s%s)", record.series_instance_uid, record.study_instance_uid,
+                     outcome.series_state, record.modality or "?",
+                     f", {record.not_applicable_reason}" if record.not_applicable_reason else "")
+        if outcome.reopened:
+            log.info("series %s reopened by a late instance: version %d, receiving",
+                     record.series_instance_uid, outcome.series_version)
+        if outcome.became_stable:
+            log.info("series %s stable (ImagesInAcquisition reached)", record.series_instance_uid)
+            self.on_series_stable()
+
+    def _reject(self, status_code: int, reason: str, assoc, sop_class_uid: str, sop_instance_uid: str,
+                temp_path: Path | None) -> int:
+        quarantine = None
+        if temp_path is not None and status_code != status.OUT_OF_RESOURCES_DISK_FLOOR:
+            quarantine = self.spool.quarantine(temp_path, f"{int(time.time() * 1000)}-{sop_instance_uid}")
+        log.warning("C-STORE from %s refused with 0x%04X (%s): %s; SOP class %s",
+                    assoc.requestor.ae_title, status_code, status.NAMES.get(status_code, "failure"), reason,
+                    UID(sop_class_uid).name if sop_class_uid else "?")
+        try:
+            with session_scope(self.session_factory) as session:
+                repository.record_rejection(session, status_code=status_code, reason=reason,
+                                            calling_ae_title=assoc.requestor.ae_title,
+                                            peer_address=assoc.requestor.address, sop_class_uid=sop_class_uid,
+                                            sop_instance_uid=sop_instance_uid, quarantine_path=quarantine)
+        except SQLAlchemyError as exc:
+            log.error("could not record the rejection: %s", str(exc).splitlines()[0][:300])
+        return status_code

@@ -1,0 +1,81 @@
+"""The Celery app: thin tasks over the plain bodies in ``worker.jobs``.
+
+One base task class owns what every task needs: a per-process database session
+factory, retry classification (only TransientError is retried, with exponential
+backoff), and a log line with the outcome and duration. Tasks take a job ID, are
+idempotent (the body claims the job atomically) and so run ``acks_late`` with
+``reject_on_worker_lost``: a worker killed mid-task gets its message redelivered.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from celery import Celery, Task
+
+from ct_triage import contract
+from ct_triage.errors import TransientError
+from ct_triage.settings import Settings
+
+log = logging.getLogger("ct_triage.worker.celery")
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("ct_triage", broker=settings.broker_url or "memory://")
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_routes={name: {"queue": queue} for name, queue in contract.TASK_QUEUES.items()},
+        task_default_queue=contract.QUEUE_IO,
+        broker_transport_options={"visibility_timeout": contract.VISIBILITY_TIMEOUT_S},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+settings = Settings.from_env()
+app = make_celery(settings)
+
+
+class JobTask(Task):
+    acks_late = True
+    reject_on_worker_lost = True
+    max_retries = 8
+    _ctx = None
+    _ctx_pid = None
+
+    @property
+    def ctx(self):
+        # Engines must not cross a fork: build the context in the process that runs tasks.
+        if self._ctx is None or self._ctx_pid != os.getpid():
+            from ct_triage.runtime import open_database
+            from worker.jobs import WorkerContext
+
+            _, session_factory = open_database(settings, upgrade=False)
+            JobTask._ctx = WorkerContext(settings, session_factory, contract.make_publisher(settings.broker_url))
+            JobTask._ctx_pid = os.getpid()
+        return self._ctx
+
+    def run_body(self, body, job_id: int):
+        started = time.monotonic()
+        try:
+            outcome = body(self.ctx, job_id)
+        except TransientError as exc:
+            delay = min(600, 5 * 2 ** self.request.retries)
+            log.warning("%s job %d: transient failure, retry in %d s: %s", self.name, job_id, delay, exc)
+            raise self.retry(exc=exc, countdown=delay)
+        log.info("%s job %d: %s in %.2f s", self.name, job_id, outcome, time.monotonic() - started)
+        return outcome
+
+
+@app.task(name=contract.SCORE_STUDY, base=JobTask, bind=True)
+def score_study_task(self: JobTask, job_id: int):
+    from worker import jobs
+
+    return self.run_body(jobs.score_study, job_id)

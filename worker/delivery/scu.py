@@ -1,0 +1,402 @@
+"""C-STORE our outputs to a PACS (design.md, "Delivery") and classify what happened.
+
+:func:`send_instances` opens one association (pynetdicom as SCU), proposes one
+presentation context per SOP class present (Explicit VR Little Endian first, then
+Implicit VR Little Endian, plus the instance's own transfer syntax when compressed),
+sends every instance with C-STORE and returns a :class:`DeliveryReport`. It never
+raises for peer problems; it raises TypeError/ValueError only for bad arguments.
+
+Classification (``delivered`` / ``transient`` / ``permanent``):
+
+======================================================  ==========
+What happened                                           Outcome
+======================================================  ==========
+C-STORE 0x0000; warnings 0x0001, 0xB000, 0xB006,        delivered
+0xB007 (and any other 0xBxxx warning)
+connection refused / unreachable / connect timeout      transient
+no A-ASSOCIATE response (ACSE timeout), A-ABORT,        transient
+A-P-ABORT, association dropped mid-transfer, no
+C-STORE response (DIMSE timeout)
+A-ASSOCIATE-RJ rejected-transient                       transient
+A-ASSOCIATE-RJ with source "service-provider            transient
+(presentation)": temporary congestion / local limit
+A-ASSOCIATE-RJ rejected-permanent (other reasons)       permanent
+A-ASSOCIATE-RJ calling/called AE title not recognized   permanent
+(even if flagged transient: retrying cannot fix it)
+association accepted but no presentation context        permanent
+accepted, or none for an instance's SOP class
+TLS certificate verification failure                    permanent
+C-STORE 0xA7xx (out of resources), 0x0213 (resource     transient
+limitation), 0x0210 (duplicate invocation), 0xFE00
+(cancel)
+C-STORE 0xA9xx, 0xCxxx, 0x0117, 0x0122, 0x0124,         permanent
+0x0211, 0x0212 and any other failure status
+======================================================  ==========
+
+Overall outcome: ``permanent`` if any instance is permanent, else ``transient`` if any
+is transient, else ``delivered``. Nothing is ``delivered`` without a success (or
+warning) status from the peer.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+
+from ct_triage.settings import Destination
+
+Outcome = Literal["delivered", "transient", "permanent"]
+
+WARNING_STATUSES = {0x0001, 0xB000, 0xB006, 0xB007}
+TRANSIENT_FAILURES = {0x0210, 0x0213, 0xFE00}
+_STATUS_NAMES = {
+    0x0000: "Success",
+    0x0001: "Warning",
+    0x0117: "Invalid SOP instance",
+    0x0122: "SOP class not supported",
+    0x0124: "Not authorised",
+    0x0210: "Duplicate invocation",
+    0x0211: "Unrecognised operation",
+    0x0212: "Mistyped argument",
+    0x0213: "Resource limitation",
+    0xB000: "Coercion of data elements",
+    0xB006: "Elements discarded",
+    0xB007: "Data set does not match SOP class",
+    0xFE00: "Cancel",
+}
+_MAX_CONTEXTS = 128
+
+
+@dataclass(frozen=True)
+class InstanceStatus:
+    """What happened to one instance."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    outcome: Outcome
+    status: int | None  # DIMSE status; None when not sent or no response
+    reason: str
+
+    @property
+    def delivered(self) -> bool:
+        return self.outcome == "delivered"
+
+
+@dataclass
+class DeliveryReport:
+    """The result of one :func:`send_instances` call."""
+
+    destination: str
+    calling_ae_title: str
+    outcome: Outcome
+    reason: str
+    association: str  # established | rejected | aborted | refused | not-attempted
+    instances: list[InstanceStatus] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def delivered(self) -> bool:
+        return self.outcome == "delivered"
+
+    @property
+    def delivered_sop_instance_uids(self) -> list[str]:
+        return [i.sop_instance_uid for i in self.instances if i.delivered]
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["delivered_count"] = len(self.delivered_sop_instance_uids)
+        return data
+
+
+def classify_status(status: int) -> tuple[Outcome, str]:
+    """Outcome and a readable text for a C-STORE response status."""
+    if not isinstance(status, int) or isinstance(status, bool):
+        raise TypeError(f"argument 'status' must be an int, got {type(status).__name__}")
+    name = _STATUS_NAMES.get(status)
+    label = f"0x{status:04X}" + (f" ({name})" if name else "")
+    if status == 0x0000:
+        return "delivered", label
+    if status in WARNING_STATUSES or 0xB000 <= status <= 0xBFFF:
+        return "delivered", f"warning {label}"
+    if 0xA700 <= status <= 0xA7FF:
+        return "transient", f"failure {label if name else f'0x{status:04X} (Out of resources)'}"
+    if status in TRANSIENT_FAILURES:
+        return "transient", f"failure {label}"
+    if 0xA900 <= status <= 0xA9FF:
+        return "permanent", f"failure 0x{status:04X} (Data set does not match SOP class)"
+    if 0xC000 <= status <= 0xCFFF:
+        return "permanent", f"failure 0x{status:04X} (Cannot understand)"
+    return "permanent", f"failure {label}"
+
+
+def classify_rejection(result: int, source: int, diagnostic: int) -> Outcome:
+    """Outcome of an A-ASSOCIATE-RJ (PS3.8 9.3.4)."""
+    if source == 0x01 and diagnostic in (0x03, 0x07):
+        return "permanent"  # calling / called AE title not recognized: configuration
+    if source == 0x03:
+        return "transient"  # presentation layer: temporary congestion, local limit exceeded
+    return "transient" if result == 0x02 else "permanent"
+
+
+# -- argument checks --------------------------------------------------------------------
+def _check_ae_title(value, name: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"argument '{name}' must be a str, got {type(value).__name__}")
+    text = value.strip()
+    if not 1 <= len(text) <= 16 or "\\" in text or not all(32 <= ord(c) < 127 for c in text):
+        raise ValueError(f"argument '{name}' must be 1..16 printable ASCII characters without '\\', got {value!r}")
+    return text
+
+
+def _check_timeout(value, name: str, *, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"argument '{name}' must be a number of seconds, got {type(value).__name__}")
+    if not value > 0:
+        raise ValueError(f"argument '{name}' must be > 0, got {value!r}")
+    return float(value)
+
+
+def _load(items) -> list[Dataset]:
+    if isinstance(items, (str, bytes, os.PathLike, Dataset)) or not isinstance(items, Sequence):
+        raise TypeError("argument 'datasets_or_paths' must be a sequence of pydicom Datasets or file paths")
+    if not items:
+        raise ValueError("argument 'datasets_or_paths' must not be empty")
+    datasets: list[Dataset] = []
+    for i, item in enumerate(items):
+        if isinstance(item, Dataset):
+            ds = item
+        elif isinstance(item, (str, os.PathLike)):
+            path = Path(item)
+            try:
+                ds = dcmread(path)
+            except (OSError, InvalidDicomError) as exc:
+                raise ValueError(f"argument 'datasets_or_paths'[{i}]: cannot read {path}: {exc}") from exc
+        else:
+            raise TypeError(
+                f"argument 'datasets_or_paths'[{i}] must be a Dataset or a path, got {type(item).__name__}"
+            )
+        for keyword in ("SOPClassUID", "SOPInstanceUID"):
+            if not ds.get(keyword):
+                raise ValueError(f"argument 'datasets_or_paths'[{i}] lacks {keyword}")
+        meta = getattr(ds, "file_meta", None)
+        if meta is None or not meta.get("TransferSyntaxUID"):
+            raise ValueError(f"argument 'datasets_or_paths'[{i}] has no file meta Transfer Syntax UID")
+        datasets.append(ds)
+    uids = [str(ds.SOPInstanceUID) for ds in datasets]
+    if len(set(uids)) != len(uids):
+        raise ValueError("argument 'datasets_or_paths' contains the same SOP Instance UID twice")
+    return datasets
+
+
+def _contexts(datasets: Sequence[Dataset]) -> dict[str, list[str]]:
+    contexts: dict[str, list[str]] = {}
+    for ds in datasets:
+        syntaxes = contexts.setdefault(str(ds.SOPClassUID), [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ts = UID(str(ds.file_meta.TransferSyntaxUID))
+        if ts not in syntaxes and (ts.is_compressed or ts.is_deflated):
+            syntaxes.insert(0, ts)
+    if len(contexts) > _MAX_CONTEXTS:
+        raise ValueError(f"argument 'datasets_or_paths' has {len(contexts)} SOP classes; at most {_MAX_CONTEXTS}")
+    return contexts
+
+
+def _sop_name(uid: str) -> str:
+    name = UID(uid).name
+    return name if name and name != uid else uid
+
+
+# -- connection diagnostics ------------------------------------------------------------
+def _connect_failure(destination: Destination, tls: ssl.SSLContext | None, timeout: float) -> tuple[Outcome, str]:
+    """Why the TCP (or TLS) connection failed: probe once to get the OS/TLS error."""
+    where = f"{destination.host}:{destination.port}"
+    try:
+        sock = socket.create_connection((destination.host, destination.port), timeout=timeout)
+    except TimeoutError:
+        return "transient", f"cannot connect to {where}: connect timed out"
+    except OSError as exc:
+        return "transient", f"cannot connect to {where}: {exc.strerror or exc}"
+    try:
+        if tls is not None:
+            try:
+                with tls.wrap_socket(sock, server_hostname=destination.host):
+                    pass
+            except ssl.SSLCertVerificationError as exc:
+                return "permanent", f"TLS certificate of {where} rejected: {exc.verify_message or exc}"
+            except (ssl.SSLError, OSError) as exc:
+                return "transient", f"TLS handshake with {where} failed: {exc}"
+        return "transient", f"connection to {where} failed while opening the association (it accepts TCP now)"
+    finally:
+        sock.close()
+
+
+def send_instances(
+    destination: Destination,
+    datasets_or_paths: Sequence[Dataset | str | os.PathLike],
+    *,
+    calling_ae_title: str,
+    acse_timeout: float = 30,
+    dimse_timeout: float = 60,
+    network_timeout: float = 60,
+    connection_timeout: float | None = None,
+    tls_context: ssl.SSLContext | None = None,
+) -> DeliveryReport:
+    """C-STORE every instance to ``destination`` over one association.
+
+    Args:
+        destination: the PACS (``AET@host:port[+tls]``, see ``parse_destination``).
+        datasets_or_paths: Datasets (with ``file_meta``) or DICOM file paths.
+        calling_ae_title: our AE title.
+        acse_timeout / dimse_timeout / network_timeout: pynetdicom timeouts, seconds.
+        connection_timeout: TCP connect timeout (default: ``acse_timeout``).
+        tls_context: client SSLContext; when None and ``destination.tls``, a default
+            context verifying the peer against the system CAs is used.
+
+    Returns:
+        A :class:`DeliveryReport`; peer problems never raise.
+
+    Raises:
+        TypeError/ValueError naming a bad argument.
+    """
+    if not isinstance(destination, Destination):
+        raise TypeError(f"argument 'destination' must be a Destination, got {type(destination).__name__}")
+    _check_ae_title(destination.ae_title, "destination")
+    if not destination.host or not isinstance(destination.port, int) or not 0 < destination.port < 65536:
+        raise ValueError(f"argument 'destination' has an invalid host/port: {destination}")
+    calling = _check_ae_title(calling_ae_title, "calling_ae_title")
+    acse = _check_timeout(acse_timeout, "acse_timeout")
+    dimse = _check_timeout(dimse_timeout, "dimse_timeout")
+    network = _check_timeout(network_timeout, "network_timeout")
+    connect = _check_timeout(connection_timeout, "connection_timeout", allow_none=True) or acse
+    if tls_context is not None and not isinstance(tls_context, ssl.SSLContext):
+        raise TypeError(f"argument 'tls_context' must be an ssl.SSLContext, got {type(tls_context).__name__}")
+    datasets = _load(datasets_or_paths)
+    contexts = _contexts(datasets)
+    if tls_context is None and destination.tls:
+        tls_context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+
+    started = time.monotonic()
+    where = str(destination)
+
+    def report(outcome: Outcome, reason: str, association: str, statuses: list[InstanceStatus]) -> DeliveryReport:
+        return DeliveryReport(where, calling, outcome, reason, association, statuses, round(time.monotonic() - started, 3))
+
+    def all_unsent(outcome: Outcome, reason: str) -> list[InstanceStatus]:
+        return [InstanceStatus(str(ds.SOPClassUID), str(ds.SOPInstanceUID), outcome, None, reason) for ds in datasets]
+
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = acse
+    ae.dimse_timeout = dimse
+    ae.network_timeout = network
+    ae.connection_timeout = connect
+    for sop_class, syntaxes in contexts.items():
+        ae.add_requested_context(sop_class, syntaxes)
+
+    opened = threading.Event()
+    handlers = [(evt.EVT_CONN_OPEN, lambda event: opened.set())]
+    tls_args = (tls_context, destination.host) if tls_context is not None else None
+    try:
+        assoc = ae.associate(
+            destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args, evt_handlers=handlers
+        )
+    except (OSError, ValueError) as exc:  # e.g. unresolvable host name
+        reason = f"cannot open an association to {where}: {exc}"
+        return report("transient", reason, "refused", all_unsent("transient", reason))
+
+    if not assoc.is_established:
+        primitive = getattr(assoc.acceptor, "primitive", None)
+        if assoc.is_rejected and primitive is not None:
+            outcome = classify_rejection(int(primitive.result), int(primitive.result_source), int(primitive.diagnostic))
+            reason = (
+                f"association rejected by {where}: {primitive.result_str}, source {primitive.source_str}, "
+                f"reason {primitive.reason_str}"
+            )
+            return report(outcome, reason, "rejected", all_unsent(outcome, reason))
+        if not opened.is_set():
+            outcome, reason = _connect_failure(destination, tls_context, min(connect, 5.0))
+            return report(outcome, reason, "refused", all_unsent(outcome, reason))
+        if primitive is not None and getattr(primitive, "result", None) == 0x00:
+            offered = ", ".join(_sop_name(uid) for uid in contexts)
+            reason = f"{where} accepted the association but none of the presentation contexts ({offered})"
+            return report("permanent", reason, "aborted", all_unsent("permanent", reason))
+        if time.monotonic() - started >= acse * 0.95:
+            reason = f"no association response from {where} within {acse:g} s (ACSE timeout)"
+        else:
+            reason = f"association with {where} aborted during negotiation"
+        return report("transient", reason, "aborted", all_unsent("transient", reason))
+
+    statuses: list[InstanceStatus] = []
+    association_state = "established"
+    try:
+        for ds in datasets:
+            sop_class, sop_instance = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
+            if not assoc.is_established:
+                association_state = "aborted"
+                statuses.append(
+                    InstanceStatus(sop_class, sop_instance, "transient", None, f"not sent: association with {where} lost")
+                )
+                continue
+            try:
+                rsp = assoc.send_c_store(ds)
+            except ValueError as exc:  # no accepted presentation context for this SOP class/syntax
+                statuses.append(
+                    InstanceStatus(
+                        sop_class, sop_instance, "permanent", None,
+                        f"{where} accepted no presentation context for {_sop_name(sop_class)}: {exc}",
+                    )
+                )
+                continue
+            except RuntimeError as exc:  # association gone between the check and the send
+                statuses.append(InstanceStatus(sop_class, sop_instance, "transient", None, f"not sent: {exc}"))
+                continue
+            status = rsp.get("Status") if rsp is not None else None
+            if status is None:
+                statuses.append(
+                    InstanceStatus(
+                        sop_class, sop_instance, "transient", None,
+                        f"no C-STORE response from {where} (DIMSE timeout {dimse:g} s or association aborted)",
+                    )
+                )
+                continue
+            outcome, text = classify_status(int(status))
+            comment = rsp.get("ErrorComment")
+            if comment:
+                text += f": {comment}"
+            statuses.append(InstanceStatus(sop_class, sop_instance, outcome, int(status), text))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        elif not assoc.is_released:
+            association_state = "aborted"
+        if assoc.is_aborted:
+            association_state = "aborted"
+
+    outcomes = {s.outcome for s in statuses}
+    counts = {o: sum(1 for s in statuses if s.outcome == o) for o in ("delivered", "transient", "permanent")}
+    summary = f"{counts['delivered']}/{len(statuses)} delivered to {where}"
+    if "permanent" in outcomes:
+        first = next(s for s in statuses if s.outcome == "permanent")
+        return report("permanent", f"{summary}; {counts['permanent']} permanent failure(s), e.g. {first.reason}",
+                      association_state, statuses)
+    if "transient" in outcomes:
+        first = next(s for s in statuses if s.outcome == "transient")
+        return report("transient", f"{summary}; {counts['transient']} transient failure(s), e.g. {first.reason}",
+                      association_state, statuses)
+    warnings = [s for s in statuses if s.status not in (0x0000, None)]
+    if warnings:
+        summary += f" ({len(warnings)} with warnings, e.g. {warnings[0].reason})"
+    return report("delivered", summary, association_state, statuses)

@@ -1,0 +1,406 @@
+"""Secondary Capture series with the burned-in pictures (design.md, "Outputs written back").
+
+One RGB 8-bit Secondary Capture Image (1.2.840.10008.5.1.4.1.1.7) per source slice that
+has lesion boxes, plus one summary image (coronal overview + text panel). Built with
+highdicom's :class:`highdicom.sc.SCImage` from the source instance, then completed:
+
+- Patient, Clinical Trial Subject, General Study, Patient Study and Clinical Trial Study
+  attributes copied from the source (highdicom ``copy_patient_and_study_information``).
+- New series: SeriesInstanceUID/SOPInstanceUIDs from :func:`worker.outputs.uids.output_uid`
+  (source series UID, result version, role, index), SeriesNumber ``9000 + version`` by
+  default, SeriesDescription starting "AI COVID-19 triage".
+- Modality ``OT``: the SC IOD allows any modality, but these are not CT acquisitions, and
+  "CT" makes viewers apply CT hanging protocols/window presets and makes CT-only
+  queries (and our own series selection, which wants CT ORIGINAL\\PRIMARY) pick them up.
+  ``OT`` is what highdicom writes for SC and what PACS show as a separate
+  "other" series next to the CT.
+- ImageType ``DERIVED\\SECONDARY``; ConversionType ``WSD`` (workstation);
+  BurnedInAnnotation ``YES``; DerivationDescription; SourceImageSequence to the source
+  slice(s) with purpose (121322, DCM, "Source image for image processing operation").
+- ContributingEquipmentSequence: the scanner (acquisition equipment, from the source),
+  ct-triage (109102, DCM, "Processing Equipment", SoftwareVersions = ct-triage version
+  and model version) and highdicom (the library).
+- Every date/time we write comes from ``created_at`` (see :func:`resolve_created_at`),
+  never from the clock, so a retry of the same result version is byte-identical.
+- Transfer syntax Explicit VR Little Endian, uncompressed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+
+from ct_triage import __version__
+from worker.outputs import render
+from worker.outputs.uids import output_uid
+from worker.scoring.result import ScoreResult
+
+MANUFACTURER = "ct-triage"
+SC_SERIES_NUMBER_BASE = 9000
+SERIES_DESCRIPTION_PREFIX = "AI COVID-19 triage"
+SOURCE_IMAGE_PURPOSE = hd.sr.CodedConcept("121322", "DCM", "Source image for image processing operation")
+_HIGHDICOM_MANUFACTURER = "Highdicom open-source contributors"
+
+
+# -- validation shared with sr.py -------------------------------------------------------
+def validate_inputs(source_datasets, result, result_version) -> list[Dataset]:
+    """Check the builders' common arguments; returns ``source_datasets`` as a list.
+
+    Raises TypeError/ValueError naming the offending argument.
+    """
+    if not isinstance(result, ScoreResult):
+        raise TypeError(f"argument 'result' must be a ScoreResult, got {type(result).__name__}")
+    if isinstance(result_version, bool) or not isinstance(result_version, int):
+        raise TypeError(f"argument 'result_version' must be an int, got {type(result_version).__name__}")
+    if result_version < 1:
+        raise ValueError(f"argument 'result_version' must be >= 1, got {result_version}")
+    if isinstance(source_datasets, (Dataset, str, bytes)) or not isinstance(source_datasets, Sequence):
+        raise TypeError("argument 'source_datasets' must be a sequence of pydicom Datasets")
+    datasets = list(source_datasets)
+    if not datasets:
+        raise ValueError("argument 'source_datasets' must not be empty")
+    for i, ds in enumerate(datasets):
+        if not isinstance(ds, Dataset):
+            raise TypeError(f"argument 'source_datasets'[{i}] must be a pydicom Dataset, got {type(ds).__name__}")
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            if not ds.get(keyword):
+                raise ValueError(f"argument 'source_datasets'[{i}] lacks {keyword}")
+    studies = {str(ds.StudyInstanceUID) for ds in datasets}
+    series = {str(ds.SeriesInstanceUID) for ds in datasets}
+    if len(studies) != 1 or len(series) != 1:
+        raise ValueError("argument 'source_datasets' must all belong to one series of one study")
+    if result.study_instance_uid and result.study_instance_uid not in studies:
+        raise ValueError(
+            f"argument 'source_datasets' belongs to study {studies.pop()}, "
+            f"but result.study_instance_uid is {result.study_instance_uid}"
+        )
+    if result.series_instance_uid and result.series_instance_uid not in series:
+        raise ValueError(
+            f"argument 'source_datasets' belongs to series {series.pop()}, "
+            f"but result.series_instance_uid is {result.series_instance_uid}"
+        )
+    uids = [str(ds.SOPInstanceUID) for ds in datasets]
+    if result.source_sop_instance_uids and uids != list(result.source_sop_instance_uids):
+        if sorted(uids) == sorted(result.source_sop_instance_uids):
+            raise ValueError(
+                "argument 'source_datasets' must be in the order of result.source_sop_instance_uids "
+                "(sorted along the slice normal)"
+            )
+        raise ValueError(
+            f"argument 'source_datasets' ({len(uids)} instances) does not match "
+            f"result.source_sop_instance_uids ({len(result.source_sop_instance_uids)} instances)"
+        )
+    if len(set(uids)) != len(uids):
+        raise ValueError("argument 'source_datasets' contains duplicate SOP Instance UIDs")
+    for j, box in enumerate(result.boxes):
+        if not 0 <= box.slice_index < len(datasets):
+            raise ValueError(f"argument 'result': boxes[{j}].slice_index {box.slice_index} is out of range")
+        if box.sop_instance_uid != uids[box.slice_index]:
+            raise ValueError(
+                f"argument 'result': boxes[{j}].sop_instance_uid does not match source slice {box.slice_index}"
+            )
+        if box.row_min > box.row_max or box.col_min > box.col_max:
+            raise ValueError(f"argument 'result': boxes[{j}] has min > max")
+        ds = datasets[box.slice_index]
+        rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+        if rows and cols and (box.row_min < 0 or box.col_min < 0 or box.row_max >= rows or box.col_max >= cols):
+            raise ValueError(f"argument 'result': boxes[{j}] lies outside the {rows}x{cols} source image")
+    if result.status == "scored" and result.category is None:
+        raise ValueError("argument 'result' is scored but has no category")
+    return datasets
+
+
+def resolve_created_at(created_at: dt.datetime | None, source_datasets: Sequence[Dataset]) -> dt.datetime:
+    """The timestamp written into the objects (content/creation/series dates).
+
+    Callers should pass the result's own timestamp (when scoring finished) so a retry
+    reproduces it. ``None`` falls back to something equally deterministic: the latest
+    ContentDate/ContentTime (else SeriesDate/Time, else StudyDate/Time) of the sources.
+    Microseconds are dropped.
+    """
+    if created_at is not None:
+        if not isinstance(created_at, dt.datetime):
+            raise TypeError(f"argument 'created_at' must be a datetime, got {type(created_at).__name__}")
+        return created_at.replace(microsecond=0)
+    best: dt.datetime | None = None
+    for ds in source_datasets:
+        for date_kw, time_kw in (("ContentDate", "ContentTime"), ("SeriesDate", "SeriesTime"), ("StudyDate", "StudyTime")):
+            date = str(ds.get(date_kw, "") or "")
+            if len(date) == 8 and date.isdigit():
+                time = str(ds.get(time_kw, "") or "").split(".")[0].ljust(6, "0")[:6]
+                try:
+                    value = dt.datetime.strptime(date + (time if time.isdigit() else "000000"), "%Y%m%d%H%M%S")
+                except ValueError:
+                    continue
+                best = value if best is None or value > best else best
+                break
+    return best or dt.datetime(2000, 1, 1)
+
+
+def _da(value: dt.datetime) -> str:
+    return value.strftime("%Y%m%d")
+
+
+def _tm(value: dt.datetime) -> str:
+    return value.strftime("%H%M%S")
+
+
+def _dt(value: dt.datetime) -> str:
+    text = value.strftime("%Y%m%d%H%M%S")
+    if value.tzinfo is not None and value.utcoffset() is not None:
+        text += value.strftime("%z")
+    return text
+
+
+def freeze_times(ds: Dataset, created_at: dt.datetime) -> None:
+    """Replace every clock-derived date/time highdicom wrote with ``created_at``."""
+    for date_kw, time_kw in (
+        ("InstanceCreationDate", "InstanceCreationTime"),
+        ("ContentDate", "ContentTime"),
+        ("SeriesDate", "SeriesTime"),
+        ("DateOfSecondaryCapture", "TimeOfSecondaryCapture"),
+    ):
+        if date_kw in ds or time_kw in ds:
+            setattr(ds, date_kw, _da(created_at))
+            setattr(ds, time_kw, _tm(created_at))
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if item.get("Manufacturer") in (MANUFACTURER, _HIGHDICOM_MANUFACTURER):
+            item.ContributionDateTime = _dt(created_at)
+
+
+def contributing_equipment(result: ScoreResult, created_at: dt.datetime, description: str) -> hd.ContributingEquipment:
+    """ct-triage as Processing Equipment (109102, DCM) with its and the model's version."""
+    return hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=f"{result.model}"[:64],
+        software_versions=[f"ct-triage {__version__}"[:64], f"{result.model} {result.model_version}"[:64]],
+        contribution_datetime=_dt(created_at),
+        contribution_description=description[:1024],
+    )
+
+
+def patient_orientation(ds: Dataset) -> tuple[str, str]:
+    """PatientOrientation letters (row direction, column direction) from ImageOrientationPatient."""
+    try:
+        iop = [float(v) for v in ds.ImageOrientationPatient]
+    except (AttributeError, TypeError, ValueError):
+        return ("L", "P")  # axial, the usual supine orientation
+    return (_direction_letters(iop[:3]), _direction_letters(iop[3:]))
+
+
+def _direction_letters(vector: Sequence[float]) -> str:
+    letters = (("L", "R"), ("P", "A"), ("H", "F"))
+    parts = []
+    for axis in np.argsort(-np.abs(np.asarray(vector)))[:3]:
+        value = vector[axis]
+        if abs(value) < 1e-3:
+            continue
+        # DICOM patient axes: +x = left, +y = posterior, +z = head
+        parts.append(letters[axis][0] if value > 0 else letters[axis][1])
+    return "".join(parts[:1]) if parts else "L"
+
+
+def _source_item(ds: Dataset) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = ds.SOPClassUID
+    item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+    item.PurposeOfReferenceCodeSequence = [SOURCE_IMAGE_PURPOSE]
+    return item
+
+
+def series_description(kind: str, result_version: int) -> str:
+    return f"{SERIES_DESCRIPTION_PREFIX} {kind} v{result_version} - NOT FOR DIAGNOSTIC USE"[:64]
+
+
+def _build_sc(
+    *,
+    ref: Dataset,
+    pixels: np.ndarray,
+    sources: Sequence[Dataset],
+    result: ScoreResult,
+    series_uid: str,
+    series_number: int,
+    sop_uid: str,
+    instance_number: int,
+    orientation: tuple[str, str],
+    pixel_spacing: tuple[float, float] | None,
+    derivation: str,
+    comments: str,
+    created_at: dt.datetime,
+    result_version: int,
+) -> Dataset:
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=ref,
+        pixel_array=pixels,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        pixel_spacing=pixel_spacing,
+        patient_orientation=orientation,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[contributing_equipment(result, created_at, derivation)],
+        series_description=series_description("images", result_version),
+        manufacturer_model_name=MANUFACTURER,
+        software_versions=__version__,
+        content_date=created_at.date(),
+        content_time=created_at.time(),
+        series_date=created_at.date(),
+        series_time=created_at.time(),
+    )
+    sc.copy_patient_and_study_information(ref)
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.ConversionType = "WSD"
+    sc.BurnedInAnnotation = "YES"
+    sc.DerivationDescription = derivation[:1024]
+    sc.SourceImageSequence = [_source_item(ds) for ds in sources]
+    sc.ImageComments = comments[:10240]
+    # General Series Laterality is 2C on paired body parts; with BodyPartExamined CHEST
+    # (unpaired) it is absent. Without a body part we cannot tell: empty = unknown.
+    body_part = str(ref.get("BodyPartExamined", "") or "")
+    if not body_part and result.status == "scored":
+        body_part = "CHEST"  # we only score chest CTs
+    if body_part:
+        sc.BodyPartExamined = body_part[:16]
+    else:
+        sc.Laterality = ""
+    if any(str(ds.get("LossyImageCompression", "")) == "01" for ds in sources):
+        sc.LossyImageCompression = "01"  # once lossy, always flagged lossy (PS3.3 C.7.6.1.1.5)
+    freeze_times(sc, created_at)
+    return sc
+
+
+def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
+    spacing = ds.get("PixelSpacing")
+    if spacing and len(spacing) == 2:
+        return (float(spacing[0]), float(spacing[1]))
+    return None
+
+
+def result_comment(result: ScoreResult) -> str:
+    """One-line result text (ImageComments of the summary, TEXT in the SR)."""
+    if result.status == "scored":
+        return (
+            f"{result.category}, lung involvement {render.format_percent(result.involvement_percent)} "
+            f"(right {render.format_percent(result.involvement_percent_right)}, "
+            f"left {render.format_percent(result.involvement_percent_left)}), "
+            f"priority {result.priority}. {render.NOT_FOR_DIAGNOSTIC_USE}"
+        )
+    status = "not applicable" if result.status == "not_applicable" else "scoring failed"
+    return f"Not scored ({status}): {result.reason or 'no reason given'}. Priority {result.priority}. {render.NOT_FOR_DIAGNOSTIC_USE}"
+
+
+def build_secondary_capture_series(
+    source_datasets: Sequence[Dataset],
+    result: ScoreResult,
+    result_version: int,
+    *,
+    series_number: int | None = None,
+    created_at: dt.datetime | None = None,
+) -> list[Dataset]:
+    """Build the SC series for one result version.
+
+    Args:
+        source_datasets: the scored series' CT instances with pixel data, in the order of
+            ``result.source_sop_instance_uids`` (sorted along the slice normal).
+        result: the scoring result; for ``not_applicable``/``failed`` only the summary
+            image (stating the status and reason, priority MEDIUM) is built.
+        result_version: 1, 2, ... (a new version supersedes the previous outputs).
+        series_number: default ``9000 + result_version``.
+        created_at: timestamp written as content/creation/series date and time; see
+            :func:`resolve_created_at` for the deterministic default.
+
+    Returns:
+        ``[summary, slice images...]``: the summary is InstanceNumber 1, the lesion
+        slices follow in slice order. Same inputs, same bytes.
+
+    Raises:
+        TypeError/ValueError naming the bad argument.
+    """
+    datasets = validate_inputs(source_datasets, result, result_version)
+    if series_number is None:
+        series_number = SC_SERIES_NUMBER_BASE + result_version
+    if isinstance(series_number, bool) or not isinstance(series_number, int):
+        raise TypeError(f"argument 'series_number' must be an int, got {type(series_number).__name__}")
+    if not 0 < series_number < 2**31:
+        raise ValueError(f"argument 'series_number' must be 1..2147483647, got {series_number}")
+    when = resolve_created_at(created_at, datasets)
+    source_series = str(datasets[0].SeriesInstanceUID)
+    series_uid = output_uid(source_series, result_version, "sc-series")
+
+    out: list[Dataset] = []
+    summary = render.render_summary(datasets, result)
+    row_letters, _ = patient_orientation(datasets[0])
+    out.append(
+        _build_sc(
+            ref=datasets[0],
+            pixels=summary,
+            sources=datasets,
+            result=result,
+            series_uid=series_uid,
+            series_number=series_number,
+            sop_uid=output_uid(source_series, result_version, "sc-instance", 0),
+            instance_number=1,
+            orientation=(row_letters, "F"),
+            pixel_spacing=None,  # overview + text panel: no single meaningful spacing
+            derivation=(
+                f"Coronal mean-intensity projection of the source series with AI lesion regions in red and "
+                f"a result panel, by {result.model} {result.model_version} (ct-triage {__version__}). "
+                f"{render.NOT_FOR_DIAGNOSTIC_USE}"
+            ),
+            comments=result_comment(result),
+            created_at=when,
+            result_version=result_version,
+        )
+    )
+    if result.status != "scored":
+        return out
+
+    by_slice: dict[int, list] = {}
+    for box in result.boxes:
+        by_slice.setdefault(box.slice_index, []).append(box)
+    for number, slice_index in enumerate(sorted(by_slice), start=2):
+        ds = datasets[slice_index]
+        boxes = by_slice[slice_index]
+        out.append(
+            _build_sc(
+                ref=ds,
+                pixels=render.render_slice(ds, boxes, result),
+                sources=[ds],
+                result=result,
+                series_uid=series_uid,
+                series_number=series_number,
+                sop_uid=output_uid(source_series, result_version, "sc-instance", slice_index + 1),
+                instance_number=number,
+                orientation=patient_orientation(ds),
+                pixel_spacing=_pixel_spacing(ds),
+                derivation=(
+                    f"Lung window (WL -600 HU, WW 1500 HU) of source slice {slice_index + 1} with {len(boxes)} AI "
+                    f"lesion box(es) burned in, by {result.model} {result.model_version} "
+                    f"(ct-triage {__version__}). {render.NOT_FOR_DIAGNOSTIC_USE}"
+                ),
+                comments=render.caption_text(result),
+                created_at=when,
+                result_version=result_version,
+            )
+        )
+    return out
+
+
+__all__ = [
+    "build_secondary_capture_series",
+    "validate_inputs",
+    "resolve_created_at",
+    "SecondaryCaptureImageStorage",
+]

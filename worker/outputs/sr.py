@@ -1,0 +1,317 @@
+"""Structured report of a result: Comprehensive 3D SR with a TID 1500 Measurement Report.
+
+Built with highdicom (``hd.sr.Comprehensive3DSR`` + ``MeasurementReport``). Content tree:
+
+- TID 1500 root "Imaging Measurement Report" (126000, DCM); language; observation
+  context with a *device* observer (ct-triage, model name); procedure reported
+  "CT of chest" (169069000, SCT).
+- Imaging Measurements, one TID 1501 group per structure, each with the algorithm
+  identification (TID 4019: name = ``result.model``, version = ``result.model_version``):
+
+  - "Lungs" (39607008, SCT): Volume (118565006, SCT) in ``ml`` and lung involvement
+    (``CTT001``, 99CTTRIAGE) in ``%``; qualitative evaluations: CT severity category
+    (``CTT002`` = ``CT-0``..``CT-4``, 99CTTRIAGE) and worklist priority (``CTT004`` =
+    HIGH/MEDIUM/LOW).
+  - "Right lung" (3341006, SCT) and "Left lung" (44029006, SCT): volume and involvement.
+  - "Lesions" (52988006, SCT, finding site Lung): total lesion volume in ``ml``.
+  - One TID 1410 planar ROI group per lesion box: a closed POLYLINE SCOORD (5 points,
+    first = last) around the box's pixels, referencing the source CT slice; finding
+    site right/left lung when known.
+
+- Qualitative Evaluations container (C0034375, UMLS) of TID 1500: triage status
+  (``CTT003``) and TEXT items with the routing decision (paper's Table 2) or, for
+  ``not_applicable``/``failed`` results, the reason. Those results still get a report
+  (status, reason, priority MEDIUM) so the PACS shows why there are no numbers.
+
+Private concepts use coding scheme designator ``99CTTRIAGE`` (PS3.16 8.2: "99" prefix =
+private), declared in CodingSchemeIdentificationSequence. SR header: VerificationFlag
+UNVERIFIED, CompletionFlag COMPLETE, PreliminaryFlag PRELIMINARY, new series
+(SeriesNumber ``9100 + version``), deterministic UIDs, all dates from ``created_at``,
+ContributingEquipmentSequence naming ct-triage and its version, Explicit VR Little
+Endian. CurrentRequestedProcedureEvidenceSequence lists every source instance.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian
+
+from ct_triage import __version__
+from worker.outputs import sc as _sc
+from worker.outputs.uids import derived_uid, output_uid
+from worker.scoring.result import ROUTING, LesionBox, ScoreResult
+
+SR_SERIES_NUMBER_BASE = 9100
+SCHEME = "99CTTRIAGE"
+SCHEME_NAME = "ct-triage private codes"
+
+
+def _private(value: str, meaning: str) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value, SCHEME, meaning)
+
+
+# -- concepts ---------------------------------------------------------------------------
+LUNG_INVOLVEMENT = _private("CTT001", "Lung volume involved by COVID-19 lesions")
+CT_CATEGORY = _private("CTT002", "COVID-19 CT severity category")
+TRIAGE_STATUS = _private("CTT003", "AI triage status")
+WORKLIST_PRIORITY = _private("CTT004", "Worklist priority")
+ROUTING_DECISION = _private("CTT005", "Routing decision")
+STATUS_REASON = _private("CTT006", "Reason not scored")
+CATEGORY_VALUES = {
+    "CT-0": _private("CT-0", "CT-0 not consistent with pneumonia"),
+    "CT-1": _private("CT-1", "CT-1 mild, up to 25% involved"),
+    "CT-2": _private("CT-2", "CT-2 moderate, 25-50% involved"),
+    "CT-3": _private("CT-3", "CT-3 severe, 50-75% involved"),
+    "CT-4": _private("CT-4", "CT-4 critical, 75% or more involved"),
+}
+STATUS_VALUES = {
+    "scored": _private("SCORED", "Scored"),
+    "not_applicable": _private("NOT-APPLICABLE", "Not applicable"),
+    "failed": _private("FAILED", "Scoring failed"),
+}
+PRIORITY_VALUES = {
+    "HIGH": _private("HIGH", "High priority"),
+    "MEDIUM": _private("MEDIUM", "Medium priority"),
+    "LOW": _private("LOW", "Low priority"),
+}
+CT_OF_CHEST = hd.sr.CodedConcept("169069000", "SCT", "CT of chest")
+LUNG = hd.sr.CodedConcept("39607008", "SCT", "Lung")
+RIGHT_LUNG = hd.sr.CodedConcept("3341006", "SCT", "Right lung")
+LEFT_LUNG = hd.sr.CodedConcept("44029006", "SCT", "Left lung")
+LESION = hd.sr.CodedConcept("52988006", "SCT", "Lesion")
+VOLUME = hd.sr.CodedConcept("118565006", "SCT", "Volume")
+UNIT_ML = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
+UNIT_PERCENT = hd.sr.CodedConcept("%", "UCUM", "Percent")
+QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+
+
+def coding_scheme_item() -> CodingSchemeIdentificationItem:
+    return CodingSchemeIdentificationItem(
+        designator=SCHEME,
+        name=SCHEME_NAME,
+        version="1",
+        responsible_organization="ct-triage",
+    )
+
+
+def _text(name: hd.sr.CodedConcept, value: str) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(
+        name=name, value=value[:10240], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+
+
+def _code(name: hd.sr.CodedConcept, value: hd.sr.CodedConcept) -> hd.sr.CodeContentItem:
+    return hd.sr.CodeContentItem(name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+
+
+def box_polyline(box: LesionBox) -> np.ndarray:
+    """Closed polyline (column, row) around the box's pixels, in SCOORD image coordinates.
+
+    SCOORD's origin is the top-left corner of the top-left pixel (PS3.3 C.18.6.1.2), so
+    inclusive pixel bounds ``col_min..col_max`` span ``col_min .. col_max + 1``.
+    """
+    x0, y0 = float(box.col_min), float(box.row_min)
+    x1, y1 = float(box.col_max + 1), float(box.row_max + 1)
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float32)
+
+
+def _measurement(name, value: float | None, unit) -> list[hd.sr.Measurement]:
+    """One TID 300 measurement (the group carries the algorithm identification)."""
+    if value is None:
+        return []
+    return [hd.sr.Measurement(name=name, value=float(value), unit=unit)]
+
+
+def _tracking(source_series: str, version: int, label: str, index: int = 0) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(
+        uid=output_uid(source_series, version, f"sr-tracking-{label}", index),
+        identifier=label if not index else f"{label} {index}",
+    )
+
+
+def _measurement_groups(datasets: Sequence[Dataset], result: ScoreResult, version: int) -> list:
+    source_series = str(datasets[0].SeriesInstanceUID)
+    algorithm = hd.sr.AlgorithmIdentification(name=result.model[:64], version=result.model_version[:64])
+    priority = [hd.sr.QualitativeEvaluation(WORKLIST_PRIORITY, PRIORITY_VALUES[result.priority])]
+    if result.status != "scored":
+        return [
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=_tracking(source_series, version, "Triage result"),
+                algorithm_id=algorithm,
+                qualitative_evaluations=[
+                    hd.sr.QualitativeEvaluation(TRIAGE_STATUS, STATUS_VALUES[result.status]),
+                    *priority,
+                ],
+            )
+        ]
+    groups: list = [
+        hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking(source_series, version, "Lungs"),
+            finding_type=LUNG,
+            algorithm_id=algorithm,
+            measurements=[
+                *_measurement(VOLUME, result.lung_volume_ml, UNIT_ML),
+                *_measurement(LUNG_INVOLVEMENT, result.involvement_percent, UNIT_PERCENT),
+            ],
+            qualitative_evaluations=[
+                hd.sr.QualitativeEvaluation(CT_CATEGORY, CATEGORY_VALUES[result.category]),
+                *priority,
+            ],
+        )
+    ]
+    for label, site, volume, percent in (
+        ("Right lung", RIGHT_LUNG, result.lung_volume_right_ml, result.involvement_percent_right),
+        ("Left lung", LEFT_LUNG, result.lung_volume_left_ml, result.involvement_percent_left),
+    ):
+        measurements = [
+            *_measurement(VOLUME, volume, UNIT_ML),
+            *_measurement(LUNG_INVOLVEMENT, percent, UNIT_PERCENT),
+        ]
+        if measurements:
+            groups.append(
+                hd.sr.MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=_tracking(source_series, version, label),
+                    finding_type=site,
+                    algorithm_id=algorithm,
+                    measurements=measurements,
+                )
+            )
+    if result.lesion_volume_ml is not None:
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=_tracking(source_series, version, "Lesions"),
+                finding_type=LESION,
+                finding_sites=[hd.sr.FindingSite(LUNG)],
+                algorithm_id=algorithm,
+                measurements=_measurement(VOLUME, result.lesion_volume_ml, UNIT_ML),
+            )
+        )
+    for k, box in enumerate(result.boxes, start=1):
+        source = datasets[box.slice_index]
+        region = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=box_polyline(box),
+            source_image=hd.sr.SourceImageForRegion(
+                referenced_sop_class_uid=str(source.SOPClassUID),
+                referenced_sop_instance_uid=str(source.SOPInstanceUID),
+            ),
+        )
+        sites = {"right": [hd.sr.FindingSite(RIGHT_LUNG)], "left": [hd.sr.FindingSite(LEFT_LUNG)]}.get(
+            box.lung or "", [hd.sr.FindingSite(LUNG)]
+        )
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=_tracking(source_series, version, "Lesion box", k),
+                referenced_region=region,
+                finding_type=LESION,
+                finding_sites=sites,
+                algorithm_id=algorithm,
+            )
+        )
+    return groups
+
+
+def _qualitative_container(result: ScoreResult) -> hd.sr.ContainerContentItem:
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    items = [_code(TRIAGE_STATUS, STATUS_VALUES[result.status])]
+    if result.status == "scored":
+        items.append(_text(ROUTING_DECISION, f"{result.category}: {ROUTING[result.category]} "
+                                             "(MosMedData scale, doi:10.17816/DD46826)"))
+    else:
+        items.append(_text(STATUS_REASON, result.reason or "no reason given"))
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    return container
+
+
+def build_measurement_report(
+    source_datasets: Sequence[Dataset],
+    result: ScoreResult,
+    result_version: int,
+    *,
+    created_at: dt.datetime | None,
+    series_number: int | None = None,
+) -> Dataset:
+    """Build the Comprehensive 3D SR (TID 1500) for one result version.
+
+    Args:
+        source_datasets: the scored series' instances (pixel data not needed), in the
+            order of ``result.source_sop_instance_uids``.
+        result: scored, not_applicable or failed (the latter two give a status report).
+        result_version: 1, 2, ...
+        created_at: timestamp written as content/creation/series date and time (pass
+            the result's own timestamp; ``None`` = deterministic default from the
+            sources, see :func:`worker.outputs.sc.resolve_created_at`).
+        series_number: default ``9100 + result_version``.
+
+    Raises:
+        TypeError/ValueError naming the bad argument.
+    """
+    datasets = _sc.validate_inputs(source_datasets, result, result_version)
+    if series_number is None:
+        series_number = SR_SERIES_NUMBER_BASE + result_version
+    if isinstance(series_number, bool) or not isinstance(series_number, int):
+        raise TypeError(f"argument 'series_number' must be an int, got {type(series_number).__name__}")
+    if not 0 < series_number < 2**31:
+        raise ValueError(f"argument 'series_number' must be 1..2147483647, got {series_number}")
+    if result.status == "scored" and result.category not in CATEGORY_VALUES:
+        raise ValueError(f"argument 'result' has unknown category {result.category!r}")
+    if result.status not in STATUS_VALUES:
+        raise ValueError(f"argument 'result' has unknown status {result.status!r}")
+    when = _sc.resolve_created_at(created_at, datasets)
+    source_series = str(datasets[0].SeriesInstanceUID)
+
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=derived_uid("ct-triage-device", result.model, result.model_version),
+        name="ct-triage",
+        manufacturer_name=_sc.MANUFACTURER,
+        model_name=result.model[:64],
+    )
+    observation_context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(observer_type=codes.cid270.Device,
+                                                      observer_identifying_attributes=device)
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=observation_context,
+        procedure_reported=CT_OF_CHEST,
+        imaging_measurements=_measurement_groups(datasets, result, result_version),
+        title=codes.cid7021.ImagingMeasurementReport,
+    )
+    report[0].ContentSequence.append(_qualitative_container(result))
+
+    description = (
+        f"COVID-19 lung involvement measurements by {result.model} {result.model_version} "
+        f"(ct-triage {__version__}); NOT FOR DIAGNOSTIC USE"
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=datasets,
+        content=report[0],
+        series_instance_uid=output_uid(source_series, result_version, "sr-series"),
+        series_number=series_number,
+        sop_instance_uid=output_uid(source_series, result_version, "sr-instance", 0),
+        instance_number=1,
+        manufacturer=_sc.MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=_sc.series_description("report", result_version),
+        manufacturer_model_name=_sc.MANUFACTURER,
+        software_versions=__version__,
+        content_date=when.date(),
+        content_time=when.time(),
+        series_date=when.date(),
+        series_time=when.time(),
+        coding_schemes=[coding_scheme_item()],
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[_sc.contributing_equipment(result, when, description)],
+    )
+    _sc.freeze_times(sr, when)
+    return sr

@@ -1,0 +1,484 @@
+"""The classical scorer: lungs and lesions from Hounsfield units, no trained weights.
+
+Every step is a plain image operation with a documented threshold, so a radiologist
+or an auditor can follow why a voxel was called lesion. Dense per-voxel work runs in
+torch on the chosen device (``cuda`` when present); connected-component bookkeeping
+runs in scipy on the CPU on boolean masks. The same input gives the same masks: no
+randomness, and every operation used is deterministic on CPU and CUDA.
+
+Working grid
+    Rows and columns are average-pooled by a whole factor so that a working pixel is
+    about 1.4 mm (factor 2 for a 512-matrix chest CT at 0.6-0.9 mm pixels, 1 for
+    coarser data); slices closer than 1.25 mm are pooled in pairs. Pooling also
+    halves the noise. HU are clipped to [-1024, 600] first so bone and metal cannot
+    drag their neighbours up.
+
+1. Outside air and body
+    Per slice, voxels below -500 HU connected (in-plane) to the image border are
+    outside the patient. Everything else is the body (couch included, harmless).
+    The body's column centroid per slice is the midline estimate.
+
+2. Air lung
+    Inside-body voxels below -320 HU (aerated lung and most ground glass, which
+    reaches -380 HU). Trachea and extrapulmonary bronchi are removed slice by slice:
+    small (< 9 cm2) near-midline (< 35 mm) components darker than -890 HU on average.
+    3D components are kept as lung when they are lung-like: mean HU above -940
+    (bowel and stomach gas are pure air, about -1000 HU; lung parenchyma with its
+    vessels averages -750..-880), at least 20 ml and at least 3 % of the largest.
+
+3. Left / right
+    Per slice, the split column is the column with the fewest lung voxels within
+    +-40 mm of the body midline (ties: closest to the midline), median-filtered
+    along z. ``Volume.column_towards_patient_left`` says which side is the patient's
+    left.
+
+4. Dense lung (consolidation) - the part plain thresholds miss
+    Candidates: per lung, a closing of the air lung with a ~12 mm ball (computed on a
+    grid pooled 2x further, then refined at working resolution) fills bays that
+    pleural-based consolidation bites into the aerated lung, and per-slice hole
+    filling fills dense cores enclosed by aerated lung. Candidates that are bone or
+    outside the body are dropped. Each remaining candidate region (per slice,
+    connected in-plane) is accepted as lung when it is small (< 150 mm2: vessel
+    cross-sections, small cores) or when its margin looks like disease: consolidation
+    is wrapped in ground glass, so at least 25 % of the aerated lung just around it
+    (the ring 2-3 working pixels out, beyond the partial-volume rim) is denser than
+    -600 HU. Organs that the lung wraps around (heart, liver dome, hilum) and pleural
+    effusion meet normal lung with a sharp edge and are rejected. Effusion also has
+    a flat fluid level, which a closing does not fill in the first place.
+
+5. Lesions (MosMedData protocol: ground glass + consolidation, vessels and airways
+   excluded, dependent density excluded where distinguishable)
+    a. S = 3x3 in-plane mean of the working image (noise down by ~3).
+    b. O = grey-level opening of S with a ~7 mm square per slice: the background
+       level under structures narrower than 7 mm. Vessels, fissures, the partial-volume
+       rim and thin dependent bands are narrower and vanish; lesions (>= 1 cm) keep
+       their level. The opening is applied twice, with a ~12 mm square for dense
+       (> -250 HU) voxels, so hilar vessels up to 12 mm do not count as consolidation.
+    c. Lesion candidates: O > T(row) and S < +100 HU (not bone or calcification),
+       inside the lung mask eroded by one working pixel (the partial-volume rim).
+       T is -700 HU (the MosMedData lower bound) raised in the posterior (dependent)
+       lung by the per-slice excess of the 25th HU percentile of posterior over
+       anterior parenchyma, at most +60 HU: the dependent gradient, not a lesion.
+    d. 3D components smaller than 0.2 ml are dropped (noise, vessel branch points).
+    e. The rim is given back: lesions grow by one pixel into lung voxels whose S is
+       above T.
+
+6. Numbers (done by the pipeline for every scorer): lung and lesion volumes, %
+   per lung and total, CT category, 3D lesion count and per-slice boxes.
+
+Known limits: a lung whose aerated part is entirely gone (white-out of a whole lung)
+has no air to start from and is missed (the scan is still flagged severe by the other
+lung's numbers only if that one is involved too); consolidation touching the
+mediastinum with a sharp margin can be rejected as "organ"; dense dependent
+atelectasis thicker than ~7 mm reads as lesion.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from ct_triage.errors import NotApplicable
+from worker.scoring.device import configure_torch
+from worker.scoring.scorer import Segmentation
+from worker.scoring.volume import Volume
+
+NAME = "ct-triage-classical"
+VERSION = "0.1.0"
+
+# -- thresholds (HU) and sizes (mm); see the module docstring -------------------------
+CLIP_HU = (-1024.0, 600.0)
+OUTSIDE_AIR_HU = -500.0
+AIR_LUNG_HU = -320.0
+AIRWAY_MEAN_HU = -890.0
+AIRWAY_MAX_AREA_MM2 = 900.0
+AIRWAY_MAX_OFFSET_MM = 35.0
+LUNG_MIN_MEAN_HU = -940.0
+LUNG_MIN_ML = 20.0
+LUNG_MIN_FRACTION = 0.03
+SPLIT_BAND_MM = 40.0
+BONE_HU = 200.0
+CLOSING_RADIUS_MM = 12.0
+SMALL_HOLE_MM2 = 150.0
+MARGIN_GGO_HU = -600.0
+MARGIN_MIN_FRACTION = 0.25
+LESION_LOW_HU = -700.0
+LESION_HIGH_HU = 100.0
+DENSE_HU = -250.0
+OPEN_MM = 7.0
+OPEN_DENSE_MM = 12.0
+DEPENDENT_MAX_RAISE_HU = 60.0
+MIN_LESION_ML = 0.2
+WORKING_PIXEL_MM = 1.4
+MIN_SLICE_MM = 1.25
+
+_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+_IN_PLANE8 = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE8[1] = True
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+def _odd(n: float) -> int:
+    k = max(1, int(round(n)))
+    return k if k % 2 == 1 else k + 1
+
+
+# -- torch helpers (tensors are (z, rows, cols) float32) ------------------------------
+
+
+def _maxfilter2d(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-slice max over a k x k square (separable), same size."""
+    if k <= 1:
+        return x
+    p = k // 2
+    y = F.max_pool2d(x.unsqueeze(1), kernel_size=(k, 1), stride=1, padding=(p, 0))
+    y = F.max_pool2d(y, kernel_size=(1, k), stride=1, padding=(0, p))
+    return y.squeeze(1)
+
+
+def _minfilter2d(x: torch.Tensor, k: int) -> torch.Tensor:
+    return -_maxfilter2d(-x, k)
+
+
+def _opening2d(x: torch.Tensor, k: int) -> torch.Tensor:
+    return _maxfilter2d(_minfilter2d(x, k), k)
+
+
+def _boxmean2d(x: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 1:
+        return x
+    p = k // 2
+    y = F.pad(x.unsqueeze(1), (p, p, p, p), mode="replicate")
+    return F.avg_pool2d(y, kernel_size=k, stride=1).squeeze(1)
+
+
+def _blur3d(x: torch.Tensor, kz: int, k: int) -> torch.Tensor:
+    """Separable box mean over (kz, k, k) with zero padding outside."""
+    y = x.unsqueeze(0).unsqueeze(0)
+    if kz > 1:
+        y = F.avg_pool3d(y, kernel_size=(kz, 1, 1), stride=1, padding=(kz // 2, 0, 0),
+                         count_include_pad=True)
+    if k > 1:
+        y = F.avg_pool3d(y, kernel_size=(1, k, 1), stride=1, padding=(0, k // 2, 0),
+                         count_include_pad=True)
+        y = F.avg_pool3d(y, kernel_size=(1, 1, k), stride=1, padding=(0, 0, k // 2),
+                         count_include_pad=True)
+    return y[0, 0]
+
+
+def _ball_closing(mask: torch.Tensor, radius_vox: tuple[float, float, float]) -> torch.Tensor:
+    """Closing of a boolean mask with a rounded structuring element.
+
+    Dilation and erosion are thresholds of two passes of a separable box mean (a
+    pyramid-shaped kernel, rounder than a cube): cheap on any device, deterministic.
+    """
+    rz, ry, rx = radius_vox
+    kz = _odd(rz + 1) if rz >= 0.5 else 1
+    k = _odd(max(ry, rx) + 1)
+    x = mask.float()
+    d = _blur3d(_blur3d(x, kz, k), kz, k) > 0.02
+    e = _blur3d(_blur3d((~d).float(), kz, k), kz, k) > 0.02
+    return ~e
+
+
+# -- the scorer -------------------------------------------------------------------------
+
+
+class ClassicalScorer:
+    name = NAME
+    version = VERSION
+
+    def segment(self, volume: Volume, device: str = "cpu") -> Segmentation:
+        configure_torch()
+        with torch.inference_mode():
+            return _segment(volume, torch.device(device))
+
+
+def working_factors(volume: Volume) -> tuple[int, int, int]:
+    dz, dy, dx = volume.spacing_mm
+    f = max(1, int(round(WORKING_PIXEL_MM / max(min(dy, dx), 1e-3))))
+    fz = 2 if dz < MIN_SLICE_MM / 1.5 else 1
+    return fz, f, f
+
+
+def to_working_grid(hu: np.ndarray, factors: tuple[int, int, int], device: torch.device,
+                    chunk: int = 48) -> torch.Tensor:
+    """Average-pool (z, rows, cols) by whole factors, in z-chunks (memory), on device.
+
+    Edges that do not divide evenly are padded with air (-1024 HU).
+    """
+    fz, fy, fx = factors
+    z, r, c = hu.shape
+    zo, ro, co = -(-z // fz), -(-r // fy), -(-c // fx)
+    out = torch.empty((zo, ro, co), dtype=torch.float32, device=device)
+    src = torch.from_numpy(np.ascontiguousarray(hu))
+    step = max(fz, (chunk // fz) * fz)
+    for z0 in range(0, z, step):
+        part = src[z0:z0 + step].to(device=device, dtype=torch.float32, non_blocking=True)
+        part.clamp_(*CLIP_HU)
+        pad_z = (-part.shape[0]) % fz
+        pad_r, pad_c = (-r) % fy, (-c) % fx
+        if pad_z or pad_r or pad_c:
+            part = F.pad(part, (0, pad_c, 0, pad_r, 0, pad_z), value=CLIP_HU[0])
+        pooled = F.avg_pool3d(part.unsqueeze(0).unsqueeze(0), kernel_size=(fz, fy, fx))[0, 0]
+        out[z0 // fz: z0 // fz + pooled.shape[0]] = pooled
+    return out
+
+
+def _segment(volume: Volume, device: torch.device) -> Segmentation:
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+    t = _now()
+    factors = working_factors(volume)
+    fz, fy, fx = factors
+    dz, dy, dx = volume.spacing_mm
+    spacing = (dz * fz, dy * fy, dx * fx)
+    px = min(spacing[1], spacing[2])
+    pixel_mm2 = spacing[1] * spacing[2]
+    voxel_ml = spacing[0] * pixel_mm2 / 1000.0
+    W = to_working_grid(volume.hu, factors, device)
+    timings["pool"] = _now() - t
+
+    # 1. outside air, body, midline --------------------------------------------------
+    t = _now()
+    low = (W < OUTSIDE_AIR_HU).cpu().numpy()
+    labels, n = ndimage.label(low, structure=_IN_PLANE)
+    border = np.zeros(n + 1, dtype=bool)
+    for edge in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
+        border[np.unique(edge)] = True
+    border[0] = False
+    outside = border[labels]
+    body = ~outside
+    del labels
+    cols = np.arange(W.shape[2], dtype=np.float64)
+    body_cols = body.sum(axis=1)  # (z, cols)
+    body_n = body_cols.sum(axis=1)
+    midline = np.where(body_n > 0, (body_cols * cols).sum(axis=1) / np.maximum(body_n, 1),
+                       W.shape[2] / 2.0)
+    timings["body"] = _now() - t
+
+    # 2. air lung -------------------------------------------------------------------------
+    t = _now()
+    Wn = W.cpu().numpy() if device.type != "cpu" else W.numpy()
+    air = (Wn < AIR_LUNG_HU) & body
+    air = _remove_airways(air, Wn, midline, px, pixel_mm2)
+    lab3, n3 = ndimage.label(air)
+    if n3 == 0:
+        raise NotApplicable("no aerated lung found in the volume (not a chest CT?)")
+    sizes = np.bincount(lab3.ravel(), minlength=n3 + 1).astype(np.float64)
+    sums = np.bincount(lab3.ravel(), weights=Wn.ravel(), minlength=n3 + 1)
+    sizes[0] = 0
+    means = sums / np.maximum(sizes, 1)
+    lunglike = (means > LUNG_MIN_MEAN_HU) & (sizes * voxel_ml >= LUNG_MIN_ML)
+    lunglike[0] = False
+    if not lunglike.any():
+        raise NotApplicable("no lung-like air region of at least "
+                            f"{LUNG_MIN_ML:g} ml inside the body (not a chest CT?)")
+    biggest = sizes[lunglike].max()
+    keep = lunglike & (sizes >= LUNG_MIN_FRACTION * biggest)
+    air_lung = keep[lab3]
+    del lab3
+    timings["air_lung"] = _now() - t
+
+    # 3. left / right split -------------------------------------------------------------
+    t = _now()
+    split = _split_columns(air_lung, midline, px)
+    col_idx = np.arange(W.shape[2])[None, None, :]
+    high_side = col_idx > split[:, None, None]  # columns above the split line
+    left_side = high_side if volume.column_towards_patient_left else ~high_side
+    timings["split"] = _now() - t
+
+    # 4. dense lung ------------------------------------------------------------------------
+    t = _now()
+    lung = _fill_dense(air_lung, left_side, Wn, body, spacing, device)
+    timings["lung_fill"] = _now() - t
+    if lung.sum() * voxel_ml < 100.0:
+        raise NotApplicable(f"lungs found are only {lung.sum() * voxel_ml:.0f} ml "
+                            "(not a chest CT, or the lungs are outside the field of view)")
+    left = lung & left_side
+
+    # 5. lesions -----------------------------------------------------------------------------
+    t = _now()
+    lesion = _lesions(W, lung, spacing, device, voxel_ml, notes)
+    timings["lesions"] = _now() - t
+
+    return Segmentation(lung=lung, left=left, lesion=lesion, factor=factors,
+                        original_shape=tuple(volume.hu.shape), spacing_mm=spacing,
+                        timings=timings, notes=notes)
+
+
+def _remove_airways(air: np.ndarray, Wn: np.ndarray, midline: np.ndarray, px: float,
+                    pixel_mm2: float) -> np.ndarray:
+    """Drop trachea / extrapulmonary bronchi: small, dark, near-midline 2D components."""
+    labels, n = ndimage.label(air, structure=_IN_PLANE)
+    if n == 0:
+        return air
+    flat = labels.ravel()
+    area = np.bincount(flat, minlength=n + 1).astype(np.float64)
+    hu_sum = np.bincount(flat, weights=Wn.ravel(), minlength=n + 1)
+    zs = np.broadcast_to(np.arange(air.shape[0])[:, None, None], air.shape).ravel()
+    cs = np.broadcast_to(np.arange(air.shape[2])[None, None, :], air.shape).ravel()
+    sel = flat > 0
+    z_sum = np.bincount(flat[sel], weights=zs[sel], minlength=n + 1)
+    c_sum = np.bincount(flat[sel], weights=cs[sel], minlength=n + 1)
+    a = np.maximum(area, 1)
+    mean_hu = hu_sum / a
+    zc = np.clip(np.rint(z_sum / a).astype(int), 0, air.shape[0] - 1)
+    offset = np.abs(c_sum / a - midline[zc]) * px
+    airway = (area * pixel_mm2 <= AIRWAY_MAX_AREA_MM2) & (mean_hu < AIRWAY_MEAN_HU) & (
+        offset <= AIRWAY_MAX_OFFSET_MM)
+    airway[0] = False
+    if not airway.any():
+        return air
+    return air & ~airway[labels]
+
+
+def _split_columns(air_lung: np.ndarray, midline: np.ndarray, px: float) -> np.ndarray:
+    """Per slice, the column between the lungs (fewest lung voxels near the midline)."""
+    z, _, c = air_lung.shape
+    band = max(2, int(round(SPLIT_BAND_MM / px)))
+    counts = air_lung.sum(axis=1).astype(np.float64)  # (z, cols)
+    split = np.empty(z, dtype=np.float64)
+    cols = np.arange(c, dtype=np.float64)
+    for k in range(z):
+        m = midline[k]
+        lo, hi = max(0, int(m) - band), min(c, int(m) + band + 1)
+        if lo >= hi or counts[k].sum() == 0:
+            split[k] = m
+            continue
+        prof = counts[k, lo:hi] + 1e-3 * np.abs(cols[lo:hi] - m)
+        split[k] = lo + int(np.argmin(prof))
+    has = counts.sum(axis=1) > 0
+    if has.any():
+        split = ndimage.median_filter(split, size=5, mode="nearest")
+    return split
+
+
+def _fill_dense(air_lung, left_side, Wn, body, spacing, device) -> np.ndarray:
+    dz, dy, dx = spacing
+    px = min(dy, dx)
+    pixel_mm2 = dy * dx
+    not_bone = Wn < BONE_HU
+    allowed = body & not_bone
+    lung = np.zeros_like(air_lung)
+    for side_mask in (left_side, ~left_side):
+        side = air_lung & side_mask
+        if not side.any():
+            continue
+        # bays: closing on a 2x coarser grid, then back to the working grid
+        t = torch.from_numpy(side).to(device)
+        coarse = F.max_pool3d(t.float()[None, None], kernel_size=(1, 2, 2), ceil_mode=True)[0, 0] > 0
+        r = (CLOSING_RADIUS_MM / dz, CLOSING_RADIUS_MM / (2 * dy), CLOSING_RADIUS_MM / (2 * dx))
+        closed = _ball_closing(coarse, r)
+        closed = closed.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
+        closed = closed[:, : side.shape[1], : side.shape[2]].cpu().numpy()
+        cand = closed | side
+        cand = _fill_holes_2d(cand)
+        cand &= allowed & side_mask
+        added = cand & ~side
+        keep = _accept_dense(added, side, Wn, px, pixel_mm2)
+        lung |= side | keep
+    return lung
+
+
+def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
+    labels, n = ndimage.label(~mask, structure=_IN_PLANE)
+    border = np.zeros(n + 1, dtype=bool)
+    for edge in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
+        border[np.unique(edge)] = True
+    border[0] = True
+    return ~border[labels]
+
+
+def _accept_dense(added, aerated, Wn, px, pixel_mm2) -> np.ndarray:
+    """Keep added (dense) regions that are small or wrapped in ground glass."""
+    labels, n = ndimage.label(added, structure=_IN_PLANE8)
+    if n == 0:
+        return added
+    flat = labels.ravel()
+    area = np.bincount(flat, minlength=n + 1) * pixel_mm2
+    # ring 2..3 pixels out from each region, inside the aerated lung; label by nearest region
+    grown1 = ndimage.grey_dilation(labels, footprint=_IN_PLANE8, mode="constant")
+    grown2 = ndimage.grey_dilation(grown1, footprint=_IN_PLANE8, mode="constant")
+    grown3 = ndimage.grey_dilation(grown2, footprint=_IN_PLANE8, mode="constant")
+    ring = (grown3 > 0) & (grown1 == 0) & aerated
+    ring_lab = grown3[ring]
+    ring_n = np.bincount(ring_lab, minlength=n + 1)
+    ring_ggo = np.bincount(ring_lab, weights=(Wn[ring] > MARGIN_GGO_HU), minlength=n + 1)
+    frac = ring_ggo / np.maximum(ring_n, 1)
+    accept = (area < SMALL_HOLE_MM2) | (frac >= MARGIN_MIN_FRACTION)
+    accept[0] = False
+    return accept[labels]
+
+
+def _lesions(W: torch.Tensor, lung: np.ndarray, spacing, device, voxel_ml, notes) -> np.ndarray:
+    dz, dy, dx = spacing
+    px = min(dy, dx)
+    lung_t = torch.from_numpy(lung).to(device)
+    S = _boxmean2d(W, 3)
+    O = _opening2d(S, _odd(OPEN_MM / px))
+    Od = _opening2d(S, _odd(OPEN_DENSE_MM / px))
+    # dense voxels must survive the larger opening too
+    level = torch.where(O > DENSE_HU, torch.minimum(O, torch.maximum(Od, torch.full_like(O, DENSE_HU))), O)
+    thr = _dependent_threshold(S, lung_t, px)
+    inner = _erode2d(lung_t, 3)
+    cand = (level > thr) & (S < LESION_HIGH_HU) & inner
+    cand_np = cand.cpu().numpy()
+    labels, n = ndimage.label(cand_np, structure=np.ones((3, 3, 3), dtype=bool))
+    if n:
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        big = sizes * voxel_ml >= MIN_LESION_ML
+        big[0] = False
+        cand_np = big[labels]
+    lesion = torch.from_numpy(cand_np).to(device)
+    grown = _maxfilter2d(lesion.float(), 3) > 0
+    lesion = lesion | (grown & lung_t & (S > thr) & (S < LESION_HIGH_HU))
+    return lesion.cpu().numpy()
+
+
+def _erode2d(mask: torch.Tensor, k: int) -> torch.Tensor:
+    return _minfilter2d(mask.float(), k) > 0.5
+
+
+def _dependent_threshold(S: torch.Tensor, lung: torch.Tensor, px: float) -> torch.Tensor:
+    """-700 HU, raised in the posterior lung by the dependent density gradient.
+
+    Per slice: the 25th percentile of S over the anterior and the posterior third of
+    the lung rows; the excess posterior-over-anterior (at most 60 HU) is added to the
+    threshold, ramping linearly from the middle to the back of the lung.
+    """
+    z, r, c = S.shape
+    thr = torch.full((z, r, 1), LESION_LOW_HU, dtype=S.dtype, device=S.device)
+    rows_with = lung.any(dim=2)  # (z, r)
+    S_cpu = None
+    for k in range(z):
+        rr = torch.nonzero(rows_with[k]).flatten()
+        if rr.numel() < 6:
+            continue
+        r0, r1 = int(rr[0]), int(rr[-1])
+        h = r1 - r0 + 1
+        a_end, p_start = r0 + h // 3, r1 - h // 3
+        mk = lung[k]
+        ant = S[k, r0:a_end][mk[r0:a_end]]
+        post = S[k, p_start:r1 + 1][mk[p_start:r1 + 1]]
+        if ant.numel() < 20 or post.numel() < 20:
+            continue
+        qa = torch.quantile(ant.float(), 0.25)
+        qp = torch.quantile(post.float(), 0.25)
+        raise_hu = float(torch.clamp(qp - qa, 0.0, DEPENDENT_MAX_RAISE_HU))
+        if raise_hu <= 0:
+            continue
+        mid = (r0 + r1) / 2.0
+        ramp = torch.clamp((torch.arange(r, device=S.device, dtype=S.dtype) - mid) / max(r1 - mid, 1), 0, 1)
+        thr[k, :, 0] = LESION_LOW_HU + raise_hu * ramp
+    del S_cpu
+    return thr

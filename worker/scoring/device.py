@@ -1,0 +1,91 @@
+"""Which torch device scoring runs on, and the process-wide torch settings it needs.
+
+``CT_TRIAGE_DEVICE`` is ``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda``.
+Asking for ``cuda`` on a machine without it is a configuration error (the message
+says so) rather than a silent fall back: a GPU worker that quietly runs on the CPU
+would miss its turnaround without anyone knowing why.
+
+Determinism: scoring must give the same numbers for the same input. Every torch
+operation the scorers use is deterministic on the CPU; on CUDA we ask torch for
+deterministic algorithms (``warn_only`` so an op without a deterministic kernel
+warns instead of failing) and disable the cuDNN autotuner.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from ct_triage.errors import ConfigError
+
+_configured = False
+_lock = threading.Lock()
+
+
+def cpu_threads() -> int:
+    """CPU cores this process may use (affinity-aware)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def configure_torch() -> None:
+    """Threads and determinism, once per process."""
+    global _configured
+    with _lock:
+        if _configured:
+            return
+        import torch
+
+        torch.set_num_threads(cpu_threads())
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        try:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        except Exception:  # pragma: no cover - very old torch
+            pass
+        _configured = True
+
+
+def cuda_available() -> bool:
+    import torch
+
+    try:
+        return bool(torch.cuda.is_available())
+    except Exception:  # pragma: no cover - broken driver
+        return False
+
+
+def resolve_device(requested: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when available else ``cpu``; ``cpu``/``cuda`` as asked.
+
+    Raises ConfigError for an unknown value or ``cuda`` without a CUDA device.
+    """
+    value = (requested or "auto").strip().lower()
+    if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
+        raise ConfigError(f"CT_TRIAGE_DEVICE must be auto, cpu or cuda, got {requested!r}")
+    configure_torch()
+    if value == "cpu":
+        return "cpu"
+    if value == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    if not cuda_available():
+        raise ConfigError(
+            f"CT_TRIAGE_DEVICE={requested} but torch sees no CUDA device "
+            "(driver missing, CPU-only torch build, or CUDA_VISIBLE_DEVICES empty); "
+            "use auto or cpu"
+        )
+    return value
+
+
+def describe_device(device: str) -> str:
+    """A short human description, e.g. ``cuda (NVIDIA H100 80GB HBM3)``."""
+    if device.startswith("cuda"):
+        import torch
+
+        try:
+            return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+        except Exception:  # pragma: no cover
+            return device
+    return f"cpu ({cpu_threads()} threads)"

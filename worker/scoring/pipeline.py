@@ -1,0 +1,309 @@
+"""Score a study: read headers, select the series, load it, segment, measure.
+
+Three entry points, all returning a :class:`ScoreResult` and never raising for bad
+input (every failure becomes ``not_applicable`` or ``failed`` with a one-line reason):
+
+- :func:`score_volume` - a loaded :class:`Volume`;
+- :func:`score_study` - the files of a study grouped by series (what the worker has);
+- :func:`score_path` - a DICOM folder, one DICOM file or a NIfTI file (the CLI).
+
+``not_applicable``: the input is not something ct-triage scores (not CT, localizer,
+too few slices, tilted or inconsistent geometry, no lungs in the volume).
+``failed``: it should have been scorable but something broke (unreadable pixels, a
+configuration error such as missing U-Net weights, an unexpected exception).
+
+Measurement (:func:`measure`) is shared by every scorer: volumes are voxel counts
+times the working-grid voxel size; % involvement is lesion over lung volume, total
+and per lung; the category follows shared/seed-notes.md via ``category_for``; the
+lesion count is the number of 26-connected lesion components; boxes are the
+in-plane 8-connected lesion components of every original slice, mapped back to the
+original pixel grid (a working pixel covers ``factor`` original pixels).
+
+Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import numpy as np
+
+from ct_triage.errors import CtTriageError, InvalidInput, NotApplicable
+from worker.scoring.result import LesionBox, ScoreResult, category_for
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ct_triage.settings import Settings
+    from worker.scoring.scorer import Scorer, Segmentation
+    from worker.scoring.volume import Volume
+
+log = logging.getLogger(__name__)
+
+MIN_LUNG_ML = 150.0  # less than this is not a chest CT we can score
+MIN_BOX_PIXELS = 2  # working pixels; a one-pixel speck of a lesion's tip is not drawn
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())
+
+
+def score_volume(volume: Volume, settings: Settings, *, scorer: Scorer | None = None,
+                 timings: dict[str, float] | None = None, started: float | None = None) -> ScoreResult:
+    """Segment and measure one volume. Never raises for bad input."""
+    started = _now() if started is None else started
+    timings = dict(timings or {})
+    model, version, device = _default_model(settings), "", "cpu"
+    try:
+        if volume.hu.shape[0] < settings.min_slices:
+            raise NotApplicable(
+                f"too few slices: {volume.hu.shape[0]} (at least {settings.min_slices} needed "
+                "for a chest CT volume)"
+            )
+        if min(volume.hu.shape[1:]) < 32:
+            raise NotApplicable(f"slices of {volume.hu.shape[1]}x{volume.hu.shape[2]} pixels are too small")
+        from worker.scoring.device import describe_device, resolve_device
+        from worker.scoring.scorer import get_scorer
+
+        t = _now()
+        device = resolve_device(settings.device)
+        scorer = scorer or get_scorer(settings)
+        model, version = scorer.name, scorer.version
+        timings["setup"] = _now() - t
+        t = _now()
+        seg = scorer.segment(volume, device)
+        timings["segment"] = _now() - t
+        for key, value in seg.timings.items():
+            timings[f"segment.{key}"] = value
+        t = _now()
+        result = measure(volume, seg, settings)
+        timings["measure"] = _now() - t
+        log.debug("scored %s on %s", volume.source, describe_device(device))
+    except NotApplicable as exc:
+        result = ScoreResult(status="not_applicable", reason=_reason(exc))
+    except CtTriageError as exc:
+        result = ScoreResult(status="failed", reason=_reason(exc))
+    except MemoryError:
+        result = ScoreResult(status="failed", reason="out of memory while scoring")
+    except Exception as exc:  # a bug or a broken environment: report, don't crash the worker
+        log.exception("scoring %s failed", volume.source)
+        result = ScoreResult(status="failed", reason=f"{type(exc).__name__}: {_reason(exc)}")
+    result.model = model
+    result.model_version = version or result.model_version
+    result.device = device
+    result.study_instance_uid = volume.study_instance_uid
+    result.series_instance_uid = volume.series_instance_uid
+    result.source_sop_instance_uids = list(volume.sop_instance_uids)
+    timings["total"] = _now() - started
+    result.timings = {k: round(v, 4) for k, v in timings.items()}
+    result.seconds = round(timings["total"], 4)
+    return result
+
+
+def _default_model(settings: Settings) -> str:
+    kind = (getattr(settings, "scorer", "classical") or "classical").lower()
+    return "ct-triage-unet3d" if kind == "unet" else "ct-triage-classical"
+
+
+def measure(volume: Volume, seg: Segmentation, settings: Settings) -> ScoreResult:
+    """Volumes, % involvement, category, lesion count and boxes from a segmentation."""
+    from scipy import ndimage
+
+    lung, left, lesion = seg.lung, seg.left, seg.lesion & seg.lung
+    left = left & lung
+    right = lung & ~left
+    vml = seg.voxel_volume_ml
+    n_lung, n_left = int(lung.sum()), int(left.sum())
+    n_right = n_lung - n_left
+    n_les = int(lesion.sum())
+    n_les_left = int((lesion & left).sum())
+    n_les_right = n_les - n_les_left
+    lung_ml = n_lung * vml
+    if lung_ml < MIN_LUNG_ML:
+        raise NotApplicable(
+            f"lungs found are only {lung_ml:.0f} ml (not a chest CT, or the lungs are outside "
+            "the field of view)"
+        )
+
+    def pct(a: int, b: int) -> float | None:
+        return round(100.0 * a / b, 2) if b > 0 else None
+
+    total = 100.0 * n_les / n_lung
+    category = category_for(min(max(total, 0.0), 100.0), settings.noise_floor_percent)
+    labels3, count = ndimage.label(lesion, structure=np.ones((3, 3, 3), dtype=bool))
+    boxes = lesion_boxes(lesion, left, seg.factor, seg.original_shape, volume.sop_instance_uids,
+                         labels3)
+    return ScoreResult(
+        status="scored",
+        category=category,
+        involvement_percent=round(total, 2),
+        involvement_percent_left=pct(n_les_left, n_left),
+        involvement_percent_right=pct(n_les_right, n_right),
+        lung_volume_ml=round(lung_ml, 1),
+        lung_volume_left_ml=round(n_left * vml, 1),
+        lung_volume_right_ml=round(n_right * vml, 1),
+        lesion_volume_ml=round(n_les * vml, 1),
+        lesion_count=int(count),
+        boxes=boxes,
+    )
+
+
+def lesion_boxes(lesion: np.ndarray, left: np.ndarray, factor: tuple[int, int, int],
+                 original_shape: tuple[int, int, int], sop_instance_uids: Sequence[str],
+                 labels3: np.ndarray | None = None) -> list[LesionBox]:
+    """Boxes of the in-plane (8-connected) lesion components of every original slice.
+
+    The lung side of a box is the side of most of its pixels.
+    """
+    from scipy import ndimage
+
+    fz, fy, fx = factor
+    zo, ro, co = original_shape
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = True
+    labels, n = ndimage.label(lesion, structure=structure)
+    if n == 0:
+        return []
+    flat = labels.ravel()
+    size = np.bincount(flat, minlength=n + 1)
+    n_left = np.bincount(flat, weights=left.ravel().astype(np.float64), minlength=n + 1)
+    boxes: list[LesionBox] = []
+    for index, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None or size[index] < MIN_BOX_PIXELS:
+            continue
+        zw = sl[0].start
+        r0, r1 = sl[1].start * fy, min(sl[1].stop * fy, ro) - 1
+        c0, c1 = sl[2].start * fx, min(sl[2].stop * fx, co) - 1
+        side = "left" if n_left[index] * 2 >= size[index] else "right"
+        for k in range(zw * fz, min((zw + 1) * fz, zo)):
+            uid = sop_instance_uids[k] if k < len(sop_instance_uids) else ""
+            boxes.append(LesionBox(slice_index=k, sop_instance_uid=uid, row_min=int(r0),
+                                   col_min=int(c0), row_max=int(r1), col_max=int(c1), lung=side))
+    boxes.sort(key=lambda b: (b.slice_index, b.row_min, b.col_min))
+    return boxes
+
+
+def score_study(series_files: Mapping[str, Sequence[Path]], settings: Settings, *,
+                scorer: Scorer | None = None) -> ScoreResult:
+    """Read the headers of every series, select one by the rules, load it and score it."""
+    started = _now()
+    timings: dict[str, float] = {}
+    chosen: str | None = None
+    try:
+        import pydicom
+
+        from worker.scoring.select import SelectionRules, select_series
+
+        t = _now()
+        headers: dict[str, list] = {}
+        unreadable: list[str] = []
+        for uid, paths in series_files.items():
+            for path in paths:
+                try:
+                    ds = pydicom.dcmread(path, stop_before_pixels=True)
+                except Exception as exc:  # noqa: BLE001 - any unreadable file is reported
+                    unreadable.append(f"{Path(path).name}: {type(exc).__name__}")
+                    continue
+                ds.filename = str(path)
+                headers.setdefault(str(uid), []).append(ds)
+        timings["read_headers"] = _now() - t
+        if not headers:
+            detail = f" ({'; '.join(unreadable[:3])})" if unreadable else ""
+            raise InvalidInput(f"no readable DICOM headers in the study{detail}")
+        t = _now()
+        selection = select_series(headers, SelectionRules.from_settings(settings))
+        timings["select"] = _now() - t
+        chosen = selection.series_instance_uid
+        if chosen is None:
+            raise NotApplicable(selection.reason or "no series of the study can be scored")
+        t = _now()
+        paths = [Path(ds.filename) for ds in headers[chosen]]
+        from worker.scoring.load import load_series
+
+        volume = load_series(paths, min_slices=settings.min_slices)
+        timings["load"] = _now() - t
+    except NotApplicable as exc:
+        return _early(started, timings, "not_applicable", exc, settings, chosen)
+    except InvalidInput as exc:
+        return _early(started, timings, "failed", exc, settings, chosen)
+    except CtTriageError as exc:
+        return _early(started, timings, "failed", exc, settings, chosen)
+    except MemoryError as exc:
+        return _early(started, timings, "failed", exc, settings, chosen)
+    except Exception as exc:  # noqa: BLE001
+        log.exception("reading the study failed")
+        return _early(started, timings, "failed", exc, settings, chosen, with_type=True)
+    return score_volume(volume, settings, scorer=scorer, timings=timings, started=started)
+
+
+def _early(started: float, timings: dict, status: str, exc: BaseException, settings: Settings,
+           series_uid: str | None, with_type: bool = False) -> ScoreResult:
+    reason = _reason(exc) if not isinstance(exc, MemoryError) else "out of memory while loading"
+    if with_type:
+        reason = f"{type(exc).__name__}: {reason}"
+    timings = dict(timings)
+    timings["total"] = _now() - started
+    return ScoreResult(
+        status=status, reason=reason, model=_default_model(settings),
+        series_instance_uid=series_uid, seconds=round(timings["total"], 4),
+        timings={k: round(v, 4) for k, v in timings.items()}, device="cpu",
+    )
+
+
+def _is_nifti(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def score_path(path: str | Path, settings: Settings, *, scorer: Scorer | None = None) -> ScoreResult:
+    """Score a DICOM folder (all series under it; one is selected), a DICOM file, or a
+    NIfTI file."""
+    started = _now()
+    path = Path(path)
+    timings: dict[str, float] = {}
+    try:
+        if not path.exists():
+            raise InvalidInput(f"{path} does not exist")
+        if path.is_file() and _is_nifti(path):
+            from worker.scoring.load import load_nifti
+
+            t = _now()
+            volume = load_nifti(path)
+            timings["load"] = _now() - t
+            return score_volume(volume, settings, scorer=scorer, timings=timings, started=started)
+        if path.is_dir():
+            from worker.scoring.load import group_series
+
+            t = _now()
+            groups = group_series(path)
+            timings["scan_folder"] = _now() - t
+            if not groups:
+                raise NotApplicable(f"no DICOM series found under {path}")
+        else:
+            groups = {"(file)": [path]}
+            try:
+                import pydicom
+
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                groups = {str(ds.get("SeriesInstanceUID", "(file)")): [path]}
+            except Exception as exc:  # noqa: BLE001
+                raise InvalidInput(f"{path}: neither NIfTI nor a readable DICOM file ({exc})") from exc
+    except NotApplicable as exc:
+        return _early(started, timings, "not_applicable", exc, settings, None)
+    except CtTriageError as exc:
+        return _early(started, timings, "failed", exc, settings, None)
+    except Exception as exc:  # noqa: BLE001
+        log.exception("reading %s failed", path)
+        return _early(started, timings, "failed", exc, settings, None, with_type=True)
+    result = score_study(groups, settings, scorer=scorer)
+    for key, value in timings.items():
+        result.timings.setdefault(key, round(value, 4))
+    result.seconds = round(_now() - started, 4)
+    result.timings["total"] = result.seconds
+    return result

@@ -169,6 +169,8 @@ class Settings:
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             if isinstance(default, list):
                 default = ",".join(default)
+            elif isinstance(default, bool):
+                default = str(default).lower()
             rows.append((PREFIX + f.name.upper(), "" if default is None else str(default), f.metadata["help"]))
         return rows
 

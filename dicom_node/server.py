@@ -18,6 +18,7 @@ from dicom_node.commitment import CommitmentService
 from dicom_node.completeness import CompletenessTracker
 from dicom_node.spool import Spool
 from dicom_node.store import StoreService
+from dicom_node.transport import install_fast_recv, tune_association
 
 log = logging.getLogger("ct_triage.node")
 
@@ -79,6 +80,10 @@ def handle_requested(event, allowed: list) -> None:
     event.assoc.kill()
 
 
+def handle_conn_open(event) -> None:
+    tune_association(event.assoc)
+
+
 def handle_established(event, store: StoreService) -> None:
     store.association_started(event.assoc)
     log.info("association from %s at %s:%s established", event.assoc.requestor.ae_title,
@@ -138,6 +143,7 @@ class DicomNode:
 
     def handlers(self) -> list:
         return [
+            (evt.EVT_CONN_OPEN, handle_conn_open),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.store]),
             (evt.EVT_N_ACTION, handle_n_action, [self.commitment]),
@@ -152,6 +158,7 @@ class DicomNode:
         # Data sets stream to disk as they arrive, into a temp folder on the storage
         # file system, so the final placement is a link, not a copy.
         _config.STORE_RECV_CHUNKED_DATASET = True
+        install_fast_recv()
         tempfile.tempdir = str(self.spool.tmp_dir)
         self._clean_tmp()
         if not self.allowed:

@@ -127,19 +127,20 @@ class StoreService:
 
     def _store_locked(self, record: repository.InstanceRecord, temp_path: Path):
         """Returns the StoreOutcome, or None for a duplicate (first copy kept)."""
-        with session_scope(self.session_factory) as session:
-            existing = repository.find_instance(session, record.sop_instance_uid)
-            if existing is not None:
-                repository.count_duplicate(session, existing)
-                log.debug("duplicate %s kept first copy", record.sop_instance_uid)
-                return None
         if not self.spool.store(temp_path, record.path):
-            # A file without a row: a crash came between the link and the commit.
+            # The file exists: a duplicate, or an orphan left by a crash between the
+            # link and the commit (no row), which this copy replaces.
+            with session_scope(self.session_factory) as session:
+                existing = repository.find_instance(session, record.sop_instance_uid)
+                if existing is not None:
+                    repository.count_duplicate(session, existing)
+                    return None
             self.spool.store(temp_path, record.path, replace=True)
         for attempt in range(3):
             try:
                 with session_scope(self.session_factory) as session:
-                    return repository.record_instance(session, record)
+                    outcome = repository.record_instance(session, record)
+                return None if outcome.duplicate else outcome
             except IntegrityError:
                 # Another association created the same study/series row concurrently
                 # (PostgreSQL); the retry finds it.

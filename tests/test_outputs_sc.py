@@ -300,3 +300,48 @@ def test_derived_uid():
         derived_uid("1.2", None)
     with pytest.raises(ValueError, match="result_version"):
         output_uid("1.2.3", 0, "sc-series")
+
+
+def test_ascii_source_without_character_set(tmp_path):
+    ct = make_chest_ct(n_slices=3, size=64, seed=6, patient_name="Doe^Jane")
+    for ds in ct.datasets:
+        del ds.SpecificCharacterSet
+    result = ct.score_result("failed", reason="Lungenmaske fehlgeschlagen · zu wenig Luft (–950 HU)")
+    out = build_secondary_capture_series(ct.datasets, result, 1, created_at=CREATED)
+    assert "SpecificCharacterSet" not in out[0]
+    assert out[0].ImageComments.isascii() and "Lungenmaske fehlgeschlagen" in out[0].ImageComments
+    path = _save(out[0], tmp_path / "ascii.dcm")
+    assert dciodvfy_errors(path) == []
+
+
+def test_identical_bytes_in_another_process(ct, result):
+    """A retry runs in another worker process (other hash seed): same bytes."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def digest(objects) -> str:
+        h = hashlib.sha256()
+        for ds in objects:
+            h.update(_bytes(ds))
+        return h.hexdigest()
+
+    here = digest(build_secondary_capture_series(ct.datasets, result, 1, created_at=CREATED))
+    code = (
+        "import datetime as dt, hashlib, io\n"
+        "from tests.support.ct_datasets import make_chest_ct\n"
+        "from worker.outputs.sc import build_secondary_capture_series\n"
+        "ct = make_chest_ct(n_slices=6, size=128, seed=1)\n"
+        "h = hashlib.sha256()\n"
+        "for ds in build_secondary_capture_series(ct.datasets, ct.score_result(), 1,\n"
+        "                                         created_at=dt.datetime(2024, 5, 6, 7, 8, 9)):\n"
+        "    b = io.BytesIO(); ds.save_as(b, enforce_file_format=True); h.update(b.getvalue())\n"
+        "print(h.hexdigest())\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONHASHSEED="4242", PYTHONPATH=str(root))
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env,
+                           check=True, timeout=120).stdout.strip()
+    assert there == here

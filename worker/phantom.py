@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -663,7 +662,8 @@ def _ground_truth(volume: Volume, lung, left, lesion, labels: _Labels, requested
 
 
 def _lesion_boxes(labels: _Labels, left: np.ndarray, sop_instance_uids: list[str]) -> list[dict]:
-    """Per-slice bounding boxes (inclusive pixel coordinates) of each connected lesion."""
+    """Per-slice bounding boxes (inclusive pixel coordinates) of each connected lesion;
+    the keys are those of ``worker.scoring.result.LesionBox``."""
     boxes = []
     if labels.box is None:
         return boxes
@@ -687,10 +687,9 @@ def _lesion_boxes(labels: _Labels, left: np.ndarray, sop_instance_uids: list[str
                 "col_min": c0 + bbox[2].start + int(c[0]),
                 "row_max": r0 + bbox[1].start + int(r[-1]),
                 "col_max": c0 + bbox[2].start + int(c[-1]),
-                "lesion": index,
                 "lung": lung,
             })
-    boxes.sort(key=lambda b: (b["slice_index"], b["lesion"]))
+    boxes.sort(key=lambda b: (b["slice_index"], b["row_min"], b["col_min"]))
     return boxes
 
 

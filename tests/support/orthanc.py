@@ -22,11 +22,14 @@ What the generated configuration does:
   ``check_host=True`` adds ``DicomCheckModalityHost`` (the caller's IP must match).
 
 :meth:`stop` then :meth:`start` reuses the same ports, for "PACS down, then up again".
-Startup takes about half a second to a second on the 2-core test machine.
+Startup takes about 0.05-0.1 s on the 2-core test machine (empty SQLite index); a clean
+stop (SIGTERM) takes about 3.3 s because Orthanc's HTTP and DICOM servers poll for the
+shutdown flag. Processes still running at interpreter exit are killed (atexit).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -43,6 +46,19 @@ from pathlib import Path
 from ct_triage.settings import Destination
 
 ORTHANC = os.environ.get("ORTHANC_BINARY", "/usr/sbin/Orthanc")
+
+
+_LIVE: set[subprocess.Popen] = set()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """An interrupted test run must not leave Orthanc processes behind."""
+    for proc in list(_LIVE):
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+        _LIVE.discard(proc)
 
 
 def free_port() -> int:
@@ -172,6 +188,7 @@ class OrthancServer:
                                             start_new_session=True)
         finally:
             log.close()
+        _LIVE.add(self.process)
         deadline = started + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -186,7 +203,10 @@ class OrthancServer:
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM (Orthanc shuts down cleanly), SIGKILL after ``timeout``; ports are kept."""
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
+            return
+        _LIVE.discard(proc)
+        if proc.poll() is not None:
             return
         proc.send_signal(signal.SIGTERM)
         try:

@@ -301,6 +301,32 @@ def _placeholder(size: int, text: str) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8).copy()
 
 
+def _row_direction(datasets: Sequence[Dataset]) -> str | None:
+    """'L' when image columns run towards the patient's left (the usual), 'R' if reversed."""
+    try:
+        x = float(datasets[0].ImageOrientationPatient[0])
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None
+    if abs(x) < 0.5:
+        return None
+    return "L" if x > 0 else "R"
+
+
+def _orientation_markers(overview: np.ndarray, datasets: Sequence[Dataset]) -> np.ndarray:
+    """Patient side letters on the overview's left and right edges (radiological view)."""
+    right_edge = _row_direction(datasets) if datasets else None
+    if right_edge is None:
+        return overview
+    left_edge = "R" if right_edge == "L" else "L"
+    image = Image.fromarray(overview, mode="RGB")
+    draw = ImageDraw.Draw(image)
+    font = _font(18)
+    width = _text_width(draw, right_edge, font)
+    for x, letter in ((6, left_edge), (image.width - width - 6, right_edge)):
+        draw.text((x, 4), letter, font=font, fill=CAPTION_COLOR, stroke_width=1, stroke_fill=(0, 0, 0))
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
 def render_summary(source_datasets: Sequence[Dataset], result: ScoreResult) -> np.ndarray:
     """Coronal overview with red lesion regions + text panel, RGB uint8 (H x W x 3)."""
     if result.status == "scored":
@@ -312,6 +338,7 @@ def render_summary(source_datasets: Sequence[Dataset], result: ScoreResult) -> n
             overview = coronal_overview(source_datasets, [])
         except Exception as exc:  # noqa: BLE001 - documented fallback, the reason is displayed
             overview = _placeholder(SUMMARY_SIZE, f"No overview: {exc}")
+    overview = _orientation_markers(overview, source_datasets)
     oh, ow = overview.shape[:2]
 
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -344,7 +371,12 @@ def render_summary_png(source_datasets: Sequence[Dataset], result: ScoreResult, 
         raise ValueError(f"argument 'path' must end in .png, got {str(path)!r}")
     if not isinstance(result, ScoreResult):
         raise TypeError(f"argument 'result' must be a ScoreResult, got {type(result).__name__}")
-    pixels = render_summary(list(source_datasets), result)
+    datasets = list(source_datasets)
+    if result.status == "scored":
+        from worker.outputs.sc import validate_inputs  # sc imports this module
+
+        validate_inputs(datasets, result, 1)  # order and boxes must match the result
+    pixels = render_summary(datasets, result)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels, mode="RGB").save(path, format="PNG", optimize=False)
     return path

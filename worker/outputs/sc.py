@@ -28,13 +28,14 @@ highdicom's :class:`highdicom.sc.SCImage` from the source instance, then complet
 from __future__ import annotations
 
 import datetime as dt
+import unicodedata
 from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+from pydicom.uid import ExplicitVRLittleEndian
 
 from ct_triage import __version__
 from worker.outputs import render
@@ -143,6 +144,16 @@ def resolve_created_at(created_at: dt.datetime | None, source_datasets: Sequence
     return best or dt.datetime(2000, 1, 1)
 
 
+def plain_text(text: str) -> str:
+    """ASCII version of text we author (comments, descriptions, SR TEXT values).
+
+    The source's Specific Character Set is copied to our objects; it may be absent
+    (default repertoire: ASCII only), so our own strings must not need more.
+    """
+    text = text.replace("\u00b7", "-").replace("\u2013", "-").replace("\u2014", "-")
+    return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+
+
 def _da(value: dt.datetime) -> str:
     return value.strftime("%Y%m%d")
 
@@ -179,10 +190,10 @@ def contributing_equipment(result: ScoreResult, created_at: dt.datetime, descrip
     return hd.ContributingEquipment(
         manufacturer=MANUFACTURER,
         purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=f"{result.model}"[:64],
-        software_versions=[f"ct-triage {__version__}"[:64], f"{result.model} {result.model_version}"[:64]],
+        manufacturer_model_name=plain_text(result.model)[:64],
+        software_versions=[f"ct-triage {__version__}"[:64], plain_text(f"{result.model} {result.model_version}")[:64]],
         contribution_datetime=_dt(created_at),
-        contribution_description=description[:1024],
+        contribution_description=plain_text(description)[:1024],
     )
 
 
@@ -263,9 +274,9 @@ def _build_sc(
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"
-    sc.DerivationDescription = derivation[:1024]
+    sc.DerivationDescription = plain_text(derivation)[:1024]
     sc.SourceImageSequence = [_source_item(ds) for ds in sources]
-    sc.ImageComments = comments[:10240]
+    sc.ImageComments = plain_text(comments)[:10240]
     # General Series Laterality is 2C on paired body parts; with BodyPartExamined CHEST
     # (unpaired) it is absent. Without a body part we cannot tell: empty = unknown.
     body_part = str(ref.get("BodyPartExamined", "") or "")
@@ -402,5 +413,6 @@ __all__ = [
     "build_secondary_capture_series",
     "validate_inputs",
     "resolve_created_at",
-    "SecondaryCaptureImageStorage",
+    "plain_text",
+    "result_comment",
 ]

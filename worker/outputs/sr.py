@@ -103,7 +103,7 @@ def coding_scheme_item() -> CodingSchemeIdentificationItem:
 
 def _text(name: hd.sr.CodedConcept, value: str) -> hd.sr.TextContentItem:
     return hd.sr.TextContentItem(
-        name=name, value=value[:10240], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        name=name, value=_sc.plain_text(value)[:10240], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
 
 
@@ -138,7 +138,9 @@ def _tracking(source_series: str, version: int, label: str, index: int = 0) -> h
 
 def _measurement_groups(datasets: Sequence[Dataset], result: ScoreResult, version: int) -> list:
     source_series = str(datasets[0].SeriesInstanceUID)
-    algorithm = hd.sr.AlgorithmIdentification(name=result.model[:64], version=result.model_version[:64])
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=_sc.plain_text(result.model)[:64], version=_sc.plain_text(result.model_version)[:64]
+    )
     priority = [hd.sr.QualitativeEvaluation(WORKLIST_PRIORITY, PRIORITY_VALUES[result.priority])]
     if result.status != "scored":
         return [
@@ -273,7 +275,7 @@ def build_measurement_report(
         uid=derived_uid("ct-triage-device", result.model, result.model_version),
         name="ct-triage",
         manufacturer_name=_sc.MANUFACTURER,
-        model_name=result.model[:64],
+        model_name=_sc.plain_text(result.model)[:64],
     )
     observation_context = hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(observer_type=codes.cid270.Device,

@@ -299,7 +299,10 @@ def _segment(volume: Volume, device: torch.device) -> Segmentation:
 
     # 4. dense lung ------------------------------------------------------------------------
     t = _now()
-    lung = _fill_dense(air_lung, left_side, Wn, body, spacing, device)
+    S = _boxmean2d(W, 3)
+    O = _opening2d(S, _odd(OPEN_MM / px))
+    On = O.cpu().numpy()
+    lung = _fill_dense(air_lung, left_side, Wn, On, body, spacing, device)
     timings["lung_fill"] = _now() - t
     if lung.sum() * voxel_ml < 100.0:
         raise NotApplicable(f"lungs found are only {lung.sum() * voxel_ml:.0f} ml "
@@ -308,7 +311,7 @@ def _segment(volume: Volume, device: torch.device) -> Segmentation:
 
     # 5. lesions -----------------------------------------------------------------------------
     t = _now()
-    lesion = _lesions(W, lung, spacing, device, voxel_ml, notes)
+    lesion = _lesions(W, S, O, lung, spacing, device, voxel_ml, notes)
     timings["lesions"] = _now() - t
 
     return Segmentation(lung=lung, left=left, lesion=lesion, factor=factors,
@@ -363,31 +366,57 @@ def _split_columns(air_lung: np.ndarray, midline: np.ndarray, px: float) -> np.n
     return split
 
 
-def _fill_dense(air_lung, left_side, Wn, body, spacing, device) -> np.ndarray:
+def _fill_dense(air_lung, left_side, Wn, O, body, spacing, device) -> np.ndarray:
     dz, dy, dx = spacing
     px = min(dy, dx)
     pixel_mm2 = dy * dx
-    not_bone = Wn < BONE_HU
-    allowed = body & not_bone
+    allowed = body & (Wn < BONE_HU)
     lung = np.zeros_like(air_lung)
     for side_mask in (left_side, ~left_side):
         side = air_lung & side_mask
         if not side.any():
             continue
-        # bays: closing on a 2x coarser grid, then back to the working grid
+        # bays along z: closing on a 2x coarser grid, then back to the working grid
         t = torch.from_numpy(side).to(device)
         coarse = F.max_pool3d(t.float()[None, None], kernel_size=(1, 2, 2), ceil_mode=True)[0, 0] > 0
         r = (CLOSING_RADIUS_MM / dz, CLOSING_RADIUS_MM / (2 * dy), CLOSING_RADIUS_MM / (2 * dx))
         closed = _ball_closing(coarse, r)
         closed = closed.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
         closed = closed[:, : side.shape[1], : side.shape[2]].cpu().numpy()
-        cand = closed | side
+        cand = closed | side | _hull2d(side)
         cand = _fill_holes_2d(cand)
         cand &= allowed & side_mask
         added = cand & ~side
-        keep = _accept_dense(added, side, Wn, px, pixel_mm2)
+        keep = _accept_dense(added, side, O, px, pixel_mm2)
         lung |= side | keep
     return lung
+
+
+def _hull2d(mask: np.ndarray) -> np.ndarray:
+    """Per-slice convex hull of a mask (filled polygon through the hull's pixel corners)."""
+    from PIL import Image, ImageDraw
+    from scipy.spatial import ConvexHull, QhullError
+
+    out = np.zeros_like(mask)
+    z, r, c = mask.shape
+    for k in np.nonzero(mask.reshape(z, -1).any(axis=1))[0]:
+        sl = mask[k]
+        edge = sl.copy()
+        edge[1:-1, 1:-1] &= ~(sl[:-2, 1:-1] & sl[2:, 1:-1] & sl[1:-1, :-2] & sl[1:-1, 2:])
+        rr, cc = np.nonzero(edge)
+        if rr.size < 3:
+            continue
+        pts = np.concatenate([np.stack([cc, rr], 1), np.stack([cc + 1, rr], 1),
+                              np.stack([cc, rr + 1], 1), np.stack([cc + 1, rr + 1], 1)]) - 0.5
+        try:
+            hull = ConvexHull(pts)
+        except (QhullError, ValueError):
+            continue
+        poly = [(float(x), float(y)) for x, y in pts[hull.vertices]]
+        img = Image.new("1", (c, r), 0)
+        ImageDraw.Draw(img).polygon(poly, fill=1, outline=1)
+        out[k] = np.asarray(img, dtype=bool)
+    return out
 
 
 def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
@@ -395,7 +424,7 @@ def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
     border = np.zeros(n + 1, dtype=bool)
     for edge in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
         border[np.unique(edge)] = True
-    border[0] = True
+    border[0] = False  # label 0: the mask itself
     return ~border[labels]
 
 
@@ -420,17 +449,15 @@ def _accept_dense(added, aerated, Wn, px, pixel_mm2) -> np.ndarray:
     return accept[labels]
 
 
-def _lesions(W: torch.Tensor, lung: np.ndarray, spacing, device, voxel_ml, notes) -> np.ndarray:
+def _lesions(W, S, O, lung: np.ndarray, spacing, device, voxel_ml, notes) -> np.ndarray:
     dz, dy, dx = spacing
     px = min(dy, dx)
     lung_t = torch.from_numpy(lung).to(device)
-    S = _boxmean2d(W, 3)
-    O = _opening2d(S, _odd(OPEN_MM / px))
     Od = _opening2d(S, _odd(OPEN_DENSE_MM / px))
     # dense voxels must survive the larger opening too
-    level = torch.where(O > DENSE_HU, torch.minimum(O, torch.maximum(Od, torch.full_like(O, DENSE_HU))), O)
+    level = torch.where(O > DENSE_HU, Od, O)
     thr = _dependent_threshold(S, lung_t, px)
-    inner = _erode2d(lung_t, 3)
+    inner = _erode2d(lung_t, 5)
     cand = (level > thr) & (S < LESION_HIGH_HU) & inner
     cand_np = cand.cpu().numpy()
     labels, n = ndimage.label(cand_np, structure=np.ones((3, 3, 3), dtype=bool))
@@ -440,7 +467,7 @@ def _lesions(W: torch.Tensor, lung: np.ndarray, spacing, device, voxel_ml, notes
         big[0] = False
         cand_np = big[labels]
     lesion = torch.from_numpy(cand_np).to(device)
-    grown = _maxfilter2d(lesion.float(), 3) > 0
+    grown = _maxfilter2d(lesion.float(), 5) > 0
     lesion = lesion | (grown & lung_t & (S > thr) & (S < LESION_HIGH_HU))
     return lesion.cpu().numpy()
 

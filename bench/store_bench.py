@@ -1,0 +1,197 @@
+"""Receive benchmark: one storescu association sends a 300-slice 512x512 CT series (~150 MB)
+over loopback to (a) ct-triage, (b) dcmtk storescp, (c) Orthanc, in the same run; then 4
+concurrent senders (different UIDs) to each.
+
+    .venv/bin/python bench/store_bench.py [--slices 300] [--repeat 3] [--json out.json]
+
+Reports seconds, MB/s and the ratios ct-triage/dcmtk and ct-triage/Orthanc (median of
+repeats). dcmtk runs with TCP_NODELAY=1 (without it dcmtk stalls on Nagle). Run by hand:
+timings are not asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.support.scanner import STORESCU, dcmtk_env, free_port, write_ct_series  # noqa: E402
+
+
+def wait_echo(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if subprocess.run(["/usr/bin/echoscu", "127.0.0.1", str(port)], capture_output=True,
+                          env=dcmtk_env()).returncode == 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing answers C-ECHO on {port}")
+
+
+class Target:
+    name = ""
+
+    def start(self, workdir: Path) -> int: ...
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+class CtTriage(Target):
+    name = "ct-triage"
+
+    def __init__(self, database_url: str | None = None):
+        self.database_url = database_url
+        self.proc = None
+
+    def start(self, workdir: Path) -> int:
+        port = free_port()
+        env = {**os.environ, "CT_TRIAGE_VAR_DIR": str(workdir / "var"), "CT_TRIAGE_PORT": str(port),
+               "CT_TRIAGE_BIND_ADDRESS": "127.0.0.1", "CT_TRIAGE_MIN_FREE_DISK_MB": "64",
+               "CT_TRIAGE_STABLE_AGE_S": "3600", "CT_TRIAGE_LOG_LEVEL": "WARNING"}
+        if self.database_url:
+            env["CT_TRIAGE_DATABASE_URL"] = self.database_url
+        self.proc = subprocess.Popen([sys.executable, "-m", "ct_triage.cli", "node"], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=open(workdir / "node.log", "wb"),
+                                     start_new_session=True)
+        wait_echo(port)
+        return port
+
+
+class DcmtkStorescp(Target):
+    name = "dcmtk storescp"
+
+    def __init__(self):
+        self.proc = None
+
+    def start(self, workdir: Path) -> int:
+        port = free_port()
+        out = workdir / "storescp"
+        out.mkdir()
+        self.proc = subprocess.Popen(["/usr/bin/storescp", "-od", str(out), "--fork", str(port)],
+                                     env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        wait_echo(port)
+        return port
+
+
+class Orthanc(Target):
+    name = "Orthanc"
+
+    def __init__(self):
+        self.proc = None
+
+    def start(self, workdir: Path) -> int:
+        port, http = free_port(), free_port()
+        config = {"Name": "bench", "StorageDirectory": str(workdir / "orthanc"),
+                  "IndexDirectory": str(workdir / "orthanc"), "DicomPort": port, "HttpPort": http,
+                  "DicomAet": "ORTHANC", "DicomCheckCalledAet": False, "RemoteAccessAllowed": False,
+                  "AuthenticationEnabled": False, "Plugins": [], "DicomAlwaysAllowStore": True,
+                  "DicomAlwaysAllowEcho": True, "StorageCompression": False}
+        path = workdir / "orthanc.json"
+        path.write_text(json.dumps(config))
+        self.proc = subprocess.Popen(["/usr/sbin/Orthanc", str(path)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{http}/system", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        wait_echo(port)
+        return port
+
+
+def send(port: int, folder: Path, called: str) -> subprocess.Popen:
+    return subprocess.Popen([STORESCU, "+sd", "-aet", "BENCH", "-aec", called, "127.0.0.1", str(port),
+                             str(folder)], env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def run_senders(port: int, folders: list[Path], called: str) -> float:
+    started = time.perf_counter()
+    procs = [send(port, folder, called) for folder in folders]
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
+    return time.perf_counter() - started
+
+
+def measure(target: Target, single: Path, concurrent: list[Path], repeat: int) -> dict:
+    called = "ORTHANC" if isinstance(target, Orthanc) else "CTTRIAGE"
+    singles, fours = [], []
+    for _ in range(repeat):
+        # A fresh receiver each repeat: every instance is new, nothing is a duplicate.
+        with tempfile.TemporaryDirectory(dir=REPO / "bench" / "out") as tmp:
+            port = target.start(Path(tmp))
+            try:
+                singles.append(run_senders(port, [single], called))
+                fours.append(run_senders(port, concurrent, called))
+            finally:
+                target.stop()
+    return {"single_s": statistics.median(singles), "four_s": statistics.median(fours),
+            "single_all": singles, "four_all": fours}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--database-url", default=None, help="ct-triage database (default: SQLite)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    data = REPO / "bench" / "out" / f"series-{args.slices}"
+    (REPO / "bench" / "out").mkdir(parents=True, exist_ok=True)
+    folders = [data / f"s{i}" for i in range(5)]
+    if not all(f.is_dir() and len(list(f.iterdir())) == args.slices for f in folders):
+        shutil.rmtree(data, ignore_errors=True)
+        for i, folder in enumerate(folders):
+            write_ct_series(folder, args.slices, seed=100 + i, series_number=2 + i)
+    megabytes = sum(p.stat().st_size for p in folders[0].iterdir()) / 1e6
+
+    results = {}
+    for target in (DcmtkStorescp(), Orthanc(), CtTriage(args.database_url)):
+        results[target.name] = measure(target, folders[0], folders[1:], args.repeat)
+    ours, dcmtk, orthanc = results["ct-triage"], results["dcmtk storescp"], results["Orthanc"]
+    print(f"series: {args.slices} slices, {megabytes:.1f} MB; median of {args.repeat}")
+    print(f"{'receiver':16} {'1 sender s':>10} {'MB/s':>8} {'4 senders s':>12} {'MB/s':>8}")
+    for name, r in results.items():
+        print(f"{name:16} {r['single_s']:10.2f} {megabytes / r['single_s']:8.0f} {r['four_s']:12.2f} "
+              f"{4 * megabytes / r['four_s']:8.0f}")
+    summary = {
+        "megabytes": megabytes, "results": results,
+        "ratio_single_vs_dcmtk": ours["single_s"] / dcmtk["single_s"],
+        "ratio_single_vs_orthanc": ours["single_s"] / orthanc["single_s"],
+        "ratio_four_vs_dcmtk": ours["four_s"] / dcmtk["four_s"],
+        "ratio_four_vs_orthanc": ours["four_s"] / orthanc["four_s"],
+        "aggregate_four_vs_single": (4 * megabytes / ours["four_s"]) / (megabytes / ours["single_s"]),
+    }
+    for key, value in summary.items():
+        if key.startswith(("ratio", "aggregate")):
+            print(f"{key}: {value:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

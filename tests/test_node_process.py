@@ -1,0 +1,171 @@
+"""The node as a real process: SIGKILL mid-series, restart recovery, the Redis broker path, status."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from ct_triage.settings import Settings
+from db import repository
+from db.models import Instance, Job, Series
+from db.session import make_engine, make_session_factory, session_scope
+from tests.support.daemon import Daemon
+from tests.support.scanner import acknowledged_files, free_port, require_dcmtk, storescu, write_ct_series
+from tests.test_node import dataset_digest, wait_for
+
+
+@pytest.fixture(autouse=True)
+def _dcmtk():
+    require_dcmtk()
+
+
+def node_env(tmp_path, database_url: str, port: int, **extra) -> dict[str, str]:
+    env = {"CT_TRIAGE_VAR_DIR": str(tmp_path / "var"), "CT_TRIAGE_DATABASE_URL": database_url,
+           "CT_TRIAGE_STORAGE_DIR": str(tmp_path / "storage"), "CT_TRIAGE_PORT": str(port),
+           "CT_TRIAGE_BIND_ADDRESS": "127.0.0.1", "CT_TRIAGE_STABLE_AGE_S": "2",
+           "CT_TRIAGE_POLL_INTERVAL_S": "0.2", "CT_TRIAGE_MIN_FREE_DISK_MB": "1", "CT_TRIAGE_BROKER_URL": ""}
+    env.update({f"CT_TRIAGE_{k.upper()}": str(v) for k, v in extra.items()})
+    return env
+
+
+def test_sigkill_mid_series_loses_no_acknowledged_instance(tmp_path, sqlite_url):
+    port = free_port()
+    # A quiet period longer than the restart: the partial series is not scored on its own.
+    env = node_env(tmp_path, sqlite_url, port, stable_age_s=20)
+    series = write_ct_series(tmp_path / "series", 300, rows=256, columns=256, seed=11)
+    node = Daemon(["node"], env, tmp_path / "node1.log").start()
+    try:
+        node.wait_dicom_ready(port)
+        engine = make_engine(sqlite_url)
+        factory = make_session_factory(engine)
+        sender = storescu(port, series.paths, popen=True)
+
+        def stored_count():
+            with factory() as session:
+                return session.scalar(select(func.count(Instance.id))) or 0
+        wait_for(lambda: stored_count() >= 100, timeout=60, interval=0.02)
+        node.kill9()
+        output, _ = sender.communicate(timeout=60)
+    finally:
+        node.stop()
+    acked = acknowledged_files(output)
+    assert 90 <= len(acked) < 300, f"{len(acked)} acknowledged"  # a committed row may await its response
+    assert sender.returncode != 0
+
+    by_path = {str(p): uid for p, uid in zip(series.paths, series.sop_instance_uids)}
+    storage = tmp_path / "storage"
+    with factory() as session:
+        rows = {i.sop_instance_uid: i for i in session.scalars(select(Instance))}
+    for path in acked:
+        uid = by_path[path]
+        assert uid in rows, f"acknowledged {uid} missing from the database"
+        assert dataset_digest(storage / rows[uid].path) == dataset_digest(path)
+
+    # Restart and resend everything: duplicates succeed, the series completes, one job.
+    node = Daemon(["node"], env, tmp_path / "node2.log").start()
+    try:
+        node.wait_dicom_ready(port)
+        result = storescu(port, series.paths)
+        assert result.returncode == 0, result.stderr[-2000:]
+
+        def queued():
+            with factory() as session:
+                row = session.scalar(select(Series))
+                return row.state == "queued" and row
+        row = wait_for(queued, timeout=30)
+        assert row.instance_count == 300
+        with factory() as session:
+            assert session.scalar(select(func.count(Job.id))) == 1
+    finally:
+        node.stop()
+        engine.dispose()
+
+
+def test_restart_queues_stable_but_unqueued_series(tmp_path, sqlite_url):
+    """A series made stable just before a crash (no job yet) is queued when the node starts."""
+    from ct_triage.runtime import open_database
+
+    settings = Settings.from_env({}, database_url=sqlite_url, var_dir=tmp_path / "var")
+    engine, factory = open_database(settings)
+    record = repository.InstanceRecord(
+        sop_instance_uid="1.2.3.4.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2", study_instance_uid="1.2.3",
+        series_instance_uid="1.2.3.4", transfer_syntax_uid="1.2.840.10008.1.2.1", path="x", size_bytes=1,
+        modality="CT")
+    with session_scope(factory) as session:
+        repository.record_instance(session, record)
+        series = session.scalar(select(Series))
+        repository.mark_stable(session, series, "quiet (before the crash)")
+    port = free_port()
+    node = Daemon(["node"], node_env(tmp_path, sqlite_url, port), tmp_path / "node.log").start()
+    try:
+        node.wait_dicom_ready(port)
+
+        def job():
+            with factory() as session:
+                return session.scalar(select(Job).where(Job.published_at.is_not(None)))
+        assert wait_for(job, timeout=20).study_version == 1
+        with factory() as session:
+            assert session.scalar(select(Series)).state == "queued"
+    finally:
+        node.stop()
+        engine.dispose()
+
+
+def test_redis_broker_path_node_publishes_and_a_worker_takes_the_job(tmp_path, postgres_url, redis_url):
+    port = free_port()
+    env = node_env(tmp_path, postgres_url, port, broker_url=redis_url)
+    series = write_ct_series(tmp_path / "s", 10, rows=64, columns=64, seed=12)
+    node = Daemon(["node"], env, tmp_path / "node.log").start()
+    engine = make_engine(postgres_url)
+    factory = make_session_factory(engine)
+    worker = None
+    try:
+        node.wait_dicom_ready(port)
+        assert storescu(port, series.paths).returncode == 0
+
+        def published():
+            with factory() as session:
+                return session.scalar(select(Job).where(Job.published_at.is_not(None)))
+        job = wait_for(published, timeout=30)
+        # The message waits in Redis on the gpu queue: task name and the job ID, nothing else.
+        message = json.loads(redis.Redis.from_url(redis_url).lindex("gpu", 0))
+        assert message["headers"]["task"] == "ct_triage.score_study"
+        assert message["headers"]["argsrepr"] == f"[{job.id}]"
+
+        worker = Daemon(["worker", "--queues", "gpu"], env, tmp_path / "worker.log").start()
+
+        def taken():
+            with factory() as session:
+                return session.get(Job, job.id).state == "taken"
+        wait_for(taken, timeout=90, interval=0.5)
+    finally:
+        if worker:
+            worker.stop()
+        node.stop()
+        engine.dispose()
+
+
+def test_status_prints_full_uids(tmp_path, sqlite_url):
+    from ct_triage.runtime import open_database
+
+    settings = Settings.from_env({}, database_url=sqlite_url, var_dir=tmp_path / "var")
+    engine, factory = open_database(settings)
+    study_uid = "1.2.826.0.1.3680043.8.498.12345678901234567890123456789012345678901234"
+    series_uid = study_uid + ".7"
+    with session_scope(factory) as session:
+        repository.record_instance(session, repository.InstanceRecord(
+            sop_instance_uid=series_uid + ".1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            study_instance_uid=study_uid, series_instance_uid=series_uid,
+            transfer_syntax_uid="1.2.840.10008.1.2.1", path="x", size_bytes=1, modality="CT"))
+    engine.dispose()
+    result = subprocess.run([sys.executable, "-m", "ct_triage.cli", "status"], capture_output=True, text=True,
+                            env={**node_env(tmp_path, sqlite_url, 11112)}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert study_uid in result.stdout and series_uid in result.stdout
+    assert "receiving" in result.stdout

@@ -1,0 +1,74 @@
+"""Settings: one typed object from CT_TRIAGE_* variables (and an optional TOML file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ct_triage.errors import ConfigError
+from ct_triage.settings import Settings, parse_destination
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_defaults_need_no_servers():
+    settings = Settings.from_env({})
+    assert settings.embedded_queue
+    assert settings.effective_database_url == "sqlite:///var/ct-triage.sqlite"
+    assert settings.effective_storage_dir == Path("var/storage")
+    assert (settings.ae_title, settings.port, settings.stable_age_s) == ("CTTRIAGE", 11112, 15.0)
+
+
+def test_environment_values_are_typed():
+    settings = Settings.from_env({
+        "CT_TRIAGE_PORT": "104", "CT_TRIAGE_STABLE_AGE_S": "2.5", "CT_TRIAGE_TLS_REQUIRED": "yes",
+        "CT_TRIAGE_TLS_CERT": "/etc/c.pem", "CT_TRIAGE_TLS_KEY": "/etc/k.pem",
+        "CT_TRIAGE_ALLOWED_CALLING_AES": "CT1, CT2@10.0.0.5", "CT_TRIAGE_DESTINATIONS": "PACS@pacs:104+tls"})
+    assert settings.port == 104 and settings.stable_age_s == 2.5 and settings.tls_required is True
+    assert settings.tls_cert == Path("/etc/c.pem")
+    assert settings.allowed_calling_aes == ["CT1", "CT2@10.0.0.5"]
+    destination = parse_destination(settings.destinations[0])
+    assert (destination.ae_title, destination.host, destination.port, destination.tls) == ("PACS", "pacs", 104, True)
+
+
+@pytest.mark.parametrize("env, named", [
+    ({"CT_TRIAGE_PORT": "eleven"}, "CT_TRIAGE_PORT"),
+    ({"CT_TRIAGE_PORT": "70000"}, "CT_TRIAGE_PORT"),
+    ({"CT_TRIAGE_TLS_REQUIRED": "maybe"}, "CT_TRIAGE_TLS_REQUIRED"),
+    ({"CT_TRIAGE_TLS_REQUIRED": "true"}, "CT_TRIAGE_TLS_REQUIRED"),
+    ({"CT_TRIAGE_DESTINATIONS": "PACS@host"}, "CT_TRIAGE_DESTINATIONS"),
+    ({"CT_TRIAGE_DEVICE": "tpu"}, "CT_TRIAGE_DEVICE"),
+    ({"CT_TRIAGE_AE_TITLE": "A_TITLE_LONGER_THAN_16"}, "CT_TRIAGE_AE_TITLE"),
+])
+def test_bad_values_name_the_variable(env, named):
+    with pytest.raises(ConfigError, match=named):
+        Settings.from_env(env)
+
+
+def test_toml_file_with_environment_override(tmp_path):
+    config = tmp_path / "ct-triage.toml"
+    config.write_text('port = 4242\nae_title = "FROMFILE"\ndestinations = ["PACS@127.0.0.1:4242"]\n')
+    settings = Settings.from_env({"CT_TRIAGE_CONFIG": str(config), "CT_TRIAGE_PORT": "5555"})
+    assert settings.port == 5555 and settings.ae_title == "FROMFILE"
+    assert settings.destinations == ["PACS@127.0.0.1:4242"]
+    config.write_text("prot = 1\n")
+    with pytest.raises(ConfigError, match="prot"):
+        Settings.from_env({"CT_TRIAGE_CONFIG": str(config)})
+
+
+def test_effective_config_masks_secrets():
+    settings = Settings.from_env({"CT_TRIAGE_DATABASE_URL": "postgresql://ct:s3cret@db/ct",
+                                  "CT_TRIAGE_BROKER_URL": "redis://:hunter2@redis:6379/0"})
+    text = " ".join(settings.effective().values())
+    assert "s3cret" not in text and "hunter2" not in text
+    assert "postgresql://ct:***@db/ct" in text
+
+
+def test_readme_documents_every_setting_with_its_default():
+    readme = README.read_text()
+    for name, default, _ in Settings.documentation():
+        row = next((line for line in readme.splitlines() if line.startswith(f"| `{name}` |")), None)
+        assert row is not None, f"{name} missing from the README's settings table"
+        if default:
+            assert f"`{default}`" in row, f"{name}: README default differs from the code's {default!r}"

@@ -107,6 +107,15 @@ def _fmt_time(value) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
 
+def _print_table(headers: list[str], table: list[list[str]], empty: str) -> None:
+    widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    if not table:
+        print(empty)
+
+
 def cmd_status(args, settings: Settings) -> int:
     from db import repository
     from db.session import session_scope
@@ -114,18 +123,24 @@ def cmd_status(args, settings: Settings) -> int:
     _, session_factory = open_database(settings)
     with session_scope(session_factory) as session:
         rows = repository.series_status(session, limit=args.limit)
-    headers = ["study_instance_uid", "series_instance_uid", "mod", "instances", "dups", "ver", "state",
-               "first_received", "last_received", "stable", "queued", "reason/flags"]
-    table = [[r.study_instance_uid, r.series_instance_uid, r.modality or "-", str(r.instance_count),
-              str(r.duplicate_count), str(r.version), r.state, _fmt_time(r.first_received_at),
-              _fmt_time(r.last_received_at), _fmt_time(r.stable_at), _fmt_time(r.queued_at),
-              "; ".join(filter(None, [r.state_reason or "", *r.flags]))] for r in rows]
-    widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(headers)]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-    if not table:
-        print("(no series received yet)")
+        results = repository.result_status(session, limit=args.limit)
+    print("SERIES")
+    _print_table(
+        ["study_instance_uid", "series_instance_uid", "mod", "instances", "dups", "ver", "state",
+         "first_received", "last_received", "stable", "queued", "reason/flags"],
+        [[r.study_instance_uid, r.series_instance_uid, r.modality or "-", str(r.instance_count),
+          str(r.duplicate_count), str(r.version), r.state, _fmt_time(r.first_received_at),
+          _fmt_time(r.last_received_at), _fmt_time(r.stable_at), _fmt_time(r.queued_at),
+          "; ".join(filter(None, [r.state_reason or "", *r.flags]))] for r in rows],
+        "(no series received yet)")
+    print("\nRESULTS (worklist order)")
+    _print_table(
+        ["priority", "study_instance_uid", "ver", "status", "category", "involvement_%", "scored",
+         "deliveries", "reason"],
+        [[r.priority, r.study_instance_uid, str(r.version), r.status, r.category or "-",
+          f"{r.involvement_percent:.1f}" if r.involvement_percent is not None else "-", _fmt_time(r.scored_at),
+          ", ".join(f"{d}: {state}" for d, state in r.deliveries) or "-", r.reason or ""] for r in results],
+        "(no results yet)")
     return 0
 
 
@@ -162,12 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print the effective settings")
     config.add_argument("--markdown", action="store_true", help="the settings table for the README")
     config.set_defaults(func=cmd_config)
-    try:
-        from worker import commands as worker_commands
-    except ImportError:  # the scoring commands are optional until the worker package provides them
-        worker_commands = None
-    if worker_commands is not None:
-        worker_commands.register(sub, Settings.from_env)
+    from worker import commands as worker_commands
+
+    worker_commands.register(sub, Settings.from_env)
     return parser
 
 

@@ -72,6 +72,7 @@ class Settings:
     tls_required: bool = _f(False, "When true (and TLS_CERT set) PORT speaks TLS only; plain TCP is refused.")
     tls_port: int = _f(2762, "Extra TLS port when TLS is configured but not required.")
     destinations: list[str] = _lf([], "Comma-separated PACS targets AET@host:port (append '+tls' for TLS).")
+    retry_base_s: float = _f(5.0, "First retry delay of a transient delivery failure; doubles each attempt, capped at 600 s.")
     device: str = _f("auto", "Scoring device: auto, cpu or cuda.")
     scorer: str = _f("classical", "Scorer: classical (default, no weights) or unet.")
     unet_weights: Path | None = _f(None, "Weights file of the 3D U-Net scorer.")

@@ -201,3 +201,67 @@ class RejectedInstance(Base):
     status_code: Mapped[int] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(Text)
     quarantine_path: Mapped[str | None] = mapped_column(String(255))
+
+
+class Result(Base):
+    """One scoring result per study version: what the worklist, the PACS outputs and the dashboard show."""
+
+    __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("study_fk", "version", name="uq_results_study_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_fk: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    job_fk: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    series_fk: Mapped[int | None] = mapped_column(ForeignKey("series.id"))  # the series that was scored
+    status: Mapped[str] = mapped_column(String(16))  # scored | not_applicable | failed
+    reason: Mapped[str | None] = mapped_column(Text)
+    category: Mapped[str | None] = mapped_column(String(8), index=True)
+    priority: Mapped[str] = mapped_column(String(8), index=True)  # HIGH | MEDIUM | LOW
+    involvement_percent: Mapped[float | None] = mapped_column(Float)
+    involvement_percent_left: Mapped[float | None] = mapped_column(Float)
+    involvement_percent_right: Mapped[float | None] = mapped_column(Float)
+    lung_volume_ml: Mapped[float | None] = mapped_column(Float)
+    lesion_volume_ml: Mapped[float | None] = mapped_column(Float)
+    lesion_count: Mapped[int | None] = mapped_column(Integer)
+    model: Mapped[str | None] = mapped_column(String(64))
+    model_version: Mapped[str | None] = mapped_column(String(32))
+    device: Mapped[str | None] = mapped_column(String(32))
+    seconds: Mapped[float | None] = mapped_column(Float)
+    result_json: Mapped[str] = mapped_column(Text)  # the whole ScoreResult, boxes included
+    # Turnaround: last instance received -> stable -> scoring started -> scored -> delivered.
+    received_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    stable_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    scoring_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    scored_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    study: Mapped[Study] = relationship()
+    deliveries: Mapped[list[Delivery]] = relationship(back_populates="result", order_by="Delivery.id")
+
+
+class Delivery(Base):
+    """The outbox: one row per (result, destination); retried until success or a permanent failure."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("result_fk", "destination", name="uq_deliveries_result_destination"),
+        Index("ix_deliveries_state_next", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_fk: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(128))  # AET@host:port[+tls]
+    # pending -> sending -> delivered | retrying (-> sending ...) | failed (permanent)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    instances_sent: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(128))  # host:pid while sending
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    result: Mapped[Result] = relationship(back_populates="deliveries")

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Instance, Job, Patient, RejectedInstance, Series, SeriesEvent, Study
+from db.models import Delivery, Instance, Job, Patient, RejectedInstance, Result, Series, SeriesEvent, Study
 from db.states import SETTLED, SeriesState, can_transition
 from db.types import utcnow
 
@@ -328,6 +328,36 @@ def series_status(session: Session, limit: int = 200) -> list[SeriesStatusRow]:
                             s.duplicate_count, s.version, s.state, s.state_reason, s.flags, s.first_received_at,
                             s.last_received_at, s.stable_at, s.queued_at, s.scored_at, s.delivered_at)
             for s, study_uid in rows]
+
+
+@dataclass
+class ResultStatusRow:
+    study_instance_uid: str
+    version: int
+    status: str
+    category: str | None
+    priority: str
+    involvement_percent: float | None
+    scored_at: datetime | None
+    reason: str | None
+    deliveries: list[tuple[str, str]]
+
+
+PRIORITY_ORDER = {"HIGH": 0, "MEDIUM": 1, "LOW": 2}
+
+
+def result_status(session: Session, limit: int = 200) -> list[ResultStatusRow]:
+    """Latest result per study, in worklist order (priority, then oldest first)."""
+    latest = (select(Result.study_fk, func.max(Result.version).label("version"))
+              .group_by(Result.study_fk).subquery())
+    results = session.scalars(
+        select(Result).join(latest, (Result.study_fk == latest.c.study_fk) & (Result.version == latest.c.version))
+        .order_by(Result.scored_at).limit(limit)).all()
+    rows = [ResultStatusRow(r.study.study_instance_uid, r.version, r.status, r.category, r.priority,
+                            r.involvement_percent, r.scored_at, r.reason,
+                            [(d.destination, d.state) for d in r.deliveries]) for r in results]
+    rows.sort(key=lambda row: PRIORITY_ORDER.get(row.priority, 1))
+    return rows
 
 
 def stored_sop_instance_uids(session: Session, sop_instance_uids: list[str]) -> dict[str, str]:

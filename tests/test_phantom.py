@@ -78,6 +78,8 @@ def test_same_seed_same_bytes_other_seed_other_bytes():
     assert a.volume.hu.tobytes() != c.volume.hu.tobytes()
     assert a.volume.series_instance_uid != c.volume.series_instance_uid
     assert len(set(a.volume.sop_instance_uids)) == a.volume.hu.shape[0]
+    thicker = make_phantom(20.0, seed=5, slice_spacing_mm=2.0, **SMALL)
+    assert thicker.volume.series_instance_uid != a.volume.series_instance_uid
 
 
 def test_volume_shape_dtype_and_geometry():

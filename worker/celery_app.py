@@ -46,7 +46,7 @@ app = make_celery(settings)
 class JobTask(Task):
     acks_late = True
     reject_on_worker_lost = True
-    max_retries = 8
+    max_retries = None  # transient failures (PACS down) retry with capped backoff until they succeed
     _ctx = None
     _ctx_pid = None
 
@@ -67,7 +67,10 @@ class JobTask(Task):
         try:
             outcome = body(self.ctx, job_id)
         except TransientError as exc:
-            delay = min(600, 5 * 2 ** self.request.retries)
+            from worker.jobs import backoff_s
+
+            # One second past the body's own next-attempt time, so the retry finds it due.
+            delay = backoff_s(self.request.retries + 1, settings.retry_base_s) + 1
             log.warning("%s job %d: transient failure, retry in %d s: %s", self.name, job_id, delay, exc)
             raise self.retry(exc=exc, countdown=delay)
         log.info("%s job %d: %s in %.2f s", self.name, job_id, outcome, time.monotonic() - started)
@@ -79,3 +82,10 @@ def score_study_task(self: JobTask, job_id: int):
     from worker import jobs
 
     return self.run_body(jobs.score_study, job_id)
+
+
+@app.task(name=contract.DELIVER_OUTPUTS, base=JobTask, bind=True)
+def deliver_outputs_task(self: JobTask, delivery_id: int):
+    from worker import jobs
+
+    return self.run_body(jobs.deliver_outputs, delivery_id)

@@ -1,8 +1,8 @@
 """The embedded queue consumer: `ct-triage serve` with no broker.
 
-The jobs table is the queue: this thread takes the oldest queued job and runs the
-same task body a Celery worker would. Jobs left running by a process that died are
-put back in the queue at start.
+The database is the queue: this thread runs the oldest queued scoring job and every
+delivery that is due, calling the same task bodies a Celery worker would. Jobs and
+deliveries left in flight by a process that died are taken over (see worker.jobs).
 """
 
 from __future__ import annotations
@@ -13,13 +13,12 @@ import threading
 from sqlalchemy.exc import SQLAlchemyError
 
 from ct_triage.contract import SCORE_STUDY
+from ct_triage.errors import TransientError
 from db import repository
 from db.session import session_scope
 from worker import jobs
 
 log = logging.getLogger("ct_triage.worker.embedded")
-
-BODIES = {SCORE_STUDY: jobs.score_study}
 
 
 class EmbeddedConsumer:
@@ -27,34 +26,47 @@ class EmbeddedConsumer:
         self.ctx = ctx
         self.poll_interval_s = poll_interval_s
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        # One consumer per database in embedded mode: whatever is still "running" was ours.
         with session_scope(self.ctx.session_factory) as session:
-            for task_name in BODIES:
-                requeued = repository.requeue_abandoned_jobs(session, task_name)
-                if requeued:
-                    log.warning("requeued %d job(s) left running by a previous process: %s", len(requeued),
-                                requeued)
+            requeued = repository.requeue_abandoned_jobs(session, SCORE_STUDY)
+        if requeued:
+            log.warning("requeued %d job(s) left running by a previous process: %s", len(requeued), requeued)
         self._thread = threading.Thread(target=self._run, name="embedded-consumer", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread:
-            self._thread.join(timeout=60)
+            self._thread.join(timeout=120)
+
+    def wake(self) -> None:
+        self._wake.set()
 
     def run_pending(self) -> int:
-        """Run every queued job now; returns how many ran."""
+        """Run queued scoring jobs, then due deliveries; returns how many ran."""
         ran = 0
-        for task_name, body in BODIES.items():
-            while not self._stop.is_set():
-                with session_scope(self.ctx.session_factory) as session:
-                    job_id = repository.next_queued_job_id(session, task_name)
-                if job_id is None:
-                    break
-                body(self.ctx, job_id)
-                ran += 1
+        while not self._stop.is_set():
+            with session_scope(self.ctx.session_factory) as session:
+                job_id = repository.next_queued_job_id(session, SCORE_STUDY)
+            if job_id is None:
+                break
+            jobs.score_study(self.ctx, job_id)
+            ran += 1
+        with session_scope(self.ctx.session_factory) as session:
+            due = jobs.due_delivery_ids(session)
+        for delivery_id in due:
+            if self._stop.is_set():
+                break
+            try:
+                jobs.deliver_outputs(self.ctx, delivery_id)
+            except TransientError:
+                pass  # recorded with its next attempt time; picked up again when due
+            ran += 1
         return ran
 
     def _run(self) -> None:
@@ -64,5 +76,6 @@ class EmbeddedConsumer:
             except SQLAlchemyError as exc:
                 log.error("embedded consumer: database error: %s", str(exc).splitlines()[0][:300])
             except Exception:
-                log.exception("embedded consumer: job failed unexpectedly")
-            self._stop.wait(self.poll_interval_s)
+                log.exception("embedded consumer: task failed unexpectedly")
+            self._wake.wait(self.poll_interval_s)
+            self._wake.clear()

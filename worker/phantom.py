@@ -137,7 +137,7 @@ def make_phantom(
                  ggo_threshold, consolidation_threshold)
 
     spacing = (float(slice_spacing_mm), pixel_spacing, pixel_spacing)
-    uids = phantom_uids(involvement, seed, slices, rows, study_instance_uid)
+    uids = phantom_uids(involvement, seed, slices, rows, study_instance_uid, spacing_mm=spacing)
     volume = Volume(
         hu=hu,
         spacing_mm=spacing,
@@ -153,9 +153,11 @@ def make_phantom(
 
 
 def phantom_uids(involvement: float, seed: int, slices: int, rows: int,
-                 study_instance_uid: str | None = None, kernel_index: int = 0) -> dict:
+                 study_instance_uid: str | None = None, kernel_index: int = 0,
+                 spacing_mm: tuple[float, float, float] = (1.0, 0.0, 0.0)) -> dict:
     """Deterministic UIDs of a phantom: same arguments, same UIDs (retries resend the same)."""
-    key = [_UID_ROOT, f"{float(involvement):g}", str(seed), str(slices), str(rows)]
+    key = [_UID_ROOT, f"{float(involvement):g}", str(seed), str(slices), str(rows),
+           ",".join(f"{float(s):.6g}" for s in spacing_mm)]
     study = study_instance_uid or str(generate_uid(entropy_srcs=key + ["study"]))
     series_key = key + [study, f"series{kernel_index}"]
     return {
@@ -205,7 +207,7 @@ def write_phantom(
     series_by_kernel = {}
     for index, kernel in enumerate(kernels):
         uids = phantom_uids(involvement, seed, slices, rows, phantom.volume.study_instance_uid,
-                            kernel_index=index)
+                            kernel_index=index, spacing_mm=phantom.volume.spacing_mm)
         hu = phantom.volume.hu if _is_sharp(kernel) else _soften(phantom.volume.hu)
         _write_series(out / kernel, hu, phantom.volume.spacing_mm, uids, patient, kernel,
                       series_number=2 + index, transfer_syntax=transfer_syntax)

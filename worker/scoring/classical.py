@@ -103,7 +103,7 @@ LUNG_MIN_ML = 20.0
 LUNG_MIN_FRACTION = 0.03
 SPLIT_BAND_MM = 40.0
 BONE_HU = 200.0
-CLOSING_RADIUS_MM = 12.0
+CLOSING_RADIUS_MM = 20.0
 SMALL_HOLE_MM2 = 150.0
 MARGIN_GGO_HU = -600.0
 MARGIN_MIN_FRACTION = 0.25
@@ -111,9 +111,11 @@ LESION_LOW_HU = -700.0
 LESION_HIGH_HU = 100.0
 DENSE_HU = -250.0
 OPEN_MM = 7.0
-OPEN_DENSE_MM = 12.0
+OPEN_DENSE_MM = 20.0
 DEPENDENT_MAX_RAISE_HU = 60.0
 MIN_LESION_ML = 0.2
+GROW_LOW_HU = -750.0
+GROW_STEPS = 2
 WORKING_PIXEL_MM = 1.4
 MIN_SLICE_MM = 1.25
 
@@ -250,15 +252,7 @@ def _segment(volume: Volume, device: torch.device) -> Segmentation:
 
     # 1. outside air, body, midline --------------------------------------------------
     t = _now()
-    low = (W < OUTSIDE_AIR_HU).cpu().numpy()
-    labels, n = ndimage.label(low, structure=_IN_PLANE)
-    border = np.zeros(n + 1, dtype=bool)
-    for edge in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
-        border[np.unique(edge)] = True
-    border[0] = False
-    outside = border[labels]
-    body = ~outside
-    del labels
+    body = _body_mask((W >= OUTSIDE_AIR_HU).cpu().numpy())
     cols = np.arange(W.shape[2], dtype=np.float64)
     body_cols = body.sum(axis=1)  # (z, cols)
     body_n = body_cols.sum(axis=1)
@@ -300,9 +294,13 @@ def _segment(volume: Volume, device: torch.device) -> Segmentation:
     # 4. dense lung ------------------------------------------------------------------------
     t = _now()
     S = _boxmean2d(W, 3)
-    O = _opening2d(S, _odd(OPEN_MM / px))
-    On = O.cpu().numpy()
-    lung = _fill_dense(air_lung, left_side, Wn, On, body, spacing, device)
+    air_t = torch.from_numpy(air_lung).to(device)
+    # background level of the aerated lung, vessels and thin rims removed (margin test)
+    OA = _opening2d(torch.where(air_t, S, torch.full_like(S, CLIP_HU[0])), _odd(OPEN_MM / px))
+    OAn = OA.cpu().numpy()
+    del OA, air_t
+    lung = _fill_dense(air_lung, left_side, Wn, OAn, body, spacing, device)
+    del OAn
     timings["lung_fill"] = _now() - t
     if lung.sum() * voxel_ml < 100.0:
         raise NotApplicable(f"lungs found are only {lung.sum() * voxel_ml:.0f} ml "
@@ -311,12 +309,33 @@ def _segment(volume: Volume, device: torch.device) -> Segmentation:
 
     # 5. lesions -----------------------------------------------------------------------------
     t = _now()
-    lesion = _lesions(W, S, O, lung, spacing, device, voxel_ml, notes)
+    lesion = _lesions(S, lung, spacing, device, voxel_ml, notes)
     timings["lesions"] = _now() - t
 
     return Segmentation(lung=lung, left=left, lesion=lesion, factor=factors,
                         original_shape=tuple(volume.hu.shape), spacing_mm=spacing,
                         timings=timings, notes=notes)
+
+
+def _body_mask(fg: np.ndarray) -> np.ndarray:
+    """Per slice: the largest in-plane component of non-air, holes filled (the couch,
+    clothing and other separate objects are left out)."""
+    labels, n = ndimage.label(fg, structure=_IN_PLANE)
+    if n == 0:
+        return fg
+    flat = labels.ravel()
+    count = np.bincount(flat, minlength=n + 1)
+    zs = np.repeat(np.arange(fg.shape[0]), fg.shape[1] * fg.shape[2])
+    zlab = np.zeros(n + 1, dtype=np.int64)
+    zlab[flat] = zs  # labels never span slices (in-plane structure)
+    count[0] = 0
+    order = np.lexsort((-count[1:], zlab[1:])) + 1  # by slice, largest first
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = zlab[order[1:]] != zlab[order[:-1]]
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[order[first]] = True
+    keep[0] = False
+    return _fill_holes_2d(keep[labels])
 
 
 def _remove_airways(air: np.ndarray, Wn: np.ndarray, midline: np.ndarray, px: float,
@@ -383,40 +402,13 @@ def _fill_dense(air_lung, left_side, Wn, O, body, spacing, device) -> np.ndarray
         closed = _ball_closing(coarse, r)
         closed = closed.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
         closed = closed[:, : side.shape[1], : side.shape[2]].cpu().numpy()
-        cand = closed | side | _hull2d(side)
+        cand = closed | side
         cand = _fill_holes_2d(cand)
         cand &= allowed & side_mask
         added = cand & ~side
         keep = _accept_dense(added, side, O, px, pixel_mm2)
         lung |= side | keep
     return lung
-
-
-def _hull2d(mask: np.ndarray) -> np.ndarray:
-    """Per-slice convex hull of a mask (filled polygon through the hull's pixel corners)."""
-    from PIL import Image, ImageDraw
-    from scipy.spatial import ConvexHull, QhullError
-
-    out = np.zeros_like(mask)
-    z, r, c = mask.shape
-    for k in np.nonzero(mask.reshape(z, -1).any(axis=1))[0]:
-        sl = mask[k]
-        edge = sl.copy()
-        edge[1:-1, 1:-1] &= ~(sl[:-2, 1:-1] & sl[2:, 1:-1] & sl[1:-1, :-2] & sl[1:-1, 2:])
-        rr, cc = np.nonzero(edge)
-        if rr.size < 3:
-            continue
-        pts = np.concatenate([np.stack([cc, rr], 1), np.stack([cc + 1, rr], 1),
-                              np.stack([cc, rr + 1], 1), np.stack([cc + 1, rr + 1], 1)]) - 0.5
-        try:
-            hull = ConvexHull(pts)
-        except (QhullError, ValueError):
-            continue
-        poly = [(float(x), float(y)) for x, y in pts[hull.vertices]]
-        img = Image.new("1", (c, r), 0)
-        ImageDraw.Draw(img).polygon(poly, fill=1, outline=1)
-        out[k] = np.asarray(img, dtype=bool)
-    return out
 
 
 def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
@@ -449,16 +441,31 @@ def _accept_dense(added, aerated, Wn, px, pixel_mm2) -> np.ndarray:
     return accept[labels]
 
 
-def _lesions(W, S, O, lung: np.ndarray, spacing, device, voxel_ml, notes) -> np.ndarray:
+def _lesions(S, lung: np.ndarray, spacing, device, voxel_ml, notes) -> np.ndarray:
     dz, dy, dx = spacing
     px = min(dy, dx)
     lung_t = torch.from_numpy(lung).to(device)
-    Od = _opening2d(S, _odd(OPEN_DENSE_MM / px))
-    # dense voxels must survive the larger opening too
-    level = torch.where(O > DENSE_HU, Od, O)
+    # openings of the lung alone: what is not lung counts as air, so structures
+    # attached to the chest wall, heart or diaphragm are thin and vanish like vessels
+    L = torch.where(lung_t, S, torch.full_like(S, CLIP_HU[0]))
+    O = _opening2d(L, _odd(OPEN_MM / px))
+    Od = _opening2d(L, _odd(OPEN_DENSE_MM / px))
+    del L
+    # on and next to dense structures only what survives the larger opening counts:
+    # a vessel with its partial-volume halo is narrower than OPEN_DENSE_MM
+    near_dense = _maxfilter2d((O > DENSE_HU).float(), 5) > 0
+    level = torch.where(near_dense, Od, O)
+    del O, Od, near_dense
     thr = _dependent_threshold(S, lung_t, px)
-    inner = _erode2d(lung_t, 5)
+    # z partial volume (thick slices across the diaphragm, apex, heart): a candidate
+    # needs lung in the slices above and below
+    inner = lung_t.clone()
+    if inner.shape[0] > 2:
+        inner[1:-1] &= lung_t[:-2] & lung_t[2:]
+        inner[0] &= lung_t[1]
+        inner[-1] &= lung_t[-2]
     cand = (level > thr) & (S < LESION_HIGH_HU) & inner
+    del level, inner
     cand_np = cand.cpu().numpy()
     labels, n = ndimage.label(cand_np, structure=np.ones((3, 3, 3), dtype=bool))
     if n:
@@ -467,8 +474,15 @@ def _lesions(W, S, O, lung: np.ndarray, spacing, device, voxel_ml, notes) -> np.
         big[0] = False
         cand_np = big[labels]
     lesion = torch.from_numpy(cand_np).to(device)
-    grown = _maxfilter2d(lesion.float(), 5) > 0
-    lesion = lesion | (grown & lung_t & (S > thr) & (S < LESION_HIGH_HU))
+    # give back the faint lesion edge (hysteresis), in-plane and one slice up and down
+    edge_ok = lung_t & (S > GROW_LOW_HU) & (S < LESION_HIGH_HU)
+    for _ in range(GROW_STEPS):
+        lesion = lesion | ((_maxfilter2d(lesion.float(), 3) > 0) & edge_ok)
+    grown_z = torch.zeros_like(lesion)
+    if lesion.shape[0] > 1:
+        grown_z[1:] |= lesion[:-1]
+        grown_z[:-1] |= lesion[1:]
+    lesion = lesion | (grown_z & edge_ok & (S > thr))
     return lesion.cpu().numpy()
 
 

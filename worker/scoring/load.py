@@ -119,7 +119,7 @@ def load_series(paths: Sequence[str | Path], *, min_slices: int = 20) -> Volume:
 def _read_instance(path: Path) -> Dataset:
     try:
         ds = pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, EOFError, ValueError, struct.error) as exc:
+    except Exception as exc:  # a damaged file can fail in many ways; all mean unreadable
         raise InvalidInput(f"{path}: not a readable DICOM file ({exc})") from exc
     if not any(keyword in ds for keyword in _PIXEL_DATA_KEYWORDS):
         raise InvalidInput(f"{path}: no pixel data")
@@ -419,7 +419,9 @@ def read_series_headers(folder: str | Path) -> dict[str, list[Dataset]]:
             path = Path(directory) / name
             try:
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
-            except (InvalidDicomError, OSError, EOFError, ValueError, struct.error):
+            except InvalidDicomError:
+                continue  # not DICOM: skipped silently
+            except Exception:  # a damaged DICOM file: load_series will name it if used
                 continue
             uid = ds.get("SeriesInstanceUID")
             if uid:

@@ -144,6 +144,16 @@ def cmd_status(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_demo(args, settings: Settings) -> int:
+    from pathlib import Path
+
+    from ct_triage.demo import print_rows, run_demo
+
+    rows = run_demo(settings, Path(args.workdir))
+    print_rows(rows)
+    return 0 if all(r.state == "in PACS" for r in rows) else 1
+
+
 def cmd_config(args, settings: Settings) -> int:
     if args.markdown:
         print("| variable | default | meaning |\n|---|---|---|")
@@ -174,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="series and queue state as a table")
     status.add_argument("--limit", type=int, default=200)
     status.set_defaults(func=cmd_status)
+    demo = sub.add_parser("demo", help="embedded daemon + local PACS + three phantom studies, end to end")
+    demo.add_argument("--workdir", default="var/demo", help="scratch folder (emptied first)")
+    demo.set_defaults(func=cmd_demo)
     config = sub.add_parser("config", help="print the effective settings")
     config.add_argument("--markdown", action="store_true", help="the settings table for the README")
     config.set_defaults(func=cmd_config)

@@ -1,0 +1,131 @@
+"""Turnaround benchmark: phantom studies sent to `ct-triage serve`, Orthanc as the PACS.
+
+    .venv/bin/python bench/pipeline_bench.py [--studies 20] [--slices 300] [--rows 512] [--gap-s 0]
+
+For each study: the time from the last instance acknowledged (storescu returns) to the SR
+being in Orthanc (polled over REST). The phantoms carry ImagesInAcquisition, so their series
+complete at once and no quiet period is spent (nothing to subtract). Reports p50 and p95. With
+--gap-s 0 studies go back to back (a burst: the queue builds up); a positive gap paces them.
+Run by hand; nothing asserts timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.store_bench import wait_echo  # noqa: E402
+from tests.support.scanner import STORESCU, dcmtk_env, free_port  # noqa: E402
+
+STABLE_AGE_S = 2.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def orthanc(workdir: Path) -> tuple[subprocess.Popen, int, int]:
+    port, http = free_port(), free_port()
+    config = {"Name": "bench", "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": http,
+              "StorageDirectory": str(workdir / "orthanc"), "IndexDirectory": str(workdir / "orthanc"),
+              "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomAlwaysAllowStore": True,
+              "Plugins": []}
+    (workdir / "orthanc.json").write_text(json.dumps(config))
+    proc = subprocess.Popen(["/usr/sbin/Orthanc", str(workdir / "orthanc.json")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_echo(port)
+    return proc, port, http
+
+
+def sr_arrived(http: int, study_uid: str) -> bool:
+    request = urllib.request.Request(f"http://127.0.0.1:{http}/tools/find", method="POST",
+                                     data=json.dumps({"Level": "Series", "Query": {
+                                         "StudyInstanceUID": study_uid, "Modality": "SR"}}).encode())
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return bool(json.loads(response.read()))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--studies", type=int, default=20)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--rows", type=int, default=512)
+    parser.add_argument("--gap-s", type=float, default=0.0, help="pause between studies (0: back to back)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    from worker.phantom import write_phantom
+
+    out = REPO / "bench" / "out" / f"pipeline-{args.studies}x{args.slices}x{args.rows}"
+    studies = []
+    for i in range(args.studies):
+        folder = out / f"study{i:02d}"
+        truth_path = folder / "ground_truth.json"
+        if not truth_path.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            write_phantom(folder, [5, 20, 35, 45, 60, 70, 85][i % 7], slices=args.slices, rows=args.rows,
+                          seed=200 + i)
+        studies.append((folder, json.loads(truth_path.read_text())))
+    work = out / "run"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    pacs, pacs_port, http = orthanc(work)
+    port = free_port()
+    env = {**os.environ, "CT_TRIAGE_VAR_DIR": str(work / "var"), "CT_TRIAGE_PORT": str(port),
+           "CT_TRIAGE_BIND_ADDRESS": "127.0.0.1", "CT_TRIAGE_STABLE_AGE_S": str(STABLE_AGE_S),
+           "CT_TRIAGE_DESTINATIONS": f"ORTHANC@127.0.0.1:{pacs_port}", "CT_TRIAGE_MIN_FREE_DISK_MB": "256",
+           "CT_TRIAGE_POLL_INTERVAL_S": "0.2", "CT_TRIAGE_LOG_LEVEL": "INFO"}
+    serve = subprocess.Popen([sys.executable, "-m", "ct_triage.cli", "serve"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=open(work / "serve.log", "wb"),
+                             start_new_session=True)
+    acked: dict[str, float] = {}
+    arrived: dict[str, float] = {}
+    try:
+        wait_echo(port)
+        for folder, truth in studies:
+            subprocess.run([STORESCU, "+sd", "+r", "-aec", "CTTRIAGE", "127.0.0.1", str(port), str(folder)],
+                           env=dcmtk_env(), check=True, capture_output=True)
+            acked[truth["study_instance_uid"]] = time.monotonic()
+            for uid in acked.keys() - arrived.keys():
+                if sr_arrived(http, uid):
+                    arrived[uid] = time.monotonic()
+            time.sleep(args.gap_s)
+        deadline = time.monotonic() + 60 * args.studies
+        while len(arrived) < len(acked) and time.monotonic() < deadline:
+            for uid in acked.keys() - arrived.keys():
+                if sr_arrived(http, uid):
+                    arrived[uid] = time.monotonic()
+            time.sleep(0.2)
+    finally:
+        for proc in (serve, pacs):
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(60)
+    turnaround = [arrived[uid] - acked[uid] for uid in arrived]
+    missing = len(acked) - len(arrived)
+    summary = {"studies": len(acked), "arrived": len(arrived), "missing": missing,
+               "slices": args.slices, "rows": args.rows, "gap_s": args.gap_s,
+               "p50_s": statistics.median(turnaround) if turnaround else None,
+               "p95_s": percentile(turnaround, 95) if turnaround else None,
+               "max_s": max(turnaround) if turnaround else None,
+               "per_study_s": [round(t, 2) for t in turnaround]}
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return 0 if not missing else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

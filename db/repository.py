@@ -269,6 +269,22 @@ def mark_published(session: Session, job_ids: list[int], now: datetime | None = 
         session.execute(update(Job).where(Job.id.in_(job_ids)).values(published_at=now or utcnow()))
 
 
+def unpublished_delivery_ids(session: Session, grace_s: float = 30.0, now: datetime | None = None) -> list[int]:
+    """Deliveries committed but never handed to the broker (publish failed, process died).
+
+    ``grace_s`` leaves the worker time to publish its own deliveries after its commit.
+    """
+    cutoff = (now or utcnow()) - timedelta(seconds=grace_s)
+    return list(session.scalars(select(Delivery.id).where(Delivery.published_at.is_(None),
+                                                          Delivery.state == "pending",
+                                                          Delivery.created_at <= cutoff)
+                                .order_by(Delivery.id)).all())
+
+
+def mark_delivery_published(session: Session, delivery_id: int, now: datetime | None = None) -> None:
+    session.execute(update(Delivery).where(Delivery.id == delivery_id).values(published_at=now or utcnow()))
+
+
 def claim_job(session: Session, job_id: int, worker: str, now: datetime | None = None) -> bool:
     """Atomically move a queued job to running; False if someone else has it or it is done."""
     result = session.execute(update(Job).where(Job.id == job_id, Job.state == "queued")

@@ -15,7 +15,7 @@ import threading
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ct_triage.contract import SCORE_STUDY, Publisher
+from ct_triage.contract import DELIVER_OUTPUTS, SCORE_STUDY, Publisher
 from db import repository
 from db.session import session_scope
 
@@ -86,4 +86,16 @@ class CompletenessTracker:
             with session_scope(self.session_factory) as session:
                 repository.mark_published(session, [job_id])
             published.append(job_id)
+        # Deliveries are published by the worker after its commit; any it could not
+        # publish (broker down, worker died in between) are published from here.
+        with session_scope(self.session_factory) as session:
+            deliveries = repository.unpublished_delivery_ids(session)
+        for delivery_id in deliveries:
+            try:
+                self.publisher.publish(DELIVER_OUTPUTS, delivery_id)
+            except Exception as exc:
+                log.warning("publishing delivery %d failed, will retry: %s", delivery_id, exc)
+                break
+            with session_scope(self.session_factory) as session:
+                repository.mark_delivery_published(session, delivery_id)
         return published

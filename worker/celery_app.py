@@ -64,8 +64,15 @@ class JobTask(Task):
 
     def run_body(self, body, job_id: int):
         started = time.monotonic()
+        from sqlalchemy.exc import InterfaceError, OperationalError
+
         try:
             outcome = body(self.ctx, job_id)
+        except (OperationalError, InterfaceError) as exc:  # database unreachable: worth retrying
+            delay = min(600, 5 * 2 ** self.request.retries)
+            log.warning("%s %d: database unavailable, retry in %d s: %s", self.name, job_id, delay,
+                        str(exc).splitlines()[0][:200])
+            raise self.retry(exc=exc, countdown=delay)
         except TransientError as exc:
             from worker.jobs import backoff_s
 

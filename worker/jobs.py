@@ -82,7 +82,9 @@ def claim_job(ctx: WorkerContext, job_id: int) -> bool:
         if repository.claim_job(session, job_id, ctx.worker_name, now):
             return True
         job = session.get(Job, job_id)
-        if job is None or job.state != "running" or not _reclaimable(job.started_at, job.worker, now):
+        if job is None or job.state != "running":
+            return False
+        if job.worker != ctx.worker_name and not _reclaimable(job.started_at, job.worker, now):
             return False
         taken = session.execute(update(Job).where(Job.id == job_id, Job.state == "running",
                                                   Job.worker == job.worker)
@@ -126,8 +128,13 @@ def score_study(ctx: WorkerContext, job_id: int) -> str:
         study_uid = study.study_instance_uid
 
     from worker.scoring.pipeline import score_study as run_pipeline
+    from worker.scoring.result import ScoreResult
 
-    score = run_pipeline(series_files, ctx.settings, scorer=ctx.scorer)
+    try:
+        score = run_pipeline(series_files, ctx.settings, scorer=ctx.scorer)
+    except Exception as exc:  # a bug must still leave a MEDIUM-priority result with the reason
+        log.exception("job %d: scoring crashed", job_id)
+        score = ScoreResult(status="failed", reason=f"internal error: {type(exc).__name__}: {exc}"[:500])
     score.study_instance_uid = study_uid
     scored_at = utcnow()
     destinations = [str(parse_destination(d)) for d in ctx.settings.destinations]

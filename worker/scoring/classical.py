@@ -104,14 +104,16 @@ LUNG_MIN_FRACTION = 0.03
 SPLIT_BAND_MM = 40.0
 BONE_HU = 200.0
 CLOSING_RADIUS_MM = 20.0
+Z_REACH_MM = 10.0
 SMALL_HOLE_MM2 = 150.0
 MARGIN_GGO_HU = -600.0
 MARGIN_MIN_FRACTION = 0.25
 LESION_LOW_HU = -680.0
 LESION_HIGH_HU = 100.0
-DENSE_HU = -250.0
+DENSE_HU = -200.0
 OPEN_MM = 7.0
 OPEN_DENSE_MM = 20.0
+NEAR_DENSE_MM = 3.0
 DEPENDENT_MAX_RAISE_HU = 60.0
 MIN_LESION_ML = 0.2
 GROW_LOW_HU = -750.0
@@ -309,7 +311,7 @@ def _segment(volume: Volume, device: torch.device) -> Segmentation:
 
     # 5. lesions -----------------------------------------------------------------------------
     t = _now()
-    lesion = _lesions(S, lung, spacing, device, voxel_ml, notes)
+    lesion = _lesions(W, S, lung, spacing, device, voxel_ml, notes)
     timings["lesions"] = _now() - t
 
     return Segmentation(lung=lung, left=left, lesion=lesion, factor=factors,
@@ -403,6 +405,11 @@ def _fill_dense(air_lung, left_side, Wn, O, body, spacing, device) -> np.ndarray
         closed = closed.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
         closed = closed[:, : side.shape[1], : side.shape[2]].cpu().numpy()
         cand = closed | side
+        nz = int(round(Z_REACH_MM / dz))
+        if nz > 0:
+            zt = F.max_pool3d(t.float()[None, None], kernel_size=(2 * nz + 1, 1, 1), stride=1,
+                              padding=(nz, 0, 0))[0, 0] > 0
+            cand |= zt.cpu().numpy()
         cand = _fill_holes_2d(cand)
         cand &= allowed & side_mask
         added = cand & ~side
@@ -441,7 +448,7 @@ def _accept_dense(added, aerated, Wn, px, pixel_mm2) -> np.ndarray:
     return accept[labels]
 
 
-def _lesions(S, lung: np.ndarray, spacing, device, voxel_ml, notes) -> np.ndarray:
+def _lesions(W, S, lung: np.ndarray, spacing, device, voxel_ml, notes) -> np.ndarray:
     dz, dy, dx = spacing
     px = min(dy, dx)
     lung_t = torch.from_numpy(lung).to(device)
@@ -453,7 +460,9 @@ def _lesions(S, lung: np.ndarray, spacing, device, voxel_ml, notes) -> np.ndarra
     del L
     # on and next to dense structures only what survives the larger opening counts:
     # a vessel with its partial-volume halo is narrower than OPEN_DENSE_MM
-    near_dense = _maxfilter2d((O > DENSE_HU).float(), 5) > 0
+    dense = _boxmean2d(((W > DENSE_HU) & lung_t).float(), 3) > 0.3  # not single noisy pixels
+    near_dense = _maxfilter2d(dense.float(), _odd(2 * NEAR_DENSE_MM / px)) > 0
+    del dense
     level = torch.where(near_dense, Od, O)
     del O, Od, near_dense
     thr = _dependent_threshold(S, lung_t, px)

@@ -9,11 +9,13 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 log = logging.getLogger(__name__)
+MIGRATION_LOCK_KEY = 0x6374747269616765  # "cttriage"
 
 
 def alembic_config(url: str) -> Config:
@@ -36,6 +38,10 @@ def upgrade(engine: Engine) -> str:
     """Bring the schema to head; returns the revision now current."""
     config = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # The node and the workers may start together on an empty database: one
+            # migrates, the others wait and then find the schema at head.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         config.attributes["connection"] = conn
         command.upgrade(config, "head")
     revision = current_revision(engine)

@@ -102,19 +102,20 @@ LUNG_MIN_MEAN_HU = -940.0
 LUNG_MIN_ML = 20.0
 LUNG_MIN_FRACTION = 0.03
 SPLIT_BAND_MM = 40.0
+CROP_MARGIN_MM = 30.0
 BONE_HU = 200.0
 CLOSING_RADIUS_MM = 20.0
 Z_REACH_MM = 10.0
 SMALL_HOLE_MM2 = 150.0
-MARGIN_GGO_HU = -600.0
-MARGIN_MIN_FRACTION = 0.25
+MARGIN_GGO_HU = -550.0
+MARGIN_MIN_FRACTION = 0.5
 LESION_LOW_HU = -680.0
 LESION_HIGH_HU = 100.0
 DENSE_HU = -200.0
 OPEN_MM = 7.0
-OPEN_DENSE_MM = 20.0
+OPEN_DENSE_MM = 14.0
 NEAR_DENSE_MM = 3.0
-DEPENDENT_MAX_RAISE_HU = 60.0
+DEPENDENT_MAX_RAISE_HU = 40.0
 MIN_LESION_ML = 0.2
 GROW_LOW_HU = -750.0
 GROW_STEPS = 2
@@ -132,24 +133,53 @@ def _now() -> float:
 
 
 def _odd(n: float) -> int:
-    k = max(1, int(round(n)))
-    return k if k % 2 == 1 else k + 1
+    """The odd integer nearest to n (at least 1): a kernel width in pixels."""
+    return max(1, 2 * int(math.floor((n - 1) / 2 + 0.5)) + 1)
 
 
 # -- torch helpers (tensors are (z, rows, cols) float32) ------------------------------
+
+
+def _neg_fill(x: torch.Tensor) -> float | bool | int:
+    if x.dtype == torch.bool:
+        return False
+    if x.dtype.is_floating_point:
+        return float("-inf")
+    return int(torch.iinfo(x.dtype).min)
+
+
+def _max1d(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """Centred running max of odd width k along dim (same size), O(log k) passes."""
+    if k <= 1:
+        return x
+    r = k // 2
+    shape = list(x.shape)
+    shape[dim] = r
+    pad = torch.full(shape, _neg_fill(x), dtype=x.dtype, device=x.device)
+    m = torch.cat([pad, x, pad], dim)
+    op = torch.logical_or if x.dtype == torch.bool else torch.maximum
+    w = 1
+    while 2 * w <= k:
+        n = m.shape[dim] - w
+        m = op(m.narrow(dim, 0, n), m.narrow(dim, w, n))
+        w *= 2
+    if w < k:
+        s = k - w
+        n = m.shape[dim] - s
+        m = op(m.narrow(dim, 0, n), m.narrow(dim, s, n))
+    return m
 
 
 def _maxfilter2d(x: torch.Tensor, k: int) -> torch.Tensor:
     """Per-slice max over a k x k square (separable), same size."""
     if k <= 1:
         return x
-    p = k // 2
-    y = F.max_pool2d(x.unsqueeze(1), kernel_size=(k, 1), stride=1, padding=(p, 0))
-    y = F.max_pool2d(y, kernel_size=(1, k), stride=1, padding=(0, p))
-    return y.squeeze(1)
+    return _max1d(_max1d(x, k, 1), k, 2)
 
 
 def _minfilter2d(x: torch.Tensor, k: int) -> torch.Tensor:
+    if x.dtype == torch.bool:
+        return ~_maxfilter2d(~x, k)
     return -_maxfilter2d(-x, k)
 
 
@@ -158,25 +188,44 @@ def _opening2d(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _boxmean2d(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-slice k x k mean, edges replicated (small k: shifted sums)."""
     if k <= 1:
         return x
-    p = k // 2
-    y = F.pad(x.unsqueeze(1), (p, p, p, p), mode="replicate")
-    return F.avg_pool2d(y, kernel_size=k, stride=1).squeeze(1)
+    r = k // 2
+    out = x
+    for dim in (1, 2):
+        n = out.shape[dim]
+        first = out.narrow(dim, 0, 1).expand(*[r if d == dim else -1 for d in range(3)])
+        last = out.narrow(dim, n - 1, 1).expand(*[r if d == dim else -1 for d in range(3)])
+        padded = torch.cat([first, out, last], dim)
+        acc = padded.narrow(dim, 0, n).clone()
+        for s in range(1, k):
+            acc += padded.narrow(dim, s, n)
+        out = acc / k
+    return out
+
+
+def _boxsum1d(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """Running sum of odd width k along dim, zeros outside (cumulative sums: any k)."""
+    if k <= 1:
+        return x
+    r = k // 2
+    n = x.shape[dim]
+    shape = list(x.shape)
+    shape[dim] = r + 1
+    head = torch.zeros(shape, dtype=x.dtype, device=x.device)
+    shape[dim] = r
+    tail = torch.zeros(shape, dtype=x.dtype, device=x.device)
+    c = torch.cumsum(torch.cat([head, x, tail], dim), dim)
+    return c.narrow(dim, 2 * r + 1, n) - c.narrow(dim, 0, n)
 
 
 def _blur3d(x: torch.Tensor, kz: int, k: int) -> torch.Tensor:
-    """Separable box mean over (kz, k, k) with zero padding outside."""
-    y = x.unsqueeze(0).unsqueeze(0)
-    if kz > 1:
-        y = F.avg_pool3d(y, kernel_size=(kz, 1, 1), stride=1, padding=(kz // 2, 0, 0),
-                         count_include_pad=True)
-    if k > 1:
-        y = F.avg_pool3d(y, kernel_size=(1, k, 1), stride=1, padding=(0, k // 2, 0),
-                         count_include_pad=True)
-        y = F.avg_pool3d(y, kernel_size=(1, 1, k), stride=1, padding=(0, 0, k // 2),
-                         count_include_pad=True)
-    return y[0, 0]
+    """Separable box mean over (kz, k, k), zeros outside."""
+    y = _boxsum1d(x, kz, 0)
+    y = _boxsum1d(y, k, 1)
+    y = _boxsum1d(y, k, 2)
+    return y / float(kz * k * k)
 
 
 def _ball_closing(mask: torch.Tensor, radius_vox: tuple[float, float, float]) -> torch.Tensor:
@@ -250,11 +299,19 @@ def _segment(volume: Volume, device: torch.device) -> Segmentation:
     pixel_mm2 = spacing[1] * spacing[2]
     voxel_ml = spacing[0] * pixel_mm2 / 1000.0
     W = to_working_grid(volume.hu, factors, device)
+    full_shape = tuple(W.shape)
     timings["pool"] = _now() - t
 
     # 1. outside air, body, midline --------------------------------------------------
     t = _now()
-    body = _body_mask((W >= OUTSIDE_AIR_HU).cpu().numpy())
+    # on a 2x coarser grid (the outline needs no fine detail), then back
+    zw, rw, cw = W.shape
+    # (a coarse pixel is body only when all four are: thin gaps to the couch stay open)
+    fgc = F.pad((W >= OUTSIDE_AIR_HU).to(torch.uint8), (0, cw % 2, 0, rw % 2))
+    fgc = fgc.reshape(zw, (rw + 1) // 2, 2, (cw + 1) // 2, 2).amin(dim=(2, 4)).bool()
+    bodyc = _body_mask(fgc.cpu().numpy())
+    body = np.repeat(np.repeat(bodyc, 2, axis=1), 2, axis=2)[:, :rw, :cw]
+    del fgc, bodyc
     cols = np.arange(W.shape[2], dtype=np.float64)
     body_cols = body.sum(axis=1)  # (z, cols)
     body_n = body_cols.sum(axis=1)
@@ -288,35 +345,60 @@ def _segment(volume: Volume, device: torch.device) -> Segmentation:
     # 3. left / right split -------------------------------------------------------------
     t = _now()
     split = _split_columns(air_lung, midline, px)
-    col_idx = np.arange(W.shape[2])[None, None, :]
-    high_side = col_idx > split[:, None, None]  # columns above the split line
-    left_side = high_side if volume.column_towards_patient_left else ~high_side
     timings["split"] = _now() - t
+
+    # crop to the lungs plus a margin: everything below works on the crop only
+    zs, rs, cs = _bbox(air_lung, margins=(
+        int(math.ceil(max(CLOSING_RADIUS_MM, Z_REACH_MM) / spacing[0])) + 1,
+        int(math.ceil(CROP_MARGIN_MM / spacing[1])), int(math.ceil(CROP_MARGIN_MM / spacing[2]))))
+    crop = (zs, rs, cs)
+    Wc = W[crop].contiguous()
+    del W
+    Wn_c = np.ascontiguousarray(Wn[crop])
+    body_c = np.ascontiguousarray(body[crop])
+    air_c = np.ascontiguousarray(air_lung[crop])
+    del Wn, body, air_lung
+    col_idx = np.arange(cs.start, cs.stop)[None, None, :]
+    high_side = col_idx > split[zs, None, None]  # columns above the split line
+    left_side = high_side if volume.column_towards_patient_left else ~high_side
+    left_side = np.broadcast_to(left_side, air_c.shape)
 
     # 4. dense lung ------------------------------------------------------------------------
     t = _now()
-    S = _boxmean2d(W, 3)
-    air_t = torch.from_numpy(air_lung).to(device)
-    # background level of the aerated lung, vessels and thin rims removed (margin test)
-    OA = _opening2d(torch.where(air_t, S, torch.full_like(S, CLIP_HU[0])), _odd(OPEN_MM / px))
-    OAn = OA.cpu().numpy()
-    del OA, air_t
-    lung = _fill_dense(air_lung, left_side, Wn, OAn, body, spacing, device)
-    del OAn
+    S = _boxmean2d(Wc, 3)
+    Sn = S.cpu().numpy() if device.type != "cpu" else S.numpy()
+    lung_c = _fill_dense(air_c, left_side, Wn_c, Sn, body_c, spacing, device)
+    del Sn
     timings["lung_fill"] = _now() - t
-    if lung.sum() * voxel_ml < 100.0:
-        raise NotApplicable(f"lungs found are only {lung.sum() * voxel_ml:.0f} ml "
+    if lung_c.sum() * voxel_ml < 100.0:
+        raise NotApplicable(f"lungs found are only {lung_c.sum() * voxel_ml:.0f} ml "
                             "(not a chest CT, or the lungs are outside the field of view)")
-    left = lung & left_side
 
     # 5. lesions -----------------------------------------------------------------------------
     t = _now()
-    lesion = _lesions(W, S, lung, spacing, device, voxel_ml, notes)
+    lesion_c = _lesions(Wc, S, lung_c, spacing, device, voxel_ml, notes)
     timings["lesions"] = _now() - t
 
+    lung = np.zeros(full_shape, dtype=bool)
+    lesion = np.zeros(full_shape, dtype=bool)
+    left = np.zeros(full_shape, dtype=bool)
+    lung[crop] = lung_c
+    lesion[crop] = lesion_c & lung_c
+    left[crop] = lung_c & left_side
     return Segmentation(lung=lung, left=left, lesion=lesion, factor=factors,
                         original_shape=tuple(volume.hu.shape), spacing_mm=spacing,
                         timings=timings, notes=notes)
+
+
+def _bbox(mask: np.ndarray, margins: tuple[int, int, int]) -> tuple[slice, slice, slice]:
+    out = []
+    for axis, margin in enumerate(margins):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = np.nonzero(mask.any(axis=other))[0]
+        lo = max(0, int(idx[0]) - margin)
+        hi = min(mask.shape[axis], int(idx[-1]) + margin + 1)
+        out.append(slice(lo, hi))
+    return tuple(out)
 
 
 def _body_mask(fg: np.ndarray) -> np.ndarray:
@@ -348,22 +430,26 @@ def _remove_airways(air: np.ndarray, Wn: np.ndarray, midline: np.ndarray, px: fl
         return air
     flat = labels.ravel()
     area = np.bincount(flat, minlength=n + 1).astype(np.float64)
-    hu_sum = np.bincount(flat, weights=Wn.ravel(), minlength=n + 1)
-    zs = np.broadcast_to(np.arange(air.shape[0])[:, None, None], air.shape).ravel()
-    cs = np.broadcast_to(np.arange(air.shape[2])[None, None, :], air.shape).ravel()
-    sel = flat > 0
-    z_sum = np.bincount(flat[sel], weights=zs[sel], minlength=n + 1)
-    c_sum = np.bincount(flat[sel], weights=cs[sel], minlength=n + 1)
+    small = area * pixel_mm2 <= AIRWAY_MAX_AREA_MM2
+    small[0] = False
+    if not small.any():
+        return air
+    idx = np.flatnonzero(small[flat])  # voxels of small components only
+    lab = flat[idx]
+    zyx = np.unravel_index(idx, air.shape)
+    hu_sum = np.bincount(lab, weights=Wn.ravel()[idx], minlength=n + 1)
+    z_sum = np.bincount(lab, weights=zyx[0], minlength=n + 1)
+    c_sum = np.bincount(lab, weights=zyx[2], minlength=n + 1)
     a = np.maximum(area, 1)
     mean_hu = hu_sum / a
     zc = np.clip(np.rint(z_sum / a).astype(int), 0, air.shape[0] - 1)
     offset = np.abs(c_sum / a - midline[zc]) * px
-    airway = (area * pixel_mm2 <= AIRWAY_MAX_AREA_MM2) & (mean_hu < AIRWAY_MEAN_HU) & (
-        offset <= AIRWAY_MAX_OFFSET_MM)
-    airway[0] = False
+    airway = small & (mean_hu < AIRWAY_MEAN_HU) & (offset <= AIRWAY_MAX_OFFSET_MM)
     if not airway.any():
         return air
-    return air & ~airway[labels]
+    out = air.copy()
+    out.ravel()[idx[airway[lab]]] = False
+    return out
 
 
 def _split_columns(air_lung: np.ndarray, midline: np.ndarray, px: float) -> np.ndarray:
@@ -387,33 +473,33 @@ def _split_columns(air_lung: np.ndarray, midline: np.ndarray, px: float) -> np.n
     return split
 
 
-def _fill_dense(air_lung, left_side, Wn, O, body, spacing, device) -> np.ndarray:
+def _fill_dense(air_lung, left_side, Wn, level, body, spacing, device) -> np.ndarray:
     dz, dy, dx = spacing
     px = min(dy, dx)
     pixel_mm2 = dy * dx
     allowed = body & (Wn < BONE_HU)
     lung = np.zeros_like(air_lung)
+    nz = int(round(Z_REACH_MM / dz))
     for side_mask in (left_side, ~left_side):
         side = air_lung & side_mask
         if not side.any():
             continue
-        # bays along z: closing on a 2x coarser grid, then back to the working grid
         t = torch.from_numpy(side).to(device)
-        coarse = F.max_pool3d(t.float()[None, None], kernel_size=(1, 2, 2), ceil_mode=True)[0, 0] > 0
+        # bays: closing on a 2x coarser grid, then back to the working grid
+        zc, rc, cc = t.shape
+        tp = F.pad(t.float(), (0, cc % 2, 0, rc % 2))
+        coarse = tp.reshape(zc, (rc + 1) // 2, 2, (cc + 1) // 2, 2).amax(dim=(2, 4)) > 0
         r = (CLOSING_RADIUS_MM / dz, CLOSING_RADIUS_MM / (2 * dy), CLOSING_RADIUS_MM / (2 * dx))
         closed = _ball_closing(coarse, r)
-        closed = closed.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
-        closed = closed[:, : side.shape[1], : side.shape[2]].cpu().numpy()
-        cand = closed | side
-        nz = int(round(Z_REACH_MM / dz))
+        closed = closed.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)[:, :rc, :cc]
+        cand_t = closed | t
+        # reach along z: a consolidated stretch of the lung wall between aerated slices
         if nz > 0:
-            zt = F.max_pool3d(t.float()[None, None], kernel_size=(2 * nz + 1, 1, 1), stride=1,
-                              padding=(nz, 0, 0))[0, 0] > 0
-            cand |= zt.cpu().numpy()
-        cand = _fill_holes_2d(cand)
+            cand_t |= _max1d(t, 2 * nz + 1, 0)
+        cand = _fill_holes_2d(cand_t.cpu().numpy())
         cand &= allowed & side_mask
         added = cand & ~side
-        keep = _accept_dense(added, side, O, px, pixel_mm2)
+        keep = _accept_dense(added, side, level, px, pixel_mm2, device)
         lung |= side | keep
     return lung
 
@@ -427,21 +513,26 @@ def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
     return ~border[labels]
 
 
-def _accept_dense(added, aerated, Wn, px, pixel_mm2) -> np.ndarray:
-    """Keep added (dense) regions that are small or wrapped in ground glass."""
+def _accept_dense(added, aerated, level, px, pixel_mm2, device) -> np.ndarray:
+    """Keep added (dense) regions that are small or wrapped in ground glass.
+
+    The margin of a region is the ring 2-3 pixels out from it inside the aerated
+    lung (beyond the partial-volume rim); a ring pixel belongs to the region with
+    the highest label within 3 pixels; ``level`` is the smoothed image.
+    """
     labels, n = ndimage.label(added, structure=_IN_PLANE8)
     if n == 0:
         return added
     flat = labels.ravel()
     area = np.bincount(flat, minlength=n + 1) * pixel_mm2
-    # ring 2..3 pixels out from each region, inside the aerated lung; label by nearest region
-    grown1 = ndimage.grey_dilation(labels, footprint=_IN_PLANE8, mode="constant")
-    grown2 = ndimage.grey_dilation(grown1, footprint=_IN_PLANE8, mode="constant")
-    grown3 = ndimage.grey_dilation(grown2, footprint=_IN_PLANE8, mode="constant")
-    ring = (grown3 > 0) & (grown1 == 0) & aerated
-    ring_lab = grown3[ring]
+    lab_t = torch.from_numpy(labels.astype(np.float32)).to(device)
+    near1 = _maxfilter2d(lab_t, 3)
+    near3 = _maxfilter2d(lab_t, 7)
+    ring_t = (near3 > 0) & (near1 == 0) & torch.from_numpy(aerated).to(device)
+    ring = ring_t.cpu().numpy()
+    ring_lab = near3.cpu().numpy()[ring].astype(np.int64)
     ring_n = np.bincount(ring_lab, minlength=n + 1)
-    ring_ggo = np.bincount(ring_lab, weights=(Wn[ring] > MARGIN_GGO_HU), minlength=n + 1)
+    ring_ggo = np.bincount(ring_lab, weights=(level[ring] > MARGIN_GGO_HU), minlength=n + 1)
     frac = ring_ggo / np.maximum(ring_n, 1)
     accept = (area < SMALL_HOLE_MM2) | (frac >= MARGIN_MIN_FRACTION)
     accept[0] = False

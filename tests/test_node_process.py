@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 
 from ct_triage.settings import Settings
 from db import repository
-from db.models import Instance, Job, Series
+from db.models import Instance, Job, Result, Series
 from db.session import make_engine, make_session_factory, session_scope
 from tests.support.daemon import Daemon
 from tests.support.scanner import acknowledged_files, free_port, require_dcmtk, storescu, write_ct_series
@@ -140,10 +140,12 @@ def test_redis_broker_path_node_publishes_and_a_worker_takes_the_job(tmp_path, p
 
         worker = Daemon(["worker", "--queues", "gpu"], env, tmp_path / "worker.log").start()
 
-        def taken():
+        def done():
             with factory() as session:
-                return session.get(Job, job.id).state == "taken"
-        wait_for(taken, timeout=90, interval=0.5)
+                return session.get(Job, job.id).state == "done"
+        wait_for(done, timeout=120, interval=0.5)
+        with factory() as session:
+            assert session.scalar(select(func.count(Result.id))) == 1
     finally:
         if worker:
             worker.stop()

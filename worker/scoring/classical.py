@@ -1,76 +1,76 @@
 """The classical scorer: lungs and lesions from Hounsfield units, no trained weights.
 
-Every step is a plain image operation with a documented threshold, so a radiologist
-or an auditor can follow why a voxel was called lesion. Dense per-voxel work runs in
-torch on the chosen device (``cuda`` when present); connected-component bookkeeping
-runs in scipy on the CPU on boolean masks. The same input gives the same masks: no
-randomness, and every operation used is deterministic on CPU and CUDA.
+Every step is a plain image operation with a named threshold (module constants
+below), so a radiologist or an auditor can follow why a voxel was called lesion.
+Dense per-voxel work (pooling, morphology, thresholds) runs in torch on the chosen
+device (``cuda`` when present); connected-component bookkeeping runs in scipy on
+boolean masks on the CPU. No randomness; every operation is deterministic, so the
+same input gives the same numbers.
 
 Working grid
     Rows and columns are average-pooled by a whole factor so that a working pixel is
-    about 1.4 mm (factor 2 for a 512-matrix chest CT at 0.6-0.9 mm pixels, 1 for
-    coarser data); slices closer than 1.25 mm are pooled in pairs. Pooling also
-    halves the noise. HU are clipped to [-1024, 600] first so bone and metal cannot
-    drag their neighbours up.
+    about 1.4 mm (factor 2 for a 512 matrix at 0.6-0.9 mm pixels, 1 for coarser data);
+    slices closer than 0.83 mm are pooled in pairs. Pooling also halves the noise. HU
+    are clipped to [-1024, 600] first so bone and metal cannot drag neighbours up.
 
-1. Outside air and body
-    Per slice, voxels below -500 HU connected (in-plane) to the image border are
-    outside the patient. Everything else is the body (couch included, harmless).
-    The body's column centroid per slice is the midline estimate.
+1. Body: per slice, the largest 8-connected component of voxels >= -500 HU, holes
+   filled. The couch, its pad and clothing are separate components and stay out.
+   The body's column centroid per slice is the midline estimate.
 
-2. Air lung
-    Inside-body voxels below -320 HU (aerated lung and most ground glass, which
-    reaches -380 HU). Trachea and extrapulmonary bronchi are removed slice by slice:
-    small (< 9 cm2) near-midline (< 35 mm) components darker than -890 HU on average.
-    3D components are kept as lung when they are lung-like: mean HU above -940
-    (bowel and stomach gas are pure air, about -1000 HU; lung parenchyma with its
-    vessels averages -750..-880), at least 20 ml and at least 3 % of the largest.
+2. Aerated lung: body voxels below -320 HU (air, normal parenchyma and most ground
+   glass, which reaches -380 HU). Trachea and extrapulmonary bronchi are removed per
+   slice: small (< 9 cm2), near-midline (< 35 mm) components darker than -890 HU on
+   average. 3D components are lung when lung-like: mean above -940 HU (stomach and
+   bowel gas are pure air), at least 20 ml and 3 % of the largest.
 
-3. Left / right
-    Per slice, the split column is the column with the fewest lung voxels within
-    +-40 mm of the body midline (ties: closest to the midline), median-filtered
-    along z. ``Volume.column_towards_patient_left`` says which side is the patient's
-    left.
+3. Left / right: per slice, the column with the fewest lung voxels within 40 mm of the
+   midline (ties: nearest the midline), median-filtered along z.
+   ``Volume.column_towards_patient_left`` says which side is the patient's left.
+   Everything below runs on the lungs' bounding box plus a margin.
 
-4. Dense lung (consolidation) - the part plain thresholds miss
-    Candidates: per lung, a closing of the air lung with a ~12 mm ball (computed on a
-    grid pooled 2x further, then refined at working resolution) fills bays that
-    pleural-based consolidation bites into the aerated lung, and per-slice hole
-    filling fills dense cores enclosed by aerated lung. Candidates that are bone or
-    outside the body are dropped. Each remaining candidate region (per slice,
-    connected in-plane) is accepted as lung when it is small (< 150 mm2: vessel
-    cross-sections, small cores) or when its margin looks like disease: consolidation
-    is wrapped in ground glass, so at least 25 % of the aerated lung just around it
-    (the ring 2-3 working pixels out, beyond the partial-volume rim) is denser than
-    -600 HU. Organs that the lung wraps around (heart, liver dome, hilum) and pleural
-    effusion meet normal lung with a sharp edge and are rejected. Effusion also has
-    a flat fluid level, which a closing does not fill in the first place.
+4. Dense lung, the part plain thresholds miss (consolidation, CT-3/CT-4). Per lung,
+   candidates are what a closing of the aerated lung with a ~20 mm rounded element
+   adds (bays that pleural-based consolidation bites into the lung), what the lung
+   reaches within 10 mm along z (a stretch of wall consolidated between aerated
+   slices), and per-slice holes (dense cores enclosed by aerated lung); bone and
+   non-body voxels are dropped. Each candidate region (per slice, 8-connected) is
+   kept when small (< 150 mm2: vessel cross-sections) or when its margin looks like
+   disease: consolidation is wrapped in ground glass, so at least 30 % of the ring
+   2-3 pixels out in the aerated lung (beyond the partial-volume rim; aerated in the
+   slices above and below too, so thick-slice partial volume at the diaphragm and
+   heart does not count) is denser than -550 HU. Organs the lung wraps around (heart,
+   liver dome, hilum) and pleural effusion meet normal lung with a sharp edge and stay
+   out; an effusion's fluid level is flat, which a closing does not fill anyway.
 
-5. Lesions (MosMedData protocol: ground glass + consolidation, vessels and airways
-   excluded, dependent density excluded where distinguishable)
-    a. S = 3x3 in-plane mean of the working image (noise down by ~3).
-    b. O = grey-level opening of S with a ~7 mm square per slice: the background
-       level under structures narrower than 7 mm. Vessels, fissures, the partial-volume
-       rim and thin dependent bands are narrower and vanish; lesions (>= 1 cm) keep
-       their level. The opening is applied twice, with a ~12 mm square for dense
-       (> -250 HU) voxels, so hilar vessels up to 12 mm do not count as consolidation.
-    c. Lesion candidates: O > T(row) and S < +100 HU (not bone or calcification),
-       inside the lung mask eroded by one working pixel (the partial-volume rim).
-       T is -700 HU (the MosMedData lower bound) raised in the posterior (dependent)
-       lung by the per-slice excess of the 25th HU percentile of posterior over
-       anterior parenchyma, at most +60 HU: the dependent gradient, not a lesion.
-    d. 3D components smaller than 0.2 ml are dropped (noise, vessel branch points).
-    e. The rim is given back: lesions grow by one pixel into lung voxels whose S is
-       above T.
+5. Lesions (MosMedData protocol: ground glass + consolidation; vessels, airways and
+   dependent density excluded where distinguishable):
+   a. S = 3x3 in-plane mean of the working image (noise down ~3x).
+   b. L = S inside the lung, -1024 outside. O = grey opening of L with a ~7 mm square
+      per slice: the background level under anything narrower than 7 mm. Vessels,
+      fissures, the partial-volume rim and thin dependent bands vanish; lesions keep
+      their level. Because outside-lung is set to air, bands stuck to the chest wall,
+      heart or diaphragm are thin and vanish too.
+   c. Next to dense voxels (> -200 HU, i.e. vessels and consolidation) the level is the
+      opening with a ~14 mm square instead: a vessel with its partial-volume halo is
+      narrower than that, consolidation (or ground glass around a vessel) is wider.
+   d. Threshold T = -680 HU, raised in the posterior half of each slice by the excess
+      of the posterior over the anterior 25th percentile of lung HU (at most +40 HU):
+      the dependent gradient, not a lesion. Candidates: level > T, S < +100 HU (no
+      bone or calcification), and lung in the slices above and below (thick-slice
+      partial volume at the diaphragm, apex and heart).
+   e. 3D components under 0.2 ml are dropped.
+   f. The faint lesion edge comes back by hysteresis: up to 4 in-plane steps (and one
+      slice up/down) into lung voxels with S > T - 70 HU.
 
-6. Numbers (done by the pipeline for every scorer): lung and lesion volumes, %
-   per lung and total, CT category, 3D lesion count and per-slice boxes.
+6. Numbers (shared by every scorer, in ``pipeline.measure``): lung and lesion volumes,
+   % per lung and total, CT category, lesion count (26-connected) and per-slice boxes.
 
-Known limits: a lung whose aerated part is entirely gone (white-out of a whole lung)
-has no air to start from and is missed (the scan is still flagged severe by the other
-lung's numbers only if that one is involved too); consolidation touching the
-mediastinum with a sharp margin can be rejected as "organ"; dense dependent
-atelectasis thicker than ~7 mm reads as lesion.
+Calibrated on the synthetic phantoms (worker.phantom) and checked on the real scans in
+shared/data (non-COVID patients: 1-3 % at 2.8-5.7 l). Known limits: a lung whose aerated
+part is gone entirely has nothing to grow from; consolidation against the mediastinum
+with a sharp margin can be rejected as "organ"; dense dependent atelectasis thicker
+than ~7 mm and clusters of vessels in motion-blurred lung next to the heart can read as
+lesion; ground glass smaller than ~7 mm is not counted.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ CLOSING_RADIUS_MM = 20.0
 Z_REACH_MM = 10.0
 SMALL_HOLE_MM2 = 150.0
 MARGIN_GGO_HU = -550.0
-MARGIN_MIN_FRACTION = 0.5
+MARGIN_MIN_FRACTION = 0.3
 LESION_LOW_HU = -680.0
 LESION_HIGH_HU = 100.0
 DENSE_HU = -200.0
@@ -118,9 +118,9 @@ NEAR_DENSE_MM = 3.0
 DEPENDENT_MAX_RAISE_HU = 40.0
 MIN_LESION_ML = 0.2
 GROW_LOW_HU = -750.0
-GROW_STEPS = 2
+GROW_STEPS = 4
 WORKING_PIXEL_MM = 1.4
-MIN_SLICE_MM = 1.25
+MIN_SLICE_MM = 1.25  # slices closer than MIN_SLICE_MM / 1.5 are pooled in pairs
 
 _IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
 _IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
@@ -256,6 +256,27 @@ class ClassicalScorer:
             return _segment(volume, torch.device(device))
 
 
+def segment_slice(hu: np.ndarray, pixel_mm: float = 0.75, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Lung and lesion masks of one axial slice (rows, cols) in HU, at its own size.
+
+    The 2D variant for slice data sets cropped to the lungs (covid-semiseg-2d): the
+    whole image counts as body and the slice is scored as a three-slice stack of itself
+    (5 mm apart), so the z rules see lung above and below. Same thresholds otherwise.
+    """
+    hu = np.asarray(hu, dtype=np.float32)
+    if hu.ndim != 2:
+        raise ValueError("segment_slice wants one 2-D slice")
+    volume = Volume(hu=np.repeat(hu[None], 3, axis=0), spacing_mm=(5.0, pixel_mm, pixel_mm),
+                    source="slice")
+    configure_torch()
+    with torch.inference_mode():
+        seg = _segment(volume, torch.device(device), whole_image_is_body=True)
+    fz, fy, fx = seg.factor
+    r, c = hu.shape
+    up = lambda m: np.repeat(np.repeat(m[1], fy, axis=0), fx, axis=1)[:r, :c]  # noqa: E731
+    return up(seg.lung), up(seg.lesion)
+
+
 def working_factors(volume: Volume) -> tuple[int, int, int]:
     dz, dy, dx = volume.spacing_mm
     f = max(1, int(round(WORKING_PIXEL_MM / max(min(dy, dx), 1e-3))))
@@ -287,7 +308,7 @@ def to_working_grid(hu: np.ndarray, factors: tuple[int, int, int], device: torch
     return out
 
 
-def _segment(volume: Volume, device: torch.device) -> Segmentation:
+def _segment(volume: Volume, device: torch.device, *, whole_image_is_body: bool = False) -> Segmentation:
     timings: dict[str, float] = {}
     notes: list[str] = []
     t = _now()
@@ -304,14 +325,10 @@ def _segment(volume: Volume, device: torch.device) -> Segmentation:
 
     # 1. outside air, body, midline --------------------------------------------------
     t = _now()
-    # on a 2x coarser grid (the outline needs no fine detail), then back
-    zw, rw, cw = W.shape
-    # (a coarse pixel is body only when all four are: thin gaps to the couch stay open)
-    fgc = F.pad((W >= OUTSIDE_AIR_HU).to(torch.uint8), (0, cw % 2, 0, rw % 2))
-    fgc = fgc.reshape(zw, (rw + 1) // 2, 2, (cw + 1) // 2, 2).amin(dim=(2, 4)).bool()
-    bodyc = _body_mask(fgc.cpu().numpy())
-    body = np.repeat(np.repeat(bodyc, 2, axis=1), 2, axis=2)[:, :rw, :cw]
-    del fgc, bodyc
+    if whole_image_is_body:  # a crop of the lungs (2D data sets): no outside air in view
+        body = np.ones(tuple(W.shape), dtype=bool)
+    else:
+        body = _body_mask((W >= OUTSIDE_AIR_HU).cpu().numpy())
     cols = np.arange(W.shape[2], dtype=np.float64)
     body_cols = body.sum(axis=1)  # (z, cols)
     body_n = body_cols.sum(axis=1)
@@ -403,8 +420,9 @@ def _bbox(mask: np.ndarray, margins: tuple[int, int, int]) -> tuple[slice, slice
 
 def _body_mask(fg: np.ndarray) -> np.ndarray:
     """Per slice: the largest in-plane component of non-air, holes filled (the couch,
-    clothing and other separate objects are left out)."""
-    labels, n = ndimage.label(fg, structure=_IN_PLANE)
+    clothing and other separate objects are left out). 8-connected, so that the holes
+    (4-connected) cannot leak out through a diagonal step."""
+    labels, n = ndimage.label(fg, structure=_IN_PLANE8)
     if n == 0:
         return fg
     flat = labels.ravel()
@@ -528,13 +546,19 @@ def _accept_dense(added, aerated, level, px, pixel_mm2, device) -> np.ndarray:
     lab_t = torch.from_numpy(labels.astype(np.float32)).to(device)
     near1 = _maxfilter2d(lab_t, 3)
     near3 = _maxfilter2d(lab_t, 7)
-    ring_t = (near3 > 0) & (near1 == 0) & torch.from_numpy(aerated).to(device)
+    # ring pixels must be aerated in the slices above and below too: the z partial
+    # volume of thick slices (diaphragm, heart) does not count as a margin
+    air_t = torch.from_numpy(aerated).to(device)
+    steady = air_t.clone()
+    if steady.shape[0] > 2:
+        steady[1:-1] &= air_t[:-2] & air_t[2:]
+    ring_t = (near3 > 0) & (near1 == 0) & steady
     ring = ring_t.cpu().numpy()
     ring_lab = near3.cpu().numpy()[ring].astype(np.int64)
     ring_n = np.bincount(ring_lab, minlength=n + 1)
     ring_ggo = np.bincount(ring_lab, weights=(level[ring] > MARGIN_GGO_HU), minlength=n + 1)
     frac = ring_ggo / np.maximum(ring_n, 1)
-    accept = (area < SMALL_HOLE_MM2) | (frac >= MARGIN_MIN_FRACTION)
+    accept = (area < SMALL_HOLE_MM2) | ((frac >= MARGIN_MIN_FRACTION) & (ring_n >= 8))
     accept[0] = False
     return accept[labels]
 
@@ -575,7 +599,7 @@ def _lesions(W, S, lung: np.ndarray, spacing, device, voxel_ml, notes) -> np.nda
         cand_np = big[labels]
     lesion = torch.from_numpy(cand_np).to(device)
     # give back the faint lesion edge (hysteresis), in-plane and one slice up and down
-    edge_ok = lung_t & (S > GROW_LOW_HU) & (S < LESION_HIGH_HU)
+    edge_ok = lung_t & (S > thr + (GROW_LOW_HU - LESION_LOW_HU)) & (S < LESION_HIGH_HU)
     for _ in range(GROW_STEPS):
         lesion = lesion | ((_maxfilter2d(lesion.float(), 3) > 0) & edge_ok)
     grown_z = torch.zeros_like(lesion)

@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 MIN_LUNG_ML = 150.0  # less than this is not a chest CT we can score
-MIN_BOX_PIXELS = 2  # working pixels; a one-pixel speck of a lesion's tip is not drawn
+MIN_BOX_MM2 = 20.0  # in-plane lesion pieces smaller than this (a lesion's tip) get no box
 
 
 def _now() -> float:
@@ -136,9 +136,16 @@ def measure(volume: Volume, seg: Segmentation, settings: Settings) -> ScoreResul
 
     total = 100.0 * n_les / n_lung
     category = category_for(min(max(total, 0.0), 100.0), settings.noise_floor_percent)
-    labels3, count = ndimage.label(lesion, structure=np.ones((3, 3, 3), dtype=bool))
-    boxes = lesion_boxes(lesion, left, seg.factor, seg.original_shape, volume.sop_instance_uids,
-                         labels3)
+    count, boxes = 0, []
+    if n_les:
+        # label only the lesions' bounding box (much smaller than the volume)
+        box = tuple(_extent(lesion, axis) for axis in range(3))
+        sub, sub_left = lesion[box], left[box]
+        _, count = ndimage.label(sub, structure=np.ones((3, 3, 3), dtype=bool))
+        offset = tuple(sl.start for sl in box)
+        min_pixels = max(1, int(round(MIN_BOX_MM2 / (seg.spacing_mm[1] * seg.spacing_mm[2]))))
+        boxes = lesion_boxes(sub, sub_left, seg.factor, seg.original_shape,
+                             volume.sop_instance_uids, offset=offset, min_pixels=min_pixels)
     return ScoreResult(
         status="scored",
         category=category,
@@ -154,16 +161,26 @@ def measure(volume: Volume, seg: Segmentation, settings: Settings) -> ScoreResul
     )
 
 
+def _extent(mask: np.ndarray, axis: int) -> slice:
+    other = tuple(a for a in range(mask.ndim) if a != axis)
+    idx = np.flatnonzero(mask.any(axis=other))
+    return slice(int(idx[0]), int(idx[-1]) + 1)
+
+
 def lesion_boxes(lesion: np.ndarray, left: np.ndarray, factor: tuple[int, int, int],
                  original_shape: tuple[int, int, int], sop_instance_uids: Sequence[str],
-                 labels3: np.ndarray | None = None) -> list[LesionBox]:
+                 offset: tuple[int, int, int] = (0, 0, 0), min_pixels: int = 1) -> list[LesionBox]:
     """Boxes of the in-plane (8-connected) lesion components of every original slice.
 
-    The lung side of a box is the side of most of its pixels.
+    ``lesion``/``left`` are working-grid masks (or a sub-block of them starting at
+    ``offset``); a working voxel covers ``factor`` original voxels. Pieces smaller than
+    ``min_pixels`` working pixels get no box. The lung side of a box is the side of
+    most of its pixels.
     """
     from scipy import ndimage
 
     fz, fy, fx = factor
+    oz, oy, ox = offset
     zo, ro, co = original_shape
     structure = np.zeros((3, 3, 3), dtype=bool)
     structure[1] = True
@@ -175,11 +192,11 @@ def lesion_boxes(lesion: np.ndarray, left: np.ndarray, factor: tuple[int, int, i
     n_left = np.bincount(flat, weights=left.ravel().astype(np.float64), minlength=n + 1)
     boxes: list[LesionBox] = []
     for index, sl in enumerate(ndimage.find_objects(labels), start=1):
-        if sl is None or size[index] < MIN_BOX_PIXELS:
+        if sl is None or size[index] < min_pixels:
             continue
-        zw = sl[0].start
-        r0, r1 = sl[1].start * fy, min(sl[1].stop * fy, ro) - 1
-        c0, c1 = sl[2].start * fx, min(sl[2].stop * fx, co) - 1
+        zw = sl[0].start + oz
+        r0, r1 = (sl[1].start + oy) * fy, min((sl[1].stop + oy) * fy, ro) - 1
+        c0, c1 = (sl[2].start + ox) * fx, min((sl[2].stop + ox) * fx, co) - 1
         side = "left" if n_left[index] * 2 >= size[index] else "right"
         for k in range(zw * fz, min((zw + 1) * fz, zo)):
             uid = sop_instance_uids[k] if k < len(sop_instance_uids) else ""
@@ -194,11 +211,8 @@ def score_study(series_files: Mapping[str, Sequence[Path]], settings: Settings, 
     """Read the headers of every series, select one by the rules, load it and score it."""
     started = _now()
     timings: dict[str, float] = {}
-    chosen: str | None = None
     try:
         import pydicom
-
-        from worker.scoring.select import SelectionRules, select_series
 
         t = _now()
         headers: dict[str, list] = {}
@@ -216,6 +230,24 @@ def score_study(series_files: Mapping[str, Sequence[Path]], settings: Settings, 
         if not headers:
             detail = f" ({'; '.join(unreadable[:3])})" if unreadable else ""
             raise InvalidInput(f"no readable DICOM headers in the study{detail}")
+    except CtTriageError as exc:
+        return _early(started, timings, "failed", exc, settings, None)
+    except Exception as exc:  # noqa: BLE001
+        log.exception("reading the study failed")
+        return _early(started, timings, "failed", exc, settings, None, with_type=True)
+    return score_headers(headers, settings, scorer=scorer, timings=timings, started=started)
+
+
+def score_headers(headers: Mapping[str, Sequence], settings: Settings, *, scorer: Scorer | None = None,
+                  timings: dict[str, float] | None = None, started: float | None = None) -> ScoreResult:
+    """Select a series among ``headers`` (SeriesInstanceUID -> datasets read without
+    pixels, each with ``filename``), load it and score it. Never raises for bad input."""
+    started = _now() if started is None else started
+    timings = dict(timings or {})
+    chosen: str | None = None
+    try:
+        from worker.scoring.select import SelectionRules, select_series
+
         t = _now()
         selection = select_series(headers, SelectionRules.from_settings(settings))
         timings["select"] = _now() - t
@@ -230,14 +262,12 @@ def score_study(series_files: Mapping[str, Sequence[Path]], settings: Settings, 
         timings["load"] = _now() - t
     except NotApplicable as exc:
         return _early(started, timings, "not_applicable", exc, settings, chosen)
-    except InvalidInput as exc:
-        return _early(started, timings, "failed", exc, settings, chosen)
     except CtTriageError as exc:
         return _early(started, timings, "failed", exc, settings, chosen)
     except MemoryError as exc:
         return _early(started, timings, "failed", exc, settings, chosen)
     except Exception as exc:  # noqa: BLE001
-        log.exception("reading the study failed")
+        log.exception("loading the series failed")
         return _early(started, timings, "failed", exc, settings, chosen, with_type=True)
     return score_volume(volume, settings, scorer=scorer, timings=timings, started=started)
 
@@ -278,22 +308,25 @@ def score_path(path: str | Path, settings: Settings, *, scorer: Scorer | None = 
             timings["load"] = _now() - t
             return score_volume(volume, settings, scorer=scorer, timings=timings, started=started)
         if path.is_dir():
-            from worker.scoring.load import group_series
+            from worker.scoring.load import read_series_headers
 
             t = _now()
-            groups = group_series(path)
-            timings["scan_folder"] = _now() - t
-            if not groups:
+            headers = read_series_headers(path)
+            timings["read_headers"] = _now() - t
+            if not headers:
                 raise NotApplicable(f"no DICOM series found under {path}")
+            studies = {str(ds.get("StudyInstanceUID", "")) for hs in headers.values() for ds in hs}
+            if len(studies) > 1:
+                raise InvalidInput(f"{path} holds {len(studies)} studies; score one study's folder at a time")
         else:
-            groups = {"(file)": [path]}
             try:
                 import pydicom
 
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
-                groups = {str(ds.get("SeriesInstanceUID", "(file)")): [path]}
             except Exception as exc:  # noqa: BLE001
                 raise InvalidInput(f"{path}: neither NIfTI nor a readable DICOM file ({exc})") from exc
+            ds.filename = str(path)
+            headers = {str(ds.get("SeriesInstanceUID", "(file)")): [ds]}
     except NotApplicable as exc:
         return _early(started, timings, "not_applicable", exc, settings, None)
     except CtTriageError as exc:
@@ -301,9 +334,4 @@ def score_path(path: str | Path, settings: Settings, *, scorer: Scorer | None = 
     except Exception as exc:  # noqa: BLE001
         log.exception("reading %s failed", path)
         return _early(started, timings, "failed", exc, settings, None, with_type=True)
-    result = score_study(groups, settings, scorer=scorer)
-    for key, value in timings.items():
-        result.timings.setdefault(key, round(value, 4))
-    result.seconds = round(_now() - started, 4)
-    result.timings["total"] = result.seconds
-    return result
+    return score_headers(headers, settings, scorer=scorer, timings=timings, started=started)

@@ -46,7 +46,7 @@ def orthanc(workdir: Path) -> tuple[subprocess.Popen, int, int]:
               "Plugins": []}
     (workdir / "orthanc.json").write_text(json.dumps(config))
     proc = subprocess.Popen(["/usr/sbin/Orthanc", str(workdir / "orthanc.json")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            stderr=subprocess.DEVNULL, start_new_session=True, env=dcmtk_env())
     wait_echo(port)
     return proc, port, http
 

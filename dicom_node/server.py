@@ -7,6 +7,7 @@ import ssl
 import tempfile
 from pathlib import Path
 
+from pydicom import config as pydicom_config
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from sqlalchemy.orm import Session, sessionmaker
@@ -159,6 +160,10 @@ class DicomNode:
         # file system, so the final placement is a link, not a copy.
         _config.STORE_RECV_CHUNKED_DATASET = True
         install_fast_recv()
+        # Headers are read to index them, not to judge them: value validation (regexes
+        # on every element) costs more than the rest of the indexing; UIDs we rely on
+        # are validated explicitly (dicom_node.uids).
+        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         tempfile.tempdir = str(self.spool.tmp_dir)
         self._clean_tmp()
         if not self.allowed:

@@ -120,6 +120,7 @@ MIN_LESION_ML = 0.2
 GROW_LOW_HU = -750.0
 GROW_STEPS = 4
 WORKING_PIXEL_MM = 1.4
+SLICE_AS_SLAB_MM = 20.0  # segment_slice: one slice scored as a 3 x 20 mm slab
 MIN_SLICE_MM = 1.25  # slices closer than MIN_SLICE_MM / 1.5 are pooled in pairs
 
 _IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
@@ -259,18 +260,23 @@ class ClassicalScorer:
 def segment_slice(hu: np.ndarray, pixel_mm: float = 0.75, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Lung and lesion masks of one axial slice (rows, cols) in HU, at its own size.
 
-    The 2D variant for slice data sets cropped to the lungs (covid-semiseg-2d): the
-    whole image counts as body and the slice is scored as a three-slice stack of itself
-    (5 mm apart), so the z rules see lung above and below. Same thresholds otherwise.
+    The 2D variant for single slices: scored as a three-slice stack of itself
+    (``SLICE_AS_SLAB_MM`` apart), so the z rules see lung above and below and the volume
+    rules read as areas (20 ml -> 3.3 cm2 of lung-like air, 100 ml -> 17 cm2 of lung). When the image is a crop of the
+    lungs (covid-semiseg-2d: less than 30 % of its border is air) the whole image
+    counts as body. Same thresholds otherwise.
     """
     hu = np.asarray(hu, dtype=np.float32)
     if hu.ndim != 2:
         raise ValueError("segment_slice wants one 2-D slice")
-    volume = Volume(hu=np.repeat(hu[None], 3, axis=0), spacing_mm=(5.0, pixel_mm, pixel_mm),
+    volume = Volume(hu=np.repeat(hu[None], 3, axis=0), spacing_mm=(SLICE_AS_SLAB_MM, pixel_mm, pixel_mm),
                     source="slice")
+    # a full field of view has air all round the patient; a crop of the lungs has not
+    border = np.concatenate([hu[0], hu[-1], hu[:, 0], hu[:, -1]])
+    cropped = np.mean(border < OUTSIDE_AIR_HU) < 0.3
     configure_torch()
     with torch.inference_mode():
-        seg = _segment(volume, torch.device(device), whole_image_is_body=True)
+        seg = _segment(volume, torch.device(device), whole_image_is_body=cropped)
     fz, fy, fx = seg.factor
     r, c = hu.shape
     up = lambda m: np.repeat(np.repeat(m[1], fy, axis=0), fx, axis=1)[:r, :c]  # noqa: E731
@@ -615,35 +621,35 @@ def _erode2d(mask: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _dependent_threshold(S: torch.Tensor, lung: torch.Tensor, px: float) -> torch.Tensor:
-    """-700 HU, raised in the posterior lung by the dependent density gradient.
+    """LESION_LOW_HU, raised in the posterior lung by the dependent density gradient.
 
     Per slice: the 25th percentile of S over the anterior and the posterior third of
-    the lung rows; the excess posterior-over-anterior (at most 60 HU) is added to the
-    threshold, ramping linearly from the middle to the back of the lung.
+    the lung rows; the excess posterior-over-anterior (at most DEPENDENT_MAX_RAISE_HU)
+    is added to the threshold, ramping linearly from the middle to the back of the lung.
+    Rows are assumed to run anterior -> posterior (supine, standard axial orientation).
+    Computed with numpy on the host (one transfer, no per-slice device syncs), so the
+    CPU and CUDA paths give the same thresholds.
     """
     z, r, c = S.shape
-    thr = torch.full((z, r, 1), LESION_LOW_HU, dtype=S.dtype, device=S.device)
-    rows_with = lung.any(dim=2)  # (z, r)
-    S_cpu = None
-    for k in range(z):
-        rr = torch.nonzero(rows_with[k]).flatten()
-        if rr.numel() < 6:
-            continue
+    Sn = S.cpu().numpy()
+    Ln = lung.cpu().numpy()
+    thr = np.full((z, r, 1), LESION_LOW_HU, dtype=np.float32)
+    rows_with = Ln.any(axis=2)  # (z, r)
+    row_idx = np.arange(r, dtype=np.float32)
+    for k in np.flatnonzero(rows_with.sum(axis=1) >= 6):
+        rr = np.flatnonzero(rows_with[k])
         r0, r1 = int(rr[0]), int(rr[-1])
         h = r1 - r0 + 1
         a_end, p_start = r0 + h // 3, r1 - h // 3
-        mk = lung[k]
-        ant = S[k, r0:a_end][mk[r0:a_end]]
-        post = S[k, p_start:r1 + 1][mk[p_start:r1 + 1]]
-        if ant.numel() < 20 or post.numel() < 20:
+        ant = Sn[k, r0:a_end][Ln[k, r0:a_end]]
+        post = Sn[k, p_start:r1 + 1][Ln[k, p_start:r1 + 1]]
+        if ant.size < 20 or post.size < 20:
             continue
-        qa = torch.quantile(ant.float(), 0.25)
-        qp = torch.quantile(post.float(), 0.25)
-        raise_hu = float(torch.clamp(qp - qa, 0.0, DEPENDENT_MAX_RAISE_HU))
+        raise_hu = float(np.clip(np.percentile(post, 25) - np.percentile(ant, 25), 0.0,
+                                 DEPENDENT_MAX_RAISE_HU))
         if raise_hu <= 0:
             continue
         mid = (r0 + r1) / 2.0
-        ramp = torch.clamp((torch.arange(r, device=S.device, dtype=S.dtype) - mid) / max(r1 - mid, 1), 0, 1)
+        ramp = np.clip((row_idx - mid) / max(r1 - mid, 1.0), 0.0, 1.0)
         thr[k, :, 0] = LESION_LOW_HU + raise_hu * ramp
-    del S_cpu
-    return thr
+    return torch.from_numpy(thr).to(S.device)

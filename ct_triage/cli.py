@@ -190,12 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print the effective settings")
     config.add_argument("--markdown", action="store_true", help="the settings table for the README")
     config.set_defaults(func=cmd_config)
-    try:  # TEMPORARY until worker.commands lands
-        from worker import commands as worker_commands
-    except ImportError:
-        worker_commands = None
-    if worker_commands:
-        worker_commands.register(sub, Settings.from_env)
+    from worker import commands as worker_commands
+
+    worker_commands.register(sub, Settings.from_env)
     return parser
 
 

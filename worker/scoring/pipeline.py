@@ -117,7 +117,6 @@ def measure(volume: Volume, seg: Segmentation, settings: Settings) -> ScoreResul
 
     lung, left, lesion = seg.lung, seg.left, seg.lesion & seg.lung
     left = left & lung
-    right = lung & ~left
     vml = seg.voxel_volume_ml
     n_lung, n_left = int(lung.sum()), int(left.sum())
     n_right = n_lung - n_left

@@ -13,6 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+from scipy import ndimage
 
 from worker.phantom import make_phantom, write_phantom
 from worker.scoring.load import load_series
@@ -245,3 +246,47 @@ def test_full_size_phantom_is_realistic_and_fast(tmp_path):
     assert volume.hu.shape == (300, 512, 512) and volume.hu.dtype == np.int16
     assert np.array_equal(volume.hu, expected_hu)
     assert written["series_instance_uid"] == volume.series_instance_uid
+
+
+def _outside_air(hu: np.ndarray) -> np.ndarray:
+    """Per slice, the voxels below -500 HU connected (in-plane) to the image border: the
+    air around the body, as the scorer's body mask sees it."""
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)  # 4-connected, slice by slice
+    labels, _ = ndimage.label(hu < -500, structure=in_plane)
+    edge = np.concatenate([labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]],
+                          axis=None)
+    border = np.zeros(labels.max() + 1, dtype=bool)
+    border[np.unique(edge)] = True
+    border[0] = False
+    return border[labels]
+
+
+def _wall_breaches(phantom, wall_mm: float = 12.0) -> int:
+    """Outside-air voxels within ``wall_mm`` (an ellipsoid in real millimetres) of the lungs."""
+    dz, dy, dx = phantom.volume.spacing_mm
+    rz, ry, rx = (int(wall_mm // s) for s in (dz, dy, dx))
+    gz, gy, gx = np.ogrid[-rz:rz + 1, -ry:ry + 1, -rx:rx + 1]
+    ball = (gz * dz) ** 2 + (gy * dy) ** 2 + (gx * dx) ** 2 <= wall_mm ** 2
+    near_lung = ndimage.binary_dilation(phantom.lung_mask, structure=ball)
+    return int((near_lung & _outside_air(phantom.volume.hu)).sum())
+
+
+@pytest.mark.parametrize("seed", range(31))
+def test_lungs_are_enclosed_by_a_chest_wall(seed):
+    """Whatever the size jitter, >= 12 mm of wall between the lungs and the outside air,
+    so a body mask (largest non-air component) keeps the lungs inside it."""
+    phantom = make_phantom(35.0, slices=24, rows=96, slice_spacing_mm=12.0, seed=seed)
+    assert _wall_breaches(phantom) == 0
+    lung = phantom.lung_mask
+    assert not (phantom.lesion_mask & ~lung).any()
+    assert (lung.sum(axis=(1, 2)) > 0).sum() >= 20, "the lungs still span the chest"
+
+
+@pytest.mark.parametrize("seed", [0, 3, 11])
+def test_lungs_are_enclosed_by_a_chest_wall_at_scoring_size(seed):
+    phantom = make_phantom(35.0, slices=60, rows=192, slice_spacing_mm=5.0, seed=seed)
+    assert _wall_breaches(phantom) == 0
+    truth = phantom.ground_truth
+    assert 4000 < truth["lung_volume_ml"] < 6000
+    assert abs(truth["involvement_percent"] - 35.0) <= 1.0

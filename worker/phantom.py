@@ -10,7 +10,9 @@ What it contains and why:
 - body ellipse (soft tissue ~40 HU) with a subcutaneous fat ring (~-100 HU), spine,
   sternum and ribs (~700 HU) so body/bone thresholds have something to do;
 - two lungs (parenchyma ~-860 HU) whose posterior part is denser (up to ~-730 HU):
-  the dependent-lung gradient, which is *not* a lesion;
+  the dependent-lung gradient, which is *not* a lesion; the lungs fill the chest
+  cavity only up to the inner surface of the ribs, so at least ~17 mm of rib, muscle
+  and fat separate them from the outside air for every seed;
 - a tapering, branching vessel tree (+40 HU, partial volume at its thin ends) and an
   airway tree (trachea, main bronchi, lobar bronchi at -1000 HU): a naive "HU > -700
   inside the lung" count is fooled by the vessels;
@@ -58,6 +60,14 @@ from worker.scoring.volume import Volume
 MODEL_FOV_MM = 350.0  # in-plane extent of the model space
 MODEL_HEIGHT_MM = 300.0  # z extent of the model space
 LUNG_Z_RANGE_MM = (18.0, 282.0)  # lungs span this part of the model's z
+# The chest wall, as squared elliptic radii of the body ellipse (0 centre .. 1 skin):
+# fat ring from 0.86, ribs between 0.70 and 0.80. The lungs (the parietal pleura) stay
+# inside 0.70, against the inner surface of the ribs, whatever the per-seed jitter:
+# the wall is then at least (1 - sqrt(0.70)) x 107.5 mm = 17.5 mm thick front and back,
+# more at the sides.
+BODY_FAT_RADIUS2 = 0.86
+RIB_RADIUS2 = (0.70, 0.80)
+PLEURA_RADIUS2 = RIB_RADIUS2[0]
 
 HU_AIR = -1000.0
 HU_FAT = -100.0
@@ -279,9 +289,17 @@ class _Anatomy:
             return 1.0
         return math.sqrt(max(0.0, 1.0 - ((z - self.apex_start) / (hi - self.apex_start)) ** 2))
 
-    def lungs(self, x, y, z: float):
+    def body_radius2(self, x, y):
+        """Squared elliptic radius of the body outline: 0 centre .. 1 skin."""
+        return (x / self.body_a) ** 2 + (y / self.body_b) ** 2
+
+    def lungs(self, x, y, z: float, *, within_wall: bool = True):
         """(right, left, rho2) at one z: raw lung shapes including the effusion space,
-        and the squared elliptic radius (0 centre .. 1 pleura) used to bias lesions."""
+        and the squared elliptic radius (0 centre .. 1 pleura) used to bias lesions.
+
+        The lung ellipses are cut by the chest cavity (inside the ribs); ``within_wall=False``
+        gives the uncut ellipses (the vessel and airway trees grow on those, so the random
+        stream that follows them does not depend on the cut)."""
         scale = self.lung_scale(z)
         if scale == 0.0:
             empty = np.zeros(np.broadcast_shapes(np.shape(x), np.shape(y)), dtype=bool)
@@ -291,10 +309,26 @@ class _Anatomy:
         rho2_right = ((x + self.lung_x) / a) ** 2 + dy2
         rho2_left = ((x - self.lung_x) / a) ** 2 + dy2
         outside = ~self._heart(x, y, z)
+        if within_wall:
+            cavity2 = self.body_radius2(x, y) / PLEURA_RADIUS2
+            outside = outside & (cavity2 < 1.0)
         right = (rho2_right < 1.0) & outside & ~self._dome(0, x, y, z)
         left = (rho2_left < 1.0) & outside & ~self._dome(1, x, y, z)
-        rho2 = np.where(x < 0, rho2_right, rho2_left).astype(np.float32)
-        return right, left, rho2
+        rho2 = np.where(x < 0, rho2_right, rho2_left)
+        if within_wall:  # the periphery is where either outline is near: lung or cavity
+            rho2 = np.maximum(rho2, cavity2)
+        return right, left, rho2.astype(np.float32)
+
+    def posterior_limit(self, z: float) -> float:
+        """The lungs' most posterior y at one z (the back of the ellipse or the cavity)."""
+        scale = self.lung_scale(z)
+        if scale == 0.0:
+            return self.lung_y
+        t = np.linspace(-1.0, 1.0, 2001)
+        x = self.lung_x + self.lung_a * scale * t  # the lungs are mirror images in x
+        y_lung = self.lung_y + self.lung_b * scale * np.sqrt(1.0 - t * t)
+        y_wall = self.body_b * np.sqrt(np.clip(PLEURA_RADIUS2 - (x / self.body_a) ** 2, 0.0, None))
+        return float(np.minimum(y_lung, y_wall).max())
 
     def _heart(self, x, y, z: float):
         hx, hy, hz, radius, half_height = self.heart
@@ -318,12 +352,12 @@ class _Anatomy:
                                        (self.effusion_top - LUNG_Z_RANGE_MM[0]))
         if depth <= 0.0:
             return np.zeros(right.shape, dtype=bool)
-        level = self.lung_y + self.lung_b - depth
+        level = self.posterior_limit(z) - depth
         return right & (y > level) & (x < 0)
 
     def posterior_fraction(self, y, z: float):
         """0 in the front half of a lung, rising to 1 at its back: drives the dependent gradient."""
-        b = self.lung_b * max(self.lung_scale(z), 1e-3)
+        b = max(self.posterior_limit(z) - self.lung_y, 1e-3)
         return np.clip((y - self.lung_y) / b, 0.0, 1.0) ** 2
 
 
@@ -402,7 +436,8 @@ def _perpendicular(direction: np.ndarray, rng: np.random.Generator) -> np.ndarra
 
 
 def _inside_lung(anatomy: _Anatomy, point: np.ndarray) -> bool:
-    right, left, _ = anatomy.lungs(np.float32(point[0]), np.float32(point[1]), float(point[2]))
+    right, left, _ = anatomy.lungs(np.float32(point[0]), np.float32(point[1]), float(point[2]),
+                                   within_wall=False)
     return bool(right | left)
 
 
@@ -567,16 +602,16 @@ def _label_lesions(lesion: np.ndarray, grid: _Grid, voxel_mm3: float) -> _Labels
 def _chest_wall(grid: _Grid, anatomy: _Anatomy):
     """The slice-invariant part: air, body, fat ring, spine, sternum; plus the rib band."""
     x, y = grid.x, grid.y
-    body = (x / anatomy.body_a) ** 2 + (y / anatomy.body_b) ** 2
+    body = anatomy.body_radius2(x, y)
     hu = np.full((grid.rows, grid.rows), HU_AIR, dtype=np.float32)
     hu[body < 1.0] = HU_FAT
-    hu[body < 0.86] = HU_SOFT_TISSUE
+    hu[body < BODY_FAT_RADIUS2] = HU_SOFT_TISSUE
     spine = x ** 2 + (y - 78.0) ** 2
     hu[spine < 17.0 ** 2] = HU_BONE
     hu[spine < 13.5 ** 2] = HU_MARROW
     hu[(np.abs(x) < 6.0) & (np.abs(y - 106.0) < 14.0)] = HU_BONE  # spinous process
     hu[(np.abs(x) < 14.0) & (np.abs(y + 96.0) < 5.0)] = HU_BONE  # sternum
-    rib_band = (body > 0.70) & (body < 0.80) & (np.abs(x) > 22.0)
+    rib_band = (body > RIB_RADIUS2[0]) & (body < RIB_RADIUS2[1]) & (np.abs(x) > 22.0)
     angle = np.arctan2(y, x)
     # ribs run obliquely: their cross-sections move with z and with the angle round the chest
     rib_phase = (np.abs(angle - np.pi / 2) * 40.0).astype(np.float32)

@@ -27,7 +27,7 @@ class EmbeddedConsumer:
         self.poll_interval_s = poll_interval_s
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
         # One consumer per database in embedded mode: whatever is still "running" was ours.
@@ -35,20 +35,26 @@ class EmbeddedConsumer:
             requeued = repository.requeue_abandoned_jobs(session, SCORE_STUDY)
         if requeued:
             log.warning("requeued %d job(s) left running by a previous process: %s", len(requeued), requeued)
-        self._thread = threading.Thread(target=self._run, name="embedded-consumer", daemon=True)
-        self._thread.start()
+        # Two loops, like the gpu and io queues: deliveries never wait behind a scoring backlog.
+        for name, step in (("embedded-scoring", self.run_scoring), ("embedded-delivery", self.run_deliveries)):
+            thread = threading.Thread(target=self._run, args=(step,), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        if self._thread:
-            self._thread.join(timeout=120)
+        for thread in self._threads:
+            thread.join(timeout=120)
 
     def wake(self) -> None:
         self._wake.set()
 
     def run_pending(self) -> int:
         """Run queued scoring jobs, then due deliveries; returns how many ran."""
+        return self.run_scoring() + self.run_deliveries()
+
+    def run_scoring(self) -> int:
         ran = 0
         while not self._stop.is_set():
             with session_scope(self.ctx.session_factory) as session:
@@ -57,6 +63,10 @@ class EmbeddedConsumer:
                 break
             jobs.score_study(self.ctx, job_id)
             ran += 1
+        return ran
+
+    def run_deliveries(self) -> int:
+        ran = 0
         with session_scope(self.ctx.session_factory) as session:
             due = jobs.due_delivery_ids(session)
         for delivery_id in due:
@@ -69,10 +79,10 @@ class EmbeddedConsumer:
             ran += 1
         return ran
 
-    def _run(self) -> None:
+    def _run(self, step) -> None:
         while not self._stop.is_set():
             try:
-                self.run_pending()
+                step()
             except SQLAlchemyError as exc:
                 log.error("embedded consumer: database error: %s", str(exc).splitlines()[0][:300])
             except Exception:

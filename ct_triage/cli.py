@@ -6,7 +6,9 @@ import argparse
 import logging
 import signal
 import sys
+import subprocess
 import threading
+import time
 
 from ct_triage import __version__
 from ct_triage.errors import CtTriageError
@@ -19,7 +21,8 @@ log = logging.getLogger("ct_triage")
 def _wait_for_signal() -> None:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, lambda signum, _frame: (stop.set(), log.info("%s received: stopping gracefully",
+                                                                           signal.Signals(signum).name)))
     while not stop.wait(1.0):
         pass
 
@@ -50,21 +53,56 @@ def cmd_serve(args, settings: Settings) -> int:
         consumer.start()
         log.info("embedded worker consuming jobs from the database")
     else:
-        import subprocess
-
         worker_process = subprocess.Popen([sys.executable, "-m", "ct_triage.cli", "worker"])
         log.info("Celery worker started (pid %d) on %s", worker_process.pid, "gpu,io")
     log.info("ct-triage serve ready: DICOM %s on port %d", settings.ae_title, node.port)
     try:
         _wait_for_signal()
     finally:
+        # Graceful (SIGTERM): no new work, in-flight C-STOREs answered, running tasks requeued.
+        started = time.monotonic()
+        if worker_process:
+            worker_process.terminate()  # the Celery worker's own graceful stop (cmd_worker)
+        if consumer:
+            consumer.request_stop()
         node.stop()
         if consumer:
-            consumer.stop()
+            left = max(0.5, settings.shutdown_grace_s - (time.monotonic() - started))
+            consumer.stop(timeout=left)
+            _requeue_claims(session_factory, lambda holder: holder == consumer.ctx.worker_name)
         if worker_process:
-            worker_process.terminate()
-            worker_process.wait(timeout=30)
+            try:
+                worker_process.wait(timeout=max(1.0, settings.shutdown_grace_s + 1.5 - (time.monotonic() - started)))
+            except subprocess.TimeoutExpired:
+                worker_process.kill()
+                worker_process.wait()
+                _requeue_claims(session_factory, _dead_holder_of_this_host)
+        log.info("ct-triage serve stopped in %.1f s", time.monotonic() - started)
     return 0
+
+
+def _dead_holder_of_this_host(holder: str | None) -> bool:
+    """A claim (``host:pid``) by a process of this host that is no longer running."""
+    from worker.jobs import _holder_is_dead
+
+    return _holder_is_dead(holder)
+
+
+def _requeue_claims(session_factory, is_ours) -> None:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from db import repository
+    from db.session import session_scope
+
+    try:
+        with session_scope(session_factory) as session:
+            jobs, deliveries = repository.release_claims(session, is_ours)
+    except SQLAlchemyError as exc:
+        log.error("could not requeue running tasks (they are taken over when their lease expires): %s",
+                  str(exc).splitlines()[0][:300])
+        return
+    if jobs or deliveries:
+        log.warning("requeued running task(s) at shutdown: jobs %s, deliveries %s", jobs, deliveries)
 
 
 def cmd_node(args, settings: Settings) -> int:
@@ -86,12 +124,30 @@ def cmd_worker(args, settings: Settings) -> int:
         raise CtTriageError("ct-triage worker needs CT_TRIAGE_BROKER_URL (e.g. redis://127.0.0.1:6379/0); "
                             "for one machine use `ct-triage serve`")
     log_effective_config(settings, "worker")
-    open_database(settings)  # migrations before the first task
+    _, session_factory = open_database(settings)  # migrations before the first task
+    import os
+
+    from celery.signals import worker_shutting_down
+
     from worker.celery_app import app
 
+    def escalate(sig=None, how=None, exitcode=None, **_):
+        # SIGTERM is Celery's warm shutdown, which waits for running tasks however long they
+        # take. After the grace, a cold shutdown (SIGQUIT) stops them; their messages are not
+        # acknowledged (acks_late), and their rows are requeued below.
+        if how == "Warm":
+            log.info("%s: warm shutdown, running tasks get %.0f s", sig, settings.shutdown_grace_s)
+            timer = threading.Timer(settings.shutdown_grace_s, os.kill, (os.getpid(), signal.SIGQUIT))
+            timer.daemon = True
+            timer.start()
+
+    worker_shutting_down.connect(escalate, weak=False)
     argv = ["worker", "--queues", args.queues, "--concurrency", str(args.concurrency), "--loglevel",
             settings.log_level, "--hostname", args.hostname, "--without-gossip", "--without-mingle"]
-    app.worker_main(argv)
+    try:
+        app.worker_main(argv)
+    finally:
+        _requeue_claims(session_factory, _dead_holder_of_this_host)
     return 0
 
 

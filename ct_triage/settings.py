@@ -79,6 +79,16 @@ class Settings:
     lung_kernels: list[str] = _lf(DEFAULT_LUNG_KERNELS, "Convolution kernels preferred for scoring (case-insensitive).")
     min_slices: int = _f(20, "Fewer slices than this: the series is not applicable.")
     noise_floor_percent: float = _f(0.5, "Involvement below this is CT-0 (no signs).")
+    commitment_peers: list[str] = _lf(
+        [], "Comma-separated AET@host:port[+tls] of scanners that want the Storage Commitment report on a new "
+        "association (used when the requesting association is already closed)."
+    )
+    retention_days: float = _f(
+        0.0, "Delete received instances (and quarantined files) this many days after their result was "
+        "delivered; rows are kept with a deleted-at mark. 0: keep forever."
+    )
+    retention_interval_s: float = _f(3600.0, "How often the node (or serve) runs the retention sweep.")
+    shutdown_grace_s: float = _f(8.0, "On SIGTERM: how long in-flight C-STOREs and tasks may run before exit.")
     poll_interval_s: float = _f(1.0, "How often the completeness tracker and the embedded queue look for work.")
     log_level: str = _f("INFO", "Logging level.")
 
@@ -147,6 +157,12 @@ class Settings:
             parse_destination(dest)
         for entry in self.allowed_calling_aes:
             parse_allowed_caller(entry)
+        for entry in self.commitment_peers:
+            parse_destination(entry, setting="COMMITMENT_PEERS")
+        if self.retention_days < 0 or self.retention_interval_s <= 0:
+            raise ConfigError(f"{PREFIX}RETENTION_DAYS must be >= 0 and {PREFIX}RETENTION_INTERVAL_S > 0")
+        if not 0 <= self.shutdown_grace_s <= 60:
+            raise ConfigError(f"{PREFIX}SHUTDOWN_GRACE_S must be 0..60, got {self.shutdown_grace_s}")
 
     def effective(self) -> dict[str, str]:
         """The settings as logged at start: every field, secrets masked."""
@@ -235,7 +251,7 @@ class Destination:
         return f"{self.ae_title}@{self.host}:{self.port}" + ("+tls" if self.tls else "")
 
 
-def parse_destination(text: str) -> Destination:
+def parse_destination(text: str, setting: str = "DESTINATIONS") -> Destination:
     """Parse ``AET@host:port[+tls]``; ConfigError naming the entry when malformed."""
     entry = text.strip()
     tls = entry.endswith("+tls")
@@ -244,7 +260,7 @@ def parse_destination(text: str) -> Destination:
     aet, sep, hostport = entry.partition("@")
     host, sep2, port = hostport.rpartition(":")
     if not sep or not sep2 or not aet or not host or not port.isdigit() or len(aet) > 16:
-        raise ConfigError(f"{PREFIX}DESTINATIONS entry {text!r} is not AET@host:port[+tls]")
+        raise ConfigError(f"{PREFIX}{setting} entry {text!r} is not AET@host:port[+tls]")
     return Destination(aet, host, int(port), tls)
 
 

@@ -143,6 +143,8 @@ class Instance(Base):
     columns: Mapped[int | None] = mapped_column(Integer)
     calling_ae_title: Mapped[str | None] = mapped_column(String(16))
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Set when retention removed the file (CT_TRIAGE_RETENTION_DAYS); the row stays.
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
@@ -201,6 +203,8 @@ class RejectedInstance(Base):
     status_code: Mapped[int] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(Text)
     quarantine_path: Mapped[str | None] = mapped_column(String(255))
+    # Set when retention removed the quarantined copy.
+    quarantine_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Result(Base):

@@ -382,7 +382,8 @@ def stored_sop_instance_uids(session: Session, sop_instance_uids: list[str]) -> 
     for start in range(0, len(sop_instance_uids), 500):
         chunk = sop_instance_uids[start:start + 500]
         for uid, sop_class in session.execute(select(Instance.sop_instance_uid, Instance.sop_class_uid)
-                                              .where(Instance.sop_instance_uid.in_(chunk))):
+                                              .where(Instance.sop_instance_uid.in_(chunk),
+                                                     Instance.deleted_at.is_(None))):
             held[uid] = sop_class
     return held
 
@@ -397,3 +398,98 @@ def counts(session: Session) -> dict[str, int]:
 
 
 SETTLED_STATES = frozenset(s.value for s in SETTLED)
+
+
+# -- graceful shutdown: hand back what this process holds ----------------------------
+def release_claims(session: Session, is_ours, now: datetime | None = None) -> tuple[list[int], list[int]]:
+    """Requeue scoring jobs and deliveries whose holder (``host:pid``) ``is_ours(holder)``.
+
+    Jobs go back to ``queued`` and deliveries to ``pending``, both unpublished, so the
+    node publishes them again (a message the broker redelivers as well finds the row
+    already claimed or done and is skipped). Returns (job ids, delivery ids).
+    """
+    jobs = [job_id for job_id, holder in session.execute(
+        select(Job.id, Job.worker).where(Job.state == "running")) if is_ours(holder)]
+    deliveries = [d_id for d_id, holder in session.execute(
+        select(Delivery.id, Delivery.worker).where(Delivery.state == "sending")) if is_ours(holder)]
+    if jobs:
+        session.execute(update(Job).where(Job.id.in_(jobs), Job.state == "running")
+                        .values(state="queued", worker=None, published_at=None))
+    if deliveries:
+        session.execute(update(Delivery).where(Delivery.id.in_(deliveries), Delivery.state == "sending")
+                        .values(state="pending", worker=None, published_at=None, next_attempt_at=now or utcnow()))
+    return jobs, deliveries
+
+
+# -- retention (CT_TRIAGE_RETENTION_DAYS) ---------------------------------------------
+@dataclass
+class ExpiredFile:
+    kind: str  # "instance" | "quarantine"
+    row_id: int
+    path: str  # relative to the storage folder
+
+
+def expired_files(session: Session, cutoff: datetime, limit: int = 1000) -> list[ExpiredFile]:
+    """Files retention may delete now: never before the study's result was delivered.
+
+    An instance is expired when its study's result for the study's *current* version
+    was delivered before ``cutoff`` (every delivery succeeded), or has no delivery at
+    all (no destination, nothing to send) and was scored before ``cutoff``. A study
+    reopened by a late instance has a newer version without a delivered result, so it
+    keeps its files. Quarantined copies expire ``cutoff`` after they were received.
+    """
+    with_deliveries = select(Delivery.result_fk).distinct()
+    settled = (select(Result.study_fk)
+               .join(Study, (Study.id == Result.study_fk) & (Study.version == Result.version))
+               .where(((Result.delivered_at.is_not(None)) & (Result.delivered_at <= cutoff))
+                      | (Result.id.not_in(with_deliveries) & (Result.scored_at <= cutoff))))
+    rows = session.execute(
+        select(Instance.id, Instance.path).join(Series, Instance.series_fk == Series.id)
+        .where(Instance.deleted_at.is_(None), Series.study_fk.in_(settled))
+        .order_by(Instance.id).limit(limit)).all()
+    files = [ExpiredFile("instance", row_id, path) for row_id, path in rows]
+    if len(files) < limit:
+        quarantined = session.execute(
+            select(RejectedInstance.id, RejectedInstance.quarantine_path)
+            .where(RejectedInstance.quarantine_path.is_not(None), RejectedInstance.quarantine_deleted_at.is_(None),
+                   RejectedInstance.received_at <= cutoff)
+            .order_by(RejectedInstance.id).limit(limit - len(files))).all()
+        files += [ExpiredFile("quarantine", row_id, path) for row_id, path in quarantined]
+    return files
+
+
+def mark_files_deleted(session: Session, files: list[ExpiredFile], now: datetime | None = None) -> None:
+    now = now or utcnow()
+    instances = [f.row_id for f in files if f.kind == "instance"]
+    quarantined = [f.row_id for f in files if f.kind == "quarantine"]
+    if instances:
+        session.execute(update(Instance).where(Instance.id.in_(instances)).values(deleted_at=now))
+    if quarantined:
+        session.execute(update(RejectedInstance).where(RejectedInstance.id.in_(quarantined))
+                        .values(quarantine_deleted_at=now))
+
+
+@dataclass
+class StorageCounts:
+    instances_on_disk: int
+    bytes_on_disk: int
+    instances_deleted: int
+    quarantined_on_disk: int
+    disk_refusals_last_hour: int
+
+
+def storage_counts(session: Session, disk_full_status: int, now: datetime | None = None) -> StorageCounts:
+    now = now or utcnow()
+    on_disk = session.execute(select(func.count(Instance.id), func.coalesce(func.sum(Instance.size_bytes), 0))
+                              .where(Instance.deleted_at.is_(None))).one()
+    return StorageCounts(
+        instances_on_disk=int(on_disk[0] or 0),
+        bytes_on_disk=int(on_disk[1] or 0),
+        instances_deleted=session.scalar(select(func.count(Instance.id)).where(Instance.deleted_at.is_not(None)))
+        or 0,
+        quarantined_on_disk=session.scalar(select(func.count(RejectedInstance.id)).where(
+            RejectedInstance.quarantine_path.is_not(None), RejectedInstance.quarantine_deleted_at.is_(None))) or 0,
+        disk_refusals_last_hour=session.scalar(select(func.count(RejectedInstance.id)).where(
+            RejectedInstance.status_code == disk_full_status,
+            RejectedInstance.received_at >= now - timedelta(hours=1))) or 0,
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import ssl
 import tempfile
+import time
 from pathlib import Path
 
 from pydicom import config as pydicom_config
@@ -13,10 +14,12 @@ from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from sqlalchemy.orm import Session, sessionmaker
 
 from ct_triage.contract import Publisher
-from ct_triage.settings import Settings, parse_allowed_caller
+from ct_triage.settings import Settings, parse_allowed_caller, parse_destination
 from dicom_node import status
 from dicom_node.commitment import CommitmentService
 from dicom_node.completeness import CompletenessTracker
+from dicom_node.retention import RetentionSweeper
+from dicom_node.shutdown import InFlight, drain
 from dicom_node.spool import Spool
 from dicom_node.store import StoreService
 from dicom_node.transport import install_fast_recv, tune_association
@@ -49,9 +52,10 @@ def handle_echo(event) -> int:
     return status.SUCCESS
 
 
-def handle_store(event, store: StoreService) -> int:
+def handle_store(event, store: StoreService, in_flight: InFlight) -> int:
     try:
-        return store.on_c_store(event)
+        with in_flight.track(event.assoc):
+            return store.on_c_store(event)
     except Exception:
         log.exception("unexpected error in C-STORE")
         return status.PROCESSING_FAILURE
@@ -116,11 +120,17 @@ class DicomNode:
         self.settings = settings
         self.spool = Spool(settings.effective_storage_dir, settings.min_free_disk_mb * 2**20)
         self.store = StoreService(self.spool, session_factory, on_series_stable=self._wake_tracker)
-        self.commitment = CommitmentService(session_factory)
+        self.commitment = CommitmentService(
+            session_factory, ae_title=settings.ae_title,
+            peers=[parse_destination(p, setting="COMMITMENT_PEERS") for p in settings.commitment_peers],
+            acse_timeout_s=settings.acse_timeout_s, dimse_timeout_s=settings.dimse_timeout_s)
         self.tracker = CompletenessTracker(session_factory, publisher, stable_age_s=settings.stable_age_s,
                                            max_receive_s=settings.max_receive_s,
                                            poll_interval_s=settings.poll_interval_s,
                                            busy_study_uids=self.store.busy_study_uids)
+        self.retention = RetentionSweeper(session_factory, settings.effective_storage_dir, settings.retention_days,
+                                          settings.retention_interval_s)
+        self.in_flight = InFlight()
         self.allowed = [parse_allowed_caller(entry) for entry in settings.allowed_calling_aes]
         self.ae = self._build_ae()
         self.servers = []
@@ -146,7 +156,7 @@ class DicomNode:
         return [
             (evt.EVT_CONN_OPEN, handle_conn_open),
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store, [self.store]),
+            (evt.EVT_C_STORE, handle_store, [self.store, self.in_flight]),
             (evt.EVT_N_ACTION, handle_n_action, [self.commitment]),
             (evt.EVT_REQUESTED, handle_requested, [self.allowed]),
             (evt.EVT_ESTABLISHED, handle_established, [self.store]),
@@ -176,6 +186,7 @@ class DicomNode:
             if tls is not None:
                 self.servers.append(self._serve(s.tls_port, tls))
         self.tracker.start()
+        self.retention.start()
 
     def _serve(self, port: int, tls: ssl.SSLContext | None):
         server = self.ae.start_server((self.settings.bind_address, port), block=False,
@@ -195,9 +206,15 @@ class DicomNode:
             except OSError:
                 pass
 
-    def stop(self) -> None:
-        for server in self.servers:
-            server.shutdown()
+    def stop(self, grace_s: float | None = None) -> None:
+        """Graceful stop (dicom_node.shutdown): no new associations, open ones finish or are
+        aborted between C-STOREs after ``grace_s`` (default CT_TRIAGE_SHUTDOWN_GRACE_S)."""
+        grace_s = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        started = time.monotonic()
+        aborted = drain(self.servers, self.in_flight, grace_s)
         self.servers = []
+        self.commitment.wait_idle(max(0.5, grace_s - (time.monotonic() - started)))
+        self.retention.stop()
         self.tracker.stop()
-        log.info("DICOM node stopped")
+        log.info("DICOM node stopped in %.1f s%s", time.monotonic() - started,
+                 f" ({aborted} association(s) aborted)" if aborted else "")

@@ -41,11 +41,20 @@ class EmbeddedConsumer:
             thread.start()
             self._threads.append(thread)
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
+        """Take no new work; what runs goes on (see stop)."""
         self._stop.set()
         self._wake.set()
+
+    def stop(self, timeout: float = 120.0) -> None:
+        """Stop and wait up to ``timeout`` s in all; a task still running then is left to the
+        caller to requeue (repository.release_claims) before the process exits."""
+        import time
+
+        self.request_stop()
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout=120)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def wake(self) -> None:
         self._wake.set()

@@ -176,11 +176,15 @@ def cmd_status(args, settings: Settings) -> int:
     from db import repository
     from db.session import session_scope
 
+    from dicom_node.retention import disk_pressure
+
     _, session_factory = open_database(settings)
+    pressure = disk_pressure(settings.effective_storage_dir, settings.min_free_disk_mb, session_factory)
     with session_scope(session_factory) as session:
         rows = repository.series_status(session, limit=args.limit)
         results = repository.result_status(session, limit=args.limit)
-    print("SERIES")
+    _print_storage(pressure, settings)
+    print("\nSERIES")
     _print_table(
         ["study_instance_uid", "series_instance_uid", "mod", "instances", "dups", "ver", "state",
          "first_received", "last_received", "stable", "queued", "reason/flags"],
@@ -198,6 +202,23 @@ def cmd_status(args, settings: Settings) -> int:
           ", ".join(f"{d}: {state}" for d, state in r.deliveries) or "-", r.reason or ""] for r in results],
         "(no results yet)")
     return 0
+
+
+def _print_storage(pressure, settings: Settings) -> None:
+    mib = 2**20
+    verdict = {"ok": "accepting", "low": "accepting, LOW: free space under twice the floor",
+               "refusing": "REFUSING C-STORE with 0xA700: free space under the floor"}[pressure.state]
+    print("STORAGE")
+    print(f"disk: {pressure.free_bytes // mib} MiB free of {pressure.total_bytes // mib} MiB, floor "
+          f"{pressure.floor_bytes // mib} MiB: {verdict}")
+    if pressure.instances_on_disk is not None:
+        print(f"instances on disk: {pressure.instances_on_disk} ({pressure.bytes_on_disk / 1e6:.1f} MB), "
+              f"removed by retention: {pressure.instances_deleted}, quarantined files: "
+              f"{pressure.quarantined_on_disk}, refused for disk space in the last hour: "
+              f"{pressure.refusals_last_hour}")
+    retention = (f"{settings.retention_days:g} day(s) after delivery" if settings.retention_days > 0
+                 else "off (kept forever)")
+    print(f"retention: {retention}")
 
 
 def cmd_demo(args, settings: Settings) -> int:

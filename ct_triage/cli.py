@@ -102,7 +102,7 @@ def _requeue_claims(session_factory, is_ours) -> None:
                   str(exc).splitlines()[0][:300])
         return
     if jobs or deliveries:
-        log.warning("requeued running task(s) at shutdown: jobs %s, deliveries %s", jobs, deliveries)
+        log.warning("requeued running task(s) of stopped processes: jobs %s, deliveries %s", jobs, deliveries)
 
 
 def cmd_node(args, settings: Settings) -> int:
@@ -126,6 +126,10 @@ def cmd_worker(args, settings: Settings) -> int:
     log_effective_config(settings, "worker")
     _, session_factory = open_database(settings)  # migrations before the first task
     import os
+
+    # Tasks a SIGKILLed worker of this host held: requeued now (the node publishes them
+    # again) rather than after the broker's visibility timeout or the claim lease.
+    _requeue_claims(session_factory, _dead_holder_of_this_host)
 
     from celery.signals import worker_shutting_down
 

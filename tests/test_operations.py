@@ -214,7 +214,7 @@ def test_sigterm_requeues_a_running_scoring_job(tmp_path, sqlite_url):
         assert job.state in ("queued", "done")
         if job.state == "queued":  # scoring outlived the 1 s grace: requeued, unclaimed, to be published again
             assert job.worker is None and job.published_at is None
-            assert "requeued running task(s) at shutdown" in log
+            assert "requeued running task(s) of stopped processes" in log
     # The next start scores it: exactly one result for the study version.
     serve = Daemon(["serve"], env, tmp_path / "serve2.log").start()
     try:

@@ -77,7 +77,7 @@ class JobTask(Task):
             from worker.jobs import backoff_s
 
             # One second past the body's own next-attempt time, so the retry finds it due.
-            delay = backoff_s(self.request.retries + 1, settings.retry_base_s) + 1
+            delay = backoff_s(self.request.retries + 1, settings.retry_base_s, settings.retry_max_s) + 1
             log.warning("%s job %d: transient failure, retry in %d s: %s", self.name, job_id, delay, exc)
             raise self.retry(exc=exc, countdown=delay)
         log.info("%s job %d: %s in %.2f s", self.name, job_id, outcome, time.monotonic() - started)

@@ -199,8 +199,8 @@ def publish_deliveries(ctx: WorkerContext, delivery_ids: list[int]) -> None:
             session.execute(update(Delivery).where(Delivery.id == delivery_id).values(published_at=utcnow()))
 
 
-def backoff_s(attempts: int, base_s: float = BACKOFF_BASE_S) -> float:
-    return min(BACKOFF_MAX_S, base_s * 2 ** max(0, attempts - 1))
+def backoff_s(attempts: int, base_s: float = BACKOFF_BASE_S, max_s: float = BACKOFF_MAX_S) -> float:
+    return min(max_s, base_s * 2 ** max(0, attempts - 1))
 
 
 def claim_delivery(ctx: WorkerContext, delivery_id: int, now: datetime) -> bool:
@@ -299,7 +299,8 @@ def _finish_delivery(ctx: WorkerContext, delivery_id: int, state: str, reason: s
         delivery.instances_sent = sent
         if state == "retrying":
             delivery.next_attempt_at = now + timedelta(seconds=backoff_s(delivery.attempts,
-                                                                         ctx.settings.retry_base_s))
+                                                                         ctx.settings.retry_base_s,
+                                                                         ctx.settings.retry_max_s))
         if state == "delivered":
             delivery.delivered_at = now
         result = delivery.result

@@ -123,8 +123,9 @@ def test_compose_stack_scores_a_study_and_delivers_to_orthanc(docker_ready, tmp_
         files = sorted(phantom.rglob("*.dcm"))
         assert len(files) == 40
         sent = storescu(dicom_port, files)
-        assert sent.returncode == 0, sent.stdout[-3000:]
-        assert sent.stdout.count("Received Store Response (Success)") == 40, sent.stdout[-3000:]
+        output = sent.stdout + sent.stderr
+        assert sent.returncode == 0, output[-3000:]
+        assert output.count("Received Store Response (Success)") == 40, output[-3000:]
         timing["send_s"] = time.monotonic() - phase
 
         from pydicom import dcmread

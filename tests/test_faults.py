@@ -156,17 +156,26 @@ def test_worker_sigkilled_during_scoring_and_during_delivery(tmp_path, postgres_
             workers.append(worker)
             return worker
 
+        def dump() -> str:
+            return "\n".join(f"--- {d.log_path.name}\n{d.log()[-4000:]}" for d in [node, *workers])
+
         try:
             node.wait_dicom_ready(port)
             worker = start_worker()
             assert storescu(port, files).returncode == 0
-            wait_for(lambda: db.scalar(select(Job.state)) == "running", timeout=180, interval=0.05)
+            def until(predicate, what: str, timeout: float, interval: float) -> None:
+                try:
+                    wait_for(predicate, timeout=timeout, interval=interval)
+                except AssertionError:
+                    raise AssertionError(f"{what} within {timeout} s:\n{dump()}") from None
+
+            until(lambda: db.scalar(select(Job.state)) == "running", "no scoring", 180, 0.05)
             worker.kill9()  # during scoring
             worker = start_worker()
-            wait_for(lambda: db.scalar(select(Delivery.state)) == "sending", timeout=240, interval=0.02)
+            until(lambda: db.scalar(select(Delivery.state)) == "sending", "no delivery", 240, 0.02)
             worker.kill9()  # during delivery
             worker = start_worker()
-            wait_for(lambda: db.scalar(select(Delivery.state)) == "delivered", timeout=240, interval=0.2)
+            until(lambda: db.scalar(select(Delivery.state)) == "delivered", "not delivered after the kills", 240, 0.2)
         finally:
             for w in workers:
                 w.stop()

@@ -209,7 +209,7 @@ def claim_delivery(ctx: WorkerContext, delivery_id: int, now: datetime) -> bool:
             update(Delivery).where(Delivery.id == delivery_id, Delivery.state.in_(("pending", "retrying")),
                                    or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now))
             .values(state="sending", attempts=Delivery.attempts + 1, next_attempt_at=now,
-                    last_error=None)).rowcount == 1
+                    last_error=None, worker=ctx.worker_name)).rowcount == 1
         if claimed:
             return True
         delivery = session.get(Delivery, delivery_id)
@@ -218,6 +218,7 @@ def claim_delivery(ctx: WorkerContext, delivery_id: int, now: datetime) -> bool:
         if not _reclaimable(delivery.next_attempt_at, delivery.worker, now):
             return False
         log.warning("delivery %d: taking over from %s, which is gone", delivery_id, delivery.worker)
+        delivery.worker = ctx.worker_name
         delivery.attempts += 1
         delivery.next_attempt_at = now
         return True

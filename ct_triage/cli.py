@@ -1,4 +1,11 @@
-"""The ``ct-triage`` command line: thin composition of node, worker and database."""
+"""The ``ct-triage`` command line: thin composition of node, worker and database.
+
+Every handler is ``func(args, settings) -> exit code``. The offline commands (phantom,
+score, eval, train, demo) live in :mod:`ct_triage_tools.commands`; that package is
+imported only when the command line asks for one of them, for help, or for a command
+this module does not know, so ``serve``, ``node``, ``worker``, ``db``, ``status`` and
+``config`` never import it.
+"""
 
 from __future__ import annotations
 
@@ -167,8 +174,26 @@ def _fmt_time(value) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
 
-def _print_table(headers: list[str], table: list[list[str]], empty: str) -> None:
+def _short_time(value) -> str:
+    return value.strftime("%H:%M:%S") if value else "-"
+
+
+COMPACT_WIDTH = 120  # the default `status` view fits this many columns; --wide prints everything
+_UID_WIDTH = 18
+
+
+def _short_uid(uid: str) -> str:
+    """A UID cut to 18 characters (its root and its distinguishing end); --wide shows it whole."""
+    return uid if len(uid) <= _UID_WIDTH else f"{uid[:7]}...{uid[-8:]}"
+
+
+def _print_table(headers: list[str], table: list[list[str]], empty: str, max_width: int | None = None) -> None:
+    """Columns padded to their widest cell; with ``max_width`` the last column is cut to fit."""
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(headers)]
+    if max_width is not None and table:
+        room = max(len(headers[-1]), max_width - sum(w + 2 for w in widths[:-1]))
+        table = [[*row[:-1], row[-1] if len(row[-1]) <= room else row[-1][: room - 3] + "..."] for row in table]
+        widths[-1] = min(widths[-1], room)
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
@@ -176,9 +201,18 @@ def _print_table(headers: list[str], table: list[list[str]], empty: str) -> None
         print(empty)
 
 
+def _state_text(row, stable_age_s: float, now) -> str:
+    """``receiving (quiet for 4 s of 15 s)`` while a series waits out its quiet period."""
+    if row.state != "receiving" or row.last_received_at is None:
+        return row.state
+    quiet = max(0, int((now - row.last_received_at).total_seconds()))
+    return f"receiving (quiet for {quiet} s of {stable_age_s:g} s)"
+
+
 def cmd_status(args, settings: Settings) -> int:
     from db import repository
     from db.session import session_scope
+    from db.types import utcnow
 
     from dicom_node.retention import disk_pressure
 
@@ -187,24 +221,42 @@ def cmd_status(args, settings: Settings) -> int:
     with session_scope(session_factory) as session:
         rows = repository.series_status(session, limit=args.limit)
         results = repository.result_status(session, limit=args.limit)
+    now = utcnow()
     _print_storage(pressure, settings)
     print("\nSERIES")
-    _print_table(
-        ["study_instance_uid", "series_instance_uid", "mod", "instances", "dups", "ver", "state",
-         "first_received", "last_received", "stable", "queued", "reason/flags"],
-        [[r.study_instance_uid, r.series_instance_uid, r.modality or "-", str(r.instance_count),
-          str(r.duplicate_count), str(r.version), r.state, _fmt_time(r.first_received_at),
-          _fmt_time(r.last_received_at), _fmt_time(r.stable_at), _fmt_time(r.queued_at),
-          "; ".join(filter(None, [r.state_reason or "", *r.flags]))] for r in rows],
-        "(no series received yet)")
+    if args.wide:
+        _print_table(
+            ["study_instance_uid", "series_instance_uid", "mod", "instances", "dups", "ver", "state",
+             "first_received", "last_received", "stable", "queued", "reason/flags"],
+            [[r.study_instance_uid, r.series_instance_uid, r.modality or "-", str(r.instance_count),
+              str(r.duplicate_count), str(r.version), r.state, _fmt_time(r.first_received_at),
+              _fmt_time(r.last_received_at), _fmt_time(r.stable_at), _fmt_time(r.queued_at),
+              "; ".join(filter(None, [r.state_reason or "", *r.flags]))] for r in rows],
+            "(no series received yet)")
+    else:
+        _print_table(
+            ["study", "series", "mod", "inst", "ver", "state", "received", "reason/flags"],
+            [[_short_uid(r.study_instance_uid), _short_uid(r.series_instance_uid), r.modality or "-",
+              str(r.instance_count), str(r.version), _state_text(r, settings.stable_age_s, now),
+              _short_time(r.last_received_at), "; ".join(filter(None, [r.state_reason or "", *r.flags]))]
+             for r in rows],
+            "(no series received yet)", max_width=COMPACT_WIDTH)
     print("\nRESULTS (worklist order)")
-    _print_table(
-        ["priority", "study_instance_uid", "ver", "status", "category", "involvement_%", "scored",
-         "deliveries", "reason"],
-        [[r.priority, r.study_instance_uid, str(r.version), r.status, r.category or "-",
-          f"{r.involvement_percent:.1f}" if r.involvement_percent is not None else "-", _fmt_time(r.scored_at),
-          ", ".join(f"{d}: {state}" for d, state in r.deliveries) or "-", r.reason or ""] for r in results],
-        "(no results yet)")
+    if args.wide:
+        _print_table(
+            ["priority", "study_instance_uid", "ver", "status", "category", "involvement_%", "scored",
+             "deliveries", "reason"],
+            [[r.priority, r.study_instance_uid, str(r.version), r.status, r.category or "-",
+              f"{r.involvement_percent:.1f}" if r.involvement_percent is not None else "-", _fmt_time(r.scored_at),
+              ", ".join(f"{d}: {state}" for d, state in r.deliveries) or "-", r.reason or ""] for r in results],
+            "(no results yet)")
+    else:
+        _print_table(
+            ["priority", "study", "ver", "status", "category", "involv_%", "scored", "deliveries", "reason"],
+            [[r.priority, _short_uid(r.study_instance_uid), str(r.version), r.status, r.category or "-",
+              f"{r.involvement_percent:.1f}" if r.involvement_percent is not None else "-",
+              _short_time(r.scored_at), _delivery_summary(r.deliveries), r.reason or ""] for r in results],
+            "(no results yet)", max_width=COMPACT_WIDTH)
     return 0
 
 
@@ -225,14 +277,14 @@ def _print_storage(pressure, settings: Settings) -> None:
     print(f"retention: {retention}")
 
 
-def cmd_demo(args, settings: Settings) -> int:
-    from pathlib import Path
-
-    from ct_triage.demo import print_rows, run_demo
-
-    rows = run_demo(settings, Path(args.workdir))
-    print_rows(rows)
-    return 0 if all(r.state == "in PACS" for r in rows) else 1
+def _delivery_summary(deliveries: list[tuple[str, str]]) -> str:
+    """``2/2 delivered`` or ``1/2 delivered, 1 retrying``; ``-`` when there are none."""
+    if not deliveries:
+        return "-"
+    states = [state for _, state in deliveries]
+    done = states.count("delivered")
+    others = sorted({s for s in states if s != "delivered"})
+    return ", ".join([f"{done}/{len(states)} delivered", *(f"{states.count(s)} {s}" for s in others)])
 
 
 def cmd_config(args, settings: Settings) -> int:
@@ -246,7 +298,18 @@ def cmd_config(args, settings: Settings) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+DAEMON_COMMANDS = ("serve", "node", "worker", "db", "status", "config")
+
+
+def _wants_tools(argv: list[str] | None) -> bool:
+    """True unless the first word of ``argv`` that is not an option is a daemon command."""
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    return not words or words[0] not in DAEMON_COMMANDS
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for ``argv`` (default ``sys.argv[1:]``): every command, except that the
+    offline commands are left out when ``argv`` names a daemon command."""
     parser = argparse.ArgumentParser(prog="ct-triage", description="COVID-19 chest CT worklist triage daemon")
     parser.add_argument("--version", action="version", version=f"ct-triage {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -264,35 +327,28 @@ def build_parser() -> argparse.ArgumentParser:
     db_sub.add_parser("upgrade", help="apply migrations").set_defaults(func=cmd_db_upgrade)
     status = sub.add_parser("status", help="series and queue state as a table")
     status.add_argument("--limit", type=int, default=200)
+    status.add_argument("--wide", action="store_true", help="full UIDs and every time stamp (wider than 120 columns)")
     status.set_defaults(func=cmd_status)
-    demo = sub.add_parser("demo", help="embedded daemon + local PACS + three phantom studies, end to end")
-    demo.add_argument("--workdir", default="var/demo", help="scratch folder (emptied first)")
-    demo.set_defaults(func=cmd_demo)
     config = sub.add_parser("config", help="print the effective settings")
     config.add_argument("--markdown", action="store_true", help="the settings table for the README")
     config.set_defaults(func=cmd_config)
-    from worker import commands as worker_commands
+    if _wants_tools(argv):
+        from ct_triage_tools import commands as tool_commands  # the offline tools, only when asked for
 
-    worker_commands.register(sub, Settings.from_env)
+        tool_commands.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
         setup_logging(settings.log_level)
-        return int(args.func(args, settings) or 0) if _takes_settings(args.func) else int(args.func(args) or 0)
+        return int(args.func(args, settings) or 0)
     except CtTriageError as exc:
         print(f"ct-triage: error: {exc}", file=sys.stderr)
         return 2
-
-
-def _takes_settings(func) -> bool:
-    import inspect
-
-    return len(inspect.signature(func).parameters) >= 2
 
 
 if __name__ == "__main__":

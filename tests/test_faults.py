@@ -47,7 +47,7 @@ def _tools():
 
 
 def _phantom(folder: Path, involvement: float, seed: int, slices: int = 24) -> list[Path]:
-    from worker.phantom import write_phantom
+    from ct_triage_tools.phantom import write_phantom
 
     write_phantom(folder, involvement, seed=seed, slices=slices, rows=64, kernels=("FC51",))
     return sorted(folder.rglob("*.dcm"))

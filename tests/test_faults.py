@@ -256,7 +256,10 @@ def test_postgresql_restarted_mid_burst(tmp_path):
             for files in bursts:
                 result = storescu(port, files)
                 assert result.returncode == 0, result.stdout[-2000:]
-            wait_for(lambda: db.scalar(select(func.count(Result.id))) == 3, timeout=300, interval=0.5)
+            try:
+                wait_for(lambda: db.scalar(select(func.count(Result.id))) == 3, timeout=300, interval=0.5)
+            except AssertionError:
+                raise AssertionError(f"not every study scored after the restart:\n{serve.log()[-6000:]}") from None
         finally:
             serve.stop()
             db.close()

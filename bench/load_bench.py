@@ -124,6 +124,9 @@ def main() -> int:
             rss = peak_rss_mb(node.proc.pid)
         finally:
             node.stop()
+            import shutil
+
+            shutil.copy(work / "node.log", out_dir / "load-node.log")  # kept for a look after a failure
         successes = sum(out.count("Received Store Response (Success)") for out in outputs)
         if successes != instances:
             raise RuntimeError(f"{instances - successes} instance(s) without a Success response")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import sys
 import subprocess
+import sys
 import threading
 import time
 
@@ -27,9 +27,13 @@ log = logging.getLogger("ct_triage")
 
 def _wait_for_signal() -> None:
     stop = threading.Event()
+
+    def on_signal(signum: int, _frame) -> None:
+        log.info("%s received: stopping gracefully", signal.Signals(signum).name)
+        stop.set()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda signum, _frame: (stop.set(), log.info("%s received: stopping gracefully",
-                                                                           signal.Signals(signum).name)))
+        signal.signal(signum, on_signal)
     while not stop.wait(1.0):
         pass
 
@@ -213,7 +217,6 @@ def cmd_status(args, settings: Settings) -> int:
     from db import repository
     from db.session import session_scope
     from db.types import utcnow
-
     from dicom_node.retention import disk_pressure
 
     _, session_factory = open_database(settings)

@@ -647,7 +647,7 @@ def expired_files(session: Session, cutoff: datetime, limit: int = 1000) -> list
             .where(RejectedInstance.quarantine_path.is_not(None), RejectedInstance.quarantine_deleted_at.is_(None),
                    RejectedInstance.received_at <= cutoff)
             .order_by(RejectedInstance.id).limit(limit - len(files))).all()
-        files += [ExpiredFile("quarantine", row_id, path) for row_id, path in quarantined]
+        files += [ExpiredFile("quarantine", row_id, path) for row_id, path in quarantined if path]
     return files
 
 

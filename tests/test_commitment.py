@@ -65,8 +65,12 @@ def _n_action_then_release(node_port: int, request: Dataset, on_same_assoc: list
     """A scanner that releases right after the N-ACTION response (the common case)."""
     ae = AE(ae_title="SCANNER")
     ae.add_requested_context(StorageCommitmentPushModel)
+    def on_report(event):
+        on_same_assoc.append(event)
+        return 0x0000, None
+
     assoc = ae.associate("127.0.0.1", node_port, ae_title="CTTRIAGE",
-                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, lambda e: (on_same_assoc.append(e), (0x0000, None))[1])])
+                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
     assert assoc.is_established
     status_ds, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, WELL_KNOWN_INSTANCE)
     assert status_ds.Status == 0x0000

@@ -1,12 +1,16 @@
 """Fault suite (``pytest -m faults``): real processes killed, real services stopped.
 
-| fault | what must hold |
-|---|---|
-| node SIGKILLed 10 times at random points during 4 concurrent sends | every acknowledged instance on disk (same bytes) and indexed; every series complete after a resend; one job per study version |
-| Celery worker SIGKILLed during scoring, then during delivery | the study is scored once and delivered once, with identical UIDs |
-| Redis restarted mid-burst | stores go on (the database is the record); every study is scored without a hand |
-| PostgreSQL restarted mid-burst | the node answers 0xA702 for what it cannot record, never Success; after a resend every study is scored without a hand |
-| PACS down for 2 minutes during a burst of 10 studies | all delivered after it returns (HIGH first, once delivery ordering is in) |
+- node SIGKILLed 10 times at random points during 4 concurrent sends: every acknowledged
+  instance on disk (same bytes) and indexed; every series complete after a resend; one job per
+  study version.
+- Celery worker SIGKILLed during scoring, then during delivery: the study is scored once and
+  delivered once, with identical UIDs.
+- Redis restarted mid-burst: stores go on (the database is the record); every study is scored
+  without a hand.
+- PostgreSQL restarted mid-burst: the node answers 0xA702 for what it cannot record, never
+  Success; after a resend every study is scored without a hand.
+- PACS down for 2 minutes during a burst of 10 studies: all delivered after it returns (HIGH
+  first, asserted once delivery ordering is in).
 
 Redis and PostgreSQL restarts use private servers on free ports (tests.support.services), never
 the machine's shared ones. Phantoms are small (24-40 slices of 64 x 64) to keep CPU use low.
@@ -15,10 +19,7 @@ the machine's shared ones. Phantoms are small (24-40 slices of 64 x 64) to keep 
 from __future__ import annotations
 
 import inspect
-import os
 import random
-import signal
-import subprocess
 import time
 from pathlib import Path
 

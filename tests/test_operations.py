@@ -7,7 +7,6 @@ import os
 import signal
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -179,8 +178,8 @@ def test_sigterm_finishes_in_flight_stores_and_exits_within_10_s(tmp_path, sqlit
 
 
 def test_sigterm_requeues_a_running_scoring_job(tmp_path, sqlite_url):
-    from tests.test_pipeline_e2e import PHANTOM
     from ct_triage_tools.phantom import write_phantom
+    from tests.test_pipeline_e2e import PHANTOM
 
     port = free_port()
     env = node_env(tmp_path, sqlite_url, port, stable_age_s=1, shutdown_grace_s=1)

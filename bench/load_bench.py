@@ -28,7 +28,23 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.store_bench import CtTriage, DcmtkStorescp  # noqa: E402
-from ct_triage_tools.scanner import STORESCU, dcmtk_env, write_ct_series  # noqa: E402
+from ct_triage_tools.scanner import STORESCU, dcmtk_env, free_port, write_ct_series  # noqa: E402
+
+
+class LoadNode(CtTriage):
+    """store_bench's node, logging at INFO (one line per association: what a failure needs)."""
+
+    def start(self, workdir: Path) -> int:
+        import os
+
+        port = free_port()
+        env = {**os.environ, "CT_TRIAGE_VAR_DIR": str(workdir / "var"), "CT_TRIAGE_PORT": str(port),
+               "CT_TRIAGE_BIND_ADDRESS": "127.0.0.1", "CT_TRIAGE_MIN_FREE_DISK_MB": "64",
+               "CT_TRIAGE_STABLE_AGE_S": "3600", "CT_TRIAGE_LOG_LEVEL": "INFO"}
+        if self.database_url:
+            env["CT_TRIAGE_DATABASE_URL"] = self.database_url
+        return self.launch([sys.executable, "-m", "ct_triage.cli", "node"], port, env,
+                           open(workdir / "node.log", "wb"))
 
 
 def peak_rss_mb(pid: int) -> float | None:
@@ -117,7 +133,7 @@ def main() -> int:
         work = tmp_path / "node"
         work.mkdir()
         database_url = args.database_url or f"sqlite:///{work / 'var' / 'ct-triage.sqlite'}"
-        node = CtTriage(database_url)
+        node = LoadNode(database_url)
         port = node.start(work)
         try:
             seconds, outputs = run_load(port, plan, "CTTRIAGE")

@@ -25,7 +25,14 @@ STORE_FINISH_S = 1.5
 
 
 class InFlight:
-    """C-STOREs being handled, per association (``id(assoc)``)."""
+    """C-STOREs being handled, per association (``id(assoc)``).
+
+    When a C-STORE has been handled, the association's network (idle) timer restarts:
+    pynetdicom counts the time the peer waits for our response as the peer's silence, so
+    a store that waited long for the database (SQLite's write lock under 8 concurrent
+    senders: up to its 60 s busy timeout) got its association aborted right after it was
+    answered. The network timeout is about a silent peer, not about us.
+    """
 
     def __init__(self) -> None:
         self._counts: dict[int, int] = {}
@@ -39,6 +46,9 @@ class InFlight:
         try:
             yield
         finally:
+            timer = getattr(getattr(assoc, "dul", None), "_idle_timer", None)
+            if timer is not None:
+                timer.restart()
             with self._cond:
                 self._counts[key] -= 1
                 if not self._counts[key]:

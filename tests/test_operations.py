@@ -230,3 +230,21 @@ def test_sigterm_requeues_a_running_scoring_job(tmp_path, sqlite_url):
     assert job_state() == "done"
     print(f"serve stopped {stopped_in:.1f} s after SIGTERM")
     engine.dispose()
+
+
+def test_a_slow_store_does_not_count_as_the_peers_silence(start_node, sqlite_url, tmp_path, monkeypatch):
+    """The network timeout measures the scanner's silence: time it spends waiting for our
+    answer (a store queued behind the database) must not get its association aborted."""
+    running = start_node(sqlite_url, network_timeout_s=1.5)
+    original = running.node.store.on_c_store
+
+    def slow_store(event):
+        time.sleep(2.5)  # longer than the network timeout
+        return original(event)
+
+    monkeypatch.setattr(running.node.store, "on_c_store", slow_store)
+    series = write_ct_series(tmp_path / "s", 3, rows=32, columns=32, seed=78)
+    result = storescu(running.port, series.paths)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-2000:]
+    assert output.count("Received Store Response (Success)") == 3, output[-2000:]

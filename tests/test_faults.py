@@ -274,9 +274,9 @@ def test_postgresql_restarted_mid_burst(tmp_path):
 # -- PACS down -------------------------------------------------------------------------------------
 def _delivery_orders_by_priority() -> bool:
     """True once delivery ordering (HIGH first; issue 9, o9) is in: asserted only then."""
-    from worker import jobs
+    from db import repository
 
-    return "priority" in inspect.getsource(jobs.due_delivery_ids).lower()
+    return "priority" in inspect.getsource(repository.due_delivery_ids).lower()
 
 
 def test_pacs_down_for_2_minutes_during_a_burst_of_10_studies(tmp_path, postgres_url):

@@ -20,17 +20,27 @@ HU to gray (the mapping applied at inference on real HU volumes)
     ``gray = (HU - WINDOW_LOW_HU) / (WINDOW_HIGH_HU - WINDOW_LOW_HU) * 255``, clipped to
     0..255, was fitted by least squares to three tissue peaks, measured on both sides:
 
-    ======================  ======================  ==========================
-    tissue                  HU (real CT, measured)  gray (training images)
-    ======================  ======================  ==========================
-    air (trachea, outside)  {AIR}
-    lung parenchyma         {LUNG}
-    soft tissue (heart...)  {SOFT}
-    ======================  ======================  ==========================
+    ======================  =======================  ==========================
+    tissue                  HU (real CT, mode)       gray (training images)
+    ======================  =======================  ==========================
+    air (outside the body)  -997.5                   2 (0.5th percentile)
+    lung parenchyma         -872.5                   14
+    soft tissue (0..100)    +37.5                    100
+    ======================  =======================  ==========================
 
-    HU peaks: histogram modes of the 20 axial COVID-19-NY-SBU slices and the four
-    Lung-PET-CT-Dx series in ../shared/data; gray peaks: modes of the 1674 COVID-SemiSeg
-    images (median over images). See ``ct_triage_tools/train_lesion.py:fit_window``,
+    Least squares: 0.0946 gray levels per HU, gray 0 at -1019 HU, 255 at +1676 HU, so
+    ``WINDOW_LOW_HU, WINDOW_HIGH_HU = -1019, 1676`` (residuals under 3 gray levels).
+    The three sources of the images window differently (lung / soft-tissue modes:
+    coronacases 14 / 100, radiopaedia 72 / 253 saturated, MedSeg 44 / 253 saturated);
+    the pooled fit is the window of the majority (coronacases, ~2/3 of the images), and
+    training augments the gray window (slope x0.65..1.55, offset +-15) so the network
+    does not depend on one window; the lung window a viewer uses (~-1350..+150) is inside
+    that range for the radiopaedia and MedSeg images.
+
+    HU peaks: histogram modes of the 20 axial COVID-19-NY-SBU slices and the middle 20
+    slices of the four Lung-PET-CT-Dx series in ../shared/data (body = largest component
+    >= -500 HU; lung = body < -500 HU); gray peaks: modes of the mean histogram of the
+    1674 COVID-SemiSeg images. See ``ct_triage_tools/train_lesion.py:fit_window``,
     which prints the table. The fitted window is stored with the weights (``meta``) and
     the constants below must equal it (the loader checks).
 
@@ -59,8 +69,8 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "lesion_net.pt"
 
 # -- HU -> gray window (fitted; see the module docstring) --------------------------------
-WINDOW_LOW_HU = -1250.0
-WINDOW_HIGH_HU = 250.0
+WINDOW_LOW_HU = -1019.0
+WINDOW_HIGH_HU = 1676.0
 
 # -- input normalisation of gray/255 (dataset mean and spread, rounded) -------------------
 GRAY_MEAN = 0.45

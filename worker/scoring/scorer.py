@@ -8,8 +8,9 @@ boxes per original slice) is computed once, the same way for every scorer, by
 :func:`worker.scoring.pipeline.measure`. So the classical method and a trained U-Net
 are compared on exactly the same arithmetic.
 
-``CT_TRIAGE_SCORER`` chooses: ``classical`` (default, transparent, needs no weights)
-or ``unet`` (a small 3D U-Net whose weights come from ``CT_TRIAGE_UNET_WEIGHTS``;
+``CT_TRIAGE_SCORER`` chooses: ``classical`` (default, transparent, needs no weights),
+``hybrid`` (classical lungs, lesions from the 2D network shipped with the package,
+``worker.scoring.hybrid``; ``CT_TRIAGE_LESION_WEIGHTS`` may name other weights) or ``unet`` (a small 3D U-Net whose weights come from ``CT_TRIAGE_UNET_WEIGHTS``;
 nothing is downloaded). This module does not import torch; the scorers import it
 when they are built.
 """
@@ -87,6 +88,15 @@ def get_scorer(settings: Settings) -> Scorer:
     kind = (settings.scorer or "classical").strip().lower()
     if kind == "classical":
         key: tuple = ("classical",)
+    elif kind == "hybrid":
+        from worker.scoring.lesion_net import DEFAULT_WEIGHTS
+
+        path = Path(settings.lesion_weights).expanduser() if settings.lesion_weights else DEFAULT_WEIGHTS
+        try:
+            stat = path.stat()
+            key = ("hybrid", str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            key = ("hybrid", str(path), None, None)
     elif kind == "unet":
         if not settings.unet_weights:
             raise ConfigError(
@@ -100,7 +110,7 @@ def get_scorer(settings: Settings) -> Scorer:
         except OSError:
             key = ("unet", str(path), None, None)
     else:
-        raise ConfigError(f"CT_TRIAGE_SCORER must be classical or unet, got {settings.scorer!r}")
+        raise ConfigError(f"CT_TRIAGE_SCORER must be classical, hybrid or unet, got {settings.scorer!r}")
     with _cache_lock:
         scorer = _cache.get(key)
         if scorer is None:
@@ -108,6 +118,10 @@ def get_scorer(settings: Settings) -> Scorer:
                 from worker.scoring.classical import ClassicalScorer
 
                 scorer = ClassicalScorer()
+            elif kind == "hybrid":
+                from worker.scoring.hybrid import HybridScorer
+
+                scorer = HybridScorer(Path(key[1]))
             else:
                 from worker.scoring.unet import UNetScorer
 

@@ -9,7 +9,7 @@ is split by volume (the file name before the last ``_N``): the volumes in
 they choose the probability threshold and report a second Dice.
 
 Recipe (fixed seed, CPU, deterministic order)
-    * every image resized to the network's square input (160 px) once; masks by area;
+    * every image resized to the network's square input (128 px) once; masks by area;
     * each epoch: ``pseudo_per_epoch`` (600) training pseudo slices drawn without
       replacement and the 50 radiologist slices ``RADIOLOGIST_REPEAT`` (4) times (their
       labels are the better ones), shuffled; 10 epochs (sized to this 2-core CPU);
@@ -78,7 +78,7 @@ class Recipe:
     weight_decay: float = 1e-4
     base: int = 16
     levels: int = 4
-    size: int = 160
+    size: int = 128
     seed: int = 0
     threads: int = 2
     limit: int | None = None  # use only this many training slices (tiny runs, tests)

@@ -76,7 +76,7 @@ WINDOW_HIGH_HU = 1676.0
 GRAY_MEAN = 0.45
 GRAY_STD = 0.25
 
-DEFAULT_CONFIG = {"base": 16, "levels": 4, "size": 160}
+DEFAULT_CONFIG = {"base": 16, "levels": 4, "size": 128}
 
 
 class WeightsError(RuntimeError):
@@ -116,7 +116,7 @@ class LesionNet(nn.Module):
 
     EDGE = 8
 
-    def __init__(self, base: int = 16, levels: int = 4, size: int = 160):
+    def __init__(self, base: int = 16, levels: int = 4, size: int = 128):
         super().__init__()
         if base < 1 or levels < 2 or size % (2 ** levels):
             raise ValueError(f"LesionNet: bad config base={base} levels={levels} size={size}")

@@ -349,14 +349,42 @@ def train(data_root: Path, out_dir: Path, recipe: Recipe | None = None, *, log: 
                "cpu_seconds": round(time.process_time() - cpu0, 1), "history": history,
                "best_checkpoint": str(out_dir / "best.pt")}
     if weights_out is not None and best.get("epoch") is not None:
-        from worker.scoring.lesion_net import load_weights
-
-        net, meta = load_weights(out_dir / "best.pt")
-        meta["training_cpu_seconds"] = summary["cpu_seconds"]
-        summary["sha256"] = save_weights(net, Path(weights_out), meta, half=True)
+        exported = export_weights(out_dir / "best.pt", Path(weights_out), Path(data_root),
+                                  extra={"training_cpu_seconds": summary["cpu_seconds"],
+                                         "training_wall_seconds": summary["wall_seconds"]})
+        summary.update({k: exported[k] for k in ("sha256", "val_dice", "holdout_dice")})
         summary["weights"] = str(weights_out)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def export_weights(checkpoint: Path, out: Path, data_root: Path, extra: dict | None = None) -> dict:
+    """Write a checkpoint as the shipped file: float16 tensors, the current HU window, and
+    the val / held-out Dice measured again with the float16 weights; returns the meta."""
+    from worker.scoring.lesion_net import FORMAT, LesionNet, load_weights
+
+    blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"{checkpoint} is not a {FORMAT} checkpoint")
+    model = LesionNet(**blob["config"])
+    model.load_state_dict(blob["state_dict"])
+    meta = dict(blob.get("meta") or {})
+    meta.pop("window_hu", None)
+    meta.update(extra or {})
+    tmp = Path(out).with_name(Path(out).name + ".unverified")
+    save_weights(model.eval(), tmp, meta, half=True)
+    half_model, _ = load_weights(tmp)
+    samples = list_samples(Path(data_root))
+    thr = float(meta.get("threshold", 0.5))
+    val_d, val_each = mean_dice(probabilities(half_model, [s for s in samples if s.group == "val"]), thr)
+    hold_d, _ = mean_dice(probabilities(half_model, [s for s in samples if s.group == "holdout"]), thr)
+    meta.update({"val_dice": round(val_d, 4), "val_dice_per_image": [round(d, 4) for d in val_each],
+                 "holdout_dice": round(hold_d, 4), "holdout_slices": "all"})
+    digest = save_weights(half_model, Path(out), meta, half=True)
+    for p in (tmp, tmp.with_name(tmp.name + ".sha256")):
+        p.unlink(missing_ok=True)
+    meta["sha256"] = digest
+    return meta
 
 
 # -- HU -> gray window ----------------------------------------------------------------------
@@ -459,7 +487,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weights-out", default=None)
     ap.add_argument("--fit-window", action="store_true", help="print the HU-to-gray window fit and exit")
+    ap.add_argument("--export", default=None, metavar="CHECKPOINT",
+                    help="write CHECKPOINT as the shipped weights file (--weights-out) and exit")
     a = ap.parse_args(argv)
+    if a.export:
+        meta = export_weights(Path(a.export), Path(a.weights_out), Path(a.data))
+        print(json.dumps({k: v for k, v in meta.items() if k != "val_dice_per_image"}), flush=True)
+        return 0
     if a.fit_window:
         print(json.dumps(fit_window(Path(a.data)), indent=1))
         return 0

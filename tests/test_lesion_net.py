@@ -172,7 +172,10 @@ def test_tiny_training_run(tmp_path):
     assert model.config() == {"base": 4, "levels": 3, "size": 48}
     # same seed, same weights
     again = train(data, tmp_path / "work2", recipe, weights_out=tmp_path / "w2.pt")
-    assert again["sha256"] == summary["sha256"]
+    model2, meta2 = load_weights(tmp_path / "w2.pt")
+    for (k, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert meta2["val_dice"] == meta["val_dice"] and again["val_dice"] == summary["val_dice"]
 
 
 def test_train_lesion_cli_prints_cpu_time(tmp_path, capsys):

@@ -61,7 +61,7 @@ def test_tampered_weights_are_refused_with_a_clear_error(weights_copy):
     with pytest.raises(WeightsError, match=r"were altered: SHA-256 [0-9a-f]{64} does not match the recorded"):
         load_weights(weights_copy)
     # through the scorer factory it is a configuration error naming the file
-    from worker.scoring.scorer import clear_cache, get_scorer
+    from worker.scoring.registry import clear_cache, get_scorer
 
     clear_cache()
     with pytest.raises(ConfigError, match=str(weights_copy.name)):
@@ -209,7 +209,7 @@ def test_shipped_weights_val_dice(shared_data):
 @pytest.mark.parametrize("folder", ["A0001-philips-L-5mm", "A0002-siemens-B70f-8mm"])
 def test_hybrid_on_real_non_covid_series(shared_data, folder):
     from worker.scoring.pipeline import score_path
-    from worker.scoring.scorer import clear_cache
+    from worker.scoring.registry import clear_cache
 
     clear_cache()
     r = score_path(shared_data / "lung-pet-ct-dx" / folder, Settings.from_env({}, device="cpu", scorer="hybrid"))

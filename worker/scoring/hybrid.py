@@ -47,7 +47,7 @@ from scipy import ndimage
 
 from ct_triage.errors import ConfigError
 from worker.scoring.device import configure_torch
-from worker.scoring.scorer import Segmentation
+from worker.scoring.base import Segmentation
 from worker.scoring.volume import Volume
 
 NAME = "ct-triage-hybrid"

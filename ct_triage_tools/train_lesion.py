@@ -207,10 +207,11 @@ def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[tor
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two boolean masks; 1.0 when both are empty (perfect agreement)."""
-    p, t = np.asarray(pred, bool), np.asarray(truth, bool)
-    s = int(p.sum()) + int(t.sum())
-    return 1.0 if s == 0 else 2.0 * int((p & t).sum()) / s
+    """Dice of two boolean masks; 1.0 when both are empty (perfect agreement, as ``ct-triage eval``)."""
+    from ct_triage_tools.evaluate import dice as _dice
+
+    d = _dice(pred, truth)
+    return 1.0 if d is None else d
 
 
 def probabilities(model: LesionNet, samples: list[Sample], *, flip: bool = True

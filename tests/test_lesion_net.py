@@ -178,15 +178,15 @@ def test_tiny_training_run(tmp_path):
     assert meta2["val_dice"] == meta["val_dice"] and again["val_dice"] == summary["val_dice"]
 
 
-def test_train_lesion_cli_prints_cpu_time(tmp_path, capsys):
-    from ct_triage.cli import main
+def test_train_lesion_cli_prints_cpu_time(tmp_path):
+    from tests.support.cli import run_tool_command
 
     data = tmp_path / "semiseg"
     _write_semiseg(data)
-    rc = main(["train", str(data), "--lesion", "--epochs", "1", "--limit", "6",
-               "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "w" / "net.pt")])
-    out = capsys.readouterr().out
-    assert rc == 0
+    rc, out, err = run_tool_command("train", str(data), "--lesion", "--epochs", "1", "--limit", "6",
+                                    "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "w" / "net.pt"))
+    assert rc == 0, err
+    assert "epoch 1: loss" in err
     assert "training time:" in out and "s CPU" in out
     assert (tmp_path / "w" / "net.pt").is_file() and (tmp_path / "w" / "net.pt.sha256").is_file()
 

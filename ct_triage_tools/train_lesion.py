@@ -90,7 +90,7 @@ def volume_of(stem: str) -> str:
 
 
 def _pairs(folder: Path) -> list[tuple[Path, Path]]:
-    out = []
+    out: list[tuple[Path, Path]] = []
     imgs = folder / "Imgs"
     if not imgs.is_dir():
         return out

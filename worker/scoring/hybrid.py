@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from ct_triage.errors import ConfigError
-from worker.scoring.device import configure_torch
 from worker.scoring.base import Segmentation
+from worker.scoring.device import configure_torch
 from worker.scoring.volume import Volume
 
 NAME = "ct-triage-hybrid"
@@ -138,8 +138,8 @@ def _crop_boxes(lung: np.ndarray, zs: list[int], spacing: tuple[float, float, fl
     mr = int(round(CROP_MARGIN_MM / spacing[1]))
     mc = int(round(CROP_MARGIN_MM / spacing[2]))
     boxes = []
-    rows_any = lung.any(axis=2)
-    cols_any = lung.any(axis=1)
+    rows_any = np.asarray(lung.any(axis=2))
+    cols_any = np.asarray(lung.any(axis=1))
     spans = []
     for zw in zs:
         rr = np.flatnonzero(rows_any[zw])
@@ -192,7 +192,7 @@ def lesion_probability(model, volume: Volume, lung: np.ndarray, factor: tuple[in
                                        align_corners=False, antialias=True)[0])
         x = torch.stack(crops).to(dev)
         p = probability(model, x, flip=FLIP).float().cpu()
-        for k, zw in enumerate(batch_z):
+        for k in range(len(batch_z)):
             r0, r1, c0, c1 = boxes[b0 + k]
             scored[b0 + k, r0:r1, c0:c1] = F.interpolate(p[k:k + 1], size=(r1 - r0, c1 - c0), mode="bilinear",
                                                          align_corners=False)[0, 0].numpy()

@@ -233,7 +233,7 @@ def load_weights(path: Path | None = None, *, verify: bool = True) -> tuple[Lesi
             )
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file
+    except Exception as exc:
         raise WeightsError(f"lesion weights {path} cannot be read: {type(exc).__name__}: {exc}") from exc
     if not isinstance(blob, dict) or blob.get("format") != FORMAT or "state_dict" not in blob:
         raise WeightsError(f"lesion weights {path} are not a {FORMAT} file")
@@ -248,7 +248,7 @@ def load_weights(path: Path | None = None, *, verify: bool = True) -> tuple[Lesi
         model = LesionNet(**dict(blob.get("config") or DEFAULT_CONFIG))
         state = {k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
         model.load_state_dict(state)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise WeightsError(f"lesion weights {path} do not fit the network: {exc}") from exc
     model.eval()
     return model, meta

@@ -2,8 +2,9 @@
 
 ``CT_TRIAGE_SCORER`` chooses: ``classical`` (default, transparent, needs no weights),
 ``hybrid`` (classical lungs, lesions from the 2D network shipped with the package,
-:mod:`worker.scoring.hybrid`; ``CT_TRIAGE_LESION_WEIGHTS`` may name other weights) or ``unet`` (a small 3D U-Net whose weights come from ``CT_TRIAGE_UNET_WEIGHTS``;
-nothing is downloaded). Scorers are cached per process; a changed weights file
+:mod:`worker.scoring.hybrid`; ``CT_TRIAGE_LESION_WEIGHTS`` may name other weights) or
+``unet`` (a small 3D U-Net whose weights come from ``CT_TRIAGE_UNET_WEIGHTS``; nothing
+is downloaded). Scorers are cached per process; a changed weights file
 (path, mtime or size) builds a new one. Importing this module does not import torch:
 the implementation modules (which do) are imported when a scorer is first built.
 """

@@ -178,7 +178,8 @@ def _image_kind(headers: Sequence[Dataset], rules: SelectionRules) -> tuple[str,
     ranks = []
     for ds in headers:
         image_type = {str(v).strip().upper() for v in _values(ds.get("ImageType"))}
-        image_type |= {str(v).strip().upper() for v in _values(_functional(ds, "CTImageFrameTypeSequence", "FrameType"))}
+        frame_type = _functional(ds, "CTImageFrameTypeSequence", "FrameType")
+        image_type |= {str(v).strip().upper() for v in _values(frame_type)}
         ranks.append(min((i for i, k in enumerate(rules.accepted_image_kind) if k in image_type), default=0))
     rank = max(ranks) if ranks else 0  # a series is as good as its worst instance
     kind = rules.accepted_image_kind[rank] if rules.accepted_image_kind else ""

@@ -27,10 +27,10 @@ from worker.scoring.lesion_net import (
     sha256_of,
 )
 
-# The mean per-image Dice the shipped weights reach on covid-semiseg-2d/val (24 slices),
-# as measured when they were made (model card), rounded down slightly: a regression
-# guard, not the target (0.74), which the card reports against.
-SHIPPED_VAL_DICE_AT_LEAST = 0.0  # set from the measured figure below when the weights are final
+# The mean per-image Dice the shipped weights reach on covid-semiseg-2d/val (24 slices) is
+# 0.6767 (model card), rounded down slightly here: a regression guard. The target
+# (0.74, Semi-Inf-Net) is NOT reached; the model card reports the figure against it.
+SHIPPED_VAL_DICE_AT_LEAST = 0.67
 
 
 @pytest.fixture

@@ -225,7 +225,7 @@ def metrics_snapshot(session: Session, now: datetime | None = None) -> MetricsSn
                               .group_by(Result.status, func.coalesce(Result.category, ""), Result.priority)).all()
     wl = session.execute(select(worklist.c.priority, worklist.c.state, func.count())
                          .group_by(worklist.c.priority, worklist.c.state)).all()
-    queues = session.execute(select(queue_depth.c.queue, queue_depth.c.state, queue_depth.c.items,
+    queues = session.execute(select(queue_depth.c.queue, queue_depth.c.state, queue_depth.c["items"],
                                     queue_depth.c.oldest_waiting_s)).all()
     deliveries = session.execute(select(Delivery.state, func.count(Delivery.id)).group_by(Delivery.state)).all()
     return MetricsSnapshot(

@@ -38,10 +38,10 @@ class _Dialect:
         return "(now() AT TIME ZONE 'UTC')" if self.pg else "strftime('%Y-%m-%d %H:%M:%f', 'now')"
 
     def seconds(self, start: str, end: str) -> str:
-        """``end - start`` in seconds (double); NULL when either is NULL."""
+        """``end - start`` in seconds (double, rounded to the millisecond); NULL when either is NULL."""
         if self.pg:
-            return f"CAST(EXTRACT(EPOCH FROM ({end} - {start})) AS DOUBLE PRECISION)"
-        return f"((julianday({end}) - julianday({start})) * 86400.0)"
+            return f"CAST(ROUND(EXTRACT(EPOCH FROM ({end} - {start})), 3) AS DOUBLE PRECISION)"
+        return f"ROUND((julianday({end}) - julianday({start})) * 86400.0, 3)"
 
     def hour(self, ts: str) -> str:
         return f"date_trunc('hour', {ts})" if self.pg else f"strftime('%Y-%m-%d %H:00:00', {ts})"

@@ -220,9 +220,8 @@ class MetricsSnapshot:
 def metrics_snapshot(session: Session, now: datetime | None = None) -> MetricsSnapshot:
     """Everything /metrics exports, read in one transaction."""
     now = now or utcnow()
-    results = session.execute(select(Result.status, func.coalesce(Result.category, ""), Result.priority,
-                                     func.count(Result.id))
-                              .group_by(Result.status, func.coalesce(Result.category, ""), Result.priority)).all()
+    results = session.execute(select(Result.status, Result.category, Result.priority, func.count(Result.id))
+                              .group_by(Result.status, Result.category, Result.priority)).all()
     wl = session.execute(select(worklist.c.priority, worklist.c.state, func.count())
                          .group_by(worklist.c.priority, worklist.c.state)).all()
     queues = session.execute(select(queue_depth.c.queue, queue_depth.c.state, queue_depth.c["items"],
@@ -232,7 +231,7 @@ def metrics_snapshot(session: Session, now: datetime | None = None) -> MetricsSn
         studies_received=session.scalar(select(func.count(Study.id))) or 0,
         instances_received=session.scalar(select(func.count(Instance.id))) or 0,
         instances_rejected=session.scalar(select(func.count(RejectedInstance.id))) or 0,
-        results=[(s, c, p, n) for s, c, p, n in results],
+        results=[(s, c or "", p, n) for s, c, p, n in results],
         worklist=[(p, s, n) for p, s, n in wl],
         queues=[(q, s, n, w) for q, s, n, w in queues],
         deliveries=[(s, n) for s, n in deliveries],

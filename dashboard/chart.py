@@ -40,6 +40,8 @@ def _nice_ceiling(value: float) -> float:
 
 
 def format_seconds(value: float) -> str:
+    if value < 10 and value != int(value):
+        return f"{value:.1f} s"
     if value < 120:
         return f"{value:.0f} s"
     if value < 7200:
@@ -88,6 +90,7 @@ def turnaround_svg(rows: list[dict], now: datetime) -> str:
             out.append(f'<text x="{x:.1f}" y="{HEIGHT - 12}" text-anchor="middle" fill="#475467">'
                        f'{tick:%H:%M}</text>')
         tick += timedelta(hours=1)
+    label_y: float | None = None
     for label, q in (("p50", 0.5), ("p95", 0.95)):
         value = percentile(values, q)
         if value is None:
@@ -95,7 +98,9 @@ def turnaround_svg(rows: list[dict], now: datetime) -> str:
         y = y_of(value)
         out.append(f'<line class="{label}" x1="{MARGIN_LEFT}" x2="{MARGIN_LEFT + plot_w}" y1="{y:.1f}" '
                    f'y2="{y:.1f}" stroke="#344054" stroke-dasharray="6 4"/>')
-        out.append(f'<text x="{MARGIN_LEFT + plot_w + 8}" y="{y + 4:.1f}" fill="#344054">'
+        text_y = y + 4 if label_y is None else min(y + 4, label_y - 14)  # p95 label above p50's
+        label_y = text_y
+        out.append(f'<text x="{MARGIN_LEFT + plot_w + 10}" y="{text_y:.1f}" fill="#344054">'
                    f'{label} {escape(format_seconds(value))}</text>')
     for scored_at, value, priority in points:
         color = PRIORITY_COLORS.get(priority, "#667085")
@@ -105,6 +110,5 @@ def turnaround_svg(rows: list[dict], now: datetime) -> str:
     if not points:
         out.append(f'<text x="{MARGIN_LEFT + plot_w / 2}" y="{MARGIN_TOP + plot_h / 2}" text-anchor="middle" '
                    f'fill="#667085">No study scored in the last 24 hours</text>')
-    out.append(f'<text x="{MARGIN_LEFT + plot_w + 8}" y="{HEIGHT - 12}" fill="#475467">UTC</text>')
     out.append("</svg>")
     return "\n".join(out)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -156,3 +159,30 @@ def test_a_busy_port_leaves_the_node_running_without_the_page(tmp_path, sqlite_u
         engine.dispose()
     assert "cannot listen" in caplog.text
     assert start_dashboard(make_settings(tmp_path, sqlite_url, http_port=0), factory) is None
+
+
+def test_serve_and_node_processes_serve_the_page_and_refuse_an_open_bind(tmp_path, sqlite_url):
+    from tests.support.daemon import Daemon
+    from tests.test_node import wait_for
+    from tests.test_node_process import node_env
+
+    http_port = free_port()
+    env = node_env(tmp_path, sqlite_url, free_port(), http_port=http_port)
+    for role in ("serve", "node"):
+        daemon = Daemon([role], env, tmp_path / f"{role}.log").start()
+        try:
+            def page_up():
+                try:
+                    return httpx.get(f"http://127.0.0.1:{http_port}/api/worklist", timeout=5).status_code == 200
+                except httpx.HTTPError:
+                    assert daemon.process.poll() is None, daemon.log()
+                    return False
+            wait_for(page_up, timeout=90, interval=0.3)
+        finally:
+            assert daemon.stop() == 0, daemon.log()
+        assert "worklist page on http://127.0.0.1" in daemon.log()
+
+    open_bind = node_env(tmp_path, sqlite_url, free_port(), http_host="0.0.0.0")
+    refused = subprocess.run([sys.executable, "-m", "ct_triage.cli", "node"], capture_output=True, text=True,
+                             timeout=60, env={**os.environ, **open_bind})
+    assert refused.returncode == 2 and "CT_TRIAGE_HTTP_TOKEN" in refused.stderr

@@ -81,7 +81,9 @@ class Settings:
     noise_floor_percent: float = _f(0.5, "Involvement below this is CT-0 (no signs).")
     poll_interval_s: float = _f(1.0, "How often the completeness tracker and the embedded queue look for work.")
     log_level: str = _f("INFO", "Logging level.")
-    http_host: str = _f("127.0.0.1", "Address of the worklist page, its JSON API and /metrics. Off-localhost needs HTTP_TOKEN.")
+    http_host: str = _f(
+        "127.0.0.1", "Address of the worklist page, its JSON API and /metrics. Off-localhost needs HTTP_TOKEN.",
+    )
     http_port: int = _f(8080, "Port of the worklist page and /metrics (0: no page).")
     http_token: str = _f(
         "", "Token the page, API and /metrics require (Bearer header, cookie, or ?token= once). "

@@ -398,7 +398,8 @@ def render_page(rows: list, turnaround: list[dict], now: datetime, refresh_s: fl
 </table>
 </section>
 <section class="card">
-<h2>Turnaround, last 24 h <small>last instance received &rarr; scored, one dot per study coloured by priority; dashed: p50 and p95; times in UTC</small></h2>
+<h2>Turnaround, last 24 h <small>last instance received &rarr; scored, one dot per study coloured by priority;
+dashed: p50 and p95; times in UTC</small></h2>
 <div id="chart">{svg}</div>
 </section>
 </main>

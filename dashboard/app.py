@@ -17,8 +17,9 @@ before it is sent, and HTML-escaped in the page; the page's script only moves no
 the server rendered (no ``innerHTML`` of data). A Content-Security-Policy allows only
 this server's own scripts, styles and images.
 
-Access: when ``HTTP_TOKEN`` is set (required off localhost, see the settings) every
-route but ``/healthz`` needs it, as ``Authorization: Bearer <token>``, or the
+Access: without ``HTTP_TOKEN`` the page is bound to loopback and answers only requests
+whose Host is a loopback name (no DNS rebinding). When ``HTTP_TOKEN`` is set (required
+off localhost, see the settings) every route but ``/healthz`` needs it, as ``Authorization: Bearer <token>``, or the
 ``ct_triage_token`` cookie, or once as ``?token=`` on a page URL (answered with a
 redirect that sets the HttpOnly, SameSite=Strict cookie and drops the token from the
 address bar). Tokens are compared in constant time.
@@ -178,7 +179,8 @@ class TokenGate:
         query_token = request.query_params.get("token")
         if self._matches(query_token) and request.method in ("GET", "HEAD"):
             rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
-            target = request.url.path + (f"?{urlencode(rest)}" if rest else "")
+            # Always a path on this server: "//host" would leave it.
+            target = "/" + request.url.path.lstrip("/") + (f"?{urlencode(rest)}" if rest else "")
             response: Response = RedirectResponse(target, status_code=303)
             response.set_cookie(TOKEN_COOKIE, query_token, httponly=True, samesite="strict", path="/",
                                 secure=request.url.scheme == "https")
@@ -186,6 +188,35 @@ class TokenGate:
             response = PlainTextResponse("401 Unauthorized: ct-triage needs its access token\n", status_code=401,
                                          headers={"www-authenticate": 'Bearer realm="ct-triage"'})
         await response(scope, receive, send)
+
+
+class LoopbackHostGuard:
+    """Without a token the page is bound to loopback: refuse requests naming another host.
+
+    A web page elsewhere could otherwise point its own host name at 127.0.0.1 (DNS
+    rebinding) and read the worklist through the radiologist's browser. A reverse proxy
+    on the same machine must pass ``Host: 127.0.0.1`` (or set a token).
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not _loopback_host(Request(scope).headers.get("host", "")):
+            await PlainTextResponse("400 Bad Request: unexpected Host\n", status_code=400)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _loopback_host(host_header: str) -> bool:
+    from ct_triage.settings import is_loopback
+
+    host = host_header.strip()
+    if host.startswith("["):
+        host = host[1:host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return bool(host) and is_loopback(host)
 
 
 class Dashboard:
@@ -300,6 +331,8 @@ def create_app(settings, session_factory) -> Starlette:
     middleware = [Middleware(SecurityHeaders)]
     if settings.http_token:
         middleware.append(Middleware(TokenGate, token=settings.http_token))
+    else:
+        middleware.append(Middleware(LoopbackHostGuard))
     app = Starlette(routes=routes, middleware=middleware)
     app.state.dashboard = dash
     return app

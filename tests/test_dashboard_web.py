@@ -93,6 +93,15 @@ def test_api_study_validates_the_uid_and_shows_versions(dashboard):
     assert picture.content.startswith(b"\x89PNG")
 
 
+def test_without_a_token_only_loopback_host_names_are_answered(dashboard):
+    server, _ = dashboard()
+    with client(server) as http:
+        for host in ("127.0.0.1", f"127.0.0.1:{server.port}", "localhost:8080", "[::1]:8080"):
+            assert http.get("/api/worklist", headers={"Host": host}).status_code == 200, host
+        for host in ("rebind.example.org", f"rebind.example.org:{server.port}", "10.0.0.5", ""):
+            assert http.get("/api/worklist", headers={"Host": host}).status_code == 400, host
+
+
 def test_nothing_but_get_and_head(dashboard):
     server, studies = dashboard()
     with client(server) as http:
@@ -142,8 +151,12 @@ def test_token_is_required_off_localhost(tmp_path, sqlite_url, dashboard):
         assert http.get("/api/worklist", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
         redirect = http.get(f"/?token={TOKEN}")
         assert redirect.status_code == 303 and redirect.headers["location"] == "/"
+    with client(server) as http:  # no cookie yet: a path like //host never redirects off this server
+        url = httpx.URL(f"http://127.0.0.1:{server.port}/").copy_with(raw_path=f"//evil.example/?token={TOKEN}".encode())
+        assert http.get(url).headers["location"] == "/evil.example/"
         cookie = redirect.headers["set-cookie"]
         assert "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict")
+        assert http.get("/api/worklist", headers={"Host": "ct-triage.hospital.example"}).status_code == 200
     with client(server, cookies={"ct_triage_token": TOKEN}) as http:
         assert http.get("/").status_code == 200
 

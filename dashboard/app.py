@@ -7,7 +7,8 @@ Routes (GET and HEAD only; any other method is answered 405 and nothing ever wri
   versions, turnaround and deliveries (400 for a malformed UID, 404 for an unknown one).
 - ``/thumbnails/{uid}.png`` and ``/summaries/{uid}.png``: the result's pictures.
 - ``/chart/turnaround.svg``: the last 24 hours' turnaround chart.
-- ``/metrics``: Prometheus text format. ``/healthz``: ``ok`` (no data, no token needed).
+- ``/metrics``: Prometheus text format. ``/healthz``: ``ok``; ``/favicon.ico``: the icon
+  (these two show no data and need no token).
 - ``/static/...``: the page's CSS, JavaScript and icon, served from this package (no CDN).
 
 Patient data: the page and the API show accession number, study date and description,
@@ -19,8 +20,8 @@ this server's own scripts, styles and images.
 
 Access: without ``HTTP_TOKEN`` the page is bound to loopback and answers only requests
 whose Host is a loopback name (no DNS rebinding). When ``HTTP_TOKEN`` is set (required
-off localhost, see the settings) every route but ``/healthz`` needs it, as ``Authorization: Bearer <token>``, or the
-``ct_triage_token`` cookie, or once as ``?token=`` on a page URL (answered with a
+off localhost, see the settings) every route but ``/healthz`` and ``/favicon.ico`` needs
+it, as ``Authorization: Bearer <token>``, or the ``ct_triage_token`` cookie, or once as ``?token=`` on a page URL (answered with a
 redirect that sets the HttpOnly, SameSite=Strict cookie and drops the token from the
 address bar). Tokens are compared in constant time.
 """
@@ -51,6 +52,8 @@ log = logging.getLogger("ct_triage.dashboard")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 TOKEN_COOKIE = "ct_triage_token"
+# Need no token and show no data: the health check, and the icon a browser asks for on any page.
+PUBLIC_PATHS = frozenset({"/healthz", "/favicon.ico"})
 TEXT_LIMIT = 64  # longest DICOM text the page shows (LO is 64 characters)
 REASON_LIMIT = 200
 SECURITY_HEADERS = {
@@ -157,7 +160,7 @@ class SecurityHeaders:
 
 
 class TokenGate:
-    """Requires the token (header, cookie or ?token=) on every route but /healthz."""
+    """Requires the token (header, cookie or ?token=) on every route but PUBLIC_PATHS."""
 
     def __init__(self, app: ASGIApp, token: str):
         self.app = app
@@ -167,7 +170,7 @@ class TokenGate:
         return bool(presented) and hmac.compare_digest(presented.encode(), self.token)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/healthz":
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
         request = Request(scope)
@@ -308,6 +311,11 @@ class Dashboard:
     def healthz(request: Request) -> Response:
         return PlainTextResponse("ok\n")
 
+    @staticmethod
+    def favicon(request: Request) -> Response:
+        return Response((STATIC_DIR / "favicon.svg").read_bytes(), media_type="image/svg+xml",
+                        headers={"cache-control": "public, max-age=86400"})
+
 
 def _valid_uid(uid: str) -> bool:
     from dicom_node.uids import is_valid_uid
@@ -326,6 +334,7 @@ def create_app(settings, session_factory) -> Starlette:
         Route("/chart/turnaround.svg", dash.turnaround_chart, methods=["GET"]),
         Route("/metrics", dash.metrics, methods=["GET"]),
         Route("/healthz", dash.healthz, methods=["GET"]),
+        Route("/favicon.ico", dash.favicon, methods=["GET"]),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     middleware = [Middleware(SecurityHeaders)]

@@ -144,6 +144,7 @@ def test_token_is_required_off_localhost(tmp_path, sqlite_url, dashboard):
     server, _ = dashboard(http_host="0.0.0.0", http_token=TOKEN)
     with client(server) as http:
         assert http.get("/healthz").status_code == 200
+        assert http.get("/favicon.ico").headers["content-type"] == "image/svg+xml"
         for path in ("/", "/api/worklist", "/metrics", "/chart/turnaround.svg"):
             denied = http.get(path)
             assert denied.status_code == 401 and "worklist" not in denied.text, path
@@ -152,7 +153,8 @@ def test_token_is_required_off_localhost(tmp_path, sqlite_url, dashboard):
         redirect = http.get(f"/?token={TOKEN}")
         assert redirect.status_code == 303 and redirect.headers["location"] == "/"
     with client(server) as http:  # no cookie yet: a path like //host never redirects off this server
-        url = httpx.URL(f"http://127.0.0.1:{server.port}/").copy_with(raw_path=f"//evil.example/?token={TOKEN}".encode())
+        raw_path = f"//evil.example/?token={TOKEN}".encode()
+        url = httpx.URL(f"http://127.0.0.1:{server.port}/").copy_with(raw_path=raw_path)
         assert http.get(url).headers["location"] == "/evil.example/"
         cookie = redirect.headers["set-cookie"]
         assert "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict")

@@ -91,7 +91,7 @@ def console_errors(driver) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> list[tuple[Path, dict]]:
-    from worker.phantom import write_phantom
+    from ct_triage_tools.phantom import write_phantom
 
     out = []
     for i, (name, percent, _, _) in enumerate(SEVERITIES):

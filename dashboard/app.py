@@ -21,9 +21,10 @@ this server's own scripts, styles and images.
 Access: without ``HTTP_TOKEN`` the page is bound to loopback and answers only requests
 whose Host is a loopback name (no DNS rebinding). When ``HTTP_TOKEN`` is set (required
 off localhost, see the settings) every route but ``/healthz`` and ``/favicon.ico`` needs
-it, as ``Authorization: Bearer <token>``, or the ``ct_triage_token`` cookie, or once as ``?token=`` on a page URL (answered with a
-redirect that sets the HttpOnly, SameSite=Strict cookie and drops the token from the
-address bar). Tokens are compared in constant time.
+it, as ``Authorization: Bearer <token>``, or the ``ct_triage_token`` cookie, or once as
+``?token=`` on a page URL (answered with a redirect that sets the HttpOnly,
+SameSite=Strict cookie and drops the token from the address bar). Tokens are compared
+in constant time.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import hmac
 import html
 import logging
 import unicodedata
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -167,7 +168,9 @@ class TokenGate:
         self.token = token.encode()
 
     def _matches(self, presented: str | None) -> bool:
-        return bool(presented) and hmac.compare_digest(presented.encode(), self.token)
+        if not presented:
+            return False
+        return hmac.compare_digest(presented.encode(), self.token)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
@@ -180,7 +183,7 @@ class TokenGate:
             await self.app(scope, receive, send)
             return
         query_token = request.query_params.get("token")
-        if self._matches(query_token) and request.method in ("GET", "HEAD"):
+        if query_token and self._matches(query_token) and request.method in ("GET", "HEAD"):
             rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
             # Always a path on this server: "//host" would leave it.
             target = "/" + request.url.path.lstrip("/") + (f"?{urlencode(rest)}" if rest else "")

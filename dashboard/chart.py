@@ -92,16 +92,16 @@ def turnaround_svg(rows: list[dict], now: datetime) -> str:
         tick += timedelta(hours=1)
     label_y: float | None = None
     for label, q in (("p50", 0.5), ("p95", 0.95)):
-        value = percentile(values, q)
-        if value is None:
+        quantile = percentile(values, q)
+        if quantile is None:
             continue
-        y = y_of(value)
+        y = y_of(quantile)
         out.append(f'<line class="{label}" x1="{MARGIN_LEFT}" x2="{MARGIN_LEFT + plot_w}" y1="{y:.1f}" '
                    f'y2="{y:.1f}" stroke="#344054" stroke-dasharray="6 4"/>')
         text_y = y + 4 if label_y is None else min(y + 4, label_y - 14)  # p95 label above p50's
         label_y = text_y
         out.append(f'<text x="{MARGIN_LEFT + plot_w + 10}" y="{text_y:.1f}" fill="#344054">'
-                   f'{label} {escape(format_seconds(value))}</text>')
+                   f'{label} {escape(format_seconds(quantile))}</text>')
     for scored_at, value, priority in points:
         color = PRIORITY_COLORS.get(priority, "#667085")
         out.append(f'<circle class="point" cx="{x_of(scored_at):.1f}" cy="{y_of(value):.1f}" r="4" '

@@ -18,6 +18,7 @@ import logging
 import socket
 import threading
 import time
+from typing import Any
 
 from ct_triage.errors import ConfigError
 from ct_triage.settings import Settings, is_loopback
@@ -35,7 +36,7 @@ class DashboardServer:
             raise ConfigError("the worklist page is bound off localhost without CT_TRIAGE_HTTP_TOKEN: refusing")
         self.settings = settings
         self.session_factory = session_factory
-        self._server = None
+        self._server: Any = None  # uvicorn.Server, imported when started
         self._thread: threading.Thread | None = None
         self.port: int | None = None
 

@@ -183,7 +183,7 @@ def test_page_lists_scored_studies_by_priority_with_thumbnails(scored_deployment
         rows = worklist_snapshot(browser)
         assert [r["priority"] for r in rows] == ["HIGH", "MEDIUM", "LOW"]
         truth_by_uid = {truth["study_instance_uid"]: (cat, prio) for (_, truth), (_, _, cat, prio)
-                        in zip(phantoms, SEVERITIES)}
+                        in zip(phantoms, SEVERITIES, strict=True)}
         for row in rows:
             category, priority = truth_by_uid[row["uid"]]
             assert priority == row["priority"]

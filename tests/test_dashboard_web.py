@@ -186,7 +186,7 @@ def test_serve_and_node_processes_serve_the_page_and_refuse_an_open_bind(tmp_pat
     for role in ("serve", "node"):
         daemon = Daemon([role], env, tmp_path / f"{role}.log").start()
         try:
-            def page_up():
+            def page_up(daemon=daemon):
                 try:
                     return httpx.get(f"http://127.0.0.1:{http_port}/api/worklist", timeout=5).status_code == 200
                 except httpx.HTTPError:

@@ -102,14 +102,26 @@ def test_without_a_token_only_loopback_host_names_are_answered(dashboard):
             assert http.get("/api/worklist", headers={"Host": host}).status_code == 400, host
 
 
-def test_nothing_but_get_and_head(dashboard):
+def database_dump(server) -> list[str]:
+    import sqlite3
+
+    path = server.settings.effective_database_url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as conn:
+        return list(conn.iterdump())
+
+
+def test_nothing_but_get_and_head_and_nothing_is_written(dashboard):
     server, studies = dashboard()
+    before = database_dump(server)
     with client(server) as http:
-        for path in ("/", "/api/worklist", f"/api/studies/{studies['A'].uid}", "/metrics",
-                     f"/thumbnails/{studies['A'].uid}.png", "/chart/turnaround.svg"):
+        for path in ("/", "/api/worklist", f"/api/studies/{studies['A'].uid}", "/metrics", "/healthz",
+                     f"/thumbnails/{studies['A'].uid}.png", f"/summaries/{studies['B'].uid}.png",
+                     "/chart/turnaround.svg", "/static/worklist.js", f"/?token={TOKEN}"):
+            assert http.get(path).status_code == 200, path
             assert http.head(path).status_code == 200, path
             for method in ("POST", "PUT", "PATCH", "DELETE"):
                 assert http.request(method, path).status_code == 405, (method, path)
+    assert database_dump(server) == before
 
 
 def test_metrics_parse_and_count_the_studies(dashboard, postgres_url):

@@ -53,7 +53,7 @@ def test_dashboard_json_is_provisioned_against_the_ct_triage_data_source():
         for item in (panel, *panel["targets"]):
             assert item["datasource"] == {"type": kind, "uid": uid}, panel["title"]
     provider = (GRAFANA / "provisioning" / "dashboards" / "ct-triage.yaml").read_text()
-    assert "/var/lib/grafana/dashboards/ct-triage" in provider
+    assert "/etc/grafana/dashboards/ct-triage" in provider
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
     for topic in ("queue depth", "turnaround p50 / p95", "throughput", "category mix", "failures"):
         assert topic in titles

@@ -79,3 +79,28 @@ def test_every_dashboard_query_returns_rows_on_postgresql(tmp_path, postgres_url
 def test_macro_expansion_rejects_what_grafana_would_do_differently():
     with pytest.raises(AssertionError):
         expand_macros("SELECT $__timeGroup(at, 1h) FROM failures", utcnow(), utcnow())
+
+
+def test_the_compose_overlay_publishes_the_page_with_a_token_and_mounts_the_provisioning(tmp_path):
+    """``docker-compose config`` merges deploy/compose.grafana.yml onto the stack (no Docker daemon needed)."""
+    import os
+    import shutil
+    import subprocess
+
+    compose = shutil.which("docker-compose")
+    if compose is None:
+        pytest.skip("docker-compose not installed")
+    root = DASHBOARD.parents[3]
+    args = [compose, "-f", "docker-compose.yml", "-f", "deploy/compose.grafana.yml", "config"]
+    env = {**os.environ, "CT_TRIAGE_HTTP_TOKEN": "0123456789abcdef-token", "GRAFANA_ADMIN_PASSWORD": "pw"}
+    merged = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    assert merged.returncode == 0, merged.stderr
+    for expected in ("CT_TRIAGE_HTTP_HOST: 0.0.0.0", "CT_TRIAGE_HTTP_TOKEN: 0123456789abcdef-token",
+                     "127.0.0.1:8080:8080"):
+        assert expected in merged.stdout, expected
+    provider = (GRAFANA / "provisioning" / "dashboards" / "ct-triage.yaml").read_text()
+    mount = re.search(r"path:\s*(\S+)", provider).group(1)
+    assert f"target: {mount}" in merged.stdout or f":{mount}:" in merged.stdout
+    without_token = {k: v for k, v in env.items() if k != "CT_TRIAGE_HTTP_TOKEN"}
+    refused = subprocess.run(args, cwd=root, env=without_token, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "CT_TRIAGE_HTTP_TOKEN" in refused.stderr

@@ -78,7 +78,7 @@ class DashboardServer:
     def _run(self, sock: socket.socket) -> None:
         try:
             self._server.run(sockets=[sock])
-        except Exception:  # noqa: BLE001 - the node keeps running without its page
+        except Exception:  # the node keeps running without its page
             log.exception("worklist page stopped unexpectedly")
         finally:
             sock.close()

@@ -102,7 +102,7 @@ class Thumbnails:
         result_json, series_fk, paths = source
         try:
             return self._render_result(json.loads(result_json), paths, kind)
-        except Exception as exc:  # noqa: BLE001 - any failure becomes a visible placeholder
+        except Exception as exc:  # any failure becomes a visible placeholder
             log.warning("result %d: no %s picture: %s: %s", result_id, kind, type(exc).__name__,
                         str(exc).splitlines()[0][:200] if str(exc) else "")
             return placeholder_png("no picture: source images unavailable")

@@ -11,8 +11,14 @@ from ct_triage.runtime import open_database
 from db import views
 from db.migrate import alembic_config
 from tests.conftest import make_settings
-from tests.support.dashboard import (DELIVERY_S, QUEUE_WAIT_S, RECEIVE_TO_STABLE_S, SCORING_S, WORKLIST_ORDER,
-                                     seed_dashboard)
+from tests.support.dashboard import (
+    DELIVERY_S,
+    QUEUE_WAIT_S,
+    RECEIVE_TO_STABLE_S,
+    SCORING_S,
+    WORKLIST_ORDER,
+    seed_dashboard,
+)
 
 
 @pytest.fixture

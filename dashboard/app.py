@@ -11,6 +11,9 @@ Routes (GET and HEAD only; any other method is answered 405 and nothing ever wri
   (these two show no data and need no token).
 - ``/static/...``: the page's CSS, JavaScript and icon, served from this package (no CDN).
 
+A database that does not answer gives 503 with one log line (``/metrics`` still answers,
+with ``ct_triage_database_up 0``).
+
 Patient data: the page and the API show accession number, study date and description,
 never patient name, ID, birth date or sex (the ``worklist`` view does not carry them).
 Every DICOM-sourced string is cleaned (control characters removed, length capped)
@@ -326,7 +329,17 @@ def _valid_uid(uid: str) -> bool:
     return is_valid_uid(uid)
 
 
+async def database_unavailable(request: Request, exc: Exception) -> Response:
+    """One log line and a 503 when the database fails (no traceback, nothing from the query)."""
+    log.warning("%s %s: database unavailable: %s", request.method, request.url.path,
+                str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+    return PlainTextResponse("503 Service Unavailable: the ct-triage database does not answer\n", status_code=503,
+                             headers={"retry-after": "15", "cache-control": "no-store"})
+
+
 def create_app(settings, session_factory) -> Starlette:
+    from sqlalchemy.exc import SQLAlchemyError
+
     dash = Dashboard(settings, session_factory)
     routes = [
         Route("/", dash.page, methods=["GET"]),
@@ -345,7 +358,8 @@ def create_app(settings, session_factory) -> Starlette:
         middleware.append(Middleware(TokenGate, token=settings.http_token))
     else:
         middleware.append(Middleware(LoopbackHostGuard))
-    app = Starlette(routes=routes, middleware=middleware)
+    app = Starlette(routes=routes, middleware=middleware,
+                    exception_handlers={SQLAlchemyError: database_unavailable})
     app.state.dashboard = dash
     return app
 

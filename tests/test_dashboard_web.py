@@ -227,3 +227,25 @@ def test_the_dashboard_imports_only_the_database_settings_and_the_renderer():
     code = "import sys, dashboard.app, dashboard.server; print('torch' in sys.modules, 'pynetdicom' in sys.modules)"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert loaded.stdout.split() == ["False", "False"]
+
+
+def test_a_database_that_does_not_answer_gives_503_and_metrics_say_so(tmp_path, sqlite_url, caplog):
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import sessionmaker
+
+    # A session factory whose database is gone: a PostgreSQL port nobody listens on.
+    dead = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/none",
+                         connect_args={"connect_timeout": 2})
+    server = DashboardServer(make_settings(tmp_path, sqlite_url, http_port=free_port()), sessionmaker(dead))
+    assert server.start()
+    try:
+        with client(server) as http, caplog.at_level(logging.WARNING, logger="ct_triage.dashboard"):
+            for path in ("/", "/api/worklist", "/api/studies/1.2.3"):
+                response = http.get(path)
+                assert response.status_code == 503 and "Traceback" not in response.text, path
+            metrics = http.get("/metrics")
+        assert metrics.status_code == 200 and "ct_triage_database_up 0.0" in metrics.text
+        assert "database unavailable" in caplog.text
+    finally:
+        server.stop()
+        dead.dispose()

@@ -10,10 +10,11 @@ import statistics
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Delivery, Instance, Job, Patient, RejectedInstance, Result, Series, SeriesEvent, Study
+from db.models import (Delivery, Instance, Job, OutputFile, Patient, RejectedInstance, Result, Series, SeriesEvent,
+                       Study)
 from db.states import SETTLED, SeriesState, can_transition
 from db.types import utcnow
 
@@ -279,6 +280,47 @@ def unpublished_delivery_ids(session: Session, grace_s: float = 30.0, now: datet
                                                           Delivery.state == "pending",
                                                           Delivery.created_at <= cutoff)
                                 .order_by(Delivery.id)).all())
+
+
+# HIGH results first when deliveries queue up (issue 9), then the oldest.
+PRIORITY_RANK = {"HIGH": 0, "MEDIUM": 1, "LOW": 2}
+
+
+def due_delivery_ids(session: Session, now: datetime | None = None) -> list[int]:
+    """Deliveries due now, HIGH before MEDIUM before LOW results, then by age."""
+    now = now or utcnow()
+    rank = case(PRIORITY_RANK, value=Result.priority, else_=1)
+    return list(session.scalars(
+        select(Delivery.id).join(Result, Delivery.result_fk == Result.id)
+        .where(Delivery.state.in_(("pending", "retrying")),
+               or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now))
+        .order_by(rank, Delivery.created_at, Delivery.id)).all())
+
+
+def stored_output_files(session: Session, result_id: int) -> list[OutputFile] | None:
+    """The stored outputs of a result in send order, or None when they were never recorded."""
+    result = session.get(Result, result_id)
+    if result is None or result.outputs_built_at is None:
+        return None
+    return list(session.scalars(select(OutputFile).where(OutputFile.result_fk == result_id)
+                                .order_by(OutputFile.send_order)).all())
+
+
+def record_output_files(session: Session, result_id: int, files: list[dict], now: datetime | None = None) -> bool:
+    """Record a result's built outputs once; False when another worker recorded them first."""
+    claimed = session.execute(update(Result).where(Result.id == result_id, Result.outputs_built_at.is_(None))
+                              .values(outputs_built_at=now or utcnow())).rowcount == 1
+    if not claimed:
+        return False
+    session.execute(delete(OutputFile).where(OutputFile.result_fk == result_id))
+    session.add_all([OutputFile(result_fk=result_id, **f) for f in files])
+    return True
+
+
+def forget_output_files(session: Session, result_id: int) -> None:
+    """Drop the record of a result's outputs (their files are gone): the next attempt rebuilds."""
+    session.execute(update(Result).where(Result.id == result_id).values(outputs_built_at=None))
+    session.execute(delete(OutputFile).where(OutputFile.result_fk == result_id))
 
 
 def mark_delivery_published(session: Session, delivery_id: int, now: datetime | None = None) -> None:

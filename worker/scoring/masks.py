@@ -22,7 +22,6 @@ working voxel covers ``factor`` original voxels), so builders never hold a full-
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +30,20 @@ import numpy as np
 FORMAT_VERSION = 1
 MASK_NAMES = ("lung", "left", "lesion", "ggo", "consolidation")
 _REQUIRED = ("lung", "left", "lesion")
+
+
+@dataclass(frozen=True)
+class LesionComponent:
+    """One 3-D lesion: size, centre of mass and inclusive bounding box in original indices."""
+
+    rank: int  # 1 = largest
+    voxels: int  # working-grid voxels
+    volume_ml: float | None
+    center: tuple[float, float, float]  # (z, row, col), continuous original-grid index
+    box_min: tuple[int, int, int]
+    box_max: tuple[int, int, int]
+    side: str  # "left" | "right": the lung holding most of it
+    kind: str | None = None  # "ggo" | "consolidation" when the scorer tells them apart
 
 
 @dataclass
@@ -44,6 +57,7 @@ class ResultMasks:
     original_shape: tuple[int, int, int]
     ggo: np.ndarray | None = None
     consolidation: np.ndarray | None = None
+    spacing_mm: tuple[float, float, float] | None = None  # of the working grid (z, row, col)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -84,7 +98,7 @@ class ResultMasks:
             if arr is not None:
                 extra[name] = np.asarray(arr, dtype=bool) & lesion
         return cls(lung=lung, left=seg.left & lung, lesion=lesion, factor=seg.factor,
-                   original_shape=seg.original_shape, **extra)
+                   original_shape=seg.original_shape, spacing_mm=tuple(seg.spacing_mm), **extra)
 
     @property
     def names(self) -> list[str]:
@@ -120,6 +134,53 @@ class ResultMasks:
         z, r, c = self.original_shape
         return out[:z, :r, :c]
 
+    def lesion_components(self, limit: int | None = None) -> list[LesionComponent]:
+        """3-D lesions: 26-connected components of ``lesion`` (as ``measure`` counts them),
+        largest first (ties: lower first voxel), at most ``limit``.
+
+        Coordinates are continuous original-grid indices (z, row, col); volumes need
+        ``spacing_mm``.
+        """
+        from scipy import ndimage
+
+        if not self.lesion.any():
+            return []
+        # label only the lesions' bounding box (much smaller than the volume)
+        crop = tuple(_extent(self.lesion, axis) for axis in range(3))
+        offset = [sl.start for sl in crop]
+        labels, count = ndimage.label(self.lesion[crop], structure=np.ones((3, 3, 3), dtype=bool))
+        coords = np.nonzero(labels)
+        ids = labels[coords]
+        sizes = np.bincount(ids, minlength=count + 1)
+        sums = [np.bincount(ids, weights=c.astype(np.float64), minlength=count + 1) for c in coords]
+        on_left = np.bincount(labels[self.left[crop]], minlength=count + 1)
+        split = self.ggo is not None and self.consolidation is not None
+        if split:
+            n_ggo = np.bincount(labels[self.ggo[crop]], minlength=count + 1)  # type: ignore[index]
+            n_cons = np.bincount(labels[self.consolidation[crop]], minlength=count + 1)  # type: ignore[index]
+        order = sorted(range(1, count + 1), key=lambda i: -int(sizes[i]))  # stable: label order breaks ties
+        if limit is not None:
+            order = order[:limit]
+        objects = ndimage.find_objects(labels)
+        factor = self.factor
+        voxel_ml = float(np.prod(self.spacing_mm)) / 1000.0 if self.spacing_mm is not None else None
+        out = []
+        for rank, index in enumerate(order, start=1):
+            sl = objects[index - 1]
+            n = int(sizes[index])
+            center = tuple((sums[a][index] / n + offset[a] + 0.5) * factor[a] - 0.5 for a in range(3))
+            box_min = tuple((sl[a].start + offset[a]) * factor[a] for a in range(3))
+            box_max = tuple(min((sl[a].stop + offset[a]) * factor[a], self.original_shape[a]) - 1 for a in range(3))
+            kind = None
+            if split:
+                kind = "consolidation" if n_cons[index] > n_ggo[index] else "ggo"
+            out.append(LesionComponent(
+                rank=rank, voxels=n, volume_ml=None if voxel_ml is None else n * voxel_ml,
+                center=center, box_min=box_min, box_max=box_max,  # type: ignore[arg-type]
+                side="left" if int(on_left[index]) * 2 >= n else "right", kind=kind,
+            ))
+        return out
+
     # -- storage --------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         arrays: dict[str, np.ndarray] = {
@@ -128,6 +189,8 @@ class ResultMasks:
             "original_shape": np.array(self.original_shape, dtype=np.int32),
             "working_shape": np.array(self.lung.shape, dtype=np.int32),
         }
+        if self.spacing_mm is not None:
+            arrays["spacing_mm"] = np.array(self.spacing_mm, dtype=np.float64)
         for name in self.names:
             arrays[name] = np.packbits(getattr(self, name), axis=None)
         buffer = io.BytesIO()
@@ -144,35 +207,23 @@ class ResultMasks:
             count = int(np.prod(shape))
             masks = {name: np.unpackbits(npz[name], count=count).astype(bool).reshape(shape)
                      for name in MASK_NAMES if name in npz.files}
+            spacing = tuple(float(v) for v in npz["spacing_mm"]) if "spacing_mm" in npz.files else None
             return cls(factor=tuple(int(v) for v in npz["factor"]),  # type: ignore[arg-type]
+                       spacing_mm=spacing,  # type: ignore[arg-type]
                        original_shape=tuple(int(v) for v in npz["original_shape"]),  # type: ignore[arg-type]
                        **masks)
 
 
-def write_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path``: temporary file, fsync, atomic rename, directory fsync."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+def _extent(mask: np.ndarray, axis: int) -> slice:
+    other = tuple(a for a in range(mask.ndim) if a != axis)
+    idx = np.flatnonzero(mask.any(axis=other))
+    return slice(int(idx[0]), int(idx[-1]) + 1)
 
 
 def save_masks(path: Path, masks: ResultMasks) -> int:
     """Store ``masks`` durably at ``path``; returns the number of bytes written."""
+    from worker.durable import write_durably
+
     data = masks.to_bytes()
     write_durably(path, data)
     return len(data)

@@ -45,7 +45,7 @@ TARGET_SEND_S = 2.0
 def _phantom(out: Path, involvement: float, slices: int, rows: int, seed: int) -> Path:
     folder = out / f"phantom_{involvement:g}_{slices}x{rows}_s{seed}"
     if not (folder / "ground_truth.json").exists():
-        from worker.phantom import write_phantom
+        from ct_triage_tools.phantom import write_phantom
 
         print(f"writing phantom to {folder} ...", file=sys.stderr, flush=True)
         write_phantom(folder, involvement, slices=slices, rows=rows, seed=seed)
@@ -86,7 +86,7 @@ def _score(folder: Path, cache: Path):
 
 
 def _orthanc(root: Path):
-    from tests.support.orthanc import OrthancServer
+    from ct_triage_tools.pacs import OrthancServer
 
     return OrthancServer(root, aet="ORTHANC")
 

@@ -57,7 +57,7 @@ def _tools():
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
     """(source datasets in result order, result with masks, truth, phantom folder)."""
-    from worker.phantom import write_phantom
+    from ct_triage_tools.phantom import write_phantom
     from worker.scoring.pipeline import score_path
 
     folder = tmp_path_factory.mktemp("phantom62")
@@ -80,7 +80,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_sr_seg_and_sc_land_in_orthanc_valid_and_true(tmp_path, scored, pacs):
-    from worker.phantom import read_truth_masks
+    from ct_triage_tools.phantom import read_truth_masks
 
     datasets, result, truth, folder = scored
     items = build_output_datasets(datasets, result, 1, created_at=None, masks=result.masks)

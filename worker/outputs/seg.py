@@ -55,7 +55,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from ct_triage import __version__
-from worker.outputs import sc as _sc
+from worker.outputs import base
 from worker.outputs.uids import output_uid
 from worker.scoring.masks import ResultMasks
 from worker.scoring.result import ScoreResult
@@ -196,7 +196,7 @@ def build_segmentation(
         TypeError/ValueError naming the bad argument (e.g. a result that is not
         scored, masks of another shape, a source without geometry).
     """
-    datasets = _sc.validate_inputs(source_datasets, result, result_version)
+    datasets = base.validate_inputs(source_datasets, result, result_version)
     if result.status != "scored":
         raise ValueError(f"argument 'result' is {result.status}: only a scored result has a segmentation")
     if not isinstance(masks, ResultMasks):
@@ -211,13 +211,13 @@ def build_segmentation(
     numbers = segment_numbers(masks)
     if not numbers:
         raise ValueError("argument 'masks' is empty: no lung voxel to segment")
-    when = _sc.resolve_created_at(created_at, datasets)
+    when = base.resolve_created_at(created_at, datasets)
     source_series = str(datasets[0].SeriesInstanceUID)
     _, rows, cols = masks.original_shape
 
     algorithm = hd.AlgorithmIdentificationSequence(
-        name=_sc.plain_text(result.model)[:64],
-        version=_sc.plain_text(result.model_version)[:64] or "unknown",
+        name=base.plain_text(result.model)[:64],
+        version=base.plain_text(result.model_version)[:64] or "unknown",
         family=codes.cid7162.ArtificialIntelligence,
         source="ct-triage",
     )
@@ -249,18 +249,18 @@ def build_segmentation(
         series_number=series_number,
         sop_instance_uid=output_uid(source_series, result_version, "seg-instance", 0),
         instance_number=1,
-        manufacturer=_sc.MANUFACTURER,
-        manufacturer_model_name=_sc.plain_text(result.model)[:64],
+        manufacturer=base.MANUFACTURER,
+        manufacturer_model_name=base.plain_text(result.model)[:64],
         software_versions=f"ct-triage {__version__}"[:64],
         device_serial_number="0",
-        content_description=_sc.plain_text(
+        content_description=base.plain_text(
             f"Lungs and COVID-19 lesions by {result.model} {result.model_version}; NOT FOR DIAGNOSTIC USE")[:64],
         content_label="CTTRIAGE",
-        series_description=_sc.series_description("segmentation", result_version),
+        series_description=base.series_description("segmentation", result_version),
         content_creator_name=None,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         omit_empty_frames=False,
-        contributing_equipment=[_sc.contributing_equipment(
+        contributing_equipment=[base.contributing_equipment(
             result, when, f"Lung and lesion segmentation by {result.model} {result.model_version}")],
     )
     template_item = seg.PerFrameFunctionalGroupsSequence[0]
@@ -319,7 +319,7 @@ def build_segmentation(
     seg.ImageType = ["DERIVED", "PRIMARY"]
     if any(str(ds.get("LossyImageCompression", "")) == "01" for ds in datasets):
         seg.LossyImageCompression = "01"
-    _sc.freeze_times(seg, when)
+    base.freeze_times(seg, when)
     seg.file_meta.TransferSyntaxUID = SEG_COMPRESSIONS[compression]
     return seg
 

@@ -1,7 +1,7 @@
 """The masks a result was measured on, kept for the DICOM Segmentation and the SR.
 
 Scoring measures on a working grid (the original grid pooled by whole ``factor``s, see
-:class:`worker.scoring.scorer.Segmentation`); the SEG and the SR's per-lesion groups need
+:class:`worker.scoring.base.Segmentation`); the SEG and the SR's per-lesion groups need
 those same masks afterwards, in the io worker, possibly on another host. So the job
 stores them once per result version as one small file in the storage folder:
 

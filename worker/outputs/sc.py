@@ -422,10 +422,11 @@ def build_secondary_capture_series(
                 created_at=when,
                 result_version=result_version,
             )
-            if template is None:
-                template, template_ref = image, ds
             if compression != "none":
                 encode_pixels(image, pixels, compression)
+            if template is None:
+                template, template_ref = image, ds
+                list(template)  # convert raw elements now, so every clone shares the converted objects
         else:
             image = _clone(template)
             _set(image, "SOPInstanceUID", sop_uid)
@@ -442,6 +443,7 @@ def build_secondary_capture_series(
                 tag_for_keyword("SourceImageSequence"), "SQ", DicomSequence([_source_item(ds)])
             )
             encode_pixels(image, pixels, compression)
+            image._ct_template = template  # lets worker.outputs.stored.encode reuse the shared elements' bytes
         out.append(image)
     return out
 

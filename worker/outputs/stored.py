@@ -32,15 +32,18 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 
 from worker.durable import fsync_dir, make_dirs, write_synced
 
 OUTPUTS_DIR = "outputs"
+WRITER_THREADS = 4  # concurrent fsyncs while writing one result's files
 ROLE_ORDER = {"sr": 0, "seg": 1, "sc": 2}
 
 
@@ -76,10 +79,79 @@ def instance_filename(sop_instance_uid: str) -> str:
 
 
 def encode(ds: Dataset) -> bytes:
-    """The Part 10 file of ``ds`` (its file meta transfer syntax decides the encoding)."""
+    """The Part 10 file of ``ds`` (its file meta transfer syntax decides the encoding).
+
+    SC slice images cloned from a template (:mod:`worker.outputs.sc`) carry that template
+    as ``_ct_template``: their unchanged data elements are the template's own objects, so
+    their encoded bytes are computed once per series and reused (:class:`TemplateEncoder`);
+    the result is byte-identical to ``save_as`` (tested).
+    """
+    template = getattr(ds, "_ct_template", None)
+    if template is not None and str(ds.file_meta.TransferSyntaxUID) == str(template.file_meta.TransferSyntaxUID):
+        encoder = getattr(template, "_ct_encoder", None)
+        if encoder is None:
+            encoder = TemplateEncoder(template)
+            template._ct_encoder = encoder
+        return encoder.encode(ds)
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+class TemplateEncoder:
+    """Encodes datasets that share most data elements with one template.
+
+    Only little-endian explicit-VR syntaxes (native or encapsulated pixel data); anything
+    else falls back to ``save_as``.
+    """
+
+    def __init__(self, template: Dataset):
+        from pydicom.filebase import DicomBytesIO
+        from pydicom.filewriter import correct_ambiguous_vr, write_data_element
+
+        self._write = write_data_element
+        self._bytes_io = DicomBytesIO
+        syntax = UID(str(template.file_meta.TransferSyntaxUID))
+        self.usable = syntax.is_little_endian and not syntax.is_implicit_VR and not syntax.is_deflated
+        self.encodings = template.get("SpecificCharacterSet")
+        self.cache: dict = {}
+        if not self.usable:
+            return
+        correct_ambiguous_vr(template, True)
+        for tag in template.keys():
+            elem = template[tag]  # converts raw elements in place: clones share the converted ones
+            self.cache[tag] = (elem, self._encode_element(elem))
+
+    def _encode_element(self, elem) -> bytes:
+        fp = self._bytes_io()
+        fp.is_little_endian = True
+        fp.is_implicit_VR = False
+        self._write(fp, elem, encodings=self.encodings)
+        return fp.getvalue()
+
+    def encode(self, ds: Dataset) -> bytes:
+        from pydicom.filewriter import write_file_meta_info
+
+        if not self.usable or ds.get("SpecificCharacterSet") != self.encodings:
+            buffer = io.BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            return buffer.getvalue()
+        fp = self._bytes_io()
+        fp.is_little_endian = True
+        fp.is_implicit_VR = False
+        fp.write(b"\x00" * 128 if ds.preamble is None else ds.preamble)
+        fp.write(b"DICM")
+        write_file_meta_info(fp, ds.file_meta, enforce_standard=True)
+        raw = ds._dict  # noqa: SLF001 - identity with the template's element objects
+        for tag in sorted(raw):
+            if tag.group < 8:
+                continue
+            cached = self.cache.get(tag)
+            if cached is not None and raw[tag] is cached[0]:
+                fp.write(cached[1])
+            else:
+                fp.write(self._encode_element(ds[tag]))
+        return fp.getvalue()
 
 
 def write_outputs(storage_dir: Path, folder: str, items: Sequence[tuple[str, Dataset]]) -> list[OutputFile]:
@@ -92,13 +164,18 @@ def write_outputs(storage_dir: Path, folder: str, items: Sequence[tuple[str, Dat
     make_dirs(target)
     ordered = sorted(enumerate(items), key=lambda pair: (ROLE_ORDER[pair[1][0]], pair[0]))
     files: list[OutputFile] = []
-    for order, (_, (role, ds)) in enumerate(ordered):
-        data = encode(ds)
-        name = instance_filename(str(ds.SOPInstanceUID))
-        write_synced(target / name, data)
-        files.append(OutputFile(role=role, send_order=order, sop_class_uid=str(ds.SOPClassUID),
-                                sop_instance_uid=str(ds.SOPInstanceUID), path=f"{folder}/{name}",
-                                size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest()))
+    # Encoding is CPU; fsync is waiting on the disk: overlap the waits in a few threads.
+    with ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="outputs-write") as pool:
+        pending = []
+        for order, (_, (role, ds)) in enumerate(ordered):
+            data = encode(ds)
+            name = instance_filename(str(ds.SOPInstanceUID))
+            pending.append(pool.submit(write_synced, target / name, data))
+            files.append(OutputFile(role=role, send_order=order, sop_class_uid=str(ds.SOPClassUID),
+                                    sop_instance_uid=str(ds.SOPInstanceUID), path=f"{folder}/{name}",
+                                    size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest()))
+        for future in pending:
+            future.result()  # re-raises a write error
     fsync_dir(target)
     return files
 

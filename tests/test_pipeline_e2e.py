@@ -239,7 +239,7 @@ def test_redis_worker_killed_mid_task_is_redelivered_and_completes_once(tmp_path
                 assert session.scalar(select(func.count(Result.id))) == 1
                 job = session.get(Job, job.id)
                 assert job.state == "done" and job.attempts >= 2
-            assert len(pacs.series_of_study(pacs.studies()[0]["MainDicomTags"]["StudyInstanceUID"])) == 2
+            assert len(pacs.series_of_study(pacs.studies()[0]["MainDicomTags"]["StudyInstanceUID"])) == 3  # SC, SEG, SR
         except AssertionError:
             print(worker.log()[-5000:])
             raise

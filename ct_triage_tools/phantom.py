@@ -38,6 +38,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataelem import DataElement
@@ -266,7 +267,8 @@ def read_truth_masks(folder) -> dict[str, np.ndarray]:
     """The masks :func:`write_phantom` stored: name -> bool array (slice, row, column)."""
     import nibabel as nib
 
-    labels = np.asarray(nib.load(str(Path(folder) / TRUTH_MASKS_NAME)).dataobj).transpose(2, 1, 0)
+    image: Any = nib.load(str(Path(folder) / TRUTH_MASKS_NAME))
+    labels = np.asarray(image.dataobj).transpose(2, 1, 0)
     return {
         "lung": labels > 0,
         "left_lung": (labels == TRUTH_LABELS["left_lung"]) | (labels == TRUTH_LABELS["left_lung_lesion"]),

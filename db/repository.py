@@ -18,8 +18,7 @@ from pathlib import Path
 from sqlalchemy import case, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.models import (Delivery, Instance, Job, OutputFile, Patient, RejectedInstance, Result, Series, SeriesEvent,
-                       Study)
+from db.models import Delivery, Instance, Job, OutputFile, Patient, RejectedInstance, Result, Series, SeriesEvent, Study
 from db.states import CLAIMABLE_DELIVERY, SETTLED, DeliveryState, JobState, SeriesState, can_transition
 from db.types import utcnow
 
@@ -302,8 +301,9 @@ def stored_output_files(session: Session, result_id: int) -> list[OutputFile] | 
 
 def record_output_files(session: Session, result_id: int, files: list[dict], now: datetime | None = None) -> bool:
     """Record a result's built outputs once; False when another worker recorded them first."""
-    claimed = session.execute(update(Result).where(Result.id == result_id, Result.outputs_built_at.is_(None))
-                              .values(outputs_built_at=now or utcnow())).rowcount == 1
+    claimed = _rowcount(session.execute(update(Result).where(Result.id == result_id,
+                                                             Result.outputs_built_at.is_(None))
+                                        .values(outputs_built_at=now or utcnow()))) == 1
     if not claimed:
         return False
     session.execute(delete(OutputFile).where(OutputFile.result_fk == result_id))

@@ -34,7 +34,7 @@ from worker.delivery.scu import send_instances
 from worker.embedded import EmbeddedConsumer
 from worker.outputs import render
 from worker.outputs.sc import build_secondary_capture_series
-from worker.outputs.stored import build_output_datasets, encode, masks_relpath, result_folder, write_outputs
+from worker.outputs.stored import build_output_datasets, masks_relpath, result_folder, write_outputs
 from worker.scoring.masks import save_masks
 
 # A CT-3 phantom fine enough for the classical scorer's lesions to match the truth

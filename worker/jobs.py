@@ -270,7 +270,7 @@ def stored_outputs(ctx: WorkerContext, result_id: int) -> list[Path]:
             repository.forget_output_files(session, result_id)
     started = time.monotonic()
     with session_scope(ctx.session_factory) as session:
-        result = session.get(Result, result_id)
+        result = session.get_one(Result, result_id)
         items = build_outputs(session, result, storage_dir, ctx.settings)
         folder = result_folder(result.study.study_instance_uid, result.version)
     written = write_outputs(storage_dir, folder, items)

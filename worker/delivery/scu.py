@@ -217,7 +217,8 @@ def _load(items) -> list:
                       ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")}
             missing = [k for k, v in values.items() if not v]
             if missing:
-                raise ValueError(f"argument 'datasets_or_paths'[{i}]: {path} has no {', '.join(missing)} in its file meta")
+                raise ValueError(
+                    f"argument 'datasets_or_paths'[{i}]: {path} has no {', '.join(missing)} in its file meta")
             loaded.append(_StoredFile(path, values["MediaStorageSOPClassUID"], values["MediaStorageSOPInstanceUID"],
                                       UID(values["TransferSyntaxUID"])))
         else:

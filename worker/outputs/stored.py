@@ -32,8 +32,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,7 +142,7 @@ class TemplateEncoder:
         fp.write(b"\x00" * 128 if ds.preamble is None else ds.preamble)
         fp.write(b"DICM")
         write_file_meta_info(fp, ds.file_meta, enforce_standard=True)
-        raw = ds._dict  # noqa: SLF001 - identity with the template's element objects
+        raw = ds._dict
         for tag in sorted(raw):
             if tag.group < 8:
                 continue

@@ -22,7 +22,7 @@ working voxel covers ``factor`` original voxels), so builders never hold a full-
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +58,6 @@ class ResultMasks:
     ggo: np.ndarray | None = None
     consolidation: np.ndarray | None = None
     spacing_mm: tuple[float, float, float] | None = None  # of the working grid (z, row, col)
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.factor = tuple(int(f) for f in self.factor)  # type: ignore[assignment]
@@ -176,7 +175,7 @@ class ResultMasks:
                 kind = "consolidation" if n_cons[index] > n_ggo[index] else "ggo"
             out.append(LesionComponent(
                 rank=rank, voxels=n, volume_ml=None if voxel_ml is None else n * voxel_ml,
-                center=center, box_min=box_min, box_max=box_max,  # type: ignore[arg-type]
+                center=center, box_min=box_min, box_max=box_max,
                 side="left" if int(on_left[index]) * 2 >= n else "right", kind=kind,
             ))
         return out

@@ -236,15 +236,17 @@ def _syntax(item) -> UID:
 
 
 def _contexts(items: Sequence) -> list[tuple[str, list[str]]]:
-    """Per SOP class: one context per encoded transfer syntax present, then an uncompressed one."""
-    encoded: dict[str, list[str]] = {}
+    """Per SOP class: one context per transfer syntax its files are stored in (so each file
+    can go as stored), then one uncompressed context (Explicit, Implicit VR) to convert into."""
+    own: dict[str, list[str]] = {}
     for item in items:
         ts = _syntax(item)
-        syntaxes = encoded.setdefault(str(item.SOPClassUID), [])
-        if (ts.is_compressed or ts.is_deflated) and ts not in syntaxes:
+        syntaxes = own.setdefault(str(item.SOPClassUID), [])
+        stored = isinstance(item, _StoredFile) or ts.is_compressed or ts.is_deflated
+        if stored and ts not in syntaxes:
             syntaxes.append(ts)
-    contexts = [(sop, [ts]) for sop, syntaxes in encoded.items() for ts in syntaxes]
-    contexts += [(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]) for sop in encoded]
+    contexts = [(sop, [ts]) for sop, syntaxes in own.items() for ts in syntaxes]
+    contexts += [(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]) for sop in own]
     if len(contexts) > _MAX_CONTEXTS:
         raise ValueError(f"argument 'datasets_or_paths' needs {len(contexts)} presentation contexts; "
                          f"at most {_MAX_CONTEXTS}")
@@ -252,16 +254,18 @@ def _contexts(items: Sequence) -> list[tuple[str, list[str]]]:
 
 
 def _send(assoc, item):
-    """C-STORE one item; a stored file whose encoding the peer refused goes decoded if it can."""
+    """C-STORE one item. A stored file goes as stored (chunked, undecoded) when the peer
+    accepted its transfer syntax exactly; otherwise it is decoded and pynetdicom converts
+    it (uncompressed and deflated files; a compressed one then has no context)."""
     if not isinstance(item, _StoredFile):
         return assoc.send_c_store(item)
-    try:
+    exact = any(cx.abstract_syntax == item.SOPClassUID and cx.transfer_syntax[0] == item.transfer_syntax
+                and cx.as_scu for cx in assoc.accepted_contexts)
+    if exact:
         return assoc.send_c_store(item.path)
-    except ValueError:
-        if not item.transfer_syntax.is_deflated and item.transfer_syntax.is_compressed:
-            raise
     ds = dcmread(item.path)
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian  # deflate is only the file's encoding
+    if item.transfer_syntax.is_deflated:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian  # deflate is only the file's encoding
     return assoc.send_c_store(ds)
 
 

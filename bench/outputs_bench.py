@@ -265,9 +265,11 @@ def main(argv=None) -> int:
                   f"{row['mb']:7.2f} MB")
         old = report.get("old")
         if old and "error" not in old:
-            print(f"  old sc_build {old['sc_build']['wall_s']:7.2f} s, sr_build {old['sr_build']['wall_s']:7.2f} s, "
-                  f"encode {old['encode']['wall_s']:6.2f} s, {old['mb']} MB, {old['instances']} instances"
-                  + (f", send {old['send']['wall_s']:.2f} s" if "send" in old else ""))
+            for key in ("sc_build", "sr_build", "encode"):
+                print(f"  old {key:17s} {old[key]['wall_s']:7.2f} s wall {old[key]['cpu_s']:7.2f} s cpu")
+            print(f"  old bytes              {old['mb']} MB, {old['instances']} instances")
+            if "send" in old:
+                print(f"  old send to Orthanc    {old['send']['wall_s']:7.2f} s wall ({old['send']['outcome']})")
         elif old:
             print(f"  old: {old['error']}")
         print(f"  within targets: {report['within_targets']}")

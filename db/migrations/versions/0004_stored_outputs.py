@@ -1,7 +1,7 @@
 """stored outputs: result masks and built output files (build once, send many)
 
 Revision ID: 0004
-Revises: 0002
+Revises: 0006 (written against 0002; relinked after main's 0006 so the chain has one head)
 Create Date: 2026-11-30 09:30:00
 """
 
@@ -11,7 +11,7 @@ import db.types
 
 
 revision = '0004'
-down_revision = '0002'
+down_revision = '0006'
 branch_labels = None
 depends_on = None
 
@@ -43,6 +43,12 @@ def downgrade() -> None:
     with op.batch_alter_table('output_files', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_output_files_result_fk'))
     op.drop_table('output_files')
-    with op.batch_alter_table('results', schema=None) as batch_op:
-        batch_op.drop_column('outputs_built_at')
-        batch_op.drop_column('masks_path')
+    if op.get_bind().dialect.name == 'sqlite':
+        # Native DROP COLUMN (SQLite >= 3.35): batch mode would recreate the table, which
+        # breaks the views that select from it (0006).
+        op.execute('ALTER TABLE results DROP COLUMN outputs_built_at')
+        op.execute('ALTER TABLE results DROP COLUMN masks_path')
+    else:
+        with op.batch_alter_table('results', schema=None) as batch_op:
+            batch_op.drop_column('outputs_built_at')
+            batch_op.drop_column('masks_path')

@@ -75,6 +75,19 @@ class Settings:
     destinations: list[str] = _lf([], "Comma-separated PACS targets AET@host:port (append '+tls' for TLS).")
     retry_base_s: float = _f(
         5.0, "First retry delay of a transient delivery failure; doubles each attempt, capped at 600 s.")
+    sc_compression: str = _f(
+        "jpeg-baseline", "Pixel encoding of the Secondary Capture images: none, rle or jpeg-baseline (lossy, "
+        "about 90 KB a slice instead of 768 KB; see README, Outputs and delivery)."
+    )
+    sc_slices: str = _f(
+        "all", "Which slices get a Secondary Capture image: all (every slice with a lesion box) or N "
+        "(the N slices with the largest boxed lesion area); the summary image is always sent."
+    )
+    seg_compression: str = _f(
+        "deflate", "Transfer syntax of the DICOM SEG: deflate (Deflated Explicit VR Little Endian, 1-2 MB) or "
+        "none (Explicit VR Little Endian, ~32 KB a frame); a PACS refusing deflate gets it uncompressed."
+    )
+    sr_max_lesions: int = _f(20, "How many 3-D lesions (largest first) get their own measurement group in the SR.")
     device: str = _f("auto", "Scoring device: auto, cpu or cuda.")
     scorer: str = _f("classical", "Scorer: classical (default, no weights), hybrid (classical lungs + the "
                      "shipped 2D lesion network) or unet.")
@@ -107,6 +120,16 @@ class Settings:
     @property
     def effective_storage_dir(self) -> Path:
         return self.storage_dir or (self.var_dir / "storage")
+
+    @property
+    def sc_max_slices(self) -> int | None:
+        """``SC_SLICES`` as the SC builder's ``max_slices``: None = all lesion slices."""
+        text = str(self.sc_slices).strip().lower()
+        if text in ("all", ""):
+            return None
+        if text.isdigit() and int(text) >= 1:
+            return int(text)
+        raise ConfigError(f"{PREFIX}SC_SLICES must be 'all' or a number >= 1, got {self.sc_slices!r}")
 
     @property
     def embedded_queue(self) -> bool:
@@ -160,6 +183,13 @@ class Settings:
             raise ConfigError(f"{PREFIX}TLS_REQUIRED needs {PREFIX}TLS_CERT and {PREFIX}TLS_KEY")
         if self.stable_age_s < 0 or self.max_receive_s <= 0:
             raise ConfigError(f"{PREFIX}STABLE_AGE_S must be >= 0 and {PREFIX}MAX_RECEIVE_S > 0")
+        if self.sc_compression not in ("none", "rle", "jpeg-baseline"):
+            raise ConfigError(f"{PREFIX}SC_COMPRESSION must be none, rle or jpeg-baseline, got {self.sc_compression!r}")
+        self.sc_max_slices  # noqa: B018 - validates SC_SLICES
+        if self.seg_compression not in ("deflate", "none"):
+            raise ConfigError(f"{PREFIX}SEG_COMPRESSION must be deflate or none, got {self.seg_compression!r}")
+        if self.sr_max_lesions < 0:
+            raise ConfigError(f"{PREFIX}SR_MAX_LESIONS must be >= 0, got {self.sr_max_lesions}")
         for dest in self.destinations:
             parse_destination(dest)
         if not 0 <= self.http_port < 65536:

@@ -16,14 +16,12 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table('instances') as batch:
-        batch.add_column(sa.Column('deleted_at', db.types.UTCDateTime(), nullable=True))
-    with op.batch_alter_table('rejected_instances') as batch:
-        batch.add_column(sa.Column('quarantine_deleted_at', db.types.UTCDateTime(), nullable=True))
+    # Plain ADD/DROP COLUMN (SQLite >= 3.35 has both): a batch table rebuild would break the
+    # dashboard views that read these tables.
+    op.add_column('instances', sa.Column('deleted_at', db.types.UTCDateTime(), nullable=True))
+    op.add_column('rejected_instances', sa.Column('quarantine_deleted_at', db.types.UTCDateTime(), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('rejected_instances') as batch:
-        batch.drop_column('quarantine_deleted_at')
-    with op.batch_alter_table('instances') as batch:
-        batch.drop_column('deleted_at')
+    op.drop_column('rejected_instances', 'quarantine_deleted_at')
+    op.drop_column('instances', 'deleted_at')

@@ -191,7 +191,7 @@ def test_worker_sigkilled_during_scoring_and_during_delivery(tmp_path, postgres_
 
         with db.factory() as session:
             result = session.scalar(select(Result))
-            expected = {str(ds.SOPInstanceUID) for ds in build_outputs(session, result, tmp_path / "storage")}
+            expected = {str(ds.SOPInstanceUID) for _, ds in build_outputs(session, result, tmp_path / "storage")}
         held = {pacs.instance_tags(i)["SOPInstanceUID"] for i in pacs.instances()}
         assert held == expected
         assert all(pacs.instance_tags(i)["StudyInstanceUID"] == study_uid for i in pacs.instances())

@@ -626,6 +626,17 @@ def counts(session: Session) -> dict[str, int]:
 SETTLED_STATES = frozenset(s.value for s in SETTLED)
 
 
+def align_destination_retries(session: Session, destination: str, not_before: datetime) -> int:
+    """Waiting deliveries to ``destination`` (pending or retrying) get their next attempt no
+    earlier than ``not_before``; returns how many moved. See worker.jobs._finish_delivery."""
+    moved = session.execute(
+        update(Delivery).where(Delivery.destination == destination,
+                               Delivery.state.in_((DeliveryState.PENDING.value, DeliveryState.RETRYING.value)),
+                               (Delivery.next_attempt_at.is_(None)) | (Delivery.next_attempt_at < not_before))
+        .values(next_attempt_at=not_before))
+    return _rowcount(moved)
+
+
 # -- graceful shutdown: hand back what this process holds ----------------------------
 def release_claims(session: Session, is_ours, now: datetime | None = None) -> tuple[list[int], list[int]]:
     """Requeue scoring jobs and deliveries whose holder (``host:pid``) ``is_ours(holder)``.

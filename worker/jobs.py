@@ -317,6 +317,13 @@ def _finish_delivery(ctx: WorkerContext, delivery_id: int, state: DeliveryState,
                                                       ctx.settings.retry_max_s))
         destination = delivery.destination
         attempts = delivery.attempts
+        if state is DeliveryState.RETRYING and delivery.next_attempt_at is not None and ctx.settings.embedded_queue:
+            # The destination is down for everyone: its other waiting deliveries retry no
+            # earlier than this one, so that when it is back they are all due together and
+            # go in worklist order (HIGH first), not in the order their own backoffs expire.
+            # Embedded queue only: there the consumer polls due deliveries; a Celery retry
+            # message arriving before its (moved) time would be skipped and not come back.
+            repository.align_destination_retries(session, destination, delivery.next_attempt_at)
     level = logging.INFO if state is DeliveryState.DELIVERED else logging.WARNING
     log.log(level, "delivery %d to %s: %s after %d attempt(s)%s", delivery_id, destination, state.value, attempts,
             f": {reason}" if reason else "")

@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from ct_triage.errors import ConfigError
+from db.priority import DEFAULT_RULE_TEXT, PriorityRuleError, parse_rule
 
 PREFIX = "CT_TRIAGE_"
 
@@ -79,6 +80,23 @@ class Settings:
     lung_kernels: list[str] = _lf(DEFAULT_LUNG_KERNELS, "Convolution kernels preferred for scoring (case-insensitive).")
     min_slices: int = _f(20, "Fewer slices than this: the series is not applicable.")
     noise_floor_percent: float = _f(0.5, "Involvement below this is CT-0 (no signs).")
+    priority_rule: str = _f(
+        DEFAULT_RULE_TEXT, "Worklist priority per category, and for results not scored ('failed': failed or not "
+        "applicable; never below MEDIUM). Ties are broken by arrival time.")
+    ups_worklist_label: str = _f("COVID-19 CT triage", "Worklist Label (0074,1202) of the UPS workitems we serve.")
+    ups_subscribers: list[str] = _lf(
+        [], "UPS Watch subscribers we may send N-EVENT-REPORTs to, AET@host:port each; a subscription from "
+        "any other AE title is refused (0xC308).")
+    hl7_destinations: list[str] = _lf([], "Comma-separated RIS interfaces host:port receiving HL7 v2 over MLLP "
+                                          "(order update + ORU^R01 per result).")
+    hl7_order_message: str = _f("ORM^O01", "Order update message: ORM^O01 (priority in ORC-7) or OMI^O23 "
+                                           "(priority in TQ1-9).")
+    hl7_sending_application: str = _f("CTTRIAGE", "MSH-3 Sending Application.")
+    hl7_sending_facility: str = _f("", "MSH-4 Sending Facility.")
+    hl7_receiving_application: str = _f("", "MSH-5 Receiving Application.")
+    hl7_receiving_facility: str = _f("", "MSH-6 Receiving Facility.")
+    hl7_ack_timeout_s: float = _f(30.0, "Seconds to wait for the connection and for each HL7 ACK; a timeout "
+                                        "is retried with the delivery backoff.")
     poll_interval_s: float = _f(1.0, "How often the completeness tracker and the embedded queue look for work.")
     log_level: str = _f("INFO", "Logging level.")
 
@@ -147,6 +165,25 @@ class Settings:
             parse_destination(dest)
         for entry in self.allowed_calling_aes:
             parse_allowed_caller(entry)
+        try:
+            parse_rule(self.priority_rule)
+        except PriorityRuleError as exc:
+            raise ConfigError(f"{PREFIX}PRIORITY_RULE: {exc}") from exc
+        for entry in self.ups_subscribers:
+            parse_destination(entry, setting="UPS_SUBSCRIBERS")
+        for entry in self.hl7_destinations:
+            parse_hl7_destination(entry)
+        if self.hl7_order_message not in ("ORM^O01", "OMI^O23"):
+            raise ConfigError(f"{PREFIX}HL7_ORDER_MESSAGE must be ORM^O01 or OMI^O23, got {self.hl7_order_message!r}")
+        if not 0 < len(self.ups_worklist_label) <= 64:
+            raise ConfigError(f"{PREFIX}UPS_WORKLIST_LABEL must be 1..64 characters")
+        if self.hl7_ack_timeout_s <= 0:
+            raise ConfigError(f"{PREFIX}HL7_ACK_TIMEOUT_S must be > 0")
+
+    @property
+    def priorities(self) -> dict[str, str]:
+        """The validated priority rule (db.priority)."""
+        return parse_rule(self.priority_rule)
 
     def effective(self) -> dict[str, str]:
         """The settings as logged at start: every field, secrets masked."""
@@ -235,7 +272,7 @@ class Destination:
         return f"{self.ae_title}@{self.host}:{self.port}" + ("+tls" if self.tls else "")
 
 
-def parse_destination(text: str) -> Destination:
+def parse_destination(text: str, setting: str = "DESTINATIONS") -> Destination:
     """Parse ``AET@host:port[+tls]``; ConfigError naming the entry when malformed."""
     entry = text.strip()
     tls = entry.endswith("+tls")
@@ -244,8 +281,28 @@ def parse_destination(text: str) -> Destination:
     aet, sep, hostport = entry.partition("@")
     host, sep2, port = hostport.rpartition(":")
     if not sep or not sep2 or not aet or not host or not port.isdigit() or len(aet) > 16:
-        raise ConfigError(f"{PREFIX}DESTINATIONS entry {text!r} is not AET@host:port[+tls]")
+        raise ConfigError(f"{PREFIX}{setting} entry {text!r} is not AET@host:port[+tls]")
     return Destination(aet, host, int(port), tls)
+
+
+@dataclass(frozen=True)
+class Hl7Destination:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"mllp://{self.host}:{self.port}"
+
+
+def parse_hl7_destination(text: str) -> Hl7Destination:
+    """Parse ``host:port`` (or ``mllp://host:port``); ConfigError naming the entry when malformed."""
+    entry = text.strip()
+    if entry.startswith("mllp://"):
+        entry = entry[len("mllp://"):]
+    host, sep, port = entry.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{PREFIX}HL7_DESTINATIONS entry {text!r} is not host:port")
+    return Hl7Destination(host, int(port))
 
 
 @dataclass(frozen=True)

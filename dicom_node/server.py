@@ -20,6 +20,7 @@ from dicom_node.completeness import CompletenessTracker
 from dicom_node.spool import Spool
 from dicom_node.store import StoreService
 from dicom_node.transport import install_fast_recv, tune_association
+from dicom_node.ups import UPS_PULL, UPS_PUSH, UPS_QUERY, UPS_SOP_CLASSES, UPS_WATCH, UpsNotifier, UpsService
 
 log = logging.getLogger("ct_triage.node")
 
@@ -57,11 +58,39 @@ def handle_store(event, store: StoreService) -> int:
         return status.PROCESSING_FAILURE
 
 
-def handle_n_action(event, commitment: CommitmentService):
+def handle_n_action(event, commitment: CommitmentService, ups: UpsService):
+    """N-ACTION for Storage Commitment or UPS, told apart by the Requested SOP Class."""
     try:
+        if str(event.request.RequestedSOPClassUID) in UPS_SOP_CLASSES:
+            return ups.on_n_action(event)
         return commitment.on_n_action(event)
     except Exception:
-        log.exception("unexpected error in storage commitment N-ACTION")
+        log.exception("unexpected error in N-ACTION")
+        return status.PROCESSING_FAILURE, None
+
+
+def handle_c_find(event, ups: UpsService):
+    """C-FIND on the UPS information model (the reading worklist)."""
+    try:
+        yield from ups.on_c_find(event)
+    except Exception:
+        log.exception("unexpected error in UPS C-FIND")
+        yield status.PROCESSING_FAILURE, None
+
+
+def handle_n_get(event, ups: UpsService):
+    try:
+        return ups.on_n_get(event)
+    except Exception:
+        log.exception("unexpected error in UPS N-GET")
+        return status.PROCESSING_FAILURE, None
+
+
+def handle_n_set(event, ups: UpsService):
+    try:
+        return ups.on_n_set(event)
+    except Exception:
+        log.exception("unexpected error in UPS N-SET")
         return status.PROCESSING_FAILURE, None
 
 
@@ -117,6 +146,9 @@ class DicomNode:
         self.spool = Spool(settings.effective_storage_dir, settings.min_free_disk_mb * 2**20)
         self.store = StoreService(self.spool, session_factory, on_series_stable=self._wake_tracker)
         self.commitment = CommitmentService(session_factory)
+        self.ups = UpsService(session_factory, settings)
+        self.ups.notifier = UpsNotifier(session_factory, self.ups, settings.ae_title,
+                                        poll_interval_s=settings.poll_interval_s, timeout_s=settings.acse_timeout_s)
         self.tracker = CompletenessTracker(session_factory, publisher, stable_age_s=settings.stable_age_s,
                                            max_receive_s=settings.max_receive_s,
                                            poll_interval_s=settings.poll_interval_s,
@@ -138,6 +170,8 @@ class DicomNode:
         ae.maximum_pdu_size = s.max_pdu_bytes
         ae.add_supported_context(Verification)
         ae.add_supported_context(StorageCommitmentPushModel)
+        for ups_class in (UPS_PULL, UPS_WATCH, UPS_QUERY, UPS_PUSH):
+            ae.add_supported_context(ups_class)
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         return ae
@@ -147,7 +181,10 @@ class DicomNode:
             (evt.EVT_CONN_OPEN, handle_conn_open),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.store]),
-            (evt.EVT_N_ACTION, handle_n_action, [self.commitment]),
+            (evt.EVT_N_ACTION, handle_n_action, [self.commitment, self.ups]),
+            (evt.EVT_C_FIND, handle_c_find, [self.ups]),
+            (evt.EVT_N_GET, handle_n_get, [self.ups]),
+            (evt.EVT_N_SET, handle_n_set, [self.ups]),
             (evt.EVT_REQUESTED, handle_requested, [self.allowed]),
             (evt.EVT_ESTABLISHED, handle_established, [self.store]),
             (evt.EVT_RELEASED, handle_released, [self.store]),
@@ -176,6 +213,7 @@ class DicomNode:
             if tls is not None:
                 self.servers.append(self._serve(s.tls_port, tls))
         self.tracker.start()
+        self.ups.notifier.start()
 
     def _serve(self, port: int, tls: ssl.SSLContext | None):
         server = self.ae.start_server((self.settings.bind_address, port), block=False,
@@ -200,4 +238,5 @@ class DicomNode:
             server.shutdown()
         self.servers = []
         self.tracker.stop()
+        self.ups.notifier.stop()
         log.info("DICOM node stopped")

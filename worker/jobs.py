@@ -26,6 +26,8 @@ from db import repository
 from db.models import Delivery, Instance, Job, Result, Series, Study
 from db.session import session_scope
 from db.states import SeriesState
+from worker.worklist import add_worklist_entries
+from db.priority import priority_for
 from db.types import utcnow
 
 log = logging.getLogger("ct_triage.worker")
@@ -136,6 +138,8 @@ def score_study(ctx: WorkerContext, job_id: int) -> str:
         log.exception("job %d: scoring crashed", job_id)
         score = ScoreResult(status="failed", reason=f"internal error: {type(exc).__name__}: {exc}"[:500])
     score.study_instance_uid = study_uid
+    # The one priority rule (db.priority), as configured: stored, sent and rendered alike.
+    score.assigned_priority = priority_for(score.status, score.category, ctx.settings.priorities)
     scored_at = utcnow()
     destinations = [str(parse_destination(d)) for d in ctx.settings.destinations]
     delivery_ids: list[int] = []
@@ -164,6 +168,8 @@ def score_study(ctx: WorkerContext, job_id: int) -> str:
                 session.add(delivery)
                 session.flush()
                 delivery_ids.append(delivery.id)
+        # The UPS workitem (superseding older versions') and the HL7 outbox rows, same transaction.
+        delivery_ids += add_worklist_entries(session, ctx.settings, result, score)
     log.info("study %s version %d: %s %s %s%% priority %s in %.2f s (%s)", study_uid, version, score.status,
              score.category or "-", f"{score.involvement_percent:.1f}" if score.involvement_percent is not None
              else "-", score.priority, score.seconds, score.reason or score.model)
@@ -267,6 +273,11 @@ def deliver_outputs(ctx: WorkerContext, delivery_id: int) -> str:
     with session_scope(ctx.session_factory) as session:
         delivery = session.get(Delivery, delivery_id)
         delivery.worker = ctx.worker_name
+        channel = delivery.channel
+    if channel == "hl7":
+        return deliver_hl7(ctx, delivery_id)
+    with session_scope(ctx.session_factory) as session:
+        delivery = session.get(Delivery, delivery_id)
         result = delivery.result
         destination = parse_destination(delivery.destination)
         if result.series_fk is not None:
@@ -281,6 +292,37 @@ def deliver_outputs(ctx: WorkerContext, delivery_id: int) -> str:
     report = send_instances(destination, outputs, calling_ae_title=s.ae_title, acse_timeout=s.acse_timeout_s,
                             dimse_timeout=s.dimse_timeout_s, network_timeout=s.network_timeout_s)
     sent = len(report.delivered_sop_instance_uids)
+    if report.outcome == "delivered":
+        return _finish_delivery(ctx, delivery_id, "delivered", None, sent)
+    if report.outcome == "transient":
+        _finish_delivery(ctx, delivery_id, "retrying", report.reason, sent)
+        raise TransientError(f"delivery {delivery_id} to {destination}: {report.reason}")
+    return _finish_delivery(ctx, delivery_id, "failed", report.reason, sent)
+
+
+def deliver_hl7(ctx: WorkerContext, delivery_id: int) -> str:
+    """Send one result's order update + ORU^R01 to one RIS over MLLP (worker.delivery.hl7).
+
+    ``instances_sent`` counts the messages the RIS has acknowledged (AA), so a retry
+    resumes after them and each message is accepted once.
+    """
+    from worker.delivery.hl7 import Hl7Context, build_messages, send_messages
+
+    s = ctx.settings
+    with session_scope(ctx.session_factory) as session:
+        delivery = session.get(Delivery, delivery_id)
+        result = delivery.result
+        destination = delivery.destination
+        already = delivery.instances_sent or 0
+        try:
+            messages = build_messages(Hl7Context.from_result(session, result, s))
+        except ValueError as exc:
+            reason = f"cannot build the HL7 messages: {exc}"
+            messages = None
+    if messages is None:
+        return _finish_delivery(ctx, delivery_id, "failed", reason, already)
+    report = send_messages(destination, messages[already:], timeout_s=s.hl7_ack_timeout_s)
+    sent = already + report.accepted
     if report.outcome == "delivered":
         return _finish_delivery(ctx, delivery_id, "delivered", None, sent)
     if report.outcome == "transient":

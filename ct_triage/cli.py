@@ -133,13 +133,14 @@ def cmd_status(args, settings: Settings) -> int:
           _fmt_time(r.last_received_at), _fmt_time(r.stable_at), _fmt_time(r.queued_at),
           "; ".join(filter(None, [r.state_reason or "", *r.flags]))] for r in rows],
         "(no series received yet)")
-    print("\nRESULTS (worklist order)")
+    print("\nRESULTS (worklist order: priority, then arrival)")
     _print_table(
-        ["priority", "study_instance_uid", "ver", "status", "category", "involvement_%", "scored",
+        ["priority", "study_instance_uid", "ver", "status", "category", "involvement_%", "scored", "ups",
          "deliveries", "reason"],
         [[r.priority, r.study_instance_uid, str(r.version), r.status, r.category or "-",
           f"{r.involvement_percent:.1f}" if r.involvement_percent is not None else "-", _fmt_time(r.scored_at),
-          ", ".join(f"{d}: {state}" for d, state in r.deliveries) or "-", r.reason or ""] for r in results],
+          r.workitem_state or "-", ", ".join(f"{d}: {state}" for d, state in r.deliveries) or "-",
+          "; ".join(filter(None, [r.reason or "", *r.delivery_errors]))] for r in results],
         "(no results yet)")
     return 0
 

@@ -7,13 +7,25 @@ transaction (and publishes tasks only after its commit).
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Delivery, Instance, Job, Patient, RejectedInstance, Result, Series, SeriesEvent, Study
+from db.models import (
+    Delivery,
+    Instance,
+    Job,
+    Patient,
+    RejectedInstance,
+    Result,
+    Series,
+    SeriesEvent,
+    Study,
+    UpsWorkitem,
+)
+from db.priority import RANK, worklist_key
 from db.states import SETTLED, SeriesState, can_transition
 from db.types import utcnow
 
@@ -357,9 +369,12 @@ class ResultStatusRow:
     scored_at: datetime | None
     reason: str | None
     deliveries: list[tuple[str, str]]
+    # "destination: reason" of each delivery that failed or is retrying (HL7 AE/AR text, refused...)
+    delivery_errors: list[str] = field(default_factory=list)
+    workitem_state: str | None = None  # the UPS workitem's state (db.worklist)
 
 
-PRIORITY_ORDER = {"HIGH": 0, "MEDIUM": 1, "LOW": 2}
+PRIORITY_ORDER = RANK
 
 
 def result_status(session: Session, limit: int = 200) -> list[ResultStatusRow]:
@@ -369,11 +384,18 @@ def result_status(session: Session, limit: int = 200) -> list[ResultStatusRow]:
     results = session.scalars(
         select(Result).join(latest, (Result.study_fk == latest.c.study_fk) & (Result.version == latest.c.version))
         .order_by(Result.scored_at).limit(limit)).all()
-    rows = [ResultStatusRow(r.study.study_instance_uid, r.version, r.status, r.category, r.priority,
-                            r.involvement_percent, r.scored_at, r.reason,
-                            [(d.destination, d.state) for d in r.deliveries]) for r in results]
-    rows.sort(key=lambda row: PRIORITY_ORDER.get(row.priority, 1))
-    return rows
+    workitems = dict(session.execute(select(UpsWorkitem.result_fk, UpsWorkitem.state)
+                                     .where(UpsWorkitem.result_fk.in_([r.id for r in results]))).all())
+    rows = [(worklist_key(r.priority, r.study.first_received_at, r.id),
+             ResultStatusRow(r.study.study_instance_uid, r.version, r.status, r.category, r.priority,
+                             r.involvement_percent, r.scored_at, r.reason,
+                             [(d.destination, d.state) for d in r.deliveries],
+                             [f"{d.destination}: {d.last_error}" for d in r.deliveries
+                              if d.state in ("failed", "retrying") and d.last_error],
+                             workitems.get(r.id)))
+            for r in results]
+    rows.sort(key=lambda pair: pair[0])
+    return [row for _, row in rows]
 
 
 def stored_sop_instance_uids(session: Session, sop_instance_uids: list[str]) -> dict[str, str]:

@@ -112,3 +112,48 @@ def test_send_waits_for_each_ack_and_classifies_the_answer():
         assert "AE" in refused.reason and "order not found" in refused.reason
     finally:
         listener.stop()
+
+
+# -- through the outbox (worker.jobs), on SQLite and PostgreSQL ------------------------------------
+def test_hl7_outbox_delivers_stops_and_retries_once(start_node, database_url):
+    from sqlalchemy import select
+
+    from ct_triage.contract import EmbeddedPublisher
+    from ct_triage.errors import TransientError
+    from db.models import Delivery
+    from tests.test_ups import T0, seed
+    from worker.jobs import WorkerContext, deliver_outputs
+
+    ok_port, refusing_port, late_port = free_port(), free_port(), free_port()
+    running = start_node(database_url, retry_base_s=0.2, hl7_ack_timeout_s=5,
+                         hl7_destinations=[f"127.0.0.1:{p}" for p in (ok_port, refusing_port, late_port)])
+    seed(running, "1.2.826.0.1.3680043.8.498.21", category="CT-4", percent=80.0, arrived=T0,
+         patient_name="SMITH^JO|E")
+    ctx = WorkerContext(running.settings, running.session_factory, EmbeddedPublisher())
+    ok, refusing = MllpListener(ok_port).start(), MllpListener(refusing_port, ack_code="AR").start()
+    late = MllpListener(late_port)
+    try:
+        with running.session() as session:
+            rows = {d.destination: d.id for d in session.scalars(select(Delivery).where(Delivery.channel == "hl7"))}
+        assert deliver_outputs(ctx, rows[f"mllp://127.0.0.1:{ok_port}"]) == "delivered"
+        assert deliver_outputs(ctx, rows[f"mllp://127.0.0.1:{refusing_port}"]) == "failed"
+        with pytest.raises(TransientError):
+            deliver_outputs(ctx, rows[f"mllp://127.0.0.1:{late_port}"])
+        assert deliver_outputs(ctx, rows[f"mllp://127.0.0.1:{late_port}"]) == "skipped"  # not due yet
+        late.start()
+        import time
+
+        time.sleep(0.3)
+        assert deliver_outputs(ctx, rows[f"mllp://127.0.0.1:{late_port}"]) == "delivered"
+        assert deliver_outputs(ctx, rows[f"mllp://127.0.0.1:{late_port}"]) == "skipped"  # done: never again
+        with running.session() as session:
+            state = {d.destination: d for d in session.scalars(select(Delivery))}
+        assert state[f"mllp://127.0.0.1:{refusing_port}"].last_error.startswith("RIS answered AR")
+        assert state[f"mllp://127.0.0.1:{late_port}"].attempts == 2
+        assert [str(m.segment("ORC")(7)(1)(6)) for m in ok.of_type("ORM")] == ["S"]
+        assert len(ok.messages) == 2 and len(late.messages) == 2 and len(refusing.messages) == 1
+        pid = ok.messages[0].segment("PID")
+        assert ok.messages[0].unescape(str(pid(5)(1)(2))) == "JO|E"
+    finally:
+        for listener in (ok, refusing, late):
+            listener.stop()

@@ -189,8 +189,11 @@ def find_workitems(session: Session, query: WorkitemQuery) -> list[UpsWorkitem]:
     return list(session.scalars(stmt).all())
 
 
-def get_workitem(session: Session, sop_instance_uid: str) -> UpsWorkitem | None:
-    return session.scalar(select(UpsWorkitem).where(UpsWorkitem.sop_instance_uid == sop_instance_uid))
+def get_workitem(session: Session, sop_instance_uid: str, *, lock: bool = False) -> UpsWorkitem | None:
+    """The workitem; ``lock`` takes its row lock (PostgreSQL ``FOR UPDATE``; SQLite's writes are
+    serialised by ``BEGIN IMMEDIATE``) so two claims of one item cannot both succeed."""
+    stmt = select(UpsWorkitem).where(UpsWorkitem.sop_instance_uid == sop_instance_uid)
+    return session.scalar(stmt.with_for_update().execution_options(populate_existing=True) if lock else stmt)
 
 
 def workitem_of_result(session: Session, result_id: int) -> UpsWorkitem | None:
@@ -203,7 +206,7 @@ def change_state(session: Session, sop_instance_uid: str, target: str, transacti
                  now: datetime | None = None) -> Outcome:
     """N-ACTION "Change UPS State" (action type 1)."""
     now = now or utcnow()
-    item = get_workitem(session, sop_instance_uid)
+    item = get_workitem(session, sop_instance_uid, lock=True)
     if item is None:
         return "no_such_workitem"
     if target not in STATES:
@@ -245,7 +248,7 @@ def request_cancel(session: Session, sop_instance_uid: str, *, requesting_ae: st
     the performer decides; subscribers get a cancel request (``cancel_requested``).
     """
     now = now or utcnow()
-    item = get_workitem(session, sop_instance_uid)
+    item = get_workitem(session, sop_instance_uid, lock=True)
     if item is None:
         return "no_such_workitem"
     if item.state == COMPLETED:
@@ -268,7 +271,7 @@ def update_workitem(session: Session, sop_instance_uid: str, transaction_uid: st
     without one (PS3.4 CC.2.6.3).
     """
     now = now or utcnow()
-    item = get_workitem(session, sop_instance_uid)
+    item = get_workitem(session, sop_instance_uid, lock=True)
     if item is None:
         return "no_such_workitem"
     if item.state in FINAL_STATES:

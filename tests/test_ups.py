@@ -215,3 +215,18 @@ def test_ups_event_retry_then_send(start_node, sqlite_url):
         watcher.wait_for_state(uid, "SCHEDULED", timeout=30)
     finally:
         watcher.stop()
+
+
+def test_two_readers_claiming_at_once_one_wins(worklist_node):
+    """The claim is atomic (row lock on PostgreSQL, serialised writes on SQLite)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    running, uids = worklist_node
+    clients = [UpsClient(running.port, ae_title=f"READER{i}") for i in range(4)]
+    try:
+        with ThreadPoolExecutor(len(clients)) as pool:
+            statuses = list(pool.map(lambda c: c.claim(uids["medium"])[0], clients))
+        assert sorted(statuses) == [0] + [ups_scp.ALREADY_IN_PROGRESS] * 3
+    finally:
+        for client in clients:
+            client.close()

@@ -49,7 +49,7 @@ class Site:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    from worker.phantom import write_phantom
+    from ct_triage_tools.phantom import write_phantom
 
     require_dcmtk()
     root = tmp_path_factory.mktemp("worklist")

@@ -24,11 +24,11 @@ from ct_triage.errors import TransientError
 from ct_triage.settings import Settings, parse_destination
 from db import repository
 from db.models import Delivery, Instance, Job, Result, Series, Study
+from db.priority import priority_for
 from db.session import session_scope
 from db.states import SeriesState
-from worker.worklist import add_worklist_entries
-from db.priority import priority_for
 from db.types import utcnow
+from worker.worklist import add_worklist_entries
 
 log = logging.getLogger("ct_triage.worker")
 

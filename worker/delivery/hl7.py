@@ -315,7 +315,7 @@ def send_messages(destination: str, messages: list[hl7.Message], timeout_s: floa
                 if outcome != "delivered":
                     return Hl7Report(outcome, accepted, reason)
                 accepted += 1
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return Hl7Report("transient", accepted, f"no ACK from {target} within {timeout_s:g} s")
     except (ConnectionError, OSError, ValueError) as exc:
         return Hl7Report("transient", accepted, f"{target}: {text(exc, 200)}")

@@ -13,10 +13,10 @@ Tables (documented in README, "Putting ct-triage into the reading workflow"):
 - deliveries.channel: 'dicom' (C-STORE to a PACS) or 'hl7' (MLLP to a RIS).
 """
 
-from alembic import op
 import sqlalchemy as sa
-import db.types
+from alembic import op
 
+import db.types
 
 revision = '0003'
 down_revision = '0002'

@@ -338,7 +338,8 @@ class UpsService:
     # N-GET ------------------------------------------------------------------------------------
     def on_n_get(self, event) -> tuple[int, Dataset | None]:
         uid = str(event.request.RequestedSOPInstanceUID)
-        tags = list(event.request.AttributeIdentifierList or [])
+        requested = event.request.AttributeIdentifierList
+        tags = [] if requested is None else [requested] if isinstance(requested, int) else list(requested)
         with session_scope(self.session_factory) as session:
             item = worklist.get_workitem(session, uid)
             if item is None:
@@ -530,7 +531,11 @@ class UpsNotifier:
         try:
             for event_id, _, event_type, payload_json, uid in rows:
                 ds = event_dataset(event_type, json.loads(payload_json or "{}"))
-                rsp, _ = assoc.send_n_event_report(ds, event_type, UPS_PUSH, uid, meta_uid=UPS_EVENT)
+                try:
+                    rsp, _ = assoc.send_n_event_report(ds, event_type, UPS_PUSH, uid, meta_uid=UPS_EVENT)
+                except Exception as exc:  # noqa: BLE001 - a peer that aborts mid-way is transient
+                    self._finish(event_id, "transient", f"{dest}: {type(exc).__name__}")
+                    break
                 code = getattr(rsp, "Status", None)
                 if code == status.SUCCESS:
                     self._finish(event_id, "sent")

@@ -100,6 +100,9 @@ def test_c_find_orders_by_priority_then_arrival_and_matches_keys(worklist_node):
         status, ds = client.get(uids["high"])
         assert status == 0 and ds.ProcedureStepState == "SCHEDULED" and "TransactionUID" not in ds
         assert ds.PatientName == "O'BRIEN^ANNE" and ds.ReferencedRequestSequence[0].AccessionNumber == "ACC1"
+        status, ds = client.get(uids["high"], [0x00741000, 0x00741200, 0x00081195])
+        assert status == 0 and ds.ProcedureStepState == "SCHEDULED" and ds.ScheduledProcedureStepPriority == "HIGH"
+        assert "TransactionUID" not in ds and "PatientName" not in ds
 
 
 def test_claim_progress_complete_follow_the_state_machine(worklist_node):

@@ -43,7 +43,7 @@ from typing import Literal
 from sqlalchemy import delete, or_, select
 from sqlalchemy.orm import Session
 
-from db.models import Result, Study, UpsEvent, UpsSubscription, UpsWorkitem
+from db.models import Instance, Result, Study, UpsEvent, UpsSubscription, UpsWorkitem
 from db.priority import RANK
 from db.types import utcnow
 
@@ -84,7 +84,7 @@ def create_workitem(session: Session, result: Result, *, sop_instance_uid: str, 
     existing = session.scalar(select(UpsWorkitem).where(UpsWorkitem.result_fk == result.id))
     if existing is not None:
         return existing
-    study = session.get(Study, result.study_fk)
+    study = session.get_one(Study, result.study_fk)
     supersede_older(session, study.id, result.version, now)
     patient = study.patient
     item = UpsWorkitem(
@@ -194,6 +194,13 @@ def get_workitem(session: Session, sop_instance_uid: str, *, lock: bool = False)
     serialised by ``BEGIN IMMEDIATE``) so two claims of one item cannot both succeed."""
     stmt = select(UpsWorkitem).where(UpsWorkitem.sop_instance_uid == sop_instance_uid)
     return session.scalar(stmt.with_for_update().execution_options(populate_existing=True) if lock else stmt)
+
+
+def instance_refs(session: Session, series_fk: int) -> list[tuple[str, str]]:
+    """(SOP Instance UID, SOP Class UID) of a series' instances, in arrival order (Input Information)."""
+    return [(uid, cls) for uid, cls in session.execute(
+        select(Instance.sop_instance_uid, Instance.sop_class_uid).where(Instance.series_fk == series_fk)
+        .order_by(Instance.id)).all()]
 
 
 def workitem_of_result(session: Session, result_id: int) -> UpsWorkitem | None:

@@ -119,7 +119,7 @@ def _from_json(text: str | None) -> DicomSequence | None:
         return None
     try:
         ds = Dataset.from_json(text)
-    except Exception:  # noqa: BLE001 - stored by us; a bad row must not break the worklist
+    except Exception:  # stored by us; a bad row must not break the worklist
         log.warning("ignoring an unreadable stored UPS sequence")
         return None
     for element in ds:
@@ -292,7 +292,7 @@ def parse_query(identifier: Dataset) -> worklist.WorkitemQuery:
 def completion_requirements_met(item: UpsWorkitem) -> bool:
     """Final state requirements for COMPLETED: a performed item with an end date/time."""
     performed = _from_json(item.performed_json)
-    return bool(performed) and any(p.get("PerformedProcedureStepEndDateTime") for p in performed)
+    return performed is not None and any(p.get("PerformedProcedureStepEndDateTime") for p in performed)
 
 
 # -- the service --------------------------------------------------------------------------------
@@ -368,8 +368,9 @@ class UpsService:
                 progress_json=values.get("ProcedureStepProgressInformationSequence"),
                 performed_json=values.get("UnifiedProcedureStepPerformedProcedureSequence"))
             reply = None
-            if outcome == "ok":
-                reply = select_attributes(workitem_dataset(worklist.get_workitem(session, uid)), mods)
+            item = worklist.get_workitem(session, uid) if outcome == "ok" else None
+            if item is not None:
+                reply = select_attributes(workitem_dataset(item), mods)
         self._wake()
         log.info("UPS N-SET %s from %s: %s", uid, event.assoc.requestor.ae_title, outcome)
         code = OUTCOME_STATUS[outcome]
@@ -485,7 +486,7 @@ class UpsNotifier:
         while not self._stop.is_set():
             try:
                 self.send_due()
-            except Exception:  # noqa: BLE001 - the notifier must outlive a bad row or a DB hiccup
+            except Exception:  # the notifier must outlive a bad row or a DB hiccup
                 log.exception("UPS notifier: unexpected error")
             self._wake.wait(self.poll_interval_s)
             self._wake.clear()
@@ -517,7 +518,7 @@ class UpsNotifier:
         ae.add_requested_context(UPS_EVENT)
         try:
             assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
-        except Exception as exc:  # noqa: BLE001 - an unreachable subscriber is transient
+        except Exception as exc:  # an unreachable subscriber is transient
             assoc = None
             error = f"cannot associate: {type(exc).__name__}"
         else:
@@ -533,7 +534,7 @@ class UpsNotifier:
                 ds = event_dataset(event_type, json.loads(payload_json or "{}"))
                 try:
                     rsp, _ = assoc.send_n_event_report(ds, event_type, UPS_PUSH, uid, meta_uid=UPS_EVENT)
-                except Exception as exc:  # noqa: BLE001 - a peer that aborts mid-way is transient
+                except Exception as exc:  # a peer that aborts mid-way is transient
                     self._finish(event_id, "transient", f"{dest}: {type(exc).__name__}")
                     break
                 code = getattr(rsp, "Status", None)

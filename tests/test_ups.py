@@ -35,7 +35,8 @@ def seed(running, study_uid: str, *, category: str | None, percent: float | None
                         study_instance_uid=study_uid, series_instance_uid=study_uid + ".1")
     with running.session() as session, session.begin():
         for i in range(version):
-            rec = InstanceRecord(sop_instance_uid=f"{study_uid}.1.{version}.{i}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            rec = InstanceRecord(sop_instance_uid=f"{study_uid}.1.{version}.{i}",
+                                 sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
                                  study_instance_uid=study_uid, series_instance_uid=study_uid + ".1",
                                  transfer_syntax_uid="1.2.840.10008.1.2.1", path="x.dcm", size_bytes=1,
                                  patient_id="PID-" + study_uid[-1], patient_name=patient_name,

@@ -18,12 +18,11 @@ commit together or not at all:
 
 from __future__ import annotations
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ct_triage.settings import Settings, parse_destination, parse_hl7_destination
-from db import worklist
-from db.models import Delivery, Instance, Result, Series, Study
+from db import repository, worklist
+from db.models import Result, Series, Study
 from db.types import utcnow
 from worker.outputs.uids import derived_uid, output_uid
 from worker.scoring.result import ROUTING, ScoreResult
@@ -69,10 +68,9 @@ def workitem_inputs(session: Session, settings: Settings, result: Result, score:
     retrieve_ae = (parse_destination(settings.destinations[0]).ae_title if settings.destinations
                    else settings.ae_title)
     inputs: list[dict] = []
-    scored = [session.get(Series, result.series_fk)] if result.series_fk else list(study.series)
+    scored = [session.get_one(Series, result.series_fk)] if result.series_fk else list(study.series)
     for series in scored:
-        rows = session.execute(select(Instance.sop_instance_uid, Instance.sop_class_uid)
-                               .where(Instance.series_fk == series.id).order_by(Instance.id)).all()
+        rows = worklist.instance_refs(session, series.id)
         if not rows:
             continue
         inputs.append({"study_instance_uid": study.study_instance_uid,
@@ -80,7 +78,7 @@ def workitem_inputs(session: Session, settings: Settings, result: Result, score:
                        "sop_class_uid": rows[0][1], "sop_instance_uids": [r[0] for r in rows],
                        "retrieve_ae_title": retrieve_ae})
     if result.series_fk and settings.destinations:
-        source = session.get(Series, result.series_fk).series_instance_uid
+        source = session.get_one(Series, result.series_fk).series_instance_uid
         version = result.version
         slices = sorted({box.slice_index for box in score.boxes}) if score.status == "scored" else []
         sc_instances = [output_uid(source, version, "sc-instance", 0)]
@@ -100,17 +98,11 @@ def workitem_inputs(session: Session, settings: Settings, result: Result, score:
 def add_worklist_entries(session: Session, settings: Settings, result: Result, score: ScoreResult) -> list[int]:
     """Workitem + HL7 outbox rows for a just-flushed result; returns the HL7 delivery ids."""
     now = result.scored_at or utcnow()
-    study = session.get(Study, result.study_fk)
+    study = session.get_one(Study, result.study_fk)
     worklist.create_workitem(
         session, result, sop_instance_uid=workitem_uid(study.study_instance_uid, result.version),
         worklist_label=settings.ups_worklist_label, procedure_step_label=procedure_step_label(score),
         comments=workitem_comments(score, result.priority),
         inputs=workitem_inputs(session, settings, result, score, study), now=now)
-    ids = []
-    for entry in settings.hl7_destinations:
-        delivery = Delivery(result_fk=result.id, destination=str(parse_hl7_destination(entry)), channel="hl7",
-                            state="pending", created_at=now)
-        session.add(delivery)
-        session.flush()
-        ids.append(delivery.id)
-    return ids
+    ris = [str(parse_hl7_destination(entry)) for entry in settings.hl7_destinations]
+    return repository.add_deliveries(session, result, ris, now, channel="hl7")

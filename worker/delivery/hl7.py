@@ -285,7 +285,7 @@ def _ack_outcome(raw: bytes, control_id: str) -> tuple[Outcome, str | None]:
     try:
         ack = hl7.parse(raw.decode("utf-8", errors="replace"))
         msa = ack.segment("MSA")
-    except Exception as exc:  # noqa: BLE001 - any unparsable answer is a transient fault
+    except Exception as exc:  # any unparsable answer is a transient fault
         return "transient", f"unparsable ACK: {text(exc, 120)}"
     code = str(msa(1)).strip().upper()
     if code in ("AA", "CA"):

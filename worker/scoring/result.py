@@ -6,8 +6,8 @@ printed by ``ct-triage score --json`` and handed to the DICOM writers.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
 
 from db import priority as priority_rule
 
@@ -92,13 +92,19 @@ class ScoreResult:
     boxes: list[LesionBox] = field(default_factory=list)
     # Set by the worker from the configured rule (CT_TRIAGE_PRIORITY_RULE); None: default rule.
     assigned_priority: str | None = None
+    # The masks the numbers were measured on (worker.outputs.masks.ResultMasks), kept in
+    # memory for the DICOM SEG builder and stored beside the result; never serialized.
+    masks: Any = field(default=None, repr=False, compare=False)
 
     @property
     def priority(self) -> str:
         return self.assigned_priority or priority_for(self.status, self.category)
 
     def to_json(self) -> dict:
-        data = asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("masks", "boxes")}
+        data["timings"] = dict(self.timings)
+        data["source_sop_instance_uids"] = list(self.source_sop_instance_uids)
+        data["boxes"] = [asdict(b) for b in self.boxes]
         data["priority"] = self.priority
         return data
 
@@ -106,5 +112,6 @@ class ScoreResult:
     def from_json(cls, data: dict) -> ScoreResult:
         data = dict(data)
         data.pop("priority", None)
+        data.pop("masks", None)
         data["boxes"] = [LesionBox(**b) for b in data.get("boxes", [])]
         return cls(**data)

@@ -108,13 +108,13 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_ups_events_workitem_fk'), ['workitem_fk'], unique=False)
         batch_op.create_index('ix_ups_events_state_next', ['state', 'next_attempt_at'], unique=False)
 
-    with op.batch_alter_table('deliveries', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('channel', sa.String(length=8), nullable=False, server_default='dicom'))
+    # Plain ALTER TABLE (no batch table rebuild on SQLite): the dashboard views read deliveries.
+    op.add_column('deliveries', sa.Column('channel', sa.String(length=8), nullable=False, server_default='dicom'))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('deliveries', schema=None) as batch_op:
-        batch_op.drop_column('channel')
+    # ALTER TABLE ... DROP COLUMN (SQLite >= 3.35, PostgreSQL), no table rebuild under the views.
+    op.execute('ALTER TABLE deliveries DROP COLUMN channel')
     with op.batch_alter_table('ups_events', schema=None) as batch_op:
         batch_op.drop_index('ix_ups_events_state_next')
         batch_op.drop_index(batch_op.f('ix_ups_events_workitem_fk'))

@@ -96,3 +96,10 @@ def deliver_outputs_task(self: JobTask, delivery_id: int):
     from worker import jobs
 
     return self.run_body(jobs.deliver_outputs, delivery_id)
+
+
+@app.task(name=contract.FIND_PRIORS, base=JobTask, bind=True)
+def find_priors_task(self: JobTask, search_id: int):
+    from worker import priors
+
+    return self.run_body(priors.find_priors, search_id)

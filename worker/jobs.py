@@ -27,6 +27,7 @@ from db.models import Delivery, Instance, Job, Result, Series, Study
 from db.session import session_scope
 from db.states import SeriesState
 from db.types import utcnow
+from worker import priors
 
 log = logging.getLogger("ct_triage.worker")
 
@@ -143,6 +144,7 @@ def score_study(ctx: WorkerContext, job_id: int) -> str:
         job = session.get(Job, job_id)
         study = job.study
         chosen = next((s for s in study.series if s.series_instance_uid == score.series_instance_uid), None)
+        followup = priors.prepare(session, study, chosen.id if chosen else None, score, ctx.settings)  # issue 12
         result = Result(study_fk=study.id, job_fk=job_id, version=version, series_fk=chosen.id if chosen else None,
                         status=score.status, reason=score.reason, category=score.category,
                         priority=score.priority, involvement_percent=score.involvement_percent,
@@ -155,9 +157,11 @@ def score_study(ctx: WorkerContext, job_id: int) -> str:
                         scored_at=scored_at)
         session.add(result)
         session.flush()
+        result_id = result.id
+        followup.record(session, result)
         _settle_series(session, study, chosen, score, scored_at)
         job.state, job.finished_at, job.error = "done", scored_at, score.reason if score.status == "failed" else None
-        if chosen is not None:
+        if chosen is not None and not followup.is_prior:  # a retrieved prior is only compared with
             for destination in destinations:
                 delivery = Delivery(result_fk=result.id, destination=destination, state="pending",
                                     created_at=scored_at)
@@ -168,6 +172,7 @@ def score_study(ctx: WorkerContext, job_id: int) -> str:
              score.category or "-", f"{score.involvement_percent:.1f}" if score.involvement_percent is not None
              else "-", score.priority, score.seconds, score.reason or score.model)
     publish_deliveries(ctx, delivery_ids)
+    priors.after_result(ctx, result_id)  # later studies it is a prior of; PACS prior searches
     return score.status
 
 

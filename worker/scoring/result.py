@@ -89,6 +89,8 @@ class ScoreResult:
     series_instance_uid: str | None = None  # the series that was scored
     source_sop_instance_uids: list[str] = field(default_factory=list)  # sorted along the normal
     boxes: list[LesionBox] = field(default_factory=list)
+    # Follow-up comparison with the patient's priors (worker.comparison.Assessment.to_json()), if any.
+    comparison: dict | None = None
 
     @property
     def priority(self) -> str:

@@ -1,0 +1,499 @@
+"""Follow-up studies (issue 12): find a study's priors, compare, issue result versions.
+
+A *prior* is an earlier study of the same patient, the same Patient ID **and** Issuer of
+Patient ID (the ``patients`` row; a blank Patient ID matches nothing, a name never
+matches), acquired at most ``PRIOR_LOOKBACK_DAYS`` (default 30) before the current
+study, that ct-triage has scored. At most ``PRIOR_MAX_COUNT`` (default 3), the most
+recent, are compared (``worker.comparison`` holds the arithmetic and the rule).
+
+Where priors come from:
+
+1. Studies ct-triage scored itself. The comparison is part of the first result.
+2. With ``PRIOR_SOURCES`` (``AET@host:port``, comma-separated): after the current result
+   is committed and its deliveries published, a prior search (``prior_searches``, task
+   ``ct_triage.find_priors`` on the io queue) asks each PACS with C-FIND (Study Root,
+   STUDY level: Patient ID, Issuer checked on the answers, Study Date within the
+   look-back, Modalities in Study CT) and C-MOVEs the newest missing studies to our own
+   AE title. They arrive at our node like any study, are scored like any study, but are
+   recorded in ``prior_studies``: no deliveries, not on the worklist. A PACS that does not
+   answer is retried with the delivery backoff and never delays the current result.
+3. When a study is scored that is an earlier study of a patient whose later studies are
+   already scored (a retrieved prior, or one that came late), each later study is
+   compared again — only the comparison, not the scoring — and, if the set of priors
+   changed, a new result version is issued (``studies.version`` + 1, a new ``results``
+   row copying the scores, new outputs, priority and deliveries) through the same
+   versioning as a late instance.
+
+Hooks (the only places other modules call): :func:`prepare` and :meth:`Followup.record`
+in ``worker.jobs.score_study``; :func:`after_result` after its commit;
+:func:`run_due_searches` in the embedded consumer; :func:`find_priors` as a Celery task;
+:func:`comparison_summary` for HL7/worklist/status displays.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ct_triage.contract import DELIVER_OUTPUTS, FIND_PRIORS
+from ct_triage.errors import TransientError
+from ct_triage.settings import parse_destination
+from db import followup as fdb
+from db.models import Delivery, Instance, Result, Study
+from db.session import session_scope
+from db.types import utcnow
+from worker.comparison import Assessment, ProgressionRule, Snapshot, acquisition_time, apply_assessment, assess
+from worker.scoring.result import ScoreResult
+
+log = logging.getLogger("ct_triage.worker.priors")
+
+
+# -- snapshots -------------------------------------------------------------------------------
+def _header(session: Session, storage_dir: Path, series_fk: int | None, sop_instance_uid: str | None) -> Dataset | None:
+    if series_fk is None:
+        return None
+    query = select(Instance.path).where(Instance.series_fk == series_fk)
+    if sop_instance_uid:
+        query = query.where(Instance.sop_instance_uid == sop_instance_uid)
+    path = session.scalar(query.order_by(Instance.id).limit(1))
+    if path is None:
+        return None
+    try:
+        return dcmread(storage_dir / path, stop_before_pixels=True)
+    except Exception as exc:  # noqa: BLE001 - an unreadable header means "time unknown", not a crash
+        log.warning("cannot read the header of %s: %s", path, type(exc).__name__)
+        return None
+
+
+def _text(ds: Dataset | None, keyword: str) -> str | None:
+    if ds is None:
+        return None
+    value = ds.get(keyword)
+    if value in (None, ""):
+        return None
+    return str(value).strip()[:64] or None
+
+
+def snapshot(session: Session, storage_dir: Path, study_instance_uid: str, series_fk: int | None,
+             score: ScoreResult, result_id: int | None = None) -> Snapshot | None:
+    """The scored study as compared; None when it has no involvement share."""
+    if score.status != "scored" or score.involvement_percent is None:
+        return None
+    first = score.source_sop_instance_uids[0] if score.source_sop_instance_uids else None
+    ds = _header(session, storage_dir, series_fk, first)
+    acquired_at, source = acquisition_time(ds) if ds is not None else (None, "unknown")
+    thickness = None
+    try:
+        thickness = float(ds.SliceThickness) if ds is not None and ds.get("SliceThickness") else None
+    except (TypeError, ValueError):
+        thickness = None
+    base = (score.comparison or {}).get("category_from_percent") or score.category
+    return Snapshot(study_instance_uid=study_instance_uid, involvement_percent=float(score.involvement_percent),
+                    acquired_at=acquired_at, time_source=source,
+                    involvement_percent_left=score.involvement_percent_left,
+                    involvement_percent_right=score.involvement_percent_right,
+                    lesion_volume_ml=score.lesion_volume_ml, category=base, result_id=result_id,
+                    manufacturer=_text(ds, "Manufacturer"), model_name=_text(ds, "ManufacturerModelName"),
+                    kernel=_text(ds, "ConvolutionKernel"), slice_thickness_mm=thickness)
+
+
+def _load_score(result: Result) -> ScoreResult:
+    return ScoreResult.from_json(json.loads(result.result_json))
+
+
+def _result_snapshot(session: Session, storage_dir: Path, result: Result) -> Snapshot | None:
+    return snapshot(session, storage_dir, result.study.study_instance_uid, result.series_fk, _load_score(result),
+                    result.id)
+
+
+def local_priors(session: Session, study: Study, current: Snapshot, settings) -> list[Snapshot]:
+    """Scored earlier studies of the same patient within the look-back, newest first, at most N."""
+    if current.acquired_at is None or not fdb.patient_has_identity(study.patient) or settings.prior_max_count < 1:
+        return []
+    earliest = current.acquired_at - dt.timedelta(days=settings.prior_lookback_days)
+    found = []
+    for result in fdb.latest_results_of_patient(session, study.patient_fk, exclude_study_fk=study.id):
+        snap = _result_snapshot(session, settings.effective_storage_dir, result)
+        if snap is None or snap.acquired_at is None:
+            continue
+        if earliest <= snap.acquired_at < current.acquired_at:
+            found.append(snap)
+    found.sort(key=lambda s: s.acquired_at, reverse=True)
+    return found[: settings.prior_max_count]
+
+
+# -- hooks in score_study ------------------------------------------------------------------------
+@dataclass
+class Followup:
+    """What :func:`prepare` decided for a study being scored."""
+
+    is_prior: bool = False
+    assessment: Assessment | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def record(self, session: Session, result: Result) -> None:
+        """Persist the comparisons of ``result`` (call after the result row is flushed)."""
+        if self.assessment is not None:
+            record_comparisons(session, result, self.assessment)
+
+
+def record_comparisons(session: Session, result: Result, assessment: Assessment) -> None:
+    for change in assessment.changes:
+        session.add(fdb.Comparison(
+            result_fk=result.id, prior_result_fk=change.prior.result_id,
+            prior_study_instance_uid=change.prior.study_instance_uid,
+            current_acquired_at=assessment.current.acquired_at, prior_acquired_at=change.prior.acquired_at,
+            hours=change.hours, prior_percent=change.prior.involvement_percent,
+            current_percent=assessment.current.involvement_percent, delta_points=change.delta_points,
+            delta_points_left=change.delta_points_left, delta_points_right=change.delta_points_right,
+            relative_percent=change.relative_percent, relative_percent_left=change.relative_percent_left,
+            relative_percent_right=change.relative_percent_right, delta_lesion_ml=change.delta_lesion_ml,
+            points_per_day=change.points_per_day, trend=change.trend, progression=change.progression,
+            differences="; ".join(change.differences) or None, created_at=utcnow()))
+
+
+def prepare(session: Session, study: Study, series_fk: int | None, score: ScoreResult, settings) -> Followup:
+    """Before the result row is written: compare with local priors and apply the rule to ``score``.
+
+    Never raises: a comparison that fails leaves the score as it was (logged).
+    """
+    try:
+        if fdb.is_prior_study(session, study.study_instance_uid):
+            return Followup(is_prior=True)
+        if score.status != "scored" or series_fk is None:
+            return Followup()
+        current = snapshot(session, settings.effective_storage_dir, study.study_instance_uid, series_fk, score)
+        if current is None:
+            return Followup()
+        priors = local_priors(session, study, current, settings)
+        assessment = assess(current, priors, ProgressionRule.from_settings(settings))
+        apply_assessment(score, assessment)
+        return Followup(assessment=assessment)
+    except Exception:  # noqa: BLE001 - the current result must go out even if the comparison breaks
+        log.exception("study %s: comparison with priors failed; result issued without it", study.id)
+        return Followup()
+
+
+def after_result(ctx, result_id: int) -> None:
+    """After a result is committed: update later studies it is a prior of; start PACS searches."""
+    settings = ctx.settings
+    try:
+        with session_scope(ctx.session_factory) as session:
+            result = session.get(Result, result_id)
+            if result is None or result.status != "scored":
+                return
+            study = result.study
+            if not fdb.patient_has_identity(study.patient):
+                return
+            prior_row = session.scalar(select(fdb.PriorStudy)
+                                       .where(fdb.PriorStudy.study_instance_uid == study.study_instance_uid))
+            if prior_row is not None:
+                prior_row.state = "scored"
+                prior_row.retrieved_at = prior_row.retrieved_at or utcnow()
+            later = _later_study_ids(session, study, result, settings)
+            search_ids = _create_searches(session, study, settings) if prior_row is None else []
+        for study_id in later:
+            recompare(ctx, study_id)
+        for search_id in search_ids:
+            _publish(ctx, FIND_PRIORS, search_id, fdb.PriorSearch)
+    except Exception:  # noqa: BLE001 - never undo or delay the result that was just issued
+        log.exception("result %d: follow-up bookkeeping failed", result_id)
+
+
+def _later_study_ids(session: Session, study: Study, result: Result, settings) -> list[int]:
+    storage_dir = settings.effective_storage_dir
+    this = _result_snapshot(session, storage_dir, result)
+    if this is None or this.acquired_at is None:
+        return []
+    latest = this.acquired_at + dt.timedelta(days=settings.prior_lookback_days)
+    ids = []
+    for other in fdb.latest_results_of_patient(session, study.patient_fk, exclude_study_fk=study.id):
+        if fdb.is_prior_study(session, other.study.study_instance_uid):
+            continue
+        snap = _result_snapshot(session, storage_dir, other)
+        if snap is not None and snap.acquired_at is not None and this.acquired_at < snap.acquired_at <= latest:
+            ids.append(other.study_fk)
+    return ids
+
+
+def _create_searches(session: Session, study: Study, settings) -> list[int]:
+    ids = []
+    for source in settings.prior_sources:
+        text = str(parse_destination(source))
+        existing = session.scalar(select(fdb.PriorSearch).where(fdb.PriorSearch.study_fk == study.id,
+                                                                fdb.PriorSearch.source == text))
+        if existing is not None:
+            continue
+        search = fdb.PriorSearch(study_fk=study.id, source=text, state="pending", attempts=0, found=0, requested=0,
+                                 created_at=utcnow())
+        session.add(search)
+        session.flush()
+        ids.append(search.id)
+    return ids
+
+
+def _publish(ctx, task_name: str, row_id: int, model) -> None:
+    try:
+        ctx.publisher.publish(task_name, row_id)
+    except Exception as exc:  # noqa: BLE001 - left unpublished; the embedded loop polls the table anyway
+        log.warning("publishing %s %d failed: %s", task_name, row_id, exc)
+        return
+    with session_scope(ctx.session_factory) as session:
+        session.execute(update(model).where(model.id == row_id).values(published_at=utcnow()))
+
+
+# -- comparison-only result versions ----------------------------------------------------------
+_COPIED = ("status", "series_fk", "involvement_percent", "involvement_percent_left", "involvement_percent_right",
+           "lung_volume_ml", "lesion_volume_ml", "lesion_count", "model", "model_version", "device", "seconds",
+           "received_at", "stable_at", "scoring_started_at")
+
+
+def recompare(ctx, study_id: int) -> int | None:
+    """Compare a scored study with its priors again; a new result version when they changed.
+
+    Returns the new result's id, or None when nothing changed (or the study is being
+    scored again anyway, which will include the priors).
+    """
+    settings = ctx.settings
+    for attempt in (1, 2):
+        delivery_ids: list[int] = []
+        try:
+            with session_scope(ctx.session_factory) as session:
+                study = session.get(Study, study_id)
+                if study is None or fdb.is_prior_study(session, study.study_instance_uid):
+                    return None
+                if fdb.study_is_being_scored(session, study.id):
+                    return None
+                latest = session.scalar(select(Result).where(Result.study_fk == study.id)
+                                        .order_by(Result.version.desc()).limit(1))
+                if latest is None or latest.status != "scored" or latest.version != study.version:
+                    return None
+                score = _load_score(latest)
+                current = snapshot(session, settings.effective_storage_dir, study.study_instance_uid,
+                                   latest.series_fk, score, latest.id)
+                if current is None:
+                    return None
+                priors = local_priors(session, study, current, settings)
+                before = {c["prior"]["study_instance_uid"] for c in (score.comparison or {}).get("changes", [])}
+                if {p.study_instance_uid for p in priors} == before:
+                    return None
+                assessment = assess(current, priors, ProgressionRule.from_settings(settings))
+                apply_assessment(score, assessment)
+                now = utcnow()
+                study.version += 1
+                result = Result(study_fk=study.id, job_fk=None, version=study.version, category=score.category,
+                                priority=score.priority, reason=score.reason, result_json=json.dumps(score.to_json()),
+                                scored_at=now, created_at=now, **{k: getattr(latest, k) for k in _COPIED})
+                session.add(result)
+                session.flush()
+                if assessment is not None:
+                    record_comparisons(session, result, assessment)
+                if result.series_fk is not None:
+                    for destination in settings.destinations:
+                        delivery = Delivery(result_fk=result.id, destination=str(parse_destination(destination)),
+                                            state="pending", created_at=now)
+                        session.add(delivery)
+                        session.flush()
+                        delivery_ids.append(delivery.id)
+                new_id, version = result.id, result.version
+                log.info("study %d: comparison updated, result version %d: %s %s priority %s", study.id, version,
+                         score.category, assessment.trend if assessment else "no priors", score.priority)
+        except IntegrityError:  # another worker issued a version at the same moment: look again
+            if attempt == 2:
+                raise
+            continue
+        for delivery_id in delivery_ids:
+            _publish(ctx, DELIVER_OUTPUTS, delivery_id, Delivery)
+        return new_id
+    return None
+
+
+# -- prior searches at a PACS ----------------------------------------------------------------
+def _claim_search(ctx, search_id: int, now: dt.datetime) -> bool:
+    with session_scope(ctx.session_factory) as session:
+        return session.execute(
+            update(fdb.PriorSearch).where(fdb.PriorSearch.id == search_id,
+                                          fdb.PriorSearch.state.in_(("pending", "retrying")),
+                                          (fdb.PriorSearch.next_attempt_at.is_(None))
+                                          | (fdb.PriorSearch.next_attempt_at <= now))
+            .values(state="searching", attempts=fdb.PriorSearch.attempts + 1, worker=ctx.worker_name,
+                    next_attempt_at=now, last_error=None)).rowcount == 1
+
+
+def _finish_search(ctx, search_id: int, state: str, error: str | None, **values) -> str:
+    from worker.jobs import backoff_s
+
+    now = utcnow()
+    with session_scope(ctx.session_factory) as session:
+        search = session.get(fdb.PriorSearch, search_id)
+        search.state, search.last_error, search.worker = state, error, None
+        for key, value in values.items():
+            setattr(search, key, value)
+        if state == "retrying":
+            search.next_attempt_at = now + dt.timedelta(seconds=backoff_s(search.attempts, ctx.settings.retry_base_s))
+        else:
+            search.finished_at = now
+        source, attempts = search.source, search.attempts
+    level = logging.INFO if state == "done" else logging.WARNING
+    log.log(level, "prior search %d at %s: %s after %d attempt(s)%s", search_id, source, state, attempts,
+            f": {error}" if error else "")
+    return state
+
+
+def _query_identifier(patient_id: str, first: dt.date, last: dt.date) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.PatientID = patient_id
+    ds.IssuerOfPatientID = ""  # a return key: some PACS cannot match on it, so we check the answers
+    ds.StudyInstanceUID = ""
+    ds.StudyDate = f"{first:%Y%m%d}-{last:%Y%m%d}"
+    ds.StudyTime = ""
+    ds.ModalitiesInStudy = "CT"
+    ds.StudyDescription = ""
+    return ds
+
+
+def _answer_time(answer: Dataset) -> dt.datetime | None:
+    from worker.comparison import _parse_da_tm
+
+    return _parse_da_tm(str(answer.get("StudyDate") or ""), str(answer.get("StudyTime") or ""))
+
+
+def find_priors(ctx, search_id: int) -> str:
+    """Task body: C-FIND the patient's earlier CT studies at one PACS and C-MOVE the newest to us."""
+    from worker.delivery.retrieve import find_studies, move_study
+
+    now = utcnow()
+    if not _claim_search(ctx, search_id, now):
+        return "skipped"
+    s = ctx.settings
+    with session_scope(ctx.session_factory) as session:
+        search = session.get(fdb.PriorSearch, search_id)
+        study = session.get(Study, search.study_fk)
+        patient = study.patient
+        patient_id, issuer = patient.patient_id.strip(), (patient.issuer_of_patient_id or "").strip()
+        source = parse_destination(search.source)
+        latest = session.scalar(select(Result).where(Result.study_fk == study.id).order_by(Result.version.desc())
+                                .limit(1))
+        current = _result_snapshot(session, s.effective_storage_dir, latest) if latest is not None else None
+        known = {st.study_instance_uid for st in session.scalars(select(Study).where(Study.patient_fk
+                                                                                     == study.patient_fk))}
+        requested = {p.study_instance_uid for p in session.scalars(select(fdb.PriorStudy)
+                                                                   .where(fdb.PriorStudy.state != "failed"))}
+        this_uid = study.study_instance_uid
+    if not patient_id or current is None or current.acquired_at is None:
+        return _finish_search(ctx, search_id, "done", "nothing to compare (no Patient ID, result or time)")
+    first = (current.acquired_at - dt.timedelta(days=s.prior_lookback_days)).date()
+    identifier = _query_identifier(patient_id, first, current.acquired_at.date())
+    report = find_studies(source, identifier, calling_ae_title=s.ae_title, acse_timeout=s.acse_timeout_s,
+                          dimse_timeout=s.dimse_timeout_s, network_timeout=s.network_timeout_s)
+    if report.outcome != "ok":
+        state = "retrying" if report.outcome == "transient" else "failed"
+        _finish_search(ctx, search_id, state, report.reason)
+        if state == "retrying":
+            raise TransientError(f"prior search {search_id}: {report.reason}")
+        return state
+    candidates = []
+    for answer in report.answers:
+        uid = str(answer.get("StudyInstanceUID") or "")
+        if not uid or uid == this_uid or uid in known or uid in requested:
+            continue
+        if str(answer.get("PatientID") or patient_id).strip() != patient_id:
+            continue  # a PACS doing fuzzy matching: the ID must be the same
+        their_issuer = str(answer.get("IssuerOfPatientID") or "").strip()
+        if their_issuer and their_issuer != issuer:
+            continue  # same ID, another issuing authority: another patient
+        when = _answer_time(answer)
+        if when is not None and when >= current.acquired_at:
+            continue
+        modalities = answer.get("ModalitiesInStudy")
+        if modalities:
+            values = [str(modalities)] if isinstance(modalities, str) else [str(m) for m in modalities]
+            if "CT" not in values:
+                continue
+        candidates.append((when or dt.datetime.min, uid))
+    candidates.sort(reverse=True)
+    chosen = [uid for _, uid in candidates[: s.prior_max_count]]
+    moved, errors = 0, []
+    for uid in chosen:
+        with session_scope(ctx.session_factory) as session:  # recorded before the move: it arrives as a prior
+            row = session.scalar(select(fdb.PriorStudy).where(fdb.PriorStudy.study_instance_uid == uid))
+            if row is None:
+                session.add(fdb.PriorStudy(study_instance_uid=uid, search_fk=search_id, source=str(source),
+                                           state="requested", requested_at=utcnow()))
+            else:
+                row.state, row.error = "requested", None
+        move = move_study(source, uid, s.ae_title, calling_ae_title=s.ae_title, acse_timeout=s.acse_timeout_s,
+                          dimse_timeout=max(s.dimse_timeout_s, 600.0), network_timeout=max(s.network_timeout_s, 600.0))
+        with session_scope(ctx.session_factory) as session:
+            row = session.scalar(select(fdb.PriorStudy).where(fdb.PriorStudy.study_instance_uid == uid))
+            if move.outcome == "ok":
+                row.state = "retrieved" if row.state == "requested" else row.state
+                row.retrieved_at = utcnow()
+                moved += 1
+            else:
+                row.state, row.error = "failed", move.reason
+                errors.append((move.outcome, move.reason))
+    if any(outcome == "transient" for outcome, _ in errors):
+        _finish_search(ctx, search_id, "retrying", errors[0][1], found=len(report.answers), requested=moved)
+        raise TransientError(f"prior search {search_id}: {errors[0][1]}")
+    if errors:
+        return _finish_search(ctx, search_id, "failed", errors[0][1], found=len(report.answers), requested=moved)
+    return _finish_search(ctx, search_id, "done", None, found=len(report.answers), requested=moved)
+
+
+def run_due_searches(ctx) -> int:
+    """Embedded mode: run every due prior search once; returns how many ran."""
+    with session_scope(ctx.session_factory) as session:
+        due = fdb.due_prior_search_ids(session)
+    for search_id in due:
+        try:
+            find_priors(ctx, search_id)
+        except TransientError:
+            pass  # recorded with its next attempt time
+    return len(due)
+
+
+# -- what displays read -------------------------------------------------------------------------
+def comparison_summary(session: Session, result_id: int) -> dict | None:
+    """The comparison of one result as plain data, for HL7 OBX, the worklist and ``ct-triage status``.
+
+    ``None`` when the result was not compared with any prior. Keys: ``trend``
+    (progression | worsening | stable | improvement), ``progression`` (bool), ``text``
+    (one line, e.g. "progression: 21% -> 34% (+60%) in 36 h since 2026-11-28"),
+    ``prior_study_instance_uid``, ``prior_date`` (ISO), ``hours``, ``delta_points``,
+    ``relative_percent``, ``points_per_day``, ``category_from_percent``, ``category``,
+    ``differences`` (list of str), ``priors`` (count).
+    """
+    result = session.get(Result, result_id)
+    if result is None:
+        return None
+    comparison = _load_score(result).comparison
+    if not comparison:
+        return None
+    assessment = Assessment.from_json(comparison)
+    h = assessment.headline
+    return {
+        "trend": assessment.trend,
+        "progression": assessment.progression,
+        "text": assessment.reason(),
+        "prior_study_instance_uid": h.prior.study_instance_uid,
+        "prior_date": h.prior.acquired_at.isoformat() if h.prior.acquired_at else None,
+        "hours": h.hours,
+        "delta_points": h.delta_points,
+        "relative_percent": h.relative_percent,
+        "points_per_day": h.points_per_day,
+        "category_from_percent": assessment.category_from_percent,
+        "category": assessment.category,
+        "differences": list(h.differences),
+        "priors": len(assessment.changes),
+    }

@@ -33,8 +33,9 @@ class Comparison(Base):
     result_fk: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
     prior_result_fk: Mapped[int] = mapped_column(ForeignKey("results.id"))
     prior_study_instance_uid: Mapped[str] = mapped_column(UID)
-    current_acquired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    prior_acquired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # DICOM acquisition times are local wall-clock times without a zone: kept as ISO text.
+    current_acquired_at: Mapped[str | None] = mapped_column(String(26))
+    prior_acquired_at: Mapped[str | None] = mapped_column(String(26))
     hours: Mapped[float | None] = mapped_column(Float)
     prior_percent: Mapped[float | None] = mapped_column(Float)
     current_percent: Mapped[float | None] = mapped_column(Float)

@@ -146,12 +146,16 @@ class Followup:
             record_comparisons(session, result, self.assessment)
 
 
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
 def record_comparisons(session: Session, result: Result, assessment: Assessment) -> None:
     for change in assessment.changes:
         session.add(fdb.Comparison(
             result_fk=result.id, prior_result_fk=change.prior.result_id,
             prior_study_instance_uid=change.prior.study_instance_uid,
-            current_acquired_at=assessment.current.acquired_at, prior_acquired_at=change.prior.acquired_at,
+            current_acquired_at=_iso(assessment.current.acquired_at), prior_acquired_at=_iso(change.prior.acquired_at),
             hours=change.hours, prior_percent=change.prior.involvement_percent,
             current_percent=assessment.current.involvement_percent, delta_points=change.delta_points,
             delta_points_left=change.delta_points_left, delta_points_right=change.delta_points_right,

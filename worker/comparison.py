@@ -95,6 +95,10 @@ class Snapshot:
     model_name: str | None = None
     kernel: str | None = None
     slice_thickness_mm: float | None = None
+    # One instance of the scored series, so reports can reference the prior study.
+    series_instance_uid: str | None = None
+    sop_instance_uid: str | None = None
+    sop_class_uid: str | None = None
 
     def __post_init__(self) -> None:
         if not self.study_instance_uid:

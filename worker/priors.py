@@ -103,7 +103,9 @@ def snapshot(session: Session, storage_dir: Path, study_instance_uid: str, serie
                     involvement_percent_right=score.involvement_percent_right,
                     lesion_volume_ml=score.lesion_volume_ml, category=base, result_id=result_id,
                     manufacturer=_text(ds, "Manufacturer"), model_name=_text(ds, "ManufacturerModelName"),
-                    kernel=_text(ds, "ConvolutionKernel"), slice_thickness_mm=thickness)
+                    kernel=_text(ds, "ConvolutionKernel"), slice_thickness_mm=thickness,
+                    series_instance_uid=_text(ds, "SeriesInstanceUID"), sop_instance_uid=_text(ds, "SOPInstanceUID"),
+                    sop_class_uid=_text(ds, "SOPClassUID"))
 
 
 def _load_score(result: Result) -> ScoreResult:

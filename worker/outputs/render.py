@@ -361,7 +361,9 @@ def render_summary(source_datasets: Sequence[Dataset], result: ScoreResult) -> n
         if text:
             draw.text((ow + pad, y), text, font=font, fill=color)
         y += step
-    return np.asarray(canvas, dtype=np.uint8).copy()
+    from worker.outputs.trend import with_comparison  # issue 12: "Change since <date>" + trend plot
+
+    return with_comparison(np.asarray(canvas, dtype=np.uint8).copy(), result.comparison)
 
 
 def render_summary_png(source_datasets: Sequence[Dataset], result: ScoreResult, path: str | os.PathLike) -> Path:

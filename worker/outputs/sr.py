@@ -281,10 +281,14 @@ def build_measurement_report(
         observer_device_context=hd.sr.ObserverContext(observer_type=codes.cid270.Device,
                                                       observer_identifying_attributes=device)
     )
+    from worker.outputs.sr_followup import change_content  # issue 12: change since the priors
+
+    change = change_content(result, source_series, result_version, hd.sr.AlgorithmIdentification(
+        name=_sc.plain_text(result.model)[:64], version=_sc.plain_text(result.model_version)[:64]))
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,
         procedure_reported=CT_OF_CHEST,
-        imaging_measurements=_measurement_groups(datasets, result, result_version),
+        imaging_measurements=_measurement_groups(datasets, result, result_version) + change.groups,
         title=codes.cid7021.ImagingMeasurementReport,
     )
     report[0].ContentSequence.append(_qualitative_container(result))
@@ -294,7 +298,7 @@ def build_measurement_report(
         f"(ct-triage {__version__}); NOT FOR DIAGNOSTIC USE"
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=datasets,
+        evidence=datasets + change.evidence,
         content=report[0],
         series_instance_uid=output_uid(source_series, result_version, "sr-series"),
         series_number=series_number,

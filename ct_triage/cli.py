@@ -124,6 +124,9 @@ def cmd_status(args, settings: Settings) -> int:
     with session_scope(session_factory) as session:
         rows = repository.series_status(session, limit=args.limit)
         results = repository.result_status(session, limit=args.limit)
+        from worker.priors import change_label, changes_by_study  # issue 12: comparison with priors
+
+        changes = changes_by_study(session, [r.study_instance_uid for r in results])
     print("SERIES")
     _print_table(
         ["study_instance_uid", "series_instance_uid", "mod", "instances", "dups", "ver", "state",
@@ -135,10 +138,11 @@ def cmd_status(args, settings: Settings) -> int:
         "(no series received yet)")
     print("\nRESULTS (worklist order)")
     _print_table(
-        ["priority", "study_instance_uid", "ver", "status", "category", "involvement_%", "scored",
+        ["priority", "study_instance_uid", "ver", "status", "category", "involvement_%", "change", "scored",
          "deliveries", "reason"],
         [[r.priority, r.study_instance_uid, str(r.version), r.status, r.category or "-",
-          f"{r.involvement_percent:.1f}" if r.involvement_percent is not None else "-", _fmt_time(r.scored_at),
+          f"{r.involvement_percent:.1f}" if r.involvement_percent is not None else "-",
+          change_label(changes.get(r.study_instance_uid)), _fmt_time(r.scored_at),
           ", ".join(f"{d}: {state}" for d, state in r.deliveries) or "-", r.reason or ""] for r in results],
         "(no results yet)")
     return 0

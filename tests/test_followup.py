@@ -81,7 +81,7 @@ def scan(running, phantom: Path, folder: Path, when: dt.datetime, issuer: str | 
     return uid
 
 
-def test_20_then_32_percent_in_36_hours_is_progression(serve, sqlite_url, phantoms, tmp_path):
+def test_20_then_32_percent_in_36_hours_is_progression(serve, sqlite_url, phantoms, tmp_path, monkeypatch, capsys):
     running = serve(sqlite_url)
     first = scan(running, phantoms[20], tmp_path / "a", T0)
     second = scan(running, phantoms[32], tmp_path / "b", LATER)
@@ -100,6 +100,17 @@ def test_20_then_32_percent_in_36_hours_is_progression(serve, sqlite_url, phanto
     assert summary["progression"] and summary["category_from_percent"] == "CT-2"
     assert summary["prior_date"].startswith("2026-11-27") and summary["hours"] == pytest.approx(36)
     assert status[0].study_instance_uid == second and status[0].priority == "HIGH"
+    # `ct-triage status` marks the progression
+    from ct_triage.cli import main
+
+    monkeypatch.setenv("CT_TRIAGE_DATABASE_URL", sqlite_url)
+    monkeypatch.setenv("CT_TRIAGE_VAR_DIR", str(tmp_path / "var"))
+    capsys.readouterr()
+    assert main(["status"]) == 0
+    results = capsys.readouterr().out.split("RESULTS", 1)[1]
+    line = next(line for line in results.splitlines() if second in line)
+    assert "PROGRESSION +" in line and "/36 h" in line and line.startswith("HIGH")
+    assert next(line for line in results.splitlines() if first in line).split()[6] == "-"
 
 
 def test_20_then_22_percent_is_stable_and_stays_low(serve, sqlite_url, phantoms, tmp_path):

@@ -503,3 +503,25 @@ def comparison_summary(session: Session, result_id: int) -> dict | None:
         "differences": list(h.differences),
         "priors": len(assessment.changes),
     }
+
+
+def changes_by_study(session: Session, study_instance_uids: list[str]) -> dict[str, dict]:
+    """{study UID: comparison_summary} of each study's latest result that has one (``ct-triage status``)."""
+    out: dict[str, dict] = {}
+    for uid in study_instance_uids:
+        result_id = session.scalar(select(Result.id).join(Study).where(Study.study_instance_uid == uid)
+                                   .order_by(Result.version.desc()).limit(1))
+        summary = comparison_summary(session, result_id) if result_id is not None else None
+        if summary is not None:
+            out[uid] = summary
+    return out
+
+
+def change_label(summary: dict | None) -> str:
+    """``PROGRESSION +12 pts/36 h`` for progressions (what ``ct-triage status`` marks), else the trend word."""
+    if not summary:
+        return "-"
+    if summary["progression"]:
+        hours = f"/{summary['hours']:.0f} h" if summary.get("hours") is not None else ""
+        return f"PROGRESSION {summary['delta_points']:+.0f} pts{hours}"
+    return summary["trend"]

@@ -135,3 +135,18 @@ def due_prior_search_ids(session: Session, now: datetime | None = None) -> list[
         select(PriorSearch.id).where(PriorSearch.state.in_(("pending", "retrying")),
                                      (PriorSearch.next_attempt_at.is_(None)) | (PriorSearch.next_attempt_at <= now))
         .order_by(PriorSearch.id)).all())
+
+
+def change_column(result_id_column):
+    """SQL expression: the change of a result for worklist views and queries.
+
+    'progression' when any comparison of the result fired the rule, else the trend against
+    the most recent prior ('worsening', 'stable', 'improvement'), NULL without priors.
+    Use as ``change_column(Result.id).label("change")`` (or the same SQL in a view).
+    """
+    fired = exists().where(Comparison.result_fk == result_id_column, Comparison.progression.is_(True))
+    latest = (select(Comparison.trend).where(Comparison.result_fk == result_id_column)
+              .order_by(Comparison.prior_acquired_at.desc()).limit(1).scalar_subquery())
+    from sqlalchemy import case, literal
+
+    return case((fired, literal("progression")), else_=latest)

@@ -81,8 +81,9 @@ def scan(running, phantom: Path, folder: Path, when: dt.datetime, issuer: str | 
     return uid
 
 
-def test_20_then_32_percent_in_36_hours_is_progression(serve, sqlite_url, phantoms, tmp_path, monkeypatch, capsys):
-    running = serve(sqlite_url)
+def test_20_then_32_percent_in_36_hours_is_progression(serve, database_url, phantoms, tmp_path, monkeypatch,
+                                                       capsys):
+    running = serve(database_url)
     first = scan(running, phantoms[20], tmp_path / "a", T0)
     second = scan(running, phantoms[32], tmp_path / "b", LATER)
     before, after = result_of(running, first), result_of(running, second)
@@ -94,6 +95,8 @@ def test_20_then_32_percent_in_36_hours_is_progression(serve, sqlite_url, phanto
         rows = fdb.comparisons_of(session, after.id)
         summary = comparison_summary(session, after.id)
         status = repository.result_status(session)
+        changes = dict(session.execute(select(Result.id, fdb.change_column(Result.id))).all())
+    assert changes == {before.id: None, after.id: "progression"}
     assert len(rows) == 1 and rows[0].progression and rows[0].trend == "progression"
     assert rows[0].hours == pytest.approx(36) and rows[0].prior_result_fk == before.id
     assert rows[0].relative_percent >= 50 and rows[0].delta_points > 5 and rows[0].differences is None
@@ -103,7 +106,7 @@ def test_20_then_32_percent_in_36_hours_is_progression(serve, sqlite_url, phanto
     # `ct-triage status` marks the progression
     from ct_triage.cli import main
 
-    monkeypatch.setenv("CT_TRIAGE_DATABASE_URL", sqlite_url)
+    monkeypatch.setenv("CT_TRIAGE_DATABASE_URL", database_url)
     monkeypatch.setenv("CT_TRIAGE_VAR_DIR", str(tmp_path / "var"))
     capsys.readouterr()
     assert main(["status"]) == 0
@@ -150,6 +153,10 @@ def test_prior_from_orthanc_found_retrieved_scored_compared_even_after_an_outage
         pytest.fail("Orthanc is not installed (apt-get install orthanc); .ci/run installs it")
     prior_files = follow_up_copy(phantoms[20], tmp_path / "prior", T0)
     current_files = follow_up_copy(phantoms[32], tmp_path / "current", LATER)
+    # the same Patient ID from another issuing authority: another patient, never retrieved
+    stranger_files = follow_up_copy(phantoms[45], tmp_path / "stranger", T0 + dt.timedelta(hours=12),
+                                    issuer="ELSEWHERE")
+    stranger_uid = json.loads((phantoms[45] / "ground_truth.json").read_text())["study_instance_uid"]
     prior_uid = json.loads((phantoms[20] / "ground_truth.json").read_text())["study_instance_uid"]
     current_uid = json.loads((phantoms[32] / "ground_truth.json").read_text())["study_instance_uid"]
     from tests.support.scanner import free_port
@@ -158,7 +165,7 @@ def test_prior_from_orthanc_found_retrieved_scored_compared_even_after_an_outage
     archive = OrthancServer(tmp_path / "archive", aet="ARCHIVE", known_aets={"CTTRIAGE": ("127.0.0.1", our_port)},
                             accept_unknown=True)
     with archive, OrthancServer(tmp_path / "pacs", aet="PACS") as pacs:
-        assert storescu(archive.dicom_port, prior_files, called="ARCHIVE").returncode == 0
+        assert storescu(archive.dicom_port, prior_files + stranger_files, called="ARCHIVE").returncode == 0
         archive.stop()  # the archive is down when the current study comes in
         running = serve(sqlite_url, port=our_port, destinations=[str(pacs.destination)],
                         prior_sources=[str(archive.destination)], retry_base_s=1)
@@ -186,7 +193,8 @@ def test_prior_from_orthanc_found_retrieved_scored_compared_even_after_an_outage
         with running.session() as session:
             search = session.scalar(select(fdb.PriorSearch))
             prior_row = session.scalar(select(fdb.PriorStudy))
-            assert search.state == "done" and search.requested == 1 and search.attempts >= 2
+            assert search.state == "done" and search.found == 2 and search.requested == 1 and search.attempts >= 2
+            assert session.scalar(select(func.count(Study.id)).where(Study.study_instance_uid == stranger_uid)) == 0
             assert prior_row.study_instance_uid == prior_uid and prior_row.state == "scored"
             assert prior.status == "scored" and session.scalar(
                 select(func.count(Delivery.id)).where(Delivery.result_fk == prior.id)) == 0

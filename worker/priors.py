@@ -80,7 +80,8 @@ def _text(ds: Dataset | None, keyword: str) -> str | None:
     value = ds.get(keyword)
     if value in (None, ""):
         return None
-    return str(value).strip()[:64] or None
+    text = "".join(c for c in str(value) if c.isprintable() and c not in "\\")  # shown on images and reports
+    return text.strip()[:64] or None
 
 
 def snapshot(session: Session, storage_dir: Path, study_instance_uid: str, series_fk: int | None,

@@ -120,8 +120,13 @@ def patient_has_identity(patient: Patient) -> bool:
 
 
 def study_is_being_scored(session: Session, study_fk: int) -> bool:
+    """A job is queued or running, or a series is receiving/waiting: a new scoring version is coming."""
+    from db.models import Series
+
+    waiting = ("receiving", "stable", "queued", "scoring")
     return bool(session.scalar(select(exists().where(Job.study_fk == study_fk,
-                                                     Job.state.in_(("queued", "running"))))))
+                                                     Job.state.in_(("queued", "running"))))) or
+                session.scalar(select(exists().where(Series.study_fk == study_fk, Series.state.in_(waiting)))))
 
 
 def comparisons_of(session: Session, result_fk: int) -> list[Comparison]:

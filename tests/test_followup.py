@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from ct_triage.contract import EmbeddedPublisher
 from db import followup as fdb
 from db import repository
-from db.models import Delivery, Result, Study
+from db.models import Delivery, Job, Result, Study
 from tests.support import orthanc as orthanc_support
 from tests.support.followup import follow_up_copy, write_patient_phantom
 from tests.support.orthanc import OrthancServer
@@ -189,6 +189,10 @@ def test_prior_from_orthanc_found_retrieved_scored_compared_even_after_an_outage
         second = result_of(running, current_uid, 2)
         assert second.category == "CT-3" and second.priority == "HIGH" and second.reason.startswith("progression")
         assert second.involvement_percent == first.involvement_percent  # the study was not scored again
+        assert second.job_fk is None and second.result_json != first.result_json
+        with running.session() as session:
+            assert session.scalar(select(func.count(Job.id)).join(Study)
+                                  .where(Study.study_instance_uid == current_uid)) == 1
         prior = result_of(running, prior_uid)
         with running.session() as session:
             search = session.scalar(select(fdb.PriorSearch))

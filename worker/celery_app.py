@@ -100,6 +100,6 @@ def deliver_outputs_task(self: JobTask, delivery_id: int):
 
 @app.task(name=contract.FIND_PRIORS, base=JobTask, bind=True)
 def find_priors_task(self: JobTask, search_id: int):
-    from worker import priors
+    from worker import prior_search
 
-    return self.run_body(priors.find_priors, search_id)
+    return self.run_body(prior_search.find_priors, search_id)

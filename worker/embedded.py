@@ -83,9 +83,9 @@ class EmbeddedConsumer:
 
     def run_prior_searches(self) -> int:
         """Due C-FIND/C-MOVE prior searches (issue 12), in their own loop: a slow PACS never delays results."""
-        from worker import priors
+        from worker import prior_search
 
-        return priors.run_due_searches(self.ctx)
+        return prior_search.run_due_searches(self.ctx)
 
     def _run(self, step) -> None:
         while not self._stop.is_set():

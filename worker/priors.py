@@ -26,8 +26,8 @@ Where priors come from:
 
 Hooks (the only places other modules call): :func:`prepare` and :meth:`Followup.record`
 in ``worker.jobs.score_study``; :func:`after_result` after its commit;
-:func:`run_due_searches` in the embedded consumer; :func:`find_priors` as a Celery task;
-:func:`comparison_summary` for HL7/worklist/status displays.
+:func:`comparison_summary` for HL7/worklist/status displays. The PACS side (C-FIND,
+C-MOVE) is ``worker.prior_search``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ct_triage.contract import DELIVER_OUTPUTS, FIND_PRIORS
-from ct_triage.errors import TransientError
 from ct_triage.settings import parse_destination
 from db import followup as fdb
 from db.models import Delivery, Instance, Result, Study
@@ -113,7 +112,7 @@ def _load_score(result: Result) -> ScoreResult:
     return ScoreResult.from_json(json.loads(result.result_json))
 
 
-def _result_snapshot(session: Session, storage_dir: Path, result: Result) -> Snapshot | None:
+def result_snapshot(session: Session, storage_dir: Path, result: Result) -> Snapshot | None:
     return snapshot(session, storage_dir, result.study.study_instance_uid, result.series_fk, _load_score(result),
                     result.id)
 
@@ -125,7 +124,7 @@ def local_priors(session: Session, study: Study, current: Snapshot, settings) ->
     earliest = current.acquired_at - dt.timedelta(days=settings.prior_lookback_days)
     found = []
     for result in fdb.latest_results_of_patient(session, study.patient_fk, exclude_study_fk=study.id):
-        snap = _result_snapshot(session, settings.effective_storage_dir, result)
+        snap = result_snapshot(session, settings.effective_storage_dir, result)
         if snap is None or snap.acquired_at is None:
             continue
         if earliest <= snap.acquired_at < current.acquired_at:
@@ -218,7 +217,7 @@ def after_result(ctx, result_id: int) -> None:
 
 def _later_study_ids(session: Session, study: Study, result: Result, settings) -> list[int]:
     storage_dir = settings.effective_storage_dir
-    this = _result_snapshot(session, storage_dir, result)
+    this = result_snapshot(session, storage_dir, result)
     if this is None or this.acquired_at is None:
         return []
     latest = this.acquired_at + dt.timedelta(days=settings.prior_lookback_days)
@@ -226,7 +225,7 @@ def _later_study_ids(session: Session, study: Study, result: Result, settings) -
     for other in fdb.latest_results_of_patient(session, study.patient_fk, exclude_study_fk=study.id):
         if fdb.is_prior_study(session, other.study.study_instance_uid):
             continue
-        snap = _result_snapshot(session, storage_dir, other)
+        snap = result_snapshot(session, storage_dir, other)
         if snap is not None and snap.acquired_at is not None and this.acquired_at < snap.acquired_at <= latest:
             ids.append(other.study_fk)
     return ids
@@ -322,152 +321,6 @@ def recompare(ctx, study_id: int) -> int | None:
             _publish(ctx, DELIVER_OUTPUTS, delivery_id, Delivery)
         return new_id
     return None
-
-
-# -- prior searches at a PACS ----------------------------------------------------------------
-def _claim_search(ctx, search_id: int, now: dt.datetime) -> bool:
-    with session_scope(ctx.session_factory) as session:
-        return session.execute(
-            update(fdb.PriorSearch).where(fdb.PriorSearch.id == search_id,
-                                          fdb.PriorSearch.state.in_(("pending", "retrying")),
-                                          (fdb.PriorSearch.next_attempt_at.is_(None))
-                                          | (fdb.PriorSearch.next_attempt_at <= now))
-            .values(state="searching", attempts=fdb.PriorSearch.attempts + 1, worker=ctx.worker_name,
-                    next_attempt_at=now, last_error=None)).rowcount == 1
-
-
-def _finish_search(ctx, search_id: int, state: str, error: str | None, **values) -> str:
-    from worker.jobs import backoff_s
-
-    now = utcnow()
-    with session_scope(ctx.session_factory) as session:
-        search = session.get(fdb.PriorSearch, search_id)
-        search.state, search.last_error, search.worker = state, error, None
-        for key, value in values.items():
-            setattr(search, key, value)
-        if state == "retrying":
-            search.next_attempt_at = now + dt.timedelta(seconds=backoff_s(search.attempts, ctx.settings.retry_base_s))
-        else:
-            search.finished_at = now
-        source, attempts = search.source, search.attempts
-    level = logging.INFO if state == "done" else logging.WARNING
-    log.log(level, "prior search %d at %s: %s after %d attempt(s)%s", search_id, source, state, attempts,
-            f": {error}" if error else "")
-    return state
-
-
-def _query_identifier(patient_id: str, first: dt.date, last: dt.date) -> Dataset:
-    ds = Dataset()
-    ds.QueryRetrieveLevel = "STUDY"
-    ds.PatientID = patient_id
-    ds.IssuerOfPatientID = ""  # a return key: some PACS cannot match on it, so we check the answers
-    ds.StudyInstanceUID = ""
-    ds.StudyDate = f"{first:%Y%m%d}-{last:%Y%m%d}"
-    ds.StudyTime = ""
-    ds.ModalitiesInStudy = "CT"
-    ds.StudyDescription = ""
-    return ds
-
-
-def _answer_time(answer: Dataset) -> dt.datetime | None:
-    from worker.comparison import _parse_da_tm
-
-    return _parse_da_tm(str(answer.get("StudyDate") or ""), str(answer.get("StudyTime") or ""))
-
-
-def find_priors(ctx, search_id: int) -> str:
-    """Task body: C-FIND the patient's earlier CT studies at one PACS and C-MOVE the newest to us."""
-    from worker.delivery.retrieve import find_studies, move_study
-
-    now = utcnow()
-    if not _claim_search(ctx, search_id, now):
-        return "skipped"
-    s = ctx.settings
-    with session_scope(ctx.session_factory) as session:
-        search = session.get(fdb.PriorSearch, search_id)
-        study = session.get(Study, search.study_fk)
-        patient = study.patient
-        patient_id, issuer = patient.patient_id.strip(), (patient.issuer_of_patient_id or "").strip()
-        source = parse_destination(search.source)
-        latest = session.scalar(select(Result).where(Result.study_fk == study.id).order_by(Result.version.desc())
-                                .limit(1))
-        current = _result_snapshot(session, s.effective_storage_dir, latest) if latest is not None else None
-        known = {st.study_instance_uid for st in session.scalars(select(Study).where(Study.patient_fk
-                                                                                     == study.patient_fk))}
-        requested = {p.study_instance_uid for p in session.scalars(select(fdb.PriorStudy)
-                                                                   .where(fdb.PriorStudy.state != "failed"))}
-        this_uid = study.study_instance_uid
-    if not patient_id or current is None or current.acquired_at is None:
-        return _finish_search(ctx, search_id, "done", "nothing to compare (no Patient ID, result or time)")
-    first = (current.acquired_at - dt.timedelta(days=s.prior_lookback_days)).date()
-    identifier = _query_identifier(patient_id, first, current.acquired_at.date())
-    report = find_studies(source, identifier, calling_ae_title=s.ae_title, acse_timeout=s.acse_timeout_s,
-                          dimse_timeout=s.dimse_timeout_s, network_timeout=s.network_timeout_s)
-    if report.outcome != "ok":
-        state = "retrying" if report.outcome == "transient" else "failed"
-        _finish_search(ctx, search_id, state, report.reason)
-        if state == "retrying":
-            raise TransientError(f"prior search {search_id}: {report.reason}")
-        return state
-    candidates = []
-    for answer in report.answers:
-        uid = str(answer.get("StudyInstanceUID") or "")
-        if not uid or uid == this_uid or uid in known or uid in requested:
-            continue
-        if str(answer.get("PatientID") or patient_id).strip() != patient_id:
-            continue  # a PACS doing fuzzy matching: the ID must be the same
-        their_issuer = str(answer.get("IssuerOfPatientID") or "").strip()
-        if their_issuer and their_issuer != issuer:
-            continue  # same ID, another issuing authority: another patient
-        when = _answer_time(answer)
-        if when is not None and when >= current.acquired_at:
-            continue
-        modalities = answer.get("ModalitiesInStudy")
-        if modalities:
-            values = [str(modalities)] if isinstance(modalities, str) else [str(m) for m in modalities]
-            if "CT" not in values:
-                continue
-        candidates.append((when or dt.datetime.min, uid))
-    candidates.sort(reverse=True)
-    chosen = [uid for _, uid in candidates[: s.prior_max_count]]
-    moved, errors = 0, []
-    for uid in chosen:
-        with session_scope(ctx.session_factory) as session:  # recorded before the move: it arrives as a prior
-            row = session.scalar(select(fdb.PriorStudy).where(fdb.PriorStudy.study_instance_uid == uid))
-            if row is None:
-                session.add(fdb.PriorStudy(study_instance_uid=uid, search_fk=search_id, source=str(source),
-                                           state="requested", requested_at=utcnow()))
-            else:
-                row.state, row.error = "requested", None
-        move = move_study(source, uid, s.ae_title, calling_ae_title=s.ae_title, acse_timeout=s.acse_timeout_s,
-                          dimse_timeout=max(s.dimse_timeout_s, 600.0), network_timeout=max(s.network_timeout_s, 600.0))
-        with session_scope(ctx.session_factory) as session:
-            row = session.scalar(select(fdb.PriorStudy).where(fdb.PriorStudy.study_instance_uid == uid))
-            if move.outcome == "ok":
-                row.state = "retrieved" if row.state == "requested" else row.state
-                row.retrieved_at = utcnow()
-                moved += 1
-            else:
-                row.state, row.error = "failed", move.reason
-                errors.append((move.outcome, move.reason))
-    if any(outcome == "transient" for outcome, _ in errors):
-        _finish_search(ctx, search_id, "retrying", errors[0][1], found=len(report.answers), requested=moved)
-        raise TransientError(f"prior search {search_id}: {errors[0][1]}")
-    if errors:
-        return _finish_search(ctx, search_id, "failed", errors[0][1], found=len(report.answers), requested=moved)
-    return _finish_search(ctx, search_id, "done", None, found=len(report.answers), requested=moved)
-
-
-def run_due_searches(ctx) -> int:
-    """Embedded mode: run every due prior search once; returns how many ran."""
-    with session_scope(ctx.session_factory) as session:
-        due = fdb.due_prior_search_ids(session)
-    for search_id in due:
-        try:
-            find_priors(ctx, search_id)
-        except TransientError:
-            pass  # recorded with its next attempt time
-    return len(due)
 
 
 # -- what displays read -------------------------------------------------------------------------

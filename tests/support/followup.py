@@ -21,7 +21,7 @@ SEED = 2  # measured 21.4 % for 20 %, 34.2 % for 32 %, 23.7 % for 22 % with the 
 
 def write_patient_phantom(out_dir: Path, involvement: float, *, patient_id: str = PATIENT_ID, seed: int = SEED,
                           **sizes) -> dict:
-    from worker.phantom import write_phantom
+    from ct_triage_tools.phantom import write_phantom
 
     return write_phantom(out_dir, involvement, seed=seed, patient_id=patient_id, **(sizes or SMALL))
 

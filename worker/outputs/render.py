@@ -362,9 +362,7 @@ def render_summary(source_datasets: Sequence[Dataset], result: ScoreResult) -> n
         if text:
             draw.text((ow + pad, y), text, font=font, fill=color)
         y += step
-    from worker.outputs.trend import with_comparison  # issue 12: "Change since <date>" + trend plot
-
-    return with_comparison(np.asarray(canvas, dtype=np.uint8).copy(), result.comparison)
+    return np.asarray(canvas, dtype=np.uint8).copy()
 
 
 def render_summary_png(source_datasets: Sequence[Dataset], result: ScoreResult, path: str | os.PathLike) -> Path:

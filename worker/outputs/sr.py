@@ -45,6 +45,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from ct_triage import __version__
 from worker.outputs import base
+from worker.outputs.sr_followup import change_content
 from worker.outputs.uids import derived_uid, output_uid
 from worker.scoring.result import ROUTING, LesionBox, ScoreResult
 
@@ -281,10 +282,8 @@ def build_measurement_report(
         observer_device_context=hd.sr.ObserverContext(observer_type=codes.cid270.Device,
                                                       observer_identifying_attributes=device)
     )
-    from worker.outputs.sr_followup import change_content  # issue 12: change since the priors
-
     change = change_content(result, source_series, result_version, hd.sr.AlgorithmIdentification(
-        name=_sc.plain_text(result.model)[:64], version=_sc.plain_text(result.model_version)[:64]))
+        name=base.plain_text(result.model)[:64], version=base.plain_text(result.model_version)[:64]))  # issue 12
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,
         procedure_reported=CT_OF_CHEST,

@@ -1,6 +1,7 @@
 """The follow-up band of the SC summary image: "Change since <date>" and a trend plot.
 
-:func:`with_comparison` appends a band below the summary (``render.render_summary``)
+:func:`with_comparison` appends a band below the summary (``render.render_summary``; called by
+``sc.py`` on the summary it stores, and by :func:`render_summary_png` for files)
 when the result carries a comparison with priors (``ScoreResult.comparison``, written by
 ``worker.comparison.apply_assessment``); without one the summary is returned unchanged.
 
@@ -189,3 +190,15 @@ def with_comparison(summary: np.ndarray, comparison: dict | None) -> np.ndarray:
     band.paste(draw_trend_plot(trend_points(comparison), plot_width, BAND_HEIGHT), (width - plot_width, 0))
     draw.line([(0, 0), (width, 0)], fill=AXIS_COLOR, width=1)
     return np.concatenate([summary, np.asarray(band, dtype=np.uint8)], axis=0)
+
+
+def render_summary_png(source_datasets, result, path):
+    """``render.render_summary_png`` with the follow-up band (what the SC summary shows)."""
+    from pathlib import Path
+
+    from worker.outputs import render
+
+    path = Path(render.render_summary_png(source_datasets, result, path))
+    pixels = with_comparison(np.asarray(Image.open(path).convert("RGB")), getattr(result, "comparison", None))
+    Image.fromarray(pixels, mode="RGB").save(path, format="PNG", optimize=False)
+    return path

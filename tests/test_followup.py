@@ -19,7 +19,7 @@ from db import followup as fdb
 from db import repository
 from db.models import Delivery, Job, Result, Study
 from tests.support import orthanc as orthanc_support
-from tests.support.followup import follow_up_copy, write_patient_phantom
+from ct_triage_tools.followup import follow_up_copy, write_patient_phantom
 from tests.support.orthanc import OrthancServer
 from tests.support.scanner import require_dcmtk, storescu
 from tests.test_node import wait_for

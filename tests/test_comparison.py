@@ -24,8 +24,8 @@ T0 = dt.datetime(2026, 11, 27, 8, 0)
 
 def snap(uid: str, percent: float, hours: float | None, **kw) -> Snapshot:
     return Snapshot(uid, percent, None if hours is None else T0 + dt.timedelta(hours=hours),
-                    involvement_percent_left=kw.pop("left", percent), involvement_percent_right=kw.pop("right", percent),
-                    **kw)
+                    involvement_percent_left=kw.pop("left", percent),
+                    involvement_percent_right=kw.pop("right", percent), **kw)
 
 
 def test_20_to_32_in_36_hours_is_progression():

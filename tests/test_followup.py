@@ -15,11 +15,11 @@ import pytest
 from sqlalchemy import func, select
 
 from ct_triage.contract import EmbeddedPublisher
+from ct_triage_tools.followup import follow_up_copy, write_patient_phantom
 from db import followup as fdb
 from db import repository
 from db.models import Delivery, Job, Result, Study
 from tests.support import orthanc as orthanc_support
-from ct_triage_tools.followup import follow_up_copy, write_patient_phantom
 from tests.support.orthanc import OrthancServer
 from tests.support.scanner import require_dcmtk, storescu
 from tests.test_node import wait_for

@@ -38,7 +38,8 @@ def _compared(ct, prior_percent: float, hours: float = 36.0, **prior_kw):
                        score.involvement_percent_left, score.involvement_percent_right, score.lesion_volume_ml,
                        score.category, kernel="FC51", manufacturer="TOSHIBA", model_name="Aquilion")
     prior = Snapshot(PRIOR_STUDY, prior_percent, T0, "AcquisitionDate/AcquisitionTime", prior_percent * 0.8,
-                     prior_percent * 1.2, (score.lesion_volume_ml or 0) / 2, None, kernel=prior_kw.get("kernel", "FC51"),
+                     prior_percent * 1.2, (score.lesion_volume_ml or 0) / 2, None,
+                     kernel=prior_kw.get("kernel", "FC51"),
                      manufacturer="TOSHIBA", model_name="Aquilion", series_instance_uid=PRIOR_SERIES,
                      sop_instance_uid=PRIOR_SOP, sop_class_uid=CT_IMAGE)
     return apply_assessment(score, assess(current, [prior]))

@@ -129,7 +129,7 @@ def local_priors(session: Session, study: Study, current: Snapshot, settings) ->
             continue
         if earliest <= snap.acquired_at < current.acquired_at:
             found.append(snap)
-    found.sort(key=lambda s: s.acquired_at, reverse=True)
+    found.sort(key=lambda s: s.acquired_at or dt.datetime.min, reverse=True)
     return found[: settings.prior_max_count]
 
 

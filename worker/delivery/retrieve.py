@@ -28,7 +28,7 @@ from typing import Literal
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import (
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import time
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
 )
@@ -70,12 +70,13 @@ def _associate(source: Destination, calling_ae_title: str, sop_class, acse_timeo
         return assoc, None
     primitive = getattr(assoc.acceptor, "primitive", None)
     if assoc.is_rejected and primitive is not None:
-        outcome = classify_rejection(int(primitive.result), int(primitive.result_source), int(primitive.diagnostic))
+        rejected = classify_rejection(int(primitive.result), int(primitive.result_source), int(primitive.diagnostic))
+        outcome: Outcome = "transient" if rejected == "transient" else "permanent"
         return None, QueryReport(outcome, f"association rejected by {where}: {primitive.result_str}, "
                                           f"source {primitive.source_str}, reason {primitive.reason_str}")
     if not opened.is_set():
-        outcome, reason = _connect_failure(source, None, min(acse_timeout, 5.0))
-        return None, QueryReport("transient" if outcome == "transient" else "permanent", reason)
+        connect_outcome, reason = _connect_failure(source, None, min(acse_timeout, 5.0))
+        return None, QueryReport("transient" if connect_outcome == "transient" else "permanent", reason)
     if primitive is not None and getattr(primitive, "result", None) == 0x00:
         return None, QueryReport("permanent", f"{where} accepted the association but not {sop_class.name}")
     if time.monotonic() - started >= acse_timeout * 0.95:

@@ -93,10 +93,10 @@ def change_content(result, source_series: str, version: int, algorithm: hd.sr.Al
         refs = None
         if evidence is not None:
             content.evidence.append(evidence)
-            refs = [hd.sr.SourceImageForMeasurement(referenced_sop_class_uid=prior.sop_class_uid,
-                                                    referenced_sop_instance_uid=prior.sop_instance_uid)]
+            refs = [hd.sr.SourceImageForMeasurement(referenced_sop_class_uid=str(evidence.SOPClassUID),
+                                                    referenced_sop_instance_uid=str(evidence.SOPInstanceUID))]
 
-        def num(name, value, unit, site=None):
+        def num(name, value, unit, site=None, refs=refs):
             if value is None:
                 return []
             return [hd.sr.Measurement(name=name, value=float(value), unit=unit, referenced_images=refs,

@@ -111,8 +111,11 @@ def draw_trend_plot(points: list[dict], width: int = PLOT_WIDTH, height: int = B
     m = PLOT_MARGIN
     x0, x1, y0, y1 = m["left"], width - m["right"], m["top"], height - m["bottom"]
     draw.text((x0, 6), "Involvement over time (%)", font=_font(BODY_SIZE), fill=TEXT_COLOR)
-    timed = [(p, _parse(p["acquired_at"])) for p in points]
-    timed = [(p, t) for p, t in timed if t is not None]
+    timed: list[tuple[dict, dt.datetime]] = []
+    for point in points:
+        when = _parse(point["acquired_at"])
+        if when is not None:
+            timed.append((point, when))
     if len(timed) < 2:
         draw.text((x0, (y0 + y1) // 2), "acquisition times unknown", font=label_font(), fill=TEXT_COLOR)
         return image
@@ -140,7 +143,7 @@ def draw_trend_plot(points: list[dict], width: int = PLOT_WIDTH, height: int = B
         series = [xy(t, p[key]) for p, t in timed if p[key] is not None]
         if len(series) > 1:
             draw.line(series, fill=color, width=2)
-        for (p, _), (x, y) in zip([pt for pt in timed if pt[0][key] is not None], series):
+        for (p, _), (x, y) in zip([pt for pt in timed if pt[0][key] is not None], series, strict=True):
             r = 5 if p["current"] else 3
             draw.ellipse([x - r, y - r, x + r, y + r], fill=color)
     # dates: first and last always; others when they do not overlap their neighbours

@@ -9,15 +9,18 @@ from ct_triage.settings import Settings
 
 log = logging.getLogger("ct_triage")
 
+LIBRARY_LOGGERS = ("pynetdicom", "highdicom", "alembic")
+
 
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    # pynetdicom at DEBUG dumps whole data sets (patient name, birth date): keep it
-    # at WARNING unless ct-triage itself runs at DEBUG.
+    # Libraries log at WARNING unless ct-triage itself runs at DEBUG: pynetdicom at DEBUG
+    # dumps whole data sets (patient name, birth date), highdicom logs ~20 INFO lines per
+    # object it builds, alembic a few per command.
     quiet = logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING
-    logging.getLogger("pynetdicom").setLevel(quiet)
-    logging.getLogger("alembic").setLevel(quiet)
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(quiet)
 
 
 def log_effective_config(settings: Settings, role: str) -> None:

@@ -67,6 +67,8 @@ def make_summary_png(out_png: Path, workdir: Path, *, sizes: dict | None = None)
         score.study_instance_uid = truth["study_instance_uid"]
         header = dcmread(files[0], stop_before_pixels=True)
         acquired_at, source = acquisition_time(header)
+        if score.involvement_percent is None:
+            raise RuntimeError(f"the {percent} % phantom was not scored: {score.reason}")
         snap = Snapshot(score.study_instance_uid, score.involvement_percent, acquired_at, source,
                         score.involvement_percent_left, score.involvement_percent_right, score.lesion_volume_ml,
                         score.category, None, str(header.Manufacturer), str(header.ManufacturerModelName),

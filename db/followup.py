@@ -16,9 +16,23 @@ Queries here never commit (the caller owns the transaction), like db.repository.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 
-from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, exists, func, select
+from sqlalchemy import (
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    exists,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from db.models import UID, Base, Job, Patient, Result, Study
@@ -155,3 +169,120 @@ def change_column(result_id_column):
     from sqlalchemy import case, literal
 
     return case((fired, literal("progression")), else_=latest)
+
+
+def _rowcount(result) -> int:
+    """Rows an UPDATE matched (a CursorResult's rowcount; typed loosely by SQLAlchemy)."""
+    return int(result.rowcount)
+
+
+# -- state changes ----------------------------------------------------------------------------
+SEARCH_STATES = ("pending", "searching", "retrying", "done", "failed")
+
+
+def add_comparison_version(session: Session, study: Study, latest: Result, values: Mapping[str, object],
+                           now: datetime | None = None) -> Result:
+    """A new result version of ``study`` that only redoes the comparison of ``latest``.
+
+    Bumps ``studies.version`` (as a late instance does), copies the scores of ``latest``
+    and takes ``values`` (category, priority, reason, result_json) from the new comparison.
+    """
+    now = now or utcnow()
+    copied = ("status", "series_fk", "involvement_percent", "involvement_percent_left", "involvement_percent_right",
+              "lung_volume_ml", "lesion_volume_ml", "lesion_count", "model", "model_version", "device", "seconds",
+              "received_at", "stable_at", "scoring_started_at")
+    study.version += 1
+    result = Result(study_fk=study.id, job_fk=None, version=study.version, scored_at=now, created_at=now,
+                    **{k: getattr(latest, k) for k in copied}, **values)
+    session.add(result)
+    session.flush()
+    return result
+
+
+def add_searches(session: Session, study: Study, sources: list[str], now: datetime | None = None) -> list[int]:
+    """One pending prior search per PACS not yet asked about ``study``; their ids."""
+    ids = []
+    for source in sources:
+        if session.scalar(select(PriorSearch.id).where(PriorSearch.study_fk == study.id,
+                                                       PriorSearch.source == source)) is not None:
+            continue
+        search = PriorSearch(study_fk=study.id, source=source, state="pending", attempts=0, found=0, requested=0,
+                             created_at=now or utcnow())
+        session.add(search)
+        session.flush()
+        ids.append(search.id)
+    return ids
+
+
+def mark_search_published(session: Session, search_id: int, now: datetime | None = None) -> None:
+    session.execute(update(PriorSearch).where(PriorSearch.id == search_id).values(published_at=now or utcnow()))
+
+
+def claim_search(session: Session, search_id: int, worker: str, now: datetime | None = None) -> bool:
+    """pending/retrying and due -> searching (attempts + 1); False when someone else has it or not due."""
+    now = now or utcnow()
+    return _rowcount(session.execute(
+        update(PriorSearch).where(PriorSearch.id == search_id, PriorSearch.state.in_(("pending", "retrying")),
+                                  (PriorSearch.next_attempt_at.is_(None)) | (PriorSearch.next_attempt_at <= now))
+        .values(state="searching", attempts=PriorSearch.attempts + 1, worker=worker, next_attempt_at=now,
+                last_error=None))) == 1
+
+
+def finish_search(session: Session, search_id: int, state: str, error: str | None, *,
+                  retry_at: datetime | None = None, found: int | None = None, requested: int | None = None,
+                  now: datetime | None = None) -> PriorSearch:
+    """searching -> done | failed | retrying (at ``retry_at``)."""
+    if state not in ("done", "failed", "retrying"):
+        raise ValueError(f"argument 'state' must be done, failed or retrying, got {state!r}")
+    search = session.get(PriorSearch, search_id)
+    if search is None:
+        raise ValueError(f"prior search {search_id} does not exist")
+    search.state, search.last_error, search.worker = state, error, None
+    if found is not None:
+        search.found = found
+    if requested is not None:
+        search.requested = requested
+    if state == "retrying":
+        search.next_attempt_at = retry_at
+    else:
+        search.finished_at = now or utcnow()
+    return search
+
+
+def request_prior(session: Session, study_instance_uid: str, search_id: int, source: str,
+                  now: datetime | None = None) -> None:
+    """Record, before the C-MOVE, that this study comes to us as a prior (new or asked again)."""
+    row = session.scalar(select(PriorStudy).where(PriorStudy.study_instance_uid == study_instance_uid))
+    if row is None:
+        session.add(PriorStudy(study_instance_uid=study_instance_uid, search_fk=search_id, source=source,
+                               state="requested", requested_at=now or utcnow()))
+    else:
+        row.state, row.error = "requested", None
+
+
+def prior_retrieved(session: Session, study_instance_uid: str, error: str | None = None,
+                    now: datetime | None = None) -> None:
+    """After the C-MOVE: retrieved (unless already scored), or failed with ``error``."""
+    row = session.scalar(select(PriorStudy).where(PriorStudy.study_instance_uid == study_instance_uid))
+    if row is None:
+        return
+    if error is not None:
+        row.state, row.error = "failed", error
+        return
+    if row.state == "requested":
+        row.state = "retrieved"
+    row.retrieved_at = now or utcnow()
+
+
+def prior_scored(session: Session, study_instance_uid: str, now: datetime | None = None) -> bool:
+    """Mark a retrieved prior scored; False when the study is not a retrieved prior."""
+    row = session.scalar(select(PriorStudy).where(PriorStudy.study_instance_uid == study_instance_uid))
+    if row is None:
+        return False
+    row.state = "scored"
+    row.retrieved_at = row.retrieved_at or now or utcnow()
+    return True
+
+
+def requested_prior_uids(session: Session) -> set[str]:
+    return set(session.scalars(select(PriorStudy.study_instance_uid).where(PriorStudy.state != "failed")).all())

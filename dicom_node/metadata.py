@@ -9,14 +9,11 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from ct_triage.contract import CT_IMAGE_SOP_CLASSES
 from ct_triage.errors import InvalidInput
 from db.repository import InstanceRecord
 from dicom_node import status
 from dicom_node.uids import instance_relpath, is_valid_uid
-
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
-CT_SOP_CLASSES = frozenset({CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE})
 
 
 class RejectedInstance(InvalidInput):
@@ -67,7 +64,7 @@ def slice_position(ds) -> float | None:
 
 def not_applicable_reason(sop_class_uid: str, ds) -> str | None:
     """Why a series can never be scored, decided from its first instance; None if it can."""
-    if sop_class_uid not in CT_SOP_CLASSES:
+    if sop_class_uid not in CT_IMAGE_SOP_CLASSES:
         return f"not a CT image: SOP class {UID(sop_class_uid).name}"
     modality = _text(ds, "Modality")
     if modality and modality != "CT":

@@ -109,11 +109,14 @@ def test_20_then_32_percent_in_36_hours_is_progression(serve, database_url, phan
     monkeypatch.setenv("CT_TRIAGE_DATABASE_URL", database_url)
     monkeypatch.setenv("CT_TRIAGE_VAR_DIR", str(tmp_path / "var"))
     capsys.readouterr()
-    assert main(["status"]) == 0
+    assert main(["status", "--wide"]) == 0
     results = capsys.readouterr().out.split("RESULTS", 1)[1]
     line = next(line for line in results.splitlines() if second in line)
     assert "PROGRESSION +" in line and "/36 h" in line and line.startswith("HIGH")
     assert next(line for line in results.splitlines() if first in line).split()[6] == "-"
+    assert main(["status"]) == 0  # the compact view marks it too
+    compact = capsys.readouterr().out.split("RESULTS", 1)[1].splitlines()
+    assert [line.split()[0] for line in compact if "PROGRESSION +" in line] == ["HIGH"]
 
 
 def test_20_then_22_percent_is_stable_and_stays_low(serve, sqlite_url, phantoms, tmp_path):

@@ -24,7 +24,7 @@ import datetime as dt
 import logging
 
 from pydicom.dataset import Dataset
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from ct_triage.errors import TransientError
 from ct_triage.settings import parse_destination
@@ -40,27 +40,19 @@ log = logging.getLogger("ct_triage.worker.priors")
 
 def _claim_search(ctx, search_id: int, now: dt.datetime) -> bool:
     with session_scope(ctx.session_factory) as session:
-        return session.execute(
-            update(fdb.PriorSearch).where(fdb.PriorSearch.id == search_id,
-                                          fdb.PriorSearch.state.in_(("pending", "retrying")),
-                                          (fdb.PriorSearch.next_attempt_at.is_(None))
-                                          | (fdb.PriorSearch.next_attempt_at <= now))
-            .values(state="searching", attempts=fdb.PriorSearch.attempts + 1, worker=ctx.worker_name,
-                    next_attempt_at=now, last_error=None)).rowcount == 1
+        return fdb.claim_search(session, search_id, ctx.worker_name, now)
 
 
-def _finish_search(ctx, search_id: int, state: str, error: str | None, **values) -> str:
+def _finish_search(ctx, search_id: int, state: str, error: str | None, *, found: int | None = None,
+                   requested: int | None = None) -> str:
     now = utcnow()
     with session_scope(ctx.session_factory) as session:
-        search = session.get(fdb.PriorSearch, search_id)
-        search.state, search.last_error, search.worker = state, error, None
-        for key, value in values.items():
-            setattr(search, key, value)
-        if state == "retrying":
-            search.next_attempt_at = now + dt.timedelta(seconds=backoff_s(search.attempts, ctx.settings.retry_base_s))
-        else:
-            search.finished_at = now
-        source, attempts = search.source, search.attempts
+        row = session.get(fdb.PriorSearch, search_id)
+        attempts = row.attempts if row is not None else 1
+        retry_at = now + dt.timedelta(seconds=backoff_s(attempts, ctx.settings.retry_base_s))
+        search = fdb.finish_search(session, search_id, state, error, retry_at=retry_at, found=found,
+                                   requested=requested, now=now)
+        source = search.source
     level = logging.INFO if state == "done" else logging.WARNING
     log.log(level, "prior search %d at %s: %s after %d attempt(s)%s", search_id, source, state, attempts,
             f": {error}" if error else "")
@@ -96,7 +88,9 @@ def find_priors(ctx, search_id: int) -> str:
     s = ctx.settings
     with session_scope(ctx.session_factory) as session:
         search = session.get(fdb.PriorSearch, search_id)
-        study = session.get(Study, search.study_fk)
+        study = session.get(Study, search.study_fk) if search is not None else None
+        if search is None or study is None:
+            return "skipped"
         patient = study.patient
         patient_id, issuer = patient.patient_id.strip(), (patient.issuer_of_patient_id or "").strip()
         source = parse_destination(search.source)
@@ -105,8 +99,7 @@ def find_priors(ctx, search_id: int) -> str:
         current = result_snapshot(session, s.effective_storage_dir, latest) if latest is not None else None
         known = {st.study_instance_uid for st in session.scalars(select(Study).where(Study.patient_fk
                                                                                      == study.patient_fk))}
-        requested = {p.study_instance_uid for p in session.scalars(select(fdb.PriorStudy)
-                                                                   .where(fdb.PriorStudy.state != "failed"))}
+        requested = fdb.requested_prior_uids(session)
         this_uid = study.study_instance_uid
     if not patient_id or current is None or current.acquired_at is None:
         return _finish_search(ctx, search_id, "done", "nothing to compare (no Patient ID, result or time)")
@@ -144,23 +137,15 @@ def find_priors(ctx, search_id: int) -> str:
     moved, errors = 0, []
     for uid in chosen:
         with session_scope(ctx.session_factory) as session:  # recorded before the move: it arrives as a prior
-            row = session.scalar(select(fdb.PriorStudy).where(fdb.PriorStudy.study_instance_uid == uid))
-            if row is None:
-                session.add(fdb.PriorStudy(study_instance_uid=uid, search_fk=search_id, source=str(source),
-                                           state="requested", requested_at=utcnow()))
-            else:
-                row.state, row.error = "requested", None
+            fdb.request_prior(session, uid, search_id, str(source))
         move = move_study(source, uid, s.ae_title, calling_ae_title=s.ae_title, acse_timeout=s.acse_timeout_s,
                           dimse_timeout=max(s.dimse_timeout_s, 600.0), network_timeout=max(s.network_timeout_s, 600.0))
         with session_scope(ctx.session_factory) as session:
-            row = session.scalar(select(fdb.PriorStudy).where(fdb.PriorStudy.study_instance_uid == uid))
-            if move.outcome == "ok":
-                row.state = "retrieved" if row.state == "requested" else row.state
-                row.retrieved_at = utcnow()
-                moved += 1
-            else:
-                row.state, row.error = "failed", move.reason
-                errors.append((move.outcome, move.reason))
+            fdb.prior_retrieved(session, uid, None if move.outcome == "ok" else move.reason)
+        if move.outcome == "ok":
+            moved += 1
+        else:
+            errors.append((move.outcome, move.reason))
     if any(outcome == "transient" for outcome, _ in errors):
         _finish_search(ctx, search_id, "retrying", errors[0][1], found=len(report.answers), requested=moved)
         raise TransientError(f"prior search {search_id}: {errors[0][1]}")

@@ -40,14 +40,15 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ct_triage.contract import DELIVER_OUTPUTS, FIND_PRIORS
+from ct_triage.contract import DELIVER_OUTPUTS, FIND_PRIORS, publish_in_order
 from ct_triage.settings import parse_destination
 from db import followup as fdb
-from db.models import Delivery, Instance, Result, Study
+from db import repository
+from db.models import Instance, Result, Study
 from db.session import session_scope
 from db.types import utcnow
 from worker.comparison import Assessment, ProgressionRule, Snapshot, acquisition_time, apply_assessment, assess
@@ -68,7 +69,7 @@ def _header(session: Session, storage_dir: Path, series_fk: int | None, sop_inst
         return None
     try:
         return dcmread(storage_dir / path, stop_before_pixels=True)
-    except Exception as exc:  # noqa: BLE001 - an unreadable header means "time unknown", not a crash
+    except Exception as exc:
         log.warning("cannot read the header of %s: %s", path, type(exc).__name__)
         return None
 
@@ -184,7 +185,7 @@ def prepare(session: Session, study: Study, series_fk: int | None, score: ScoreR
         assessment = assess(current, priors, ProgressionRule.from_settings(settings))
         apply_assessment(score, assessment)
         return Followup(assessment=assessment)
-    except Exception:  # noqa: BLE001 - the current result must go out even if the comparison breaks
+    except Exception:
         log.exception("study %s: comparison with priors failed; result issued without it", study.id)
         return Followup()
 
@@ -200,18 +201,14 @@ def after_result(ctx, result_id: int) -> None:
             study = result.study
             if not fdb.patient_has_identity(study.patient):
                 return
-            prior_row = session.scalar(select(fdb.PriorStudy)
-                                       .where(fdb.PriorStudy.study_instance_uid == study.study_instance_uid))
-            if prior_row is not None:
-                prior_row.state = "scored"
-                prior_row.retrieved_at = prior_row.retrieved_at or utcnow()
+            is_prior = fdb.prior_scored(session, study.study_instance_uid)
             later = _later_study_ids(session, study, result, settings)
-            search_ids = _create_searches(session, study, settings) if prior_row is None else []
+            search_ids = [] if is_prior else fdb.add_searches(
+                session, study, [str(parse_destination(source)) for source in settings.prior_sources])
         for study_id in later:
             recompare(ctx, study_id)
-        for search_id in search_ids:
-            _publish(ctx, FIND_PRIORS, search_id, fdb.PriorSearch)
-    except Exception:  # noqa: BLE001 - never undo or delay the result that was just issued
+        publish_in_order(ctx.publisher, FIND_PRIORS, search_ids, lambda i: _mark(ctx, fdb.mark_search_published, i))
+    except Exception:
         log.exception("result %d: follow-up bookkeeping failed", result_id)
 
 
@@ -231,38 +228,12 @@ def _later_study_ids(session: Session, study: Study, result: Result, settings) -
     return ids
 
 
-def _create_searches(session: Session, study: Study, settings) -> list[int]:
-    ids = []
-    for source in settings.prior_sources:
-        text = str(parse_destination(source))
-        existing = session.scalar(select(fdb.PriorSearch).where(fdb.PriorSearch.study_fk == study.id,
-                                                                fdb.PriorSearch.source == text))
-        if existing is not None:
-            continue
-        search = fdb.PriorSearch(study_fk=study.id, source=text, state="pending", attempts=0, found=0, requested=0,
-                                 created_at=utcnow())
-        session.add(search)
-        session.flush()
-        ids.append(search.id)
-    return ids
-
-
-def _publish(ctx, task_name: str, row_id: int, model) -> None:
-    try:
-        ctx.publisher.publish(task_name, row_id)
-    except Exception as exc:  # noqa: BLE001 - left unpublished; the embedded loop polls the table anyway
-        log.warning("publishing %s %d failed: %s", task_name, row_id, exc)
-        return
+def _mark(ctx, mark, row_id: int) -> None:
     with session_scope(ctx.session_factory) as session:
-        session.execute(update(model).where(model.id == row_id).values(published_at=utcnow()))
+        mark(session, row_id)
 
 
 # -- comparison-only result versions ----------------------------------------------------------
-_COPIED = ("status", "series_fk", "involvement_percent", "involvement_percent_left", "involvement_percent_right",
-           "lung_volume_ml", "lesion_volume_ml", "lesion_count", "model", "model_version", "device", "seconds",
-           "received_at", "stable_at", "scoring_started_at")
-
-
 def recompare(ctx, study_id: int) -> int | None:
     """Compare a scored study with its priors again; a new result version when they changed.
 
@@ -295,21 +266,14 @@ def recompare(ctx, study_id: int) -> int | None:
                 assessment = assess(current, priors, ProgressionRule.from_settings(settings))
                 apply_assessment(score, assessment)
                 now = utcnow()
-                study.version += 1
-                result = Result(study_fk=study.id, job_fk=None, version=study.version, category=score.category,
-                                priority=score.priority, reason=score.reason, result_json=json.dumps(score.to_json()),
-                                scored_at=now, created_at=now, **{k: getattr(latest, k) for k in _COPIED})
-                session.add(result)
-                session.flush()
+                result = fdb.add_comparison_version(session, study, latest, {
+                    "category": score.category, "priority": score.priority, "reason": score.reason,
+                    "result_json": json.dumps(score.to_json())}, now)
                 if assessment is not None:
                     record_comparisons(session, result, assessment)
                 if result.series_fk is not None:
-                    for destination in settings.destinations:
-                        delivery = Delivery(result_fk=result.id, destination=str(parse_destination(destination)),
-                                            state="pending", created_at=now)
-                        session.add(delivery)
-                        session.flush()
-                        delivery_ids.append(delivery.id)
+                    delivery_ids = repository.add_deliveries(
+                        session, result, [str(parse_destination(d)) for d in settings.destinations], now)
                 new_id, version = result.id, result.version
                 log.info("study %d: comparison updated, result version %d: %s %s priority %s", study.id, version,
                          score.category, assessment.trend if assessment else "no priors", score.priority)
@@ -317,8 +281,8 @@ def recompare(ctx, study_id: int) -> int | None:
             if attempt == 2:
                 raise
             continue
-        for delivery_id in delivery_ids:
-            _publish(ctx, DELIVER_OUTPUTS, delivery_id, Delivery)
+        publish_in_order(ctx.publisher, DELIVER_OUTPUTS, delivery_ids,
+                         lambda i: _mark(ctx, repository.mark_delivery_published, i))
         return new_id
     return None
 

@@ -3,8 +3,8 @@
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
+import db.followup  # noqa: F401  (issue 12 tables, for autogenerate)
 from db.models import Base
-import db.followup  # noqa: F401,E402  (issue 12 tables, for autogenerate)
 
 config = context.config
 target_metadata = Base.metadata

@@ -114,11 +114,19 @@ def not_a_prior_clause():
     return ~exists().where(PriorStudy.study_instance_uid == Study.study_instance_uid)
 
 
-def latest_results_of_patient(session: Session, patient_fk: int, *, exclude_study_fk: int | None = None,
+def same_patient_ids(session: Session, patient: Patient) -> list[int]:
+    """``patients`` rows that are this patient: the one with the same Patient ID *and* Issuer of
+    Patient ID (an empty issuer is a value: "123" with no issuer is not "123" issued by "A",
+    since a wrong prior is worse than a missed one). Names never match."""
+    return [patient.id]
+
+
+def latest_results_of_patient(session: Session, patient: Patient, *, exclude_study_fk: int | None = None,
                               status: str = "scored") -> list[Result]:
-    """The latest result version of every study of one patient (any issuer-qualified Patient row)."""
+    """The latest result version of every study of one patient (see :func:`same_patient_ids`)."""
+    patient_fks = same_patient_ids(session, patient)
     latest = (select(Result.study_fk, func.max(Result.version).label("version"))
-              .join(Study, Study.id == Result.study_fk).where(Study.patient_fk == patient_fk)
+              .join(Study, Study.id == Result.study_fk).where(Study.patient_fk.in_(patient_fks))
               .group_by(Result.study_fk).subquery())
     query = (select(Result).join(latest, (Result.study_fk == latest.c.study_fk)
                                  & (Result.version == latest.c.version))
@@ -126,6 +134,11 @@ def latest_results_of_patient(session: Session, patient_fk: int, *, exclude_stud
     if exclude_study_fk is not None:
         query = query.where(Result.study_fk != exclude_study_fk)
     return list(session.scalars(query.order_by(Result.id)).all())
+
+
+def study_uids_of_patient(session: Session, patient: Patient) -> set[str]:
+    return set(session.scalars(select(Study.study_instance_uid)
+                               .where(Study.patient_fk.in_(same_patient_ids(session, patient)))).all())
 
 
 def patient_has_identity(patient: Patient) -> bool:

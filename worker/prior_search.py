@@ -7,7 +7,8 @@ deliveries published. The task body :func:`find_priors` (Celery task
 loop) claims the row, asks the PACS with C-FIND (Study Root, STUDY level: Patient ID,
 Issuer of Patient ID as a return key checked on each answer, Study Date within
 ``PRIOR_LOOKBACK_DAYS`` before the current acquisition, Modalities in Study ``CT``), drops
-answers of another patient (another Patient ID or a different non-empty issuer), of the
+answers of another patient (another Patient ID, or another issuer: an absent issuer is a
+value of its own, and a PACS that does not return the issuer matches issuer-less IDs only), of the
 current study, of studies we already hold or asked for, and of studies not earlier than the
 current one, then C-MOVEs the ``PRIOR_MAX_COUNT`` newest to our own AE title, recording
 each in ``prior_studies`` *before* the move, so it is scored as a prior when it arrives.
@@ -97,8 +98,7 @@ def find_priors(ctx, search_id: int) -> str:
         latest = session.scalar(select(Result).where(Result.study_fk == study.id).order_by(Result.version.desc())
                                 .limit(1))
         current = result_snapshot(session, s.effective_storage_dir, latest) if latest is not None else None
-        known = {st.study_instance_uid for st in session.scalars(select(Study).where(Study.patient_fk
-                                                                                     == study.patient_fk))}
+        known = fdb.study_uids_of_patient(session, patient)
         requested = fdb.requested_prior_uids(session)
         this_uid = study.study_instance_uid
     if not patient_id or current is None or current.acquired_at is None:
@@ -120,9 +120,11 @@ def find_priors(ctx, search_id: int) -> str:
             continue
         if str(answer.get("PatientID") or patient_id).strip() != patient_id:
             continue  # a PACS doing fuzzy matching: the ID must be the same
-        their_issuer = str(answer.get("IssuerOfPatientID") or "").strip()
-        if their_issuer and their_issuer != issuer:
-            continue  # same ID, another issuing authority: another patient
+        if "IssuerOfPatientID" in answer:
+            if str(answer.IssuerOfPatientID or "").strip() != issuer:
+                continue  # same ID, another (or no) issuing authority: another patient
+        elif issuer:
+            continue  # the PACS does not say who issued the ID: only an issuer-less ID can match
         when = _answer_time(answer)
         if when is not None and when >= current.acquired_at:
             continue

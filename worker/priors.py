@@ -1,10 +1,11 @@
 """Follow-up studies (issue 12): find a study's priors, compare, issue result versions.
 
-A *prior* is an earlier study of the same patient, the same Patient ID **and** Issuer of
-Patient ID (the ``patients`` row; a blank Patient ID matches nothing, a name never
-matches), acquired at most ``PRIOR_LOOKBACK_DAYS`` (default 30) before the current
-study, that ct-triage has scored. At most ``PRIOR_MAX_COUNT`` (default 3), the most
-recent, are compared (``worker.comparison`` holds the arithmetic and the rule).
+A *prior* is an earlier study of the same patient: the same Patient ID and the same Issuer
+of Patient ID, an absent issuer counting as a value of its own
+(``db.followup.same_patient_ids``; a blank Patient ID matches nothing, a name never
+matches), acquired at most ``PRIOR_LOOKBACK_DAYS`` (default 30) before the current study,
+that ct-triage has scored. At most ``PRIOR_MAX_COUNT`` (default 3), the most recent, are
+compared (``worker.comparison`` holds the arithmetic and the rule).
 
 Where priors come from:
 
@@ -35,7 +36,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
@@ -124,7 +125,7 @@ def local_priors(session: Session, study: Study, current: Snapshot, settings) ->
         return []
     earliest = current.acquired_at - dt.timedelta(days=settings.prior_lookback_days)
     found = []
-    for result in fdb.latest_results_of_patient(session, study.patient_fk, exclude_study_fk=study.id):
+    for result in fdb.latest_results_of_patient(session, study.patient, exclude_study_fk=study.id):
         snap = result_snapshot(session, settings.effective_storage_dir, result)
         if snap is None or snap.acquired_at is None:
             continue
@@ -141,7 +142,6 @@ class Followup:
 
     is_prior: bool = False
     assessment: Assessment | None = None
-    notes: list[str] = field(default_factory=list)
 
     def record(self, session: Session, result: Result) -> None:
         """Persist the comparisons of ``result`` (call after the result row is flushed)."""
@@ -219,7 +219,7 @@ def _later_study_ids(session: Session, study: Study, result: Result, settings) -
         return []
     latest = this.acquired_at + dt.timedelta(days=settings.prior_lookback_days)
     ids = []
-    for other in fdb.latest_results_of_patient(session, study.patient_fk, exclude_study_fk=study.id):
+    for other in fdb.latest_results_of_patient(session, study.patient, exclude_study_fk=study.id):
         if fdb.is_prior_study(session, other.study.study_instance_uid):
             continue
         snap = result_snapshot(session, storage_dir, other)

@@ -183,9 +183,13 @@ def test_prior_from_orthanc_found_retrieved_scored_compared_even_after_an_outage
         wait_for(lambda: delivered(1), timeout=180, interval=0.3)
         first = result_of(running, current_uid, 1)
         assert first.category == "CT-2" and first.reason is None
-        with running.session() as session:
-            search = session.scalar(select(fdb.PriorSearch))
-            assert search.state == "retrying" and "connect" in (search.last_error or "")
+
+        def search_waiting():  # between two attempts (an attempt in progress shows "searching")
+            with running.session() as session:
+                search = session.scalar(select(fdb.PriorSearch))
+                return search if search is not None and search.state == "retrying" else None
+        search = wait_for(search_waiting, timeout=120, interval=0.1)
+        assert "connect" in (search.last_error or "") and search.found == 0
 
         archive.start()  # back: the search retries, finds the prior, moves it, it is scored, v2 follows
         wait_for(lambda: delivered(2), timeout=240, interval=0.5)

@@ -50,8 +50,6 @@ ALLOWED: dict[SeriesState, frozenset[SeriesState]] = {
 SETTLED = frozenset(set(S) - {S.RECEIVING})
 
 
-
-
 class JobState(str, enum.Enum):
     QUEUED = "queued"
     RUNNING = "running"

@@ -75,6 +75,19 @@ class Settings:
     destinations: list[str] = _lf([], "Comma-separated PACS targets AET@host:port (append '+tls' for TLS).")
     retry_base_s: float = _f(
         5.0, "First retry delay of a transient delivery failure; doubles each attempt, capped at 600 s.")
+    sc_compression: str = _f(
+        "jpeg-baseline", "Pixel encoding of the Secondary Capture images: none, rle or jpeg-baseline (lossy, "
+        "about 90 KB a slice instead of 768 KB; see README, Outputs and delivery)."
+    )
+    sc_slices: str = _f(
+        "all", "Which slices get a Secondary Capture image: all (every slice with a lesion box) or N "
+        "(the N slices with the largest boxed lesion area); the summary image is always sent."
+    )
+    seg_compression: str = _f(
+        "deflate", "Transfer syntax of the DICOM SEG: deflate (Deflated Explicit VR Little Endian, 1-2 MB) or "
+        "none (Explicit VR Little Endian, ~32 KB a frame); a PACS refusing deflate gets it uncompressed."
+    )
+    sr_max_lesions: int = _f(20, "How many 3-D lesions (largest first) get their own measurement group in the SR.")
     device: str = _f("auto", "Scoring device: auto, cpu or cuda.")
     scorer: str = _f("classical", "Scorer: classical (default, no weights) or unet.")
     unet_weights: Path | None = _f(None, "Weights file of the 3D U-Net scorer.")
@@ -98,6 +111,18 @@ class Settings:
     stable_points: float = _f(5.0, "A change smaller than this (percentage points) is reported as stable.")
     poll_interval_s: float = _f(1.0, "How often the completeness tracker and the embedded queue look for work.")
     log_level: str = _f("INFO", "Logging level.")
+    http_host: str = _f(
+        "127.0.0.1", "Address of the worklist page, its JSON API and /metrics. Off-localhost needs HTTP_TOKEN.",
+    )
+    http_port: int = _f(8080, "Port of the worklist page and /metrics (0: no page).")
+    http_token: str = _f(
+        "", "Token the page, API and /metrics require (Bearer header, cookie, or ?token= once). "
+        "Required when HTTP_HOST is not a loopback address; at least 16 characters.", secret=True,
+    )
+    http_refresh_s: float = _f(15.0, "How often the worklist page refreshes itself.")
+    http_worklist_hours: float = _f(
+        72.0, "Studies that arrived longer ago than this leave the page and /api/worklist (the SQL view keeps them).",
+    )
 
     # -- derived -------------------------------------------------------------------
     @property
@@ -107,6 +132,16 @@ class Settings:
     @property
     def effective_storage_dir(self) -> Path:
         return self.storage_dir or (self.var_dir / "storage")
+
+    @property
+    def sc_max_slices(self) -> int | None:
+        """``SC_SLICES`` as the SC builder's ``max_slices``: None = all lesion slices."""
+        text = str(self.sc_slices).strip().lower()
+        if text in ("all", ""):
+            return None
+        if text.isdigit() and int(text) >= 1:
+            return int(text)
+        raise ConfigError(f"{PREFIX}SC_SLICES must be 'all' or a number >= 1, got {self.sc_slices!r}")
 
     @property
     def embedded_queue(self) -> bool:
@@ -160,6 +195,13 @@ class Settings:
             raise ConfigError(f"{PREFIX}TLS_REQUIRED needs {PREFIX}TLS_CERT and {PREFIX}TLS_KEY")
         if self.stable_age_s < 0 or self.max_receive_s <= 0:
             raise ConfigError(f"{PREFIX}STABLE_AGE_S must be >= 0 and {PREFIX}MAX_RECEIVE_S > 0")
+        if self.sc_compression not in ("none", "rle", "jpeg-baseline"):
+            raise ConfigError(f"{PREFIX}SC_COMPRESSION must be none, rle or jpeg-baseline, got {self.sc_compression!r}")
+        self.sc_max_slices  # noqa: B018 - validates SC_SLICES
+        if self.seg_compression not in ("deflate", "none"):
+            raise ConfigError(f"{PREFIX}SEG_COMPRESSION must be deflate or none, got {self.seg_compression!r}")
+        if self.sr_max_lesions < 0:
+            raise ConfigError(f"{PREFIX}SR_MAX_LESIONS must be >= 0, got {self.sr_max_lesions}")
         for dest in self.destinations:
             parse_destination(dest)
         for source in self.prior_sources:
@@ -174,6 +216,15 @@ class Settings:
         if self.progression_relative_percent <= 0 or self.progression_min_points < 0 or self.stable_points < 0:
             raise ConfigError(f"{PREFIX}PROGRESSION_RELATIVE_PERCENT must be > 0; {PREFIX}PROGRESSION_MIN_POINTS "
                               f"and {PREFIX}STABLE_POINTS >= 0")
+        if not 0 <= self.http_port < 65536:
+            raise ConfigError(f"{PREFIX}HTTP_PORT must be 0..65535, got {self.http_port}")
+        if self.http_port and not is_loopback(self.http_host) and not self.http_token:
+            raise ConfigError(f"{PREFIX}HTTP_HOST={self.http_host} is not a loopback address: set {PREFIX}HTTP_TOKEN "
+                              f"(at least 16 characters) or bind the page to 127.0.0.1")
+        if self.http_token and len(self.http_token) < 16:
+            raise ConfigError(f"{PREFIX}HTTP_TOKEN must be at least 16 characters")
+        if self.http_refresh_s < 1 or self.http_worklist_hours <= 0:
+            raise ConfigError(f"{PREFIX}HTTP_REFRESH_S must be >= 1 and {PREFIX}HTTP_WORKLIST_HOURS > 0")
         for entry in self.allowed_calling_aes:
             parse_allowed_caller(entry)
 
@@ -183,7 +234,7 @@ class Settings:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.metadata.get("secret") and value:
-                value = mask_url(str(value))
+                value = mask_url(str(value)) if "://" in str(value) else "***"
             elif isinstance(value, list):
                 value = ",".join(value)
             out[f.name] = "" if value is None else str(value)
@@ -205,6 +256,18 @@ class Settings:
                 default = str(default).lower()
             rows.append((PREFIX + f.name.upper(), "" if default is None else str(default), f.metadata["help"]))
         return rows
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def mask_url(url: str) -> str:

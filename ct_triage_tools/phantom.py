@@ -38,6 +38,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataelem import DataElement
@@ -229,8 +230,50 @@ def write_phantom(
         patient_id=patient["PatientID"],
     )
     out.mkdir(parents=True, exist_ok=True)
+    write_truth_masks(out / TRUTH_MASKS_NAME, phantom)
+    truth.update(truth_masks=TRUTH_MASKS_NAME, truth_labels=dict(TRUTH_LABELS))
     (out / "ground_truth.json").write_text(json.dumps(truth, indent=1))
     return truth
+
+
+# -- truth masks ------------------------------------------------------------------------------
+
+TRUTH_MASKS_NAME = "truth_masks.nii.gz"
+#: Label values of the truth mask file (lesion voxels carry the side of the lung they lie in).
+TRUTH_LABELS = {"right_lung": 1, "left_lung": 2, "right_lung_lesion": 3, "left_lung_lesion": 4}
+
+
+def write_truth_masks(path, phantom: Phantom) -> None:
+    """The phantom's masks as one NIfTI label map beside ground_truth.json.
+
+    Voxel (i, j, k) = (column, row, slice), slice k in the order of the ground truth's
+    ``sop_instance_uids`` / the volume (sorted along the slice normal); the affine only
+    scales by the spacing (column, row, slice mm). Labels: :data:`TRUTH_LABELS`.
+    """
+    import nibabel as nib
+
+    labels = np.zeros(phantom.lung_mask.shape, dtype=np.uint8)
+    labels[phantom.lung_mask] = TRUTH_LABELS["right_lung"]
+    labels[phantom.lung_mask & phantom.left_lung_mask] = TRUTH_LABELS["left_lung"]
+    labels[phantom.lesion_mask] = TRUTH_LABELS["right_lung_lesion"]
+    labels[phantom.lesion_mask & phantom.left_lung_mask] = TRUTH_LABELS["left_lung_lesion"]
+    dz, dy, dx = phantom.volume.spacing_mm
+    image = nib.Nifti1Image(np.ascontiguousarray(labels.transpose(2, 1, 0)), np.diag([dx, dy, dz, 1.0]))
+    image.header.set_xyzt_units("mm")
+    nib.save(image, str(path))
+
+
+def read_truth_masks(folder) -> dict[str, np.ndarray]:
+    """The masks :func:`write_phantom` stored: name -> bool array (slice, row, column)."""
+    import nibabel as nib
+
+    image: Any = nib.load(str(Path(folder) / TRUTH_MASKS_NAME))
+    labels = np.asarray(image.dataobj).transpose(2, 1, 0)
+    return {
+        "lung": labels > 0,
+        "left_lung": (labels == TRUTH_LABELS["left_lung"]) | (labels == TRUTH_LABELS["left_lung_lesion"]),
+        "lesion": labels >= TRUTH_LABELS["right_lung_lesion"],
+    }
 
 
 # -- grid and anatomy ---------------------------------------------------------------

@@ -203,7 +203,7 @@ def add_comparison_version(session: Session, study: Study, latest: Result, value
     now = now or utcnow()
     copied = ("status", "series_fk", "involvement_percent", "involvement_percent_left", "involvement_percent_right",
               "lung_volume_ml", "lesion_volume_ml", "lesion_count", "model", "model_version", "device", "seconds",
-              "received_at", "stable_at", "scoring_started_at")
+              "received_at", "stable_at", "scoring_started_at", "masks_path")
     study.version += 1
     result = Result(study_fk=study.id, job_fk=None, version=study.version, scored_at=now, created_at=now,
                     **{k: getattr(latest, k) for k in copied}, **values)

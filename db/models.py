@@ -236,9 +236,32 @@ class Result(Base):
     scored_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Build once, send many: the masks scoring measured on, and when the outputs were stored.
+    masks_path: Mapped[str | None] = mapped_column(String(255))  # relative to the storage folder
+    outputs_built_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     study: Mapped[Study] = relationship()
+    output_files: Mapped[list[OutputFile]] = relationship(back_populates="result", order_by="OutputFile.send_order")
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="result", order_by="Delivery.id")
+
+
+class OutputFile(Base):
+    """One built output instance (SR, SEG, SC image) of a result version, stored as a file."""
+
+    __tablename__ = "output_files"
+    __table_args__ = (UniqueConstraint("result_fk", "sop_instance_uid", name="uq_output_files_result_sop"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_fk: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
+    role: Mapped[str] = mapped_column(String(8))  # sr | seg | sc
+    send_order: Mapped[int] = mapped_column(Integer)  # SR, then SEG, then SC
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(255))  # relative to the storage folder
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+
+    result: Mapped[Result] = relationship(back_populates="output_files")
 
 
 class Delivery(Base):

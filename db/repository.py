@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import case, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Delivery, Instance, Job, Patient, RejectedInstance, Result, Series, SeriesEvent, Study
+from db.models import Delivery, Instance, Job, OutputFile, Patient, RejectedInstance, Result, Series, SeriesEvent, Study
 from db.states import CLAIMABLE_DELIVERY, SETTLED, DeliveryState, JobState, SeriesState, can_transition
 from db.types import utcnow
 
@@ -286,6 +286,37 @@ def unpublished_delivery_ids(session: Session, grace_s: float = 30.0, now: datet
                                 .order_by(Delivery.id)).all())
 
 
+# HIGH results first when deliveries queue up (issue 9), then the oldest.
+PRIORITY_RANK = {"HIGH": 0, "MEDIUM": 1, "LOW": 2}
+
+
+def stored_output_files(session: Session, result_id: int) -> list[OutputFile] | None:
+    """The stored outputs of a result in send order, or None when they were never recorded."""
+    result = session.get(Result, result_id)
+    if result is None or result.outputs_built_at is None:
+        return None
+    return list(session.scalars(select(OutputFile).where(OutputFile.result_fk == result_id)
+                                .order_by(OutputFile.send_order)).all())
+
+
+def record_output_files(session: Session, result_id: int, files: list[dict], now: datetime | None = None) -> bool:
+    """Record a result's built outputs once; False when another worker recorded them first."""
+    claimed = _rowcount(session.execute(update(Result).where(Result.id == result_id,
+                                                             Result.outputs_built_at.is_(None))
+                                        .values(outputs_built_at=now or utcnow()))) == 1
+    if not claimed:
+        return False
+    session.execute(delete(OutputFile).where(OutputFile.result_fk == result_id))
+    session.add_all([OutputFile(result_fk=result_id, **f) for f in files])
+    return True
+
+
+def forget_output_files(session: Session, result_id: int) -> None:
+    """Drop the record of a result's outputs (their files are gone): the next attempt rebuilds."""
+    session.execute(update(Result).where(Result.id == result_id).values(outputs_built_at=None))
+    session.execute(delete(OutputFile).where(OutputFile.result_fk == result_id))
+
+
 def mark_delivery_published(session: Session, delivery_id: int, now: datetime | None = None) -> None:
     session.execute(update(Delivery).where(Delivery.id == delivery_id).values(published_at=now or utcnow()))
 
@@ -423,8 +454,12 @@ def _due(now: datetime):
 
 
 def due_delivery_ids(session: Session, now: datetime | None = None) -> list[int]:
-    """Pending or retrying deliveries whose next attempt is due, oldest first."""
-    return list(session.scalars(select(Delivery.id).where(*_due(now or utcnow())).order_by(Delivery.id)).all())
+    """Pending or retrying deliveries whose next attempt is due: HIGH results before MEDIUM
+    before LOW (issue 9: when deliveries queue up, HIGH goes first), then the oldest."""
+    rank = case(PRIORITY_RANK, value=Result.priority, else_=1)
+    return list(session.scalars(
+        select(Delivery.id).join(Result, Delivery.result_fk == Result.id).where(*_due(now or utcnow()))
+        .order_by(rank, Delivery.created_at, Delivery.id)).all())
 
 
 def claim_delivery(session: Session, delivery_id: int, worker: str,

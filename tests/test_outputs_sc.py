@@ -345,3 +345,20 @@ def test_identical_bytes_in_another_process(ct, result):
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env,
                            check=True, timeout=120).stdout.strip()
     assert there == here
+
+
+@pytest.mark.parametrize("compression", ["none", "rle", "jpeg-baseline"])
+def test_template_clones_encode_exactly_like_save_as(compression):
+    """Slice images share the template's elements; the stored-file encoder reuses their
+    bytes and must write exactly what pydicom's save_as writes."""
+    import io as _io
+
+    from worker.outputs.stored import encode
+
+    ct = make_chest_ct(n_slices=6, size=96, seed=8)
+    images = build_secondary_capture_series(ct.datasets, ct.score_result(), 1, compression=compression)
+    assert sum(hasattr(image, "_ct_template") for image in images) == len(images) - 2  # summary, template
+    for image in images:
+        buffer = _io.BytesIO()
+        image.save_as(buffer, enforce_file_format=True)
+        assert encode(image) == buffer.getvalue()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import io
+import shutil
+import subprocess
 
 import highdicom as hd
 import pydicom
@@ -14,7 +16,8 @@ from pydicom.uid import Comprehensive3DSRStorage
 from ct_triage import __version__
 from tests.support.ct_datasets import make_chest_ct
 from tests.support.dciodvfy import dciodvfy_report, unexpected_warnings
-from worker.outputs.sr import SCHEME, build_measurement_report
+from worker.outputs.seg import build_segmentation, segment_numbers
+from worker.outputs.sr import SCHEME, build_measurement_report, patient_point
 from worker.outputs.uids import output_uid
 from worker.scoring.result import ROUTING
 
@@ -36,9 +39,15 @@ def result(ct):
 
 
 @pytest.fixture(scope="module")
-def sr_path(tmp_path_factory, ct, result):
+def seg(ct, result):
+    return build_segmentation(ct.datasets, result, result.masks, 1, created_at=CREATED)
+
+
+@pytest.fixture(scope="module")
+def sr_path(tmp_path_factory, ct, result, seg):
     path = tmp_path_factory.mktemp("sr") / "sr.dcm"
-    build_measurement_report(ct.datasets, result, 1, created_at=CREATED).save_as(path, enforce_file_format=True)
+    build_measurement_report(ct.datasets, result, 1, created_at=CREATED, masks=result.masks,
+                             segmentation=seg).save_as(path, enforce_file_format=True)
     return path
 
 
@@ -111,20 +120,33 @@ def test_content_reads_back(ct, result, sr_path):
     texts = {i.ConceptNameCodeSequence[0].CodeValue: i.TextValue for i in group_items if i.ValueType == "TEXT"}
     assert texts["111001"] == result.model and texts["111003"] == result.model_version
 
-    # one closed POLYLINE per lesion box, on the right source image
-    rois = report.get_planar_roi_measurement_groups()
-    assert len(rois) == len(result.boxes)
-    for roi_group, box in zip(rois, result.boxes):
-        region = roi_group.roi
-        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
-        pts = region.value
-        assert pts.shape == (5, 2) and (pts[0] == pts[-1]).all()
-        assert pts[:, 0].min() == box.col_min and pts[:, 0].max() == box.col_max + 1
-        assert pts[:, 1].min() == box.row_min and pts[:, 1].max() == box.row_max + 1
-        ref = region.ContentSequence[0].ReferencedSOPSequence[0]
-        assert ref.ReferencedSOPInstanceUID == box.sop_instance_uid
-        site = roi_group.finding_sites[0].value
-        assert site.value == {"right": "3341006", "left": "44029006"}[box.lung]
+    # one TID 1411 group per 3-D lesion, largest first, referencing the SEG's lesion segment
+    components = result.masks.lesion_components()
+    assert components, "the synthetic CT has lesions"
+    volumetric = report.get_volumetric_roi_measurement_groups()
+    assert len(volumetric) == len(components)
+    lesion_segment = segment_numbers(result.masks)["lesion"]
+    seg_uid = output_uid(ct.series_instance_uid, 1, "seg-instance", 0)
+    volumes = []
+    for group, component in zip(volumetric, components):
+        assert group.tracking_identifier == f"Lesion {component.rank}"
+        ref = group.referenced_segment
+        assert ref is not None
+        sop = ref[0].ReferencedSOPSequence[0]
+        assert (sop.ReferencedSOPInstanceUID, int(sop.ReferencedSegmentNumber)) == (seg_uid, lesion_segment)
+        volume = values(group)[("118565006", "ml")]
+        assert volume == pytest.approx(component.volume_ml, abs=0.01)
+        volumes.append(volume)
+        site = group.finding_sites[0].value
+        assert site.value == {"right": "3341006", "left": "44029006"}[component.side]
+        centers = [i for i in group[0].ContentSequence if i.ValueType == "SCOORD3D"]
+        assert len(centers) == 1 and centers[0].GraphicType == "POINT"
+        assert [float(v) for v in centers[0].GraphicData] == pytest.approx(
+            list(patient_point(ct.datasets, component.center)), abs=0.01)
+        assert centers[0].ReferencedFrameOfReferenceUID == ct.datasets[0].FrameOfReferenceUID
+    assert volumes == sorted(volumes, reverse=True)
+    assert sum(volumes) == pytest.approx(result.lesion_volume_ml, abs=0.1 * len(volumes))
+    assert not report.get_planar_roi_measurement_groups(), "no per-slice outlines any more"
 
     # routing decision as text
     ds = pydicom.dcmread(sr_path)
@@ -178,3 +200,32 @@ def test_bad_arguments_name_the_argument(ct, result):
         build_measurement_report(ct.datasets, dataclasses.replace(result, category="CT-9"), 1, created_at=CREATED)
     with pytest.raises(TypeError, match="series_number"):
         build_measurement_report(ct.datasets, result, 1, created_at=CREATED, series_number="9101")
+
+
+def test_lesion_report_passes_dciodvfy_and_dsrdump(ct, sr_path):
+    report = dciodvfy_report(sr_path)
+    assert report.errors == [], report.output
+    assert unexpected_warnings(sr_path) == [], report.output
+    dsrdump = shutil.which("dsrdump")
+    if dsrdump is None:
+        pytest.skip("dcmtk's dsrdump is not installed")
+    out = subprocess.run([dsrdump, str(sr_path)], capture_output=True, text=True, errors="replace", timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "Imaging Measurement Report" in out.stdout
+    assert '"Referenced Segment"' in out.stdout and '"Center")=(POINT' in out.stdout
+    assert "Tracking Identifier\")=\"Lesion 1\"" in out.stdout
+
+
+def test_lesion_groups_limit_and_determinism(ct, result, seg):
+    full = build_measurement_report(ct.datasets, result, 1, created_at=CREATED, masks=result.masks, segmentation=seg)
+    again = build_measurement_report(ct.datasets, result, 1, created_at=CREATED, masks=result.masks,
+                                     segmentation=seg)
+    assert _bytes(full) == _bytes(again)
+    one = build_measurement_report(ct.datasets, result, 1, created_at=CREATED, masks=result.masks, segmentation=seg,
+                                   max_lesions=1)
+    groups = hd.sr.Comprehensive3DSR.from_dataset(one).content.get_volumetric_roi_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == ["Lesion 1"]
+    with pytest.raises(ValueError, match="max_lesions"):
+        build_measurement_report(ct.datasets, result, 1, created_at=CREATED, max_lesions=-1)
+    with pytest.raises(ValueError, match="masks"):
+        build_measurement_report(ct.datasets, result, 1, created_at=CREATED, segmentation=seg)

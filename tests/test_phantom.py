@@ -290,3 +290,24 @@ def test_lungs_are_enclosed_by_a_chest_wall_at_scoring_size(seed):
     truth = phantom.ground_truth
     assert 4000 < truth["lung_volume_ml"] < 6000
     assert abs(truth["involvement_percent"] - 35.0) <= 1.0
+
+
+def test_write_phantom_stores_its_truth_masks_as_nifti(tmp_path):
+    import nibabel as nib
+
+    from ct_triage_tools.phantom import TRUTH_LABELS, read_truth_masks
+
+    truth = write_phantom(tmp_path, 40.0, seed=3, **SMALL)
+    phantom = make_phantom(40.0, seed=3, **SMALL)
+    assert truth["truth_masks"] == "truth_masks.nii.gz" and truth["truth_labels"] == TRUTH_LABELS
+    image = nib.load(str(tmp_path / "truth_masks.nii.gz"))
+    dz, dy, dx = phantom.volume.spacing_mm
+    assert image.shape == (128, 128, 40) and tuple(image.header.get_zooms()) == pytest.approx((dx, dy, dz))
+    masks = read_truth_masks(tmp_path)
+    assert np.array_equal(masks["lung"], phantom.lung_mask)
+    assert np.array_equal(masks["lesion"], phantom.lesion_mask)
+    assert np.array_equal(masks["left_lung"], phantom.left_lung_mask & phantom.lung_mask)
+    # the truth's slice order is the series' order along the normal (lesion boxes agree)
+    for box in truth["lesion_boxes"][:20]:
+        k = box["slice_index"]
+        assert masks["lesion"][k, box["row_min"]:box["row_max"] + 1, box["col_min"]:box["col_max"] + 1].any()

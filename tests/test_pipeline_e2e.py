@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
@@ -23,6 +24,7 @@ from tests.test_node import wait_for
 from tests.test_node_process import node_env
 from worker.embedded import EmbeddedConsumer
 from worker.jobs import WorkerContext, build_outputs
+from worker.outputs.stored import encode
 
 # Small but realistic enough: 60 slices x 5 mm spans the lungs, 192x192 keeps it quick.
 PHANTOM = dict(slices=60, rows=192, slice_spacing_mm=5.0)
@@ -118,7 +120,7 @@ def test_outputs_reach_orthanc_in_the_same_study_valid_and_boxed(start_serve, sq
         assert tags["StudyInstanceUID"] == truth["study_instance_uid"]
         series = pacs.series_of_study(truth["study_instance_uid"])
         modalities = sorted(s["MainDicomTags"].get("Modality", "") for s in series)
-        assert "SR" in modalities and len(series) == 2
+        assert modalities == ["OT", "SEG", "SR"]
         source = dcmread(dicom_files(folder / "FC51")[0], stop_before_pixels=True)
         boxed_slices = 0
         for instance_id in pacs.instances():
@@ -143,13 +145,19 @@ def test_outputs_reach_orthanc_in_the_same_study_valid_and_boxed(start_serve, sq
                 boxed_slices += 1
         assert boxed_slices > 0
 
-        # A retry builds byte-identical objects with the same SOP Instance UIDs.
+        # A rebuild (a crash before the outputs were recorded) gives byte-identical files,
+        # the very bytes that were stored and sent.
         with running.session() as session:
             result = session.scalar(select(Result))
-            first = build_outputs(session, result, running.settings.effective_storage_dir)
-            second = build_outputs(session, result, running.settings.effective_storage_dir)
-        assert [d.SOPInstanceUID for d in first] == [d.SOPInstanceUID for d in second]
-        assert all(pacs.instance_id(d.SOPInstanceUID) for d in first)
+            stored = {f.sop_instance_uid: f for f in result.output_files}
+            first = build_outputs(session, result, running.settings.effective_storage_dir, running.settings)
+            second = build_outputs(session, result, running.settings.effective_storage_dir, running.settings)
+        assert [encode(d) for _, d in first] == [encode(d) for _, d in second]
+        assert sorted(stored) == sorted(str(d.SOPInstanceUID) for _, d in first)
+        for _, ds in first:
+            data = encode(ds)
+            assert hashlib.sha256(data).hexdigest() == stored[str(ds.SOPInstanceUID)].sha256
+            assert pacs.instance_id(ds.SOPInstanceUID)
 
 
 def test_pacs_down_then_up_is_delivered_after_recovery(start_serve, sqlite_url, phantom_35, tmp_path):
@@ -231,7 +239,7 @@ def test_redis_worker_killed_mid_task_is_redelivered_and_completes_once(tmp_path
                 assert session.scalar(select(func.count(Result.id))) == 1
                 job = session.get(Job, job.id)
                 assert job.state == "done" and job.attempts >= 2
-            assert len(pacs.series_of_study(pacs.studies()[0]["MainDicomTags"]["StudyInstanceUID"])) == 2
+            assert len(pacs.series_of_study(pacs.studies()[0]["MainDicomTags"]["StudyInstanceUID"])) == 3  # SC, SEG, SR
         except AssertionError:
             print(worker.log()[-5000:])
             raise

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -122,6 +123,7 @@ def score_study(ctx: WorkerContext, job_id: int) -> str:
         log.exception("job %d: scoring crashed", job_id)
         score = ScoreResult(status="failed", reason=f"internal error: {type(exc).__name__}: {exc}"[:500])
     score.study_instance_uid = study_uid
+    masks_path = _store_masks(storage_dir, study_uid, version, score)
     scored_at = utcnow()
     destinations = [str(parse_destination(d)) for d in ctx.settings.destinations]
     delivery_ids: list[int] = []
@@ -139,7 +141,7 @@ def score_study(ctx: WorkerContext, job_id: int) -> str:
             "lesion_count": score.lesion_count, "model": score.model, "model_version": score.model_version,
             "device": score.device, "seconds": score.seconds, "result_json": json.dumps(score.to_json()),
             "received_at": received_at, "stable_at": stable_at, "scoring_started_at": started_at,
-            "scored_at": scored_at})
+            "scored_at": scored_at, "masks_path": masks_path})
         result_id = result.id
         followup.record(session, result)
         _settle_series(session, study, chosen, score, scored_at)
@@ -152,6 +154,26 @@ def score_study(ctx: WorkerContext, job_id: int) -> str:
     publish_deliveries(ctx, delivery_ids)
     priors.after_result(ctx, result_id)  # later studies it is a prior of; PACS prior searches
     return score.status
+
+
+def _store_masks(storage_dir: Path, study_uid: str, version: int, score) -> str | None:
+    """Store the result's masks (for the SEG and the SR) durably; None when there are none.
+
+    Written before the result row commits, so a row never names a missing file. A
+    failure costs the SEG and the per-lesion SR groups of this version, not the result.
+    """
+    if score.masks is None:
+        return None
+    from worker.outputs.stored import masks_relpath
+    from worker.scoring.masks import save_masks
+
+    relpath = masks_relpath(study_uid, version)
+    try:
+        save_masks(storage_dir / relpath, score.masks)
+    except OSError as exc:
+        log.warning("study version %d: cannot store the result masks (no SEG for it): %s", version, exc)
+        return None
+    return relpath
 
 
 def _settle_series(session: Session, study: Study, chosen: Series | None, score, now: datetime) -> None:
@@ -211,21 +233,62 @@ def source_datasets(session: Session, result: Result, score, storage_dir: Path) 
     return [dcmread(storage_dir / by_uid[uid]) for uid in order]
 
 
-def build_outputs(session: Session, result: Result, storage_dir: Path) -> list:
-    """SC series + SR for a result; deterministic, so a retry sends identical objects."""
-    from worker.outputs.sc import build_secondary_capture_series
-    from worker.outputs.sr import build_measurement_report
+def build_outputs(session: Session, result: Result, storage_dir: Path, settings: Settings | None = None) -> list:
+    """SR, SEG and SC series of a result as ``(role, Dataset)``; deterministic, so a
+    rebuild gives identical bytes. Reads the source instances and the stored masks."""
+    from worker.outputs.stored import build_output_datasets
+    from worker.scoring.masks import load_masks
 
+    settings = settings or Settings()
     score = load_result(session, result)
     datasets = source_datasets(session, result, score, storage_dir)
-    created_at = result.scored_at
-    sc = build_secondary_capture_series(datasets, score, result.version, created_at=created_at)
-    sr = build_measurement_report(datasets, score, result.version, created_at=created_at)
-    return [*sc, sr]
+    masks = None
+    if result.masks_path:
+        try:
+            masks = load_masks(storage_dir / result.masks_path)
+        except (OSError, ValueError) as exc:
+            log.warning("result %d: stored masks unreadable, no SEG: %s", result.id, exc)
+    return build_output_datasets(datasets, score, result.version, created_at=result.scored_at, masks=masks,
+                                 sc_compression=settings.sc_compression, sc_max_slices=settings.sc_max_slices,
+                                 seg_compression=settings.seg_compression, sr_max_lesions=settings.sr_max_lesions)
+
+
+def stored_outputs(ctx: WorkerContext, result_id: int) -> list[Path]:
+    """The result's output files in send order: built and stored on first use, then reused.
+
+    Build once, send many (issue 9): the first call builds the SR, SEG and SC series,
+    writes them durably and records them; later calls (retries, other destinations)
+    return the recorded files without reading any source. Files recorded but gone
+    (storage wiped by hand) are rebuilt.
+    """
+    from worker.outputs.stored import result_folder, write_outputs
+
+    storage_dir = ctx.settings.effective_storage_dir
+    with session_scope(ctx.session_factory) as session:
+        files = repository.stored_output_files(session, result_id)
+        if files is not None:
+            paths = [storage_dir / f.path for f in files]
+            if all(p.is_file() for p in paths):
+                return paths
+            log.warning("result %d: %d stored output file(s) missing, rebuilding", result_id,
+                        sum(not p.is_file() for p in paths))
+            repository.forget_output_files(session, result_id)
+    started = time.monotonic()
+    with session_scope(ctx.session_factory) as session:
+        result = session.get_one(Result, result_id)
+        items = build_outputs(session, result, storage_dir, ctx.settings)
+        folder = result_folder(result.study.study_instance_uid, result.version)
+    written = write_outputs(storage_dir, folder, items)
+    with session_scope(ctx.session_factory) as session:
+        recorded = repository.record_output_files(session, result_id, [vars(f) for f in written])
+    log.info("result %d: built %d output instance(s), %.1f MB, in %.2f s%s", result_id, len(written),
+             sum(f.size_bytes for f in written) / 1e6, time.monotonic() - started,
+             "" if recorded else " (another worker recorded them first)")
+    return [storage_dir / f.path for f in written]
 
 
 def deliver_outputs(ctx: WorkerContext, delivery_id: int) -> str:
-    """Send one result's SC + SR to one destination; classify and record what happened."""
+    """Send one result's stored SR, SEG and SC files to one destination; classify and record."""
     from worker.delivery.scu import send_instances
 
     now = utcnow()
@@ -234,10 +297,9 @@ def deliver_outputs(ctx: WorkerContext, delivery_id: int) -> str:
     s = ctx.settings
     with session_scope(ctx.session_factory) as session:
         destination = parse_destination(repository.start_delivery(session, delivery_id, now).destination)
+        result_id = repository.delivery_result(session, delivery_id).id
     try:
-        with session_scope(ctx.session_factory) as session:
-            outputs = build_outputs(session, repository.delivery_result(session, delivery_id),
-                                    s.effective_storage_dir)
+        outputs = stored_outputs(ctx, result_id)
     except (OSError, ValueError) as exc:
         return _finish_delivery(ctx, delivery_id, DeliveryState.FAILED, f"cannot build the outputs: {exc}", 0)
     report = send_instances(destination, outputs, calling_ae_title=s.ae_title, acse_timeout=s.acse_timeout_s,

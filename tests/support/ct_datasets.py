@@ -96,9 +96,22 @@ class SyntheticCT:
             lesion_volume_ml=round(lesion_ml, 1),
             lesion_count=len(self.lesion_boxes),
             boxes=list(self.lesion_boxes),
+            masks=self.result_masks(),
         )
         common.update(overrides)
         return ScoreResult(**common)
+
+    def result_masks(self):
+        """The masks as the scorer hands them on (working grid = original grid here)."""
+        from worker.scoring.masks import ResultMasks
+
+        ds = self.datasets[0]
+        half = self.lung_mask.shape[2] // 2
+        left = np.zeros_like(self.lung_mask)
+        left[:, :, half:] = self.lung_mask[:, :, half:]
+        spacing = (float(ds.SliceThickness), float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1]))
+        return ResultMasks(lung=self.lung_mask, left=left, lesion=self.lesion_mask & self.lung_mask, factor=(1, 1, 1),
+                           original_shape=self.lung_mask.shape, spacing_mm=spacing)
 
 
 def _ellipse(rows: int, cols: int, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:

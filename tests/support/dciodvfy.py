@@ -11,6 +11,11 @@ list is empty. :func:`unexpected_warnings` returns the ``Warning`` lines not cov
 - ``... would be needed to build DICOMDIR``: media (DICOMDIR) requirements, not IOD
   conformance; only printed for inputs lacking type-2 values (not our outputs).
 
+Deflated files (Deflated Explicit VR Little Endian, our SEG): this dicom3tools build
+cannot inflate them ("Dicom dataset read failed"), so :func:`dciodvfy_report` validates
+an Explicit VR Little Endian copy of the same data set (the transfer syntax is only the
+file's encoding; the IOD is what is checked).
+
 Seen but *not* in the list (tests check errors only in that case): ``Laterality`` "is
 only permitted to be empty when actually unknown" on an SC built from a source without
 BodyPartExamined (not applicable / failed series): we cannot know the body part, so the
@@ -22,8 +27,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 DCIODVFY = os.environ.get("DCIODVFY", "/usr/bin/dciodvfy")
 
@@ -53,8 +63,16 @@ def dciodvfy_report(path: str | os.PathLike, *, timeout: float = 60.0) -> Dciodv
     exe = DCIODVFY if Path(DCIODVFY).exists() else shutil.which("dciodvfy")
     if exe is None:
         raise FileNotFoundError("dciodvfy (dicom3tools) is not installed")
-    proc = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=timeout,
-                          errors="replace")
+    target = path
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = read_file_meta_info(path)
+        if UID(str(meta.get("TransferSyntaxUID", ""))) == DeflatedExplicitVRLittleEndian:
+            ds = dcmread(path)
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            target = Path(tmp) / "inflated.dcm"
+            ds.save_as(target, enforce_file_format=True)
+        proc = subprocess.run([exe, str(target)], capture_output=True, text=True, timeout=timeout,
+                              errors="replace")
     output = (proc.stdout or "") + (proc.stderr or "")
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     report = DciodvfyReport(path=path, output=output)

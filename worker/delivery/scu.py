@@ -33,6 +33,14 @@ C-STORE 0xA9xx, 0xCxxx, 0x0117, 0x0122, 0x0124,         permanent
 0x0211, 0x0212 and any other failure status
 ======================================================  ==========
 
+Files are sent as stored (pynetdicom's chunked send: only the file meta is read, the
+data set goes from disk to the socket undecoded), so the objects built once per result
+version reach every destination byte for byte. Each encoded transfer syntax (JPEG,
+RLE, deflate) gets a presentation context of its own next to the uncompressed one;
+when the peer accepts only the uncompressed one, the file is decoded and sent as
+Explicit VR Little Endian (deflate; pynetdicom cannot convert pixel encodings, so a
+compressed image then fails as a permanent "no presentation context").
+
 Overall outcome: ``permanent`` if any instance is permanent, else ``transient`` if any
 is transient, else ``delivered``. Nothing is ``delivered`` without a success (or
 warning) status from the peer.
@@ -53,8 +61,9 @@ from typing import Literal
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 
 from ct_triage.settings import Destination
 
@@ -78,6 +87,18 @@ _STATUS_NAMES = {
     0xFE00: "Cancel",
 }
 _MAX_CONTEXTS = 128
+# Send files as stored: pynetdicom streams the data set from disk without decoding it.
+_config.STORE_SEND_CHUNKED_DATASET = True
+
+
+@dataclass(frozen=True)
+class _StoredFile:
+    """A DICOM file to send as it is; what the sender needs from its file meta."""
+
+    path: Path
+    SOPClassUID: str
+    SOPInstanceUID: str
+    transfer_syntax: UID
 
 
 @dataclass(frozen=True)
@@ -171,48 +192,81 @@ def _check_timeout(value, name: str, *, allow_none: bool = False) -> float | Non
     return float(value)
 
 
-def _load(items) -> list[Dataset]:
+def _load(items) -> list:
     if isinstance(items, (str, bytes, os.PathLike, Dataset)) or not isinstance(items, Sequence):
         raise TypeError("argument 'datasets_or_paths' must be a sequence of pydicom Datasets or file paths")
     if not items:
         raise ValueError("argument 'datasets_or_paths' must not be empty")
-    datasets: list[Dataset] = []
+    loaded: list = []
     for i, item in enumerate(items):
         if isinstance(item, Dataset):
-            ds = item
+            for keyword in ("SOPClassUID", "SOPInstanceUID"):
+                if not item.get(keyword):
+                    raise ValueError(f"argument 'datasets_or_paths'[{i}] lacks {keyword}")
+            meta = getattr(item, "file_meta", None)
+            if meta is None or not meta.get("TransferSyntaxUID"):
+                raise ValueError(f"argument 'datasets_or_paths'[{i}] has no file meta Transfer Syntax UID")
+            loaded.append(item)
         elif isinstance(item, (str, os.PathLike)):
             path = Path(item)
             try:
-                ds = dcmread(path)
+                meta = read_file_meta_info(path)
             except (OSError, InvalidDicomError) as exc:
                 raise ValueError(f"argument 'datasets_or_paths'[{i}]: cannot read {path}: {exc}") from exc
+            values = {k: str(meta.get(k, "") or "") for k in
+                      ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")}
+            missing = [k for k, v in values.items() if not v]
+            if missing:
+                raise ValueError(
+                    f"argument 'datasets_or_paths'[{i}]: {path} has no {', '.join(missing)} in its file meta")
+            loaded.append(_StoredFile(path, values["MediaStorageSOPClassUID"], values["MediaStorageSOPInstanceUID"],
+                                      UID(values["TransferSyntaxUID"])))
         else:
             raise TypeError(
                 f"argument 'datasets_or_paths'[{i}] must be a Dataset or a path, got {type(item).__name__}"
             )
-        for keyword in ("SOPClassUID", "SOPInstanceUID"):
-            if not ds.get(keyword):
-                raise ValueError(f"argument 'datasets_or_paths'[{i}] lacks {keyword}")
-        meta = getattr(ds, "file_meta", None)
-        if meta is None or not meta.get("TransferSyntaxUID"):
-            raise ValueError(f"argument 'datasets_or_paths'[{i}] has no file meta Transfer Syntax UID")
-        datasets.append(ds)
-    uids = [str(ds.SOPInstanceUID) for ds in datasets]
+    uids = [str(ds.SOPInstanceUID) for ds in loaded]
     if len(set(uids)) != len(uids):
         raise ValueError("argument 'datasets_or_paths' contains the same SOP Instance UID twice")
-    return datasets
+    return loaded
 
 
-def _contexts(datasets: Sequence[Dataset]) -> dict[str, list[str]]:
-    contexts: dict[str, list[str]] = {}
-    for ds in datasets:
-        syntaxes = contexts.setdefault(str(ds.SOPClassUID), [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        ts = UID(str(ds.file_meta.TransferSyntaxUID))
-        if ts not in syntaxes and (ts.is_compressed or ts.is_deflated):
-            syntaxes.insert(0, ts)
+def _syntax(item) -> UID:
+    return item.transfer_syntax if isinstance(item, _StoredFile) else UID(str(item.file_meta.TransferSyntaxUID))
+
+
+def _contexts(items: Sequence) -> list[tuple[str, list[str]]]:
+    """Per SOP class: one context per transfer syntax its files are stored in (so each file
+    can go as stored), then one uncompressed context (Explicit, Implicit VR) to convert into."""
+    own: dict[str, list[str]] = {}
+    for item in items:
+        ts = _syntax(item)
+        syntaxes = own.setdefault(str(item.SOPClassUID), [])
+        stored = isinstance(item, _StoredFile) or ts.is_compressed or ts.is_deflated
+        if stored and ts not in syntaxes:
+            syntaxes.append(ts)
+    contexts = [(sop, [ts]) for sop, syntaxes in own.items() for ts in syntaxes]
+    contexts += [(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]) for sop in own]
     if len(contexts) > _MAX_CONTEXTS:
-        raise ValueError(f"argument 'datasets_or_paths' has {len(contexts)} SOP classes; at most {_MAX_CONTEXTS}")
+        raise ValueError(f"argument 'datasets_or_paths' needs {len(contexts)} presentation contexts; "
+                         f"at most {_MAX_CONTEXTS}")
     return contexts
+
+
+def _send(assoc, item):
+    """C-STORE one item. A stored file goes as stored (chunked, undecoded) when the peer
+    accepted its transfer syntax exactly; otherwise it is decoded and pynetdicom converts
+    it (uncompressed and deflated files; a compressed one then has no context)."""
+    if not isinstance(item, _StoredFile):
+        return assoc.send_c_store(item)
+    exact = any(cx.abstract_syntax == item.SOPClassUID and cx.transfer_syntax[0] == item.transfer_syntax
+                and cx.as_scu for cx in assoc.accepted_contexts)
+    if exact:
+        return assoc.send_c_store(item.path)
+    ds = dcmread(item.path)
+    if item.transfer_syntax.is_deflated:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian  # deflate is only the file's encoding
+    return assoc.send_c_store(ds)
 
 
 def _sop_name(uid: str) -> str:
@@ -304,7 +358,7 @@ def send_instances(
     ae.dimse_timeout = dimse
     ae.network_timeout = network
     ae.connection_timeout = connect
-    for sop_class, syntaxes in contexts.items():
+    for sop_class, syntaxes in contexts:
         ae.add_requested_context(sop_class, syntaxes)
 
     opened = threading.Event()
@@ -331,7 +385,7 @@ def send_instances(
             outcome, reason = _connect_failure(destination, tls_context, min(connect, 5.0))
             return report(outcome, reason, "refused", all_unsent(outcome, reason))
         if primitive is not None and getattr(primitive, "result", None) == 0x00:
-            offered = ", ".join(_sop_name(uid) for uid in contexts)
+            offered = ", ".join(dict.fromkeys(_sop_name(uid) for uid, _ in contexts))
             reason = f"{where} accepted the association but none of the presentation contexts ({offered})"
             return report("permanent", reason, "aborted", all_unsent("permanent", reason))
         if time.monotonic() - started >= acse * 0.95:
@@ -353,7 +407,7 @@ def send_instances(
                 )
                 continue
             try:
-                rsp = assoc.send_c_store(ds)
+                rsp = _send(assoc, ds)
             except ValueError as exc:  # no accepted presentation context for this SOP class/syntax
                 statuses.append(
                     InstanceStatus(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -171,12 +172,57 @@ def _draw_caption(image: Image.Image, text: str) -> None:
         y += size + 2
 
 
-def render_slice(ds: Dataset, boxes: Sequence[LesionBox], result: ScoreResult) -> np.ndarray:
-    """One source slice as burned-in RGB (rows x cols x 3, uint8), same geometry as ``ds``."""
-    image = Image.fromarray(gray_to_rgb(window_to_uint8(hounsfield(ds))), mode="RGB")
-    _draw_caption(image, caption_text(result))
+@dataclass(frozen=True)
+class CaptionOverlay:
+    """A caption rendered once, composited onto many slices of one width.
+
+    Drawn on black (``on_black``) and on white (``on_white``); since Pillow blends the
+    text linearly into the background, the caption over any background ``bg`` is
+    ``on_black + (on_white - on_black) * bg / 255`` exactly (rounded). Only the
+    top ``on_black.shape[0]`` rows carry ink.
+    """
+
+    on_black: np.ndarray  # (h, cols, 3) uint8
+    on_white: np.ndarray  # (h, cols, 3) uint8
+
+    def composite(self, rgb: np.ndarray) -> np.ndarray:
+        h = min(self.on_black.shape[0], rgb.shape[0])
+        if h == 0:
+            return rgb
+        black = self.on_black[:h].astype(np.uint16)
+        spread = self.on_white[:h].astype(np.uint16) - black
+        bg = rgb[:h].astype(np.uint16)
+        rgb[:h] = ((black * 255 + spread * bg + 127) // 255).astype(np.uint8)
+        return rgb
+
+
+def caption_overlay(text: str, cols: int, rows: int | None = None) -> CaptionOverlay:
+    """The caption ``text`` for images ``cols`` pixels wide (see :func:`_draw_caption`)."""
+    height = rows or max(64, cols // 4)
+    layers = []
+    for value in (0, 255):
+        image = Image.new("RGB", (cols, height), (value, value, value))
+        _draw_caption(image, text)
+        layers.append(np.asarray(image, dtype=np.uint8))
+    black, white = layers
+    ink = np.flatnonzero((black != 0).any(axis=(1, 2)) | (white != 255).any(axis=(1, 2)))
+    h = int(ink[-1]) + 1 if ink.size else 0
+    return CaptionOverlay(on_black=black[:h].copy(), on_white=white[:h].copy())
+
+
+def render_slice(ds: Dataset, boxes: Sequence[LesionBox], result: ScoreResult, *,
+                 overlay: CaptionOverlay | None = None) -> np.ndarray:
+    """One source slice as burned-in RGB (rows x cols x 3, uint8), same geometry as ``ds``.
+
+    ``overlay``: the caption pre-rendered for this width (:func:`caption_overlay`);
+    built here when not given.
+    """
+    rgb = gray_to_rgb(window_to_uint8(hounsfield(ds)))
+    if overlay is None:
+        overlay = caption_overlay(caption_text(result), rgb.shape[1], rgb.shape[0])
+    overlay.composite(rgb)
     # boxes last: a box near the top is never hidden by the caption
-    return draw_lesion_boxes(np.asarray(image, dtype=np.uint8), boxes)
+    return draw_lesion_boxes(rgb, boxes)
 
 
 # -- summary --------------------------------------------------------------------------

@@ -23,18 +23,41 @@ highdicom's :class:`highdicom.sc.SCImage` from the source instance, then complet
 - Every date/time we write comes from ``created_at`` (see
   :func:`worker.outputs.base.resolve_created_at`),
   never from the clock, so a retry of the same result version is byte-identical.
-- Transfer syntax Explicit VR Little Endian, uncompressed.
+- Pixel encoding (``CT_TRIAGE_SC_COMPRESSION``, :data:`COMPRESSIONS`): ``none``
+  (Explicit VR Little Endian, RGB), ``rle`` (RLE Lossless, RGB; lossless) or
+  ``jpeg-baseline`` (JPEG Baseline 8-bit, YBR_FULL_422, quality :data:`JPEG_QUALITY`;
+  LossyImageCompression 01 with its ratio and method ISO_10918_1). Measured on a
+  300-slice CT-3 phantom (bench/outputs_bench.py): see the README for the numbers that
+  chose the default (jpeg-baseline: 24 MB instead of 210 MB, rendered by Orthanc).
+- Which slices (``CT_TRIAGE_SC_SLICES``): every slice with a lesion box, or the N slices
+  with the largest boxed lesion area (ties: lower slice index), always plus the summary.
+
+Cost: highdicom's ``SCImage`` constructor validates the whole IOD (tens of ms per image).
+It runs twice per series: once for the summary and once for the first slice image,
+which becomes the *template*; every further slice image is a copy of the template that
+shares its unchanged data elements and gets its own SOP Instance UID, Instance Number,
+Patient Orientation, Pixel Spacing, Source Image Sequence, Derivation Description and
+pixels. A slice whose patient/study attributes or image size differ from the template's
+source (never in a well-formed series) goes through highdicom again. The caption is
+rendered once per image width (:func:`worker.outputs.render.caption_overlay`) and
+composited onto each slice.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import io
 from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
-from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian
+from PIL import Image
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
 
 from ct_triage import __version__
 from worker.outputs import render
@@ -53,6 +76,20 @@ from worker.scoring.result import ScoreResult
 
 SC_SERIES_NUMBER_BASE = 9000
 SOURCE_IMAGE_PURPOSE = hd.sr.CodedConcept("121322", "DCM", "Source image for image processing operation")
+#: ``CT_TRIAGE_SC_COMPRESSION`` values and their transfer syntaxes.
+COMPRESSIONS = {"none": ExplicitVRLittleEndian, "rle": RLELossless, "jpeg-baseline": JPEGBaseline8Bit}
+#: JPEG quality (Pillow scale 1..95) of ``jpeg-baseline``: about 90 KB per 512x512 slice
+#: (8.5x smaller than RGB) at 34-35 dB PSNR on the phantom's lung-window slices.
+JPEG_QUALITY = 90
+
+# Patient / study attributes the template copies from its source slice; a slice whose
+# values differ from those is built by highdicom instead of cloned.
+_SHARED_KEYWORDS = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge",
+    "StudyInstanceUID", "StudyID", "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName",
+    "StudyDescription", "SpecificCharacterSet", "BodyPartExamined", "Rows", "Columns",
+)
+
 
 
 def patient_orientation(ds: Dataset) -> tuple[str, str]:
@@ -167,6 +204,120 @@ def result_comment(result: ScoreResult) -> str:
             f"{render.NOT_FOR_DIAGNOSTIC_USE}")
 
 
+def check_compression(compression: str) -> str:
+    if not isinstance(compression, str) or compression.strip().lower() not in COMPRESSIONS:
+        raise ValueError(f"argument 'compression' must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
+    return compression.strip().lower()
+
+
+def check_max_slices(max_slices) -> int | None:
+    if max_slices is None:
+        return None
+    if isinstance(max_slices, bool) or not isinstance(max_slices, int) or max_slices < 1:
+        raise ValueError(f"argument 'max_slices' must be None (all lesion slices) or an int >= 1, got {max_slices!r}")
+    return max_slices
+
+
+def encode_pixels(ds: Dataset, rgb: np.ndarray, compression: str) -> None:
+    """Set ``ds``'s Pixel Data (and the attributes that go with it) from an RGB array.
+
+    ``none``: native RGB; ``rle``: RLE Lossless of the RGB planes; ``jpeg-baseline``:
+    Pillow's baseline JPEG, YCbCr with 4:2:2 chroma subsampling, quality
+    :data:`JPEG_QUALITY`, PhotometricInterpretation YBR_FULL_422 (PS3.5 8.2.1) and the
+    lossy-compression attributes (PS3.3 C.7.6.1.1.5). 4:4:4 would be sharper (38.5 dB
+    instead of 34-35 dB at the same size) but needs YBR_FULL, which the SC IOD does not
+    allow with JPEG (dciodvfy: "Unrecognized enumerated value"); an RGB JPEG (no colour
+    transform) is 2.5 times larger.
+    Same array, same bytes.
+    """
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    rows, cols = rgb.shape[:2]
+    syntax = COMPRESSIONS[compression]
+    photometric = "RGB"
+    lossy_ratio = None
+    if compression == "none":
+        data = rgb.tobytes()
+    elif compression == "rle":
+        from highdicom.frame import encode_frame
+
+        data = encapsulate([encode_frame(rgb, RLELossless, 8, 8, "RGB", 0, 0)])
+    else:
+        buffer = io.BytesIO()
+        Image.fromarray(rgb, mode="RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY, subsampling=1,
+                                              optimize=False, progressive=False)
+        frame = buffer.getvalue()
+        data = encapsulate([frame])
+        photometric = "YBR_FULL_422"  # the SC IOD allows RGB or YBR_FULL_422 here, not YBR_FULL
+        lossy_ratio = rgb.size / len(frame)
+    _set(ds, "PhotometricInterpretation", photometric)
+    _set(ds, "PlanarConfiguration", 0)
+    _set(ds, "Rows", rows)
+    _set(ds, "Columns", cols)
+    if syntax.is_encapsulated:
+        ds[0x7FE00010] = DataElement(0x7FE00010, "OB", data, is_undefined_length=True)
+    else:
+        ds[0x7FE00010] = DataElement(0x7FE00010, "OB", data)
+    if lossy_ratio is not None:
+        _set(ds, "LossyImageCompression", "01")
+        _set(ds, "LossyImageCompressionRatio", [f"{lossy_ratio:.2f}"])
+        _set(ds, "LossyImageCompressionMethod", ["ISO_10918_1"])
+    meta = FileMetaDataset()
+    for elem in ds.file_meta:
+        meta.add(elem)
+    meta[0x00020010] = DataElement(0x00020010, "UI", syntax)
+    ds.file_meta = meta
+
+
+def _set(ds: Dataset, keyword: str, value) -> None:
+    """Replace (never mutate) a data element: template clones share unchanged elements."""
+    tag = tag_for_keyword(keyword)
+    if tag is None:  # pragma: no cover - keywords are ours
+        raise KeyError(keyword)
+    ds[tag] = DataElement(tag, dictionary_VR(tag), value)
+
+
+def _clone(template: Dataset) -> Dataset:
+    """A new Dataset sharing ``template``'s data elements (replace them with :func:`_set`)."""
+    clone = Dataset(dict(template._dict))
+    meta = FileMetaDataset()
+    for elem in template.file_meta:
+        meta.add(elem)
+    clone.file_meta = meta
+    clone.preamble = template.preamble
+    return clone
+
+
+def _fits_template(ds: Dataset, ref: Dataset) -> bool:
+    return all(ds.get(k) == ref.get(k) for k in _SHARED_KEYWORDS) and str(ds.get("LossyImageCompression", "")) == str(
+        ref.get("LossyImageCompression", "")
+    )
+
+
+def _slice_derivation(slice_index: int, n_boxes: int, result: ScoreResult) -> str:
+    return (
+        f"Lung window (WL -600 HU, WW 1500 HU) of source slice {slice_index + 1} with {n_boxes} AI "
+        f"lesion box(es) burned in, by {result.model} {result.model_version} "
+        f"(ct-triage {__version__}). {render.NOT_FOR_DIAGNOSTIC_USE}"
+    )
+
+
+def select_slices(result: ScoreResult, max_slices: int | None) -> list[int]:
+    """Slice indices that get an image: all with a box, or the ``max_slices`` largest.
+
+    "Largest" is the boxed area (sum of box pixel areas) on the slice; ties go to the
+    lower index. The result is in slice order.
+    """
+    area: dict[int, int] = {}
+    for box in result.boxes:
+        area[box.slice_index] = area.get(box.slice_index, 0) + (box.row_max - box.row_min + 1) * (
+            box.col_max - box.col_min + 1
+        )
+    chosen = sorted(area)
+    if max_slices is not None and len(chosen) > max_slices:
+        chosen = sorted(sorted(area, key=lambda k: (-area[k], k))[:max_slices])
+    return chosen
+
+
 def build_secondary_capture_series(
     source_datasets: Sequence[Dataset],
     result: ScoreResult,
@@ -174,6 +325,8 @@ def build_secondary_capture_series(
     *,
     series_number: int | None = None,
     created_at: dt.datetime | None = None,
+    compression: str = "none",
+    max_slices: int | None = None,
 ) -> list[Dataset]:
     """Build the SC series for one result version.
 
@@ -186,6 +339,9 @@ def build_secondary_capture_series(
         series_number: default ``9000 + result_version``.
         created_at: timestamp written as content/creation/series date and time; see
             :func:`worker.outputs.base.resolve_created_at` for the deterministic default.
+        compression: ``none``, ``rle`` or ``jpeg-baseline`` (:data:`COMPRESSIONS`).
+        max_slices: ``None`` = every slice with a lesion box; N = the N slices with the
+            largest boxed lesion area (:func:`select_slices`).
 
     Returns:
         ``[summary, slice images...]``: the summary is InstanceNumber 1, the lesion
@@ -195,6 +351,8 @@ def build_secondary_capture_series(
         TypeError/ValueError naming the bad argument.
     """
     datasets = validate_inputs(source_datasets, result, result_version)
+    compression = check_compression(compression)
+    max_slices = check_max_slices(max_slices)
     if series_number is None:
         series_number = SC_SERIES_NUMBER_BASE + result_version
     if isinstance(series_number, bool) or not isinstance(series_number, int):
@@ -206,65 +364,97 @@ def build_secondary_capture_series(
     series_uid = output_uid(source_series, result_version, "sc-series")
 
     out: list[Dataset] = []
-    summary = with_comparison(render.render_summary(datasets, result), result.comparison)  # issue 12: trend band
+    summary_pixels = with_comparison(render.render_summary(datasets, result), result.comparison)  # issue 12
     row_letters, _ = patient_orientation(datasets[0])
-    out.append(
-        _build_sc(
-            ref=datasets[0],
-            pixels=summary,
-            sources=datasets,
-            result=result,
-            series_uid=series_uid,
-            series_number=series_number,
-            sop_uid=output_uid(source_series, result_version, "sc-instance", 0),
-            instance_number=1,
-            orientation=(row_letters, "F"),
-            pixel_spacing=None,  # overview + text panel: no single meaningful spacing
-            derivation=(
-                f"Coronal mean-intensity projection of the source series with AI lesion regions in red and "
-                f"a result panel, by {result.model} {result.model_version} (ct-triage {__version__}). "
-                f"{render.NOT_FOR_DIAGNOSTIC_USE}"
-            ),
-            comments=result_comment(result),
-            created_at=when,
-            result_version=result_version,
-        )
+    summary = _build_sc(
+        ref=datasets[0],
+        pixels=summary_pixels,
+        sources=datasets,
+        result=result,
+        series_uid=series_uid,
+        series_number=series_number,
+        sop_uid=output_uid(source_series, result_version, "sc-instance", 0),
+        instance_number=1,
+        orientation=(row_letters, "F"),
+        pixel_spacing=None,  # overview + text panel: no single meaningful spacing
+        derivation=(
+            f"Coronal mean-intensity projection of the source series with AI lesion regions in red and "
+            f"a result panel, by {result.model} {result.model_version} (ct-triage {__version__}). "
+            f"{render.NOT_FOR_DIAGNOSTIC_USE}"
+        ),
+        comments=result_comment(result),
+        created_at=when,
+        result_version=result_version,
     )
+    if compression != "none":
+        encode_pixels(summary, summary_pixels, compression)
+    out.append(summary)
     if result.status != "scored":
         return out
 
     by_slice: dict[int, list] = {}
     for box in result.boxes:
         by_slice.setdefault(box.slice_index, []).append(box)
-    for number, slice_index in enumerate(sorted(by_slice), start=2):
+    caption = render.caption_text(result)
+    overlays: dict[int, render.CaptionOverlay] = {}
+    template: Dataset | None = None
+    template_ref: Dataset | None = None
+    for number, slice_index in enumerate(select_slices(result, max_slices), start=2):
         ds = datasets[slice_index]
         boxes = by_slice[slice_index]
-        out.append(
-            _build_sc(
+        cols = int(ds.Columns)
+        if cols not in overlays:
+            overlays[cols] = render.caption_overlay(caption, cols)
+        pixels = render.render_slice(ds, boxes, result, overlay=overlays[cols])
+        sop_uid = output_uid(source_series, result_version, "sc-instance", slice_index + 1)
+        derivation = plain_text(_slice_derivation(slice_index, len(boxes), result))[:1024]
+        if template is None or template_ref is None or not _fits_template(ds, template_ref):
+            image = _build_sc(
                 ref=ds,
-                pixels=render.render_slice(ds, boxes, result),
+                pixels=pixels,
                 sources=[ds],
                 result=result,
                 series_uid=series_uid,
                 series_number=series_number,
-                sop_uid=output_uid(source_series, result_version, "sc-instance", slice_index + 1),
+                sop_uid=sop_uid,
                 instance_number=number,
                 orientation=patient_orientation(ds),
                 pixel_spacing=_pixel_spacing(ds),
-                derivation=(
-                    f"Lung window (WL -600 HU, WW 1500 HU) of source slice {slice_index + 1} with {len(boxes)} AI "
-                    f"lesion box(es) burned in, by {result.model} {result.model_version} "
-                    f"(ct-triage {__version__}). {render.NOT_FOR_DIAGNOSTIC_USE}"
-                ),
-                comments=render.caption_text(result),
+                derivation=derivation,
+                comments=caption,
                 created_at=when,
                 result_version=result_version,
             )
-        )
+            if compression != "none":
+                encode_pixels(image, pixels, compression)
+            if template is None:
+                template, template_ref = image, ds
+                list(template)  # convert raw elements now, so every clone shares the converted objects
+        else:
+            image = _clone(template)
+            _set(image, "SOPInstanceUID", sop_uid)
+            image.file_meta[0x00020003] = DataElement(0x00020003, "UI", sop_uid)
+            _set(image, "InstanceNumber", number)
+            _set(image, "PatientOrientation", list(patient_orientation(ds)))
+            spacing = _pixel_spacing(ds)
+            if spacing is not None:
+                _set(image, "PixelSpacing", list(spacing))
+            elif "PixelSpacing" in image:
+                del image.PixelSpacing
+            _set(image, "DerivationDescription", derivation)
+            image[tag_for_keyword("SourceImageSequence")] = DataElement(
+                tag_for_keyword("SourceImageSequence"), "SQ", DicomSequence([_source_item(ds)])
+            )
+            encode_pixels(image, pixels, compression)
+            image._ct_template = template  # lets worker.outputs.stored.encode reuse the shared elements' bytes
+        out.append(image)
     return out
 
 
 __all__ = [
     "build_secondary_capture_series",
+    "COMPRESSIONS",
+    "encode_pixels",
+    "select_slices",
     "result_comment",
 ]

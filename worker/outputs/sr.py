@@ -14,9 +14,14 @@ Built with highdicom (``hd.sr.Comprehensive3DSR`` + ``MeasurementReport``). Cont
     HIGH/MEDIUM/LOW).
   - "Right lung" (3341006, SCT) and "Left lung" (44029006, SCT): volume and involvement.
   - "Lesions" (52988006, SCT, finding site Lung): total lesion volume in ``ml``.
-  - One TID 1410 planar ROI group per lesion box: a closed POLYLINE SCOORD (5 points,
-    first = last) around the box's pixels, referencing the source CT slice; finding
-    site right/left lung when known.
+  - One TID 1411 volumetric ROI group per 3-D lesion (26-connected component of the
+    lesion mask, as the lesion count is measured) for the ``max_lesions`` largest
+    (default 20, ``CT_TRIAGE_SR_MAX_LESIONS``), largest first: its Volume (ml), its
+    centre of mass as a SCOORD3D POINT "Center" (111010, DCM) in the source frame of
+    reference, finding site right/left lung (the side holding most of it), and a
+    reference to the lesion segment of the DICOM SEG (``ReferencedSegment``) instead of
+    per-slice outlines; the SEG is listed as evidence. This keeps the report small
+    (tens of KB, not one polyline per slice box: about 1,400 on a 300-slice CT-3 study).
 
 - Qualitative Evaluations container (C0034375, UMLS) of TID 1500: triage status
   (``CTT003``) and TEXT items with the routing decision (paper's Table 2) or, for
@@ -47,9 +52,11 @@ from ct_triage import __version__
 from worker.outputs import base
 from worker.outputs.sr_followup import change_content
 from worker.outputs.uids import derived_uid, output_uid
-from worker.scoring.result import ROUTING, LesionBox, ScoreResult
+from worker.scoring.masks import LesionComponent, ResultMasks
+from worker.scoring.result import ROUTING, ScoreResult
 
 SR_SERIES_NUMBER_BASE = 9100
+DEFAULT_MAX_LESIONS = 20
 SCHEME = "99CTTRIAGE"
 SCHEME_NAME = "ct-triage private codes"
 
@@ -88,6 +95,7 @@ RIGHT_LUNG = hd.sr.CodedConcept("3341006", "SCT", "Right lung")
 LEFT_LUNG = hd.sr.CodedConcept("44029006", "SCT", "Left lung")
 LESION = hd.sr.CodedConcept("52988006", "SCT", "Lesion")
 VOLUME = hd.sr.CodedConcept("118565006", "SCT", "Volume")
+CENTER = hd.sr.CodedConcept("111010", "DCM", "Center")
 UNIT_ML = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
 UNIT_PERCENT = hd.sr.CodedConcept("%", "UCUM", "Percent")
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
@@ -112,17 +120,6 @@ def _code(name: hd.sr.CodedConcept, value: hd.sr.CodedConcept) -> hd.sr.CodeCont
     return hd.sr.CodeContentItem(name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
 
 
-def box_polyline(box: LesionBox) -> np.ndarray:
-    """Closed polyline (column, row) around the box's pixels, in SCOORD image coordinates.
-
-    SCOORD's origin is the top-left corner of the top-left pixel (PS3.3 C.18.6.1.2), so
-    inclusive pixel bounds ``col_min..col_max`` span ``col_min .. col_max + 1``.
-    """
-    x0, y0 = float(box.col_min), float(box.row_min)
-    x1, y1 = float(box.col_max + 1), float(box.row_max + 1)
-    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float32)
-
-
 def _measurement(name, value: float | None, unit) -> list[hd.sr.Measurement]:
     """One TID 300 measurement (the group carries the algorithm identification)."""
     if value is None:
@@ -137,7 +134,62 @@ def _tracking(source_series: str, version: int, label: str, index: int = 0) -> h
     )
 
 
-def _measurement_groups(datasets: Sequence[Dataset], result: ScoreResult, version: int) -> list:
+def patient_point(datasets: Sequence[Dataset], index: tuple[float, float, float]) -> np.ndarray:
+    """Patient coordinates (mm) of a continuous (slice, row, col) index of the source grid.
+
+    The slice position is interpolated between the two nearest slices' Image Position
+    (Patient); rows and columns follow Image Orientation (Patient) and Pixel Spacing.
+    """
+    z, row, col = index
+    k0 = int(np.clip(np.floor(z), 0, len(datasets) - 1))
+    k1 = min(k0 + 1, len(datasets) - 1)
+    w = float(np.clip(z - k0, 0.0, 1.0)) if k1 != k0 else 0.0
+    p0 = np.array([float(v) for v in datasets[k0].ImagePositionPatient])
+    p1 = np.array([float(v) for v in datasets[k1].ImagePositionPatient])
+    origin = (1.0 - w) * p0 + w * p1
+    iop = [float(v) for v in datasets[k0].ImageOrientationPatient]
+    row_spacing, col_spacing = (float(v) for v in datasets[k0].PixelSpacing)
+    return origin + np.array(iop[:3]) * col * col_spacing + np.array(iop[3:]) * row * row_spacing
+
+
+def _lesion_group(datasets: Sequence[Dataset], result: ScoreResult, version: int, component: LesionComponent,
+                  seg_ref: tuple[Dataset, dict[str, int]] | None, algorithm) -> object:
+    """TID 1411 group of one 3-D lesion: volume, centre (SCOORD3D POINT), SEG segment."""
+    source_series = str(datasets[0].SeriesInstanceUID)
+    sites = {"right": [hd.sr.FindingSite(RIGHT_LUNG)], "left": [hd.sr.FindingSite(LEFT_LUNG)]}.get(
+        component.side, [hd.sr.FindingSite(LUNG)])
+    reference = None
+    if seg_ref is not None:
+        seg, numbers = seg_ref
+        number = numbers.get(component.kind or "lesion") or numbers.get("lesion")
+        if number is not None:
+            reference = hd.sr.ReferencedSegment(
+                sop_class_uid=str(seg.SOPClassUID), sop_instance_uid=str(seg.SOPInstanceUID), segment_number=number,
+                source_series=hd.sr.SourceSeriesForSegmentation(source_series),
+            )
+    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(source_series, version, "Lesion", component.rank),
+        referenced_segment=reference,
+        finding_type=LESION,
+        finding_sites=sites,
+        algorithm_id=algorithm,
+        measurements=_measurement(VOLUME, None if component.volume_ml is None else round(component.volume_ml, 2),
+                                  UNIT_ML),
+    )
+    center = patient_point(datasets, component.center)
+    group[0].ContentSequence.append(hd.sr.Scoord3DContentItem(
+        name=CENTER,
+        graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+        graphic_data=np.round(center.astype(np.float64), 2).reshape(1, 3),
+        frame_of_reference_uid=str(datasets[0].FrameOfReferenceUID),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    ))
+    return group
+
+
+def _measurement_groups(datasets: Sequence[Dataset], result: ScoreResult, version: int,
+                        components: Sequence[LesionComponent] = (),
+                        seg_ref: tuple[Dataset, dict[str, int]] | None = None) -> list:
     source_series = str(datasets[0].SeriesInstanceUID)
     algorithm = hd.sr.AlgorithmIdentification(
         name=base.plain_text(result.model)[:64], version=base.plain_text(result.model_version)[:64]
@@ -196,28 +248,8 @@ def _measurement_groups(datasets: Sequence[Dataset], result: ScoreResult, versio
                 measurements=_measurement(VOLUME, result.lesion_volume_ml, UNIT_ML),
             )
         )
-    for k, box in enumerate(result.boxes, start=1):
-        source = datasets[box.slice_index]
-        region = hd.sr.ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-            graphic_data=box_polyline(box),
-            source_image=hd.sr.SourceImageForRegion(
-                referenced_sop_class_uid=str(source.SOPClassUID),
-                referenced_sop_instance_uid=str(source.SOPInstanceUID),
-            ),
-        )
-        sites = {"right": [hd.sr.FindingSite(RIGHT_LUNG)], "left": [hd.sr.FindingSite(LEFT_LUNG)]}.get(
-            box.lung or "", [hd.sr.FindingSite(LUNG)]
-        )
-        groups.append(
-            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=_tracking(source_series, version, "Lesion box", k),
-                referenced_region=region,
-                finding_type=LESION,
-                finding_sites=sites,
-                algorithm_id=algorithm,
-            )
-        )
+    for component in components:
+        groups.append(_lesion_group(datasets, result, version, component, seg_ref, algorithm))
     return groups
 
 
@@ -242,6 +274,9 @@ def build_measurement_report(
     *,
     created_at: dt.datetime | None,
     series_number: int | None = None,
+    masks: ResultMasks | None = None,
+    segmentation: Dataset | None = None,
+    max_lesions: int = DEFAULT_MAX_LESIONS,
 ) -> Dataset:
     """Build the Comprehensive 3D SR (TID 1500) for one result version.
 
@@ -254,6 +289,11 @@ def build_measurement_report(
             the result's own timestamp; ``None`` = deterministic default from the
             sources, see :func:`worker.outputs.base.resolve_created_at`).
         series_number: default ``9100 + result_version``.
+        masks: the result's masks; with them, one TID 1411 group per 3-D lesion for the
+            ``max_lesions`` largest (volume, centre, reference to the SEG segment).
+        segmentation: the SEG built from ``masks`` (:func:`worker.outputs.seg.build_segmentation`):
+            referenced by the lesion groups and listed as evidence.
+        max_lesions: how many 3-D lesions get a group (0: none).
 
     Raises:
         TypeError/ValueError naming the bad argument.
@@ -269,8 +309,25 @@ def build_measurement_report(
         raise ValueError(f"argument 'result' has unknown category {result.category!r}")
     if result.status not in STATUS_VALUES:
         raise ValueError(f"argument 'result' has unknown status {result.status!r}")
+    if isinstance(max_lesions, bool) or not isinstance(max_lesions, int) or max_lesions < 0:
+        raise ValueError(f"argument 'max_lesions' must be an int >= 0, got {max_lesions!r}")
+    if masks is not None and not isinstance(masks, ResultMasks):
+        raise TypeError(f"argument 'masks' must be a ResultMasks, got {type(masks).__name__}")
+    if segmentation is not None and masks is None:
+        raise ValueError("argument 'segmentation' needs argument 'masks' (its segment numbers come from them)")
     when = base.resolve_created_at(created_at, datasets)
     source_series = str(datasets[0].SeriesInstanceUID)
+    components: list[LesionComponent] = []
+    seg_ref = None
+    if masks is not None and result.status == "scored" and max_lesions:
+        if masks.original_shape[0] != len(datasets):
+            raise ValueError(f"argument 'masks' covers {masks.original_shape[0]} slices, "
+                             f"the source series has {len(datasets)}")
+        components = masks.lesion_components(max_lesions)
+        if segmentation is not None:
+            from worker.outputs.seg import segment_numbers
+
+            seg_ref = (segmentation, segment_numbers(masks))
 
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=derived_uid("ct-triage-device", result.model, result.model_version),
@@ -287,7 +344,8 @@ def build_measurement_report(
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,
         procedure_reported=CT_OF_CHEST,
-        imaging_measurements=_measurement_groups(datasets, result, result_version) + change.groups,
+        imaging_measurements=_measurement_groups(datasets, result, result_version, components, seg_ref)
+        + change.groups,
         title=codes.cid7021.ImagingMeasurementReport,
     )
     report[0].ContentSequence.append(_qualitative_container(result))
@@ -297,7 +355,7 @@ def build_measurement_report(
         f"(ct-triage {__version__}); NOT FOR DIAGNOSTIC USE"
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=datasets + change.evidence,
+        evidence=[*datasets, *([segmentation] if segmentation is not None else []), *change.evidence],
         content=report[0],
         series_instance_uid=output_uid(source_series, result_version, "sr-series"),
         series_number=series_number,

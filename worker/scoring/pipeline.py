@@ -84,6 +84,9 @@ def score_volume(volume: Volume, settings: Settings, *, scorer: Scorer | None = 
         t = _now()
         result = measure(volume, seg, settings)
         timings["measure"] = _now() - t
+        from worker.scoring.masks import ResultMasks
+
+        result.masks = ResultMasks.from_segmentation(seg)  # for the SEG/SR; stored by the job
         log.debug("scored %s on %s", volume.source, describe_device(device))
     except NotApplicable as exc:
         result = ScoreResult(status="not_applicable", reason=_reason(exc))

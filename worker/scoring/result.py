@@ -6,8 +6,8 @@ printed by ``ct-triage score --json`` and handed to the DICOM writers.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
 
 Status = Literal["scored", "not_applicable", "failed"]
 CATEGORIES = ("CT-0", "CT-1", "CT-2", "CT-3", "CT-4")
@@ -91,13 +91,19 @@ class ScoreResult:
     boxes: list[LesionBox] = field(default_factory=list)
     # Follow-up comparison with the patient's priors (worker.comparison.Assessment.to_json()), if any.
     comparison: dict | None = None
+    # The masks the numbers were measured on (worker.outputs.masks.ResultMasks), kept in
+    # memory for the DICOM SEG builder and stored beside the result; never serialized.
+    masks: Any = field(default=None, repr=False, compare=False)
 
     @property
     def priority(self) -> str:
         return priority_for(self.status, self.category)
 
     def to_json(self) -> dict:
-        data = asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("masks", "boxes")}
+        data["timings"] = dict(self.timings)
+        data["source_sop_instance_uids"] = list(self.source_sop_instance_uids)
+        data["boxes"] = [asdict(b) for b in self.boxes]
         data["priority"] = self.priority
         return data
 
@@ -105,5 +111,6 @@ class ScoreResult:
     def from_json(cls, data: dict) -> ScoreResult:
         data = dict(data)
         data.pop("priority", None)
+        data.pop("masks", None)
         data["boxes"] = [LesionBox(**b) for b in data.get("boxes", [])]
         return cls(**data)

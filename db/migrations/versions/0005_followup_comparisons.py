@@ -1,7 +1,7 @@
 """follow-up studies: comparisons, prior searches, retrieved priors (issue 12)
 
 Revision ID: 0005
-Revises: 0002
+Revises: 0004
 Create Date: 2026-11-30 09:30:00
 """
 
@@ -11,7 +11,7 @@ import db.types
 
 
 revision = '0005'
-down_revision = '0002'
+down_revision = '0004'
 branch_labels = None
 depends_on = None
 

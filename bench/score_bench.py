@@ -11,7 +11,11 @@ included. Measured three ways, each in a fresh process so peak RSS is the scorin
 - the stage timings of the warm run.
 
 Usage:  .venv/bin/python bench/score_bench.py [--slices 300] [--rows 512] [--involvement 35]
-        [--device auto] [--check] [--json]
+        [--device auto] [--scorers classical,hybrid] [--check] [--json]
+
+Each scorer is timed the same way in the same run (the classical one is the anchor), with
+its own peak RSS and CPU seconds (user + system, from wait4): on a shared machine the CPU
+seconds say more than the wall time, which the load average printed beside it explains.
 The phantom is written once to bench/out/ (git-ignored) and reused.
 """
 
@@ -49,7 +53,7 @@ def _inner(folder: str, device: str) -> None:
     from ct_triage.settings import Settings
     from worker.scoring.pipeline import score_path
 
-    settings = Settings.from_env({}, device=device)
+    settings = Settings.from_env(None, device=device)  # CT_TRIAGE_SCORER from the environment
     first = score_path(folder, settings)
     t1 = time.perf_counter()
     second = score_path(folder, settings)
@@ -67,14 +71,27 @@ def _inner(folder: str, device: str) -> None:
     }))
 
 
-def _run_child(args: list[str], env: dict) -> tuple[float, float, subprocess.CompletedProcess]:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+def _run_measured(args: list[str], env: dict) -> tuple[float, float, subprocess.CompletedProcess, float]:
+    """Run one child and read its own rusage with wait4 (peak RSS and CPU of that child alone)."""
     t = time.perf_counter()
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    import threading
+
+    chunks: dict[str, str] = {}
+
+    def drain(name, stream):
+        chunks[name] = stream.read()
+
+    readers = [threading.Thread(target=drain, args=(n, s)) for n, s in (("out", proc.stdout), ("err", proc.stderr))]
+    for r in readers:
+        r.start()
+    _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    # ru_maxrss of children is the max over all waited-for children: run the big one first
-    return wall, max(before, after) / 1024.0, proc
+    for r in readers:
+        r.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    done = subprocess.CompletedProcess(args, proc.returncode, chunks.get("out", ""), chunks.get("err", ""))
+    return wall, usage.ru_maxrss / 1024.0, done, usage.ru_utime + usage.ru_stime
 
 
 def main(argv=None) -> int:
@@ -84,6 +101,8 @@ def main(argv=None) -> int:
     parser.add_argument("--involvement", type=float, default=35.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--scorers", default="classical,hybrid",
+                        help="comma-separated scorers, each timed the same way in the same run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--json", action="store_true")
@@ -94,27 +113,39 @@ def main(argv=None) -> int:
         return 0
 
     folder, truth = _phantom(args.out, args.involvement, args.slices, args.rows, args.seed)
+    reports = [_bench_one(folder, truth, scorer, args) for scorer in args.scorers.split(",")]
+    ok = all(r.get("within_targets") for r in reports)
+    if args.json:
+        print(json.dumps(reports if len(reports) > 1 else reports[0], indent=1))
+    return 0 if (ok or not args.check) else 1
+
+
+def _bench_one(folder: Path, truth: dict, scorer: str, args) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CT_TRIAGE_")}
     env["CT_TRIAGE_DEVICE"] = args.device
-    cold_wall, cold_mb, proc = _run_child(
+    env["CT_TRIAGE_SCORER"] = scorer
+    cold_wall, cold_mb, proc, cold_cpu = _run_measured(
         [sys.executable, "-m", "ct_triage.cli", "score", str(folder / "FC51"), "--json", "--no-boxes"], env)
     if proc.returncode not in (0, 2):
         print(proc.stderr[-3000:], file=sys.stderr)
-        return 1
+        return {"scorer": scorer, "error": proc.stderr[-500:], "within_targets": False}
     cold = json.loads(proc.stdout)
-    _, _, proc2 = _run_child([sys.executable, str(Path(__file__).resolve()), "--inner", str(folder / "FC51"),
-                              "--device", args.device], env)
+    _, warm_mb, proc2, _ = _run_measured([sys.executable, str(Path(__file__).resolve()), "--inner",
+                                          str(folder / "FC51"), "--device", args.device], env)
     if proc2.returncode != 0:
         print(proc2.stderr[-3000:], file=sys.stderr)
-        return 1
+        return {"scorer": scorer, "error": proc2.stderr[-500:], "within_targets": False}
     warm = json.loads(proc2.stdout.strip().splitlines()[-1])
     report = {
+        "scorer": scorer,
         "series": f"{args.slices}x{args.rows}x{args.rows} phantom, {args.involvement:g} % requested",
-        "machine": {"cpus": len(os.sched_getaffinity(0)), "device": cold.get("device")},
+        "machine": {"cpus": len(os.sched_getaffinity(0)), "device": cold.get("device"),
+                    "load_average_1min": round(os.getloadavg()[0], 1)},
         "cold_cli_s": round(cold_wall, 2),
+        "cold_cli_cpu_s": round(cold_cpu, 2),
         "cold_cli_peak_mb": round(cold_mb, 0),
         "warm_in_process_s": warm["warm_s"],
-        "warm_process_peak_mb": warm["peak_rss_mb"],
+        "warm_process_peak_mb": round(max(warm_mb, warm["peak_rss_mb"]), 0),
         "targets": {"seconds": TARGET_S, "peak_mb": TARGET_MB},
         "truth": {k: round(truth[k], 2) for k in ("involvement_percent", "involvement_percent_left",
                                                   "involvement_percent_right", "lung_volume_ml",
@@ -127,14 +158,13 @@ def main(argv=None) -> int:
     }
     ok = (cold_wall <= TARGET_S and max(cold_mb, warm["peak_rss_mb"]) <= TARGET_MB)
     report["within_targets"] = ok
-    if args.json:
-        print(json.dumps(report, indent=1))
-    else:
-        print(f"{report['series']} on {report['machine']['cpus']} CPU(s), device {report['machine']['device']}")
-        print(f"  cold CLI (python start + torch import + load + score): {cold_wall:6.2f} s, "
-              f"peak {cold_mb:6.0f} MB   (target {TARGET_S:g} s, {TARGET_MB:g} MB)")
+    if not args.json:
+        print(f"[{scorer}] {report['series']} on {report['machine']['cpus']} CPU(s), device "
+              f"{report['machine']['device']}, load average {report['machine']['load_average_1min']}")
+        print(f"  cold CLI (python start + torch import + load + score): {cold_wall:6.2f} s wall, "
+              f"{cold_cpu:6.2f} s CPU, peak {cold_mb:6.0f} MB   (target {TARGET_S:g} s, {TARGET_MB:g} MB)")
         print(f"  warm (second call in a worker process):               {warm['warm_s']:6.2f} s, "
-              f"peak {warm['peak_rss_mb']:6.0f} MB")
+              f"peak {report['warm_process_peak_mb']:6.0f} MB")
         print("  stages (warm): " + ", ".join(f"{k} {v:.2f}" for k, v in warm["timings"].items()))
         t, m = report["truth"], report["measured"]
         print(f"  truth {t['category']} {t['involvement_percent']} % (L {t['involvement_percent_left']}, "
@@ -142,7 +172,7 @@ def main(argv=None) -> int:
         print(f"  got   {m['category']} {m['involvement_percent']} % (L {m['involvement_percent_left']}, "
               f"R {m['involvement_percent_right']}), lungs {m['lung_volume_ml']} ml")
         print(f"  deterministic: {report['deterministic']}; within targets: {ok}")
-    return 0 if (ok or not args.check) else 1
+    return report
 
 
 if __name__ == "__main__":

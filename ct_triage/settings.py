@@ -89,8 +89,11 @@ class Settings:
     )
     sr_max_lesions: int = _f(20, "How many 3-D lesions (largest first) get their own measurement group in the SR.")
     device: str = _f("auto", "Scoring device: auto, cpu or cuda.")
-    scorer: str = _f("classical", "Scorer: classical (default, no weights) or unet.")
+    scorer: str = _f("classical", "Scorer: classical (default, no weights), hybrid (classical lungs + the "
+                     "shipped 2D lesion network) or unet.")
     unet_weights: Path | None = _f(None, "Weights file of the 3D U-Net scorer.")
+    lesion_weights: Path | None = _f(None, "Weights file of the hybrid scorer's 2D lesion network (default: "
+                                     "the one shipped in the package; its .sha256 must sit beside it).")
     lung_kernels: list[str] = _lf(DEFAULT_LUNG_KERNELS, "Convolution kernels preferred for scoring (case-insensitive).")
     min_slices: int = _f(20, "Fewer slices than this: the series is not applicable.")
     noise_floor_percent: float = _f(0.5, "Involvement below this is CT-0 (no signs).")
@@ -187,8 +190,8 @@ class Settings:
             raise ConfigError(f"{PREFIX}AE_TITLE must be 1..16 characters, got {self.ae_title!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"{PREFIX}DEVICE must be auto, cpu or cuda, got {self.device!r}")
-        if self.scorer not in ("classical", "unet"):
-            raise ConfigError(f"{PREFIX}SCORER must be classical or unet, got {self.scorer!r}")
+        if self.scorer not in ("classical", "hybrid", "unet"):
+            raise ConfigError(f"{PREFIX}SCORER must be classical, hybrid or unet, got {self.scorer!r}")
         if self.tls_cert and not self.tls_key:
             raise ConfigError(f"{PREFIX}TLS_KEY is required when {PREFIX}TLS_CERT is set")
         if self.tls_required and not self.tls_cert:

@@ -52,8 +52,9 @@ def register(subparsers) -> None:
     s.add_argument("path", type=Path, help="DICOM folder (all series; one is selected), DICOM file or .nii[.gz]")
     s.add_argument("--json", action="store_true", help="print one JSON object (the full result)")
     s.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override CT_TRIAGE_DEVICE")
-    s.add_argument("--scorer", choices=("classical", "unet"), help="override CT_TRIAGE_SCORER")
-    s.add_argument("--weights", type=Path, help="U-Net weights file (overrides CT_TRIAGE_UNET_WEIGHTS)")
+    s.add_argument("--scorer", choices=("classical", "hybrid", "unet"), help="override CT_TRIAGE_SCORER")
+    s.add_argument("--weights", type=Path, help="weights file of the U-Net (CT_TRIAGE_UNET_WEIGHTS) or, with "
+                   "--scorer hybrid, of the lesion network (CT_TRIAGE_LESION_WEIGHTS)")
     s.add_argument("--no-boxes", action="store_true", help="leave the per-slice lesion boxes out of --json")
     s.set_defaults(func=cmd_score)
 
@@ -64,12 +65,22 @@ def register(subparsers) -> None:
                    help="PNG figure to write (default ./ct-triage-eval-<layout>.png)")
     e.add_argument("--output", type=Path, default=None, help="also write the JSON report to this file")
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override CT_TRIAGE_DEVICE")
-    e.add_argument("--scorer", choices=("classical", "unet"), help="override CT_TRIAGE_SCORER")
-    e.add_argument("--weights", type=Path, help="U-Net weights file")
+    e.add_argument("--scorer", choices=("classical", "hybrid", "unet"), help="override CT_TRIAGE_SCORER")
+    e.add_argument("--weights", type=Path, help="U-Net weights file, or the lesion network's with --scorer hybrid")
     e.set_defaults(func=cmd_eval)
 
-    t = subparsers.add_parser("train", help="train the 3D U-Net lesion scorer on a MosMedData-layout folder")
-    t.add_argument("data_dir", type=Path, help="studies/CT-k/study_XXXX.nii.gz + masks/study_XXXX_mask.nii.gz")
+    t = subparsers.add_parser("train", help="train the 2D lesion network (--lesion, covid-semiseg-2d) or the "
+                              "3D U-Net (MosMedData layout)")
+    t.add_argument("data_dir", type=Path, help="covid-semiseg-2d folder (with --lesion), else "
+                   "studies/CT-k/study_XXXX.nii.gz + masks/study_XXXX_mask.nii.gz")
+    t.add_argument("--lesion", action="store_true",
+                   help="train the hybrid scorer's 2D lesion network (reproduces the shipped weights with the "
+                   "defaults); prints its CPU time")
+    t.add_argument("--epochs", type=int, default=None, help="(--lesion) planned epochs of the schedule")
+    t.add_argument("--stop-after", type=int, default=None, help="(--lesion) stop after this many epochs")
+    t.add_argument("--limit", type=int, default=None, help="(--lesion) use only this many training slices")
+    t.add_argument("--work-dir", type=Path, default=None,
+                   help="(--lesion) checkpoints and log (default VAR_DIR/train-lesion)")
     t.add_argument("--out", type=Path, default=None,
                    help="weights file to write (default CT_TRIAGE_UNET_WEIGHTS or VAR_DIR/unet3d.pt)")
     t.add_argument("--steps", type=int, default=500, help="optimisation steps (default 500)")
@@ -96,8 +107,11 @@ def _settings(settings, args):
     if getattr(args, "scorer", None):
         changes["scorer"] = args.scorer
     if getattr(args, "weights", None):
-        changes["unet_weights"] = args.weights
-        changes.setdefault("scorer", "unet")
+        if changes.get("scorer", settings.scorer) == "hybrid":
+            changes["lesion_weights"] = args.weights
+        else:
+            changes["unet_weights"] = args.weights
+            changes.setdefault("scorer", "unet")
     if changes:
         settings = dataclasses.replace(settings, **changes)
         settings.validate()
@@ -210,8 +224,19 @@ def _human_eval(rep: dict) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
     if rep["layout"] == "semiseg":
-        return (f"{rep['n']} slices: mean lesion Dice {f(rep['dice_mean'])} (median {f(rep.get('dice_median'))}); "
-                f"published Semi-Inf-Net 0.74, U-Net 0.44")
+        out = [f"{r['image']:>40}  Dice {r['dice']:.3f}" + ("" if r["status"] == "scored" else f"  {r['status']}")
+               for r in rep["images"]]
+        out.append(f"{rep['n']} slices ({rep['model']} {rep['model_version']}): mean lesion Dice "
+                   f"{f(rep['dice_mean'])} (median {f(rep.get('dice_median'))}); published U-Net 0.44, "
+                   f"Inf-Net 0.68, Semi-Inf-Net 0.74")
+        pc = rep.get("pixel_confusion")
+        if pc:
+            out.append("pixel confusion (rows truth, columns predicted):")
+            out.append(" " * 16 + " ".join(f"{c:>14}" for c in pc["columns_predicted"]))
+            for name, row in zip(pc["rows_truth"], pc["counts"]):
+                out.append(f"{name:>15} " + " ".join(f"{v:>14}" for v in row))
+        out.append("worst: " + ", ".join(rep.get("worst", [])))
+        return "\n".join(out)
     out = [f"{rep['n']} studies, {rep['n_scored']} scored; quadratic kappa {f(rep['quadratic_kappa'])}; "
            f"AUC CT-0 vs rest {f(rep['auc_ct0_vs_rest'])}; Dice {f(rep['dice_mean'])} (n={rep['n_dice']})",
            "confusion matrix (rows true, columns predicted):",
@@ -223,6 +248,8 @@ def _human_eval(rep: dict) -> str:
 
 
 def cmd_train(args, settings) -> int:
+    if args.lesion:
+        return cmd_train_lesion(args, settings)
     from ct_triage_tools.train import train_unet  # imports torch
 
     settings = _settings(settings, args)
@@ -237,6 +264,38 @@ def cmd_train(args, settings) -> int:
         print(f"weights written to {summary['weights']} ({summary['studies']} studies, {summary['steps']} steps, "
               f"final loss {summary['final_loss']:.4f}, {summary['seconds']:.0f} s); "
               f"use CT_TRIAGE_SCORER=unet CT_TRIAGE_UNET_WEIGHTS={summary['weights']}")
+    return 0
+
+
+def cmd_train_lesion(args, settings) -> int:
+    from ct_triage_tools.train_lesion import Recipe, train  # imports torch
+
+    settings = _settings(settings, args)
+    work = args.work_dir or (Path(settings.var_dir) / "train-lesion")
+    out = args.out or (work / "lesion_net.pt")
+    recipe = Recipe(seed=args.seed)
+    if args.epochs is not None:
+        recipe.epochs = args.epochs
+    recipe.stop_after = args.stop_after
+    recipe.limit = args.limit
+    _err(f"training the 2D lesion network on {args.data_dir}: {recipe.epochs} epochs planned, seed {recipe.seed}, "
+         f"CPU -> {out}")
+
+    def log(entry: dict) -> None:
+        if entry.get("stage") == "epoch":
+            _err("epoch {epoch}: loss {loss} val Dice {val_dice} held-out Dice {holdout_dice} threshold {threshold} "
+                 "({train_seconds} s + {val_seconds} s)".format(**entry))
+        else:
+            _err(" ".join(f"{k}={v}" for k, v in entry.items()))
+
+    summary = train(args.data_dir, work, recipe, log=log, weights_out=Path(out))
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"weights written to {summary.get('weights')} (epoch {summary['best_epoch']} of "
+              f"{summary['epochs_run']}: val Dice {summary['val_dice']}, held-out pseudo Dice "
+              f"{summary['holdout_dice']}, threshold {summary['threshold']}); sha256 {summary.get('sha256')}")
+    print(f"training time: {summary['cpu_seconds']:.0f} s CPU, {summary['wall_seconds']:.0f} s wall")
     return 0
 
 

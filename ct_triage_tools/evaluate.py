@@ -18,9 +18,14 @@ covid-semiseg-2d (Inf-Net's COVID-SemiSeg packaging of the MedSeg slices)
     dominant dark mode is aerated lung (-850 HU) and the dominant bright mode soft
     tissue (+40 HU); when either is missing a standard lung window (-1350..+150 HU) is
     assumed. The classical lesion step then runs in 2D
-    (:func:`worker.scoring.classical.segment_slice`) and the mean per-image lesion
-    Dice is reported. Published anchor on the same 50 + 24 split: Semi-Inf-Net mean
-    Dice ~0.74, plain U-Net ~0.44 (Fan et al., IEEE TMI 2020).
+    (:func:`worker.scoring.classical.segment_slice`); with ``CT_TRIAGE_SCORER=hybrid``
+    (``--scorer hybrid``) the lesion network scores the gray image as it is. Reported:
+    the Dice of every image and the mean (as the anchors report it; an image where
+    truth and prediction are both empty counts 1), the pixel confusion (background /
+    ground glass / consolidation where ``GT-multiclass/`` has the image), and a PNG of
+    the worst images (image, truth, prediction). Published anchors on the same 50 + 24
+    split: U-Net 0.44, Inf-Net 0.68, Semi-Inf-Net 0.74 mean Dice (Fan et al., IEEE TMI
+    2020).
 
 All metrics are implemented here with numpy (no scikit-learn). A PNG figure is
 written beside the JSON numbers.
@@ -213,17 +218,58 @@ def evaluate_mosmed(data_dir: Path, settings, *, progress: Progress | None = Non
 # -- covid-semiseg-2d -------------------------------------------------------------------
 
 
+PIXEL_CLASSES = ("background", "ground glass", "consolidation")
+WORST_SHOWN = 6
+
+
+def _net_lesions(settings):
+    """A function gray (H, W) uint8 -> lesion probability (H, W), and its threshold, model, version."""
+    import torch
+
+    from worker.scoring.hybrid import VERSION
+    from worker.scoring.lesion_net import DEFAULT_WEIGHTS, NAME, load_weights, predict_images, sha256_of
+
+    path = Path(settings.lesion_weights) if settings.lesion_weights else DEFAULT_WEIGHTS
+    model, meta = load_weights(path)
+    threshold = float(meta.get("threshold", 0.5))
+
+    def run(gray: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            g = torch.from_numpy(np.asarray(gray, dtype=np.float32) / 255.0)
+            return predict_images(model, [g])[0].numpy()
+
+    return run, threshold, NAME, f"{VERSION}+{sha256_of(path)[:12]}"
+
+
 def evaluate_semiseg(folder: Path, settings, *, progress: Progress | None = None,
                      pixel_mm: float = 0.75) -> dict:
-    """Mean per-image lesion Dice of the 2D classical lesion step."""
+    """Per-image and mean lesion Dice on a covid-semiseg-2d folder, with the pixel confusion.
+
+    ``settings.scorer`` ``hybrid`` scores the slices with the lesion network directly (the
+    images are already lung-windowed gray); otherwise with the classical 2D lesion step
+    on HU estimated by :func:`gray_to_hu`. The pixel confusion has rows = truth
+    (background, ground glass, consolidation when ``GT-multiclass/`` holds the image,
+    else background and lesion) and columns = prediction (background, ground glass,
+    consolidation: predicted lesion split at the hybrid's consolidation HU on the
+    estimated HU)."""
     from PIL import Image
 
-    from worker.scoring.classical import NAME, VERSION, segment_slice  # imports torch
+    from worker.scoring.hybrid import CONSOLIDATION_HU  # imports torch
 
     device = resolve_device(settings.device)
     pairs = semiseg_pairs(folder)
     if not pairs:
         raise InvalidInput(f"{folder}: no Imgs/*.jpg with a GT/*.png of the same name")
+    use_net = (settings.scorer or "").strip().lower() == "hybrid"
+    if use_net:
+        net, threshold, model_name, model_version = _net_lesions(settings)
+    else:
+        from worker.scoring.classical import NAME, VERSION, segment_slice
+
+        model_name, model_version, threshold = NAME + "-2d", VERSION, None
+    multiclass_dir = Path(folder) / "GT-multiclass"
+    confusion = np.zeros((3, 3), dtype=np.int64)
+    binary_only = True
     rows: list[dict[str, Any]] = []
     dices: list[float] = []
     examples: list[tuple] = []
@@ -235,25 +281,41 @@ def evaluate_semiseg(folder: Path, settings, *, progress: Progress | None = None
         truth = np.asarray(Image.open(gt_path).convert("L")) > 127
         hu, how = gray_to_hu(gray)
         try:
-            _, lesion = segment_slice(hu, pixel_mm=pixel_mm, device=device)
+            if use_net:
+                lesion = net(gray) >= threshold
+                how = "network on the gray image"
+            else:
+                _, lesion = segment_slice(hu, pixel_mm=pixel_mm, device=device)
             d = dice(lesion, truth)
             status = "scored"
         except Exception as exc:  # one bad image is reported in its row, not fatal
             lesion, d, status = np.zeros_like(truth), 0.0, f"failed: {type(exc).__name__}: {exc}"
         d = 1.0 if d is None else d  # both empty: perfect agreement
         dices.append(d)
+        predicted = np.where(lesion, np.where(hu >= CONSOLIDATION_HU, 2, 1), 0)
+        mc = multiclass_dir / gt_path.name
+        if mc.is_file():
+            binary_only = False
+            true_cls = np.clip(np.asarray(Image.open(mc).convert("L")), 0, 2).astype(np.int64)
+            if true_cls.shape != truth.shape:
+                true_cls = truth.astype(np.int64)
+        else:
+            true_cls = truth.astype(np.int64)
+        confusion += np.bincount(true_cls.ravel() * 3 + predicted.ravel(), minlength=9).reshape(3, 3)
         rows.append({"image": img_path.name, "dice": round(d, 4), "hu_mapping": how,
                      "truth_fraction": round(float(truth.mean()), 4),
                      "predicted_fraction": round(float(lesion.mean()), 4), "status": status})
-        if len(examples) < 6:
-            examples.append((gray, truth, lesion, d, img_path.name))
+        examples.append((gray, truth, lesion, d, img_path.name))
     if progress:
         progress(len(pairs), len(pairs), "done")
+    examples.sort(key=lambda e: e[3])
+    true_names = ("background", "lesion") if binary_only else PIXEL_CLASSES
+    cm = confusion[: len(true_names)]
     return {
         "layout": "semiseg",
         "data_dir": str(folder),
-        "model": NAME + "-2d",
-        "model_version": VERSION,
+        "model": model_name,
+        "model_version": model_version,
         "device": device,
         "n": len(pairs),
         "confusion_matrix": None,
@@ -262,12 +324,19 @@ def evaluate_semiseg(folder: Path, settings, *, progress: Progress | None = None
         "auc_ct0_vs_rest": None,
         "dice_mean": _mean(dices),
         "dice_median": float(np.median(dices)) if dices else None,
-        "anchors": {"semi_inf_net_dice": 0.739, "unet_dice": 0.439,
+        "threshold": threshold,
+        "pixel_confusion": {"rows_truth": list(true_names), "columns_predicted": list(PIXEL_CLASSES),
+                            "counts": cm.tolist(),
+                            "recall": [None if r.sum() == 0 else round(float(r[1:].sum() / r.sum() if k else
+                                                                                  r[0] / r.sum()), 4)
+                                       for k, r in enumerate(cm)]},
+        "anchors": {"semi_inf_net_dice": 0.739, "inf_net_dice": 0.682, "unet_dice": 0.439,
                     "source": "Fan et al., Inf-Net, IEEE TMI 2020, COVID-SemiSeg test set"},
-        "pixel_mm_assumed": pixel_mm,
+        "pixel_mm_assumed": None if use_net else pixel_mm,
         "seconds": round(time.perf_counter() - started, 3),
         "images": rows,
-        "_examples": examples,
+        "worst": [e[4] for e in examples[:WORST_SHOWN]],
+        "_examples": examples[:WORST_SHOWN],
     }
 
 
@@ -368,13 +437,15 @@ def write_figure(report: dict, path: Path, examples=None) -> Path:
     width = max(3, len(tiles)) * 240 // (2 if len(tiles) > 3 else 1)
     cols = 3
     rows_n = max(1, math.ceil(len(tiles) / cols))
-    img = Image.new("RGB", (cols * 240, rows_n * 240 + 200), "white")
+    img = Image.new("RGB", (cols * 240, rows_n * 240 + 220), "white")
     for i, t in enumerate(tiles):
         img.paste(t, ((i % cols) * 240, (i // cols) * 240))
     draw = ImageDraw.Draw(img)
     y = rows_n * 240 + 8
+    draw.text((8, y - 0), f"the {len(tiles)} worst images by Dice.", fill="black", font=font)
+    y += 18
     draw.text((8, y), f"green: agree, red: predicted only, blue: missed.  mean Dice "
-              f"{_fmt(report['dice_mean'])} (n={report['n']}); Semi-Inf-Net 0.74, U-Net 0.44",
+              f"{_fmt(report['dice_mean'])} (n={report['n']}); U-Net 0.44, Inf-Net 0.68, Semi-Inf-Net 0.74",
               fill="black", font=font)
     ds = [r["dice"] for r in report["images"]]
     hist = np.histogram(ds, bins=10, range=(0, 1))[0]

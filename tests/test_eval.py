@@ -153,6 +153,28 @@ def test_evaluate_slice_layout(tmp_path):
     assert report["n"] == 3 and report["dice_mean"] > 0.5
     assert report["confusion_matrix"] is None and report["auc_ct0_vs_rest"] is None
     assert (tmp_path / "fig.png").exists()
+    # Dice per image; the worst first in the figure; pixel confusion over every pixel
+    by_name = {r["image"]: r["dice"] for r in report["images"]}
+    assert set(by_name) == {"10.jpg", "14.jpg", "18.jpg"}
+    assert report["dice_mean"] == pytest.approx(np.mean(list(by_name.values())), abs=1e-3)
+    assert [by_name[n] for n in report["worst"]] == sorted(by_name.values())
+    pc = report["pixel_confusion"]
+    assert pc["rows_truth"] == ["background", "lesion"]
+    assert pc["columns_predicted"] == ["background", "ground glass", "consolidation"]
+    total = sum(np.asarray(Image.open(p)).size for p in (tmp_path / "GT").iterdir())
+    assert sum(map(sum, pc["counts"])) == total
+    truth_lesion = sum(int((np.asarray(Image.open(p)) > 127).sum()) for p in (tmp_path / "GT").iterdir())
+    assert sum(pc["counts"][1]) == truth_lesion
+    # with the multi-class truth the rows split ground glass and consolidation
+    (tmp_path / "GT-multiclass").mkdir()
+    for k in (10, 14, 18):
+        gt = np.asarray(Image.open(tmp_path / "GT" / f"{k}.png")) > 127
+        gray = np.asarray(Image.open(tmp_path / "Imgs" / f"{k}.jpg"))
+        cls = np.where(gt, np.where(gray > 200, 2, 1), 0).astype(np.uint8)
+        Image.fromarray(cls).save(tmp_path / "GT-multiclass" / f"{k}.png")
+    report = evaluate(tmp_path, Settings.from_env({}, device="cpu"))
+    assert report["pixel_confusion"]["rows_truth"] == ["background", "ground glass", "consolidation"]
+    assert sum(map(sum, report["pixel_confusion"]["counts"])) == total
 
 
 def test_unknown_layout_is_a_clear_error(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
@@ -111,7 +113,7 @@ def test_real_single_slices_are_not_eligible():
     assert set(selection.rejected) == set(headers)
     reasons = list(selection.rejected.values())
     assert any(r.startswith("too few slices: 1") for r in reasons)
-    assert any("lacks ORIGINAL and PRIMARY" in r for r in reasons)  # the coronal reformats
+    assert any(r.startswith("derived image(s)") for r in reasons)  # the coronal reformats
     assert selection.reason.startswith("no eligible series (")
     assert all(uid in selection.reason for uid in headers)
 
@@ -182,8 +184,16 @@ def test_enhanced_ct_kernel_and_frames_come_from_functional_groups():
 
 @pytest.mark.parametrize("kwargs, reason", [
     ({"image_type": ("ORIGINAL", "PRIMARY", "LOCALIZER")}, "localizer image(s)"),
-    ({"image_type": ("DERIVED", "SECONDARY", "AXIAL")}, "lacks ORIGINAL and PRIMARY"),
-    ({"image_type": ("ORIGINAL", "SECONDARY", "AXIAL")}, "lacks PRIMARY"),
+    ({"image_type": ("DERIVED", "SECONDARY", "AXIAL")}, "derived image(s)"),
+    ({"image_type": ("DERIVED", "SECONDARY", "REFORMATTED")}, "derived image(s)"),
+    ({"image_type": ("DERIVED", "PRIMARY", "MIP")}, "derived image(s)"),
+    ({"image_type": ("ORIGINAL", "SECONDARY", "REFORMATTED")}, "reformatted image(s)"),
+    ({"image_type": ("ORIGINAL", "SECONDARY", "MPR")}, "multiplanar reformat"),
+    ({"image_type": ("ORIGINAL", "PRIMARY", "LOCALIZER")}, "localizer image(s)"),
+    ({"image_type": ("ORIGINAL", "SECONDARY", "SCREEN SAVE")}, "screen capture"),
+    ({"image_type": ("ORIGINAL", "PRIMARY", "DOSE_INFO")}, "dose report"),
+    ({"image_type": ("ORIGINAL", "OTHER", "AXIAL")}, "lacks PRIMARY or SECONDARY"),
+    ({"sop_class": "1.2.840.10008.5.1.4.1.1.88.67"}, "is not a CT image"),
     ({"modality": "MR"}, "modality MR, not CT"),
     ({"sop_class": "1.2.840.10008.5.1.4.1.1.7"}, "Secondary Capture Image Storage"),
     ({"orientation": (1, 0, 0, 0, 0, -1)}, "not axial"),
@@ -219,3 +229,77 @@ def test_rules_from_settings():
                      rules=rules)
     assert selection.series_instance_uid == "5.2"
     assert SelectionRules.from_settings(Settings()).lung_kernels == tuple(Settings().lung_kernels)
+
+
+# -- ORIGINAL/SECONDARY axial reconstructions (issue 10) ---------------------------------------
+
+
+def test_original_secondary_axial_is_eligible_after_primary():
+    only = pick(series("5.1", image_type=("ORIGINAL", "SECONDARY", "AXIAL")))
+    assert only.series_instance_uid == "5.1"
+    assert "ORIGINAL/SECONDARY" in only.reason
+    # a PRIMARY series wins even with a soft kernel and thicker slices
+    both = pick(series("5.1", image_type=("ORIGINAL", "SECONDARY", "AXIAL"), kernel="FC51", thickness=0.5),
+                series("5.2", kernel="FC07", thickness=2.0))
+    assert both.series_instance_uid == "5.2"
+    assert both.rejected["5.1"] == ("eligible but ranked below 5.2: ORIGINAL/SECONDARY ranks after "
+                                    "ORIGINAL/PRIMARY")
+    # among SECONDARY series the kernel and thickness preferences hold
+    two = pick(series("6.1", image_type=("ORIGINAL", "SECONDARY", "AXIAL"), kernel="FC07", thickness=1.0),
+               series("6.2", image_type=("ORIGINAL", "SECONDARY", "AXIAL"), kernel="FC51", thickness=2.0))
+    assert two.series_instance_uid == "6.2"
+    assert "not a lung kernel (FC07)" in two.rejected["6.1"]
+
+
+def test_a_series_mixing_primary_and_secondary_ranks_as_secondary():
+    mixed = series("7.1")
+    mixed[3].ImageType = ["ORIGINAL", "SECONDARY", "AXIAL"]
+    selection = pick(mixed, series("7.2", kernel="FC07"))
+    assert selection.series_instance_uid == "7.2"
+
+
+def test_none_eligible_reason_lists_number_and_description():
+    reformat = series("8.1", image_type=("DERIVED", "SECONDARY", "REFORMATTED"))
+    for ds in reformat:
+        ds.SeriesNumber = 602
+        ds.SeriesDescription = "Cor\x1b[31m MPR 3mm"
+    selection = pick(reformat, series("8.2", modality="MR"))
+    assert selection.series_instance_uid is None
+    assert 'series 602 "Cor [31m MPR 3mm" 8.1: derived image(s)' in selection.reason
+    assert "8.2: modality MR, not CT" in selection.reason
+    assert "\x1b" not in selection.reason
+
+
+def _rewritten(tmp_path: Path, name: str, image_type: list[str]) -> Path:
+    """A copy of a real series with every instance's ImageType rewritten."""
+    import pydicom
+
+    out = tmp_path / f"{name}-{'-'.join(image_type)}"
+    out.mkdir()
+    for f in sorted(need(LUNG_PET_CT / name).iterdir()):
+        ds = pydicom.dcmread(f)
+        ds.ImageType = image_type
+        ds.save_as(out / f.name)
+    return out
+
+
+def test_real_series_rewritten_to_original_secondary_axial_is_picked(tmp_path):
+    path = _rewritten(tmp_path, "A0002-siemens-B70f-8mm", ["ORIGINAL", "SECONDARY", "AXIAL"])
+    headers = read_series_headers(path)
+    selection = select_series(headers, SelectionRules.from_settings(Settings()))
+    assert selection.series_instance_uid == next(iter(headers))
+    assert "ORIGINAL/SECONDARY, B70f (lung kernel), 8 mm, 30 slices" in selection.reason
+
+
+def test_real_series_rewritten_to_derived_reformat_is_not_picked(tmp_path):
+    path = _rewritten(tmp_path, "A0002-siemens-B70f-8mm", ["DERIVED", "SECONDARY", "REFORMATTED"])
+    headers = read_series_headers(path)
+    selection = select_series(headers, SelectionRules.from_settings(Settings()))
+    assert selection.series_instance_uid is None
+    (uid,) = headers
+    assert selection.rejected[uid].startswith("derived image(s)")
+    assert "DERIVED/SECONDARY/REFORMATTED" in selection.reason
+    # beside the soft-kernel PRIMARY series of the same study, that one is picked
+    headers.update(read_series_headers(need(LUNG_PET_CT / "A0002-siemens-B40f-8mm")))
+    selection = select_series(headers, SelectionRules.from_settings(Settings()))
+    assert headers[selection.series_instance_uid][0].ConvolutionKernel == "B40f"

@@ -1,8 +1,10 @@
 """The factory that picks a scorer: :func:`get_scorer`.
 
-``CT_TRIAGE_SCORER`` chooses: ``classical`` (default, transparent, needs no weights)
-or ``unet`` (a small 3D U-Net whose weights come from ``CT_TRIAGE_UNET_WEIGHTS``;
-nothing is downloaded). Scorers are cached per process; a changed weights file
+``CT_TRIAGE_SCORER`` chooses: ``classical`` (default, transparent, needs no weights),
+``hybrid`` (classical lungs, lesions from the 2D network shipped with the package,
+:mod:`worker.scoring.hybrid`; ``CT_TRIAGE_LESION_WEIGHTS`` may name other weights) or
+``unet`` (a small 3D U-Net whose weights come from ``CT_TRIAGE_UNET_WEIGHTS``; nothing
+is downloaded). Scorers are cached per process; a changed weights file
 (path, mtime or size) builds a new one. Importing this module does not import torch:
 the implementation modules (which do) are imported when a scorer is first built.
 """
@@ -30,6 +32,13 @@ def get_scorer(settings: Settings) -> Scorer:
     weights = Path(settings.unet_weights or "")
     if kind == "classical":
         key: tuple = ("classical",)
+    elif kind == "hybrid":
+        path = Path(settings.lesion_weights).expanduser() if settings.lesion_weights else _shipped_lesion_weights()
+        try:
+            stat = path.stat()
+            key = ("hybrid", str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            key = ("hybrid", str(path), None, None)
     elif kind == "unet":
         if not settings.unet_weights:
             raise ConfigError(
@@ -43,7 +52,7 @@ def get_scorer(settings: Settings) -> Scorer:
         except OSError:
             key = ("unet", str(path), None, None)
     else:
-        raise ConfigError(f"CT_TRIAGE_SCORER must be classical or unet, got {settings.scorer!r}")
+        raise ConfigError(f"CT_TRIAGE_SCORER must be classical, hybrid or unet, got {settings.scorer!r}")
     with _cache_lock:
         scorer = _cache.get(key)
         if scorer is None:
@@ -51,12 +60,22 @@ def get_scorer(settings: Settings) -> Scorer:
                 from worker.scoring.classical import ClassicalScorer  # imports torch: only when used
 
                 scorer = ClassicalScorer()
+            elif kind == "hybrid":
+                from worker.scoring.hybrid import HybridScorer  # imports torch: only when used
+
+                scorer = HybridScorer(Path(key[1]))
             else:
                 from worker.scoring.unet import UNetScorer  # imports torch: only when used
 
                 scorer = UNetScorer(weights)
             _cache[key] = scorer
     return scorer
+
+
+def _shipped_lesion_weights() -> Path:
+    """The weights file shipped in the package (``worker/scoring/weights/lesion_net.pt``),
+    named without importing :mod:`worker.scoring.lesion_net` (which imports torch)."""
+    return Path(__file__).resolve().parent / "weights" / "lesion_net.pt"
 
 
 def clear_cache() -> None:

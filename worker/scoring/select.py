@@ -1,10 +1,18 @@
 """Which series of a study to score: declarative rules, as MONAI Deploy's series selector.
 
-A series is eligible when it is a CT image (single- or multi-frame), axial, ORIGINAL and
-PRIMARY, not a localizer, and has enough slices. Among eligible series the best is the
-one with a lung kernel, then the thinnest slices, then the most slices; ties go to the
-lowest Series Instance UID so the choice never depends on arrival order. Works on
-headers only (``stop_before_pixels``).
+A series is eligible when it is a CT image (single- or multi-frame), axial, ORIGINAL
+(acquired pixels: PRIMARY, or SECONDARY for an axial reconstruction made afterwards on the
+scanner console, as public collections and real consoles send), and has enough slices.
+Refused, each with its reason: DERIVED images (reformats, MPR, MIP, MinIP, subtractions),
+any image whose ImageType names a localizer, a reformat, a projection, a screen save or
+a dose report (``excluded_image_type``), non-CT SOP classes (secondary captures, dose
+SRs), other modalities, non-axial orientations and too few slices.
+
+Among eligible series the best is a PRIMARY one over a SECONDARY one, then the one with a
+lung kernel, then the thinnest slices, then the most slices; ties go to the lowest Series
+Instance UID so the choice never depends on arrival order. When none is eligible the
+reason lists every series (number, description, UID) with why it was passed over. Works
+on headers only (``stop_before_pixels``).
 """
 
 from __future__ import annotations
@@ -29,8 +37,14 @@ __all__ = ["CT_IMAGE_STORAGE", "ENHANCED_CT_IMAGE_STORAGE", "SelectionRules", "s
 class SelectionRules:
     modality: str = "CT"
     sop_class_uids: tuple[str, ...] = CT_IMAGE_SOP_CLASSES
-    required_image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY")
-    excluded_image_type: tuple[str, ...] = ("LOCALIZER",)
+    required_image_type: tuple[str, ...] = ("ORIGINAL",)
+    # one of these must be present too; the earlier ones rank first
+    accepted_image_kind: tuple[str, ...] = ("PRIMARY", "SECONDARY")
+    excluded_image_type: tuple[str, ...] = (
+        "LOCALIZER", "DERIVED", "REFORMATTED", "MPR", "MIP", "MINIP", "MINIMUM", "MAXIMUM",
+        "PROJECTION IMAGE", "SCREEN SAVE", "SCREENSHOT", "DOSE INFO", "DOSE_INFO",
+        "DOSE REPORT", "DOSE_REPORT",
+    )
     require_axial: bool = True
     min_slices: int = 20
     # preferred, matched case-insensitively and exactly against any ConvolutionKernel value
@@ -62,16 +76,18 @@ class _Candidate:
     lung_kernel: bool
     thickness_mm: float | None
     label: str  # for messages: series number, description, kernel
+    kind: str = "PRIMARY"  # the accepted ImageType value it carries
+    kind_rank: int = 0
 
     def rank_key(self) -> tuple:
         thickness = self.thickness_mm if self.thickness_mm is not None else math.inf
-        return (not self.lung_kernel, thickness, -self.slices, self.uid)
+        return (self.kind_rank, not self.lung_kernel, thickness, -self.slices, self.uid)
 
     def summary(self) -> str:
         kernel = "/".join(self.kernels) or "no kernel"
         kind = "lung kernel" if self.lung_kernel else "not a lung kernel"
         thickness = "unknown thickness" if self.thickness_mm is None else f"{self.thickness_mm:g} mm"
-        return f"{self.label}: {kernel} ({kind}), {thickness}, {self.slices} slices"
+        return f"{self.label}: ORIGINAL/{self.kind}, {kernel} ({kind}), {thickness}, {self.slices} slices"
 
 
 def select_series(headers_by_series: Mapping[str, Sequence[Dataset]],
@@ -89,7 +105,8 @@ def select_series(headers_by_series: Mapping[str, Sequence[Dataset]],
         else:
             candidates.append(_candidate(uid, headers, rules))
     if not candidates:
-        listed = "; ".join(f"{uid}: {why}" for uid, why in rejected.items())
+        listed = "; ".join(f"{_series_label(headers_by_series[uid])} {uid}: {why}"
+                           for uid, why in rejected.items())
         return Selection(None, f"no eligible series ({listed})", rejected)
     candidates.sort(key=_Candidate.rank_key)
     best = candidates[0]
@@ -118,12 +135,15 @@ def _ineligible(headers: Sequence[Dataset], rules: SelectionRules) -> str | None
         image_type = {str(v).strip().upper() for v in _values(ds.get("ImageType"))}
         frame_type = _functional(ds, "CTImageFrameTypeSequence", "FrameType")
         image_type |= {str(v).strip().upper() for v in _values(frame_type)}
-        missing = [t for t in rules.required_image_type if t not in image_type]
-        if missing:
-            return f"ImageType {'/'.join(_values(ds.get('ImageType'))) or '(none)'} lacks {' and '.join(missing)}"
+        shown = '/'.join(_values(ds.get('ImageType'))) or '(none)'
         excluded = [t for t in rules.excluded_image_type if t in image_type]
         if excluded:
-            return f"{excluded[0].lower()} image(s) (ImageType contains {excluded[0]})"
+            return f"{_EXCLUDED_WHAT.get(excluded[0], excluded[0].lower() + ' image(s)')} (ImageType {shown})"
+        missing = [t for t in rules.required_image_type if t not in image_type]
+        if missing:
+            return f"ImageType {shown} lacks {' and '.join(missing)}"
+        if rules.accepted_image_kind and not image_type & set(rules.accepted_image_kind):
+            return f"ImageType {shown} lacks {' or '.join(rules.accepted_image_kind)}"
     if rules.require_axial:
         problem = _not_axial(headers)
         if problem:
@@ -132,6 +152,52 @@ def _ineligible(headers: Sequence[Dataset], rules: SelectionRules) -> str | None
     if slices < rules.min_slices:
         return f"too few slices: {slices} (at least {rules.min_slices} needed)"
     return None
+
+
+_EXCLUDED_WHAT = {
+    "LOCALIZER": "localizer image(s)",
+    "DERIVED": "derived image(s) (a reformat, projection or other post-processing)",
+    "REFORMATTED": "reformatted image(s)",
+    "MPR": "multiplanar reformat",
+    "MIP": "maximum intensity projection",
+    "MAXIMUM": "maximum intensity projection",
+    "MINIP": "minimum intensity projection",
+    "MINIMUM": "minimum intensity projection",
+    "PROJECTION IMAGE": "projection image(s)",
+    "SCREEN SAVE": "screen capture",
+    "SCREENSHOT": "screen capture",
+    "DOSE INFO": "dose report",
+    "DOSE_INFO": "dose report",
+    "DOSE REPORT": "dose report",
+    "DOSE_REPORT": "dose report",
+}
+
+
+def _image_kind(headers: Sequence[Dataset], rules: SelectionRules) -> tuple[str, int]:
+    """The best-ranked accepted ImageType value the series carries, and its rank."""
+    ranks = []
+    for ds in headers:
+        image_type = {str(v).strip().upper() for v in _values(ds.get("ImageType"))}
+        frame_type = _functional(ds, "CTImageFrameTypeSequence", "FrameType")
+        image_type |= {str(v).strip().upper() for v in _values(frame_type)}
+        ranks.append(min((i for i, k in enumerate(rules.accepted_image_kind) if k in image_type), default=0))
+    rank = max(ranks) if ranks else 0  # a series is as good as its worst instance
+    kind = rules.accepted_image_kind[rank] if rules.accepted_image_kind else ""
+    return kind, rank
+
+
+def _series_label(headers: Sequence[Dataset]) -> str:
+    """``series N "description"`` of a series for messages (description cleaned, 64 chars)."""
+    if not headers:
+        return "series"
+    first = headers[0]
+    number = first.get("SeriesNumber")
+    description = "".join(c if c.isprintable() else " " for c in str(first.get("SeriesDescription", "")))
+    description = " ".join(description.split())[:64]
+    parts = [f"series {number}" if number is not None else "series"]
+    if description:
+        parts.append(f'"{description}"')
+    return " ".join(parts)
 
 
 def _not_axial(headers: Sequence[Dataset]) -> str | None:
@@ -156,9 +222,8 @@ def _candidate(uid: str, headers: Sequence[Dataset], rules: SelectionRules) -> _
     kernels = [str(v).strip() for v in _values(first.get("ConvolutionKernel"))]
     if not kernels:
         kernels = [str(v).strip() for v in _values(_functional(first, "CTReconstructionSequence", "ConvolutionKernel"))]
-    number = first.get("SeriesNumber")
-    description = str(first.get("SeriesDescription", "")).strip()
-    label = " ".join(p for p in (f"series {number}" if number is not None else "series", description) if p)
+    label = _series_label(headers)
+    kind, kind_rank = _image_kind(headers, rules)
     return _Candidate(
         uid=uid,
         slices=_slice_count(headers),
@@ -166,13 +231,17 @@ def _candidate(uid: str, headers: Sequence[Dataset], rules: SelectionRules) -> _
         lung_kernel=rules.is_lung_kernel(kernels),
         thickness_mm=_thickness(headers),
         label=label,
+        kind=kind,
+        kind_rank=kind_rank,
     )
 
 
 def _why_below(other: _Candidate, best: _Candidate) -> str:
+    if best.kind_rank < other.kind_rank:
+        return f"ORIGINAL/{other.kind} ranks after ORIGINAL/{best.kind}"
     if best.lung_kernel and not other.lung_kernel:
         return f"not a lung kernel ({'/'.join(other.kernels) or 'none'})"
-    if best.rank_key()[1] < other.rank_key()[1]:
+    if best.rank_key()[2] < other.rank_key()[2]:
         return f"thicker slices ({_mm(other.thickness_mm)} vs {_mm(best.thickness_mm)})"
     if best.slices > other.slices:
         return f"fewer slices ({other.slices} vs {best.slices})"

@@ -1,0 +1,232 @@
+"""The hybrid scorer: lungs from the classical pipeline, lesions from the learned 2D network.
+
+What
+    1. Lungs, the left/right split, the airway removal and the dense-lung fill come from
+       :class:`~worker.scoring.classical.ClassicalScorer` unchanged (their thresholds are
+       documented there), on its working grid (~1.4 mm pixels).
+    2. The lesion probability comes from :mod:`worker.scoring.lesion_net`, run on the
+       lung-bearing working slices only, batched (``BATCH``), on ``cuda`` when the device
+       says so. Each slice is pooled from the original HU like the working grid (but not
+       clipped at +600 HU, so bone looks as in the training images), mapped to gray by the
+       fitted window of ``lesion_net``, cropped to that slice's lung box plus
+       ``CROP_MARGIN_MM`` (never smaller than ``MIN_CROP_FRACTION`` of the volume's largest
+       lung box, so apex and base slices are not blown up beyond what the training crops
+       show), resized to the network input, scored with a left-right flip averaged in
+       (``FLIP``), and the probability resized back into the crop.
+    3. Along z the network runs on slices at most ``NET_STEP_MM`` apart (every slice of a
+       >= 2.5 mm series; every second slice of 1.25 mm data; every third of 0.8 mm...);
+       the probability of the slices between is interpolated linearly. Lesions that count
+       for triage span centimetres; MosMedData itself is scored on 8 mm slices.
+    4. Lesion = lung voxel with probability >= the threshold stored with the weights
+       (chosen on held-out pseudo-labelled volumes, never on the validation slices), then
+       3D components under ``MIN_LESION_ML`` dropped (as the classical scorer does).
+       Vessels and airways: the network was trained on masks that leave vessels and
+       bronchi out; the classical lung mask already excludes the trachea and main
+       bronchi, and lesion voxels denser than ``VESSEL_HU`` that are thin (vanish under a
+       ``VESSEL_OPEN_MM`` opening, so not consolidation) are dropped: those are vessels
+       a blurred probability map reaches into.
+    5. Ground glass and consolidation: lesion voxels at or above ``CONSOLIDATION_HU``
+       (working-grid HU, 3x3 mean) are consolidation, the rest ground glass; reported in
+       ``Segmentation.notes`` as volumes. The HU band is the Fleischner glossary's
+       (ground glass: hazy increase that does not obscure vessels, ~-700..-300 HU;
+       consolidation: obscures them, soft-tissue density).
+
+Everything after (volumes, %, category, boxes) is ``pipeline.measure``'s, as for every
+scorer, so the hybrid and the classical scorer are compared on the same arithmetic.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from ct_triage.errors import ConfigError
+from worker.scoring.base import Segmentation
+from worker.scoring.device import configure_torch
+from worker.scoring.volume import Volume
+
+NAME = "ct-triage-hybrid"
+VERSION = "0.1.0"
+
+NET_STEP_MM = 2.5
+CROP_MARGIN_MM = 8.0
+MIN_CROP_FRACTION = 0.6
+BATCH = 16
+FLIP = True
+MIN_LESION_ML = 0.2
+VESSEL_HU = -300.0
+VESSEL_OPEN_MM = 5.0
+CONSOLIDATION_HU = -300.0
+
+
+class HybridScorer:
+    name = NAME
+    version = VERSION
+
+    def __init__(self, weights_path: Path | None = None, threshold: float | None = None):
+        from worker.scoring import lesion_net
+
+        configure_torch()
+        self.weights_path = Path(weights_path) if weights_path else lesion_net.DEFAULT_WEIGHTS
+        try:
+            self.model, self.meta = lesion_net.load_weights(self.weights_path)
+        except lesion_net.WeightsError as exc:
+            raise ConfigError(str(exc)) from exc
+        self.threshold = float(threshold if threshold is not None else self.meta.get("threshold", 0.5))
+        self.version = f"{VERSION}+{lesion_net.sha256_of(self.weights_path)[:12]}"
+        self._models = {"cpu": self.model}
+
+    def _model_on(self, device: str):
+        if device not in self._models:
+            from worker.scoring.lesion_net import LesionNet
+
+            model = LesionNet(**self.model.config())
+            model.load_state_dict(self.model.state_dict())
+            self._models[device] = model.to(torch.device(device)).eval()
+        return self._models[device]
+
+    def segment(self, volume: Volume, device: str = "cpu") -> Segmentation:
+        from worker.scoring.classical import ClassicalScorer
+
+        t = time.perf_counter()
+        base = ClassicalScorer().segment(volume, device)
+        timings = {f"classical.{k}": v for k, v in base.timings.items()}
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            prob, hu_w, scored = lesion_probability(self._model_on(device), volume, base.lung, base.factor,
+                                                    base.spacing_mm, device)
+        timings["network"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        lesion, ggo, cons = lesion_mask(prob, hu_w, base.lung, base.spacing_mm, self.threshold)
+        timings["lesion_mask"] = time.perf_counter() - t2
+        timings["total"] = time.perf_counter() - t
+        vox = base.voxel_volume_ml
+        notes = list(base.notes) + [
+            f"lesion network on {scored} slices (threshold {self.threshold:g})",
+            f"ground glass {ggo * vox:.1f} ml, consolidation {cons * vox:.1f} ml "
+            f"(split at {CONSOLIDATION_HU:g} HU)",
+        ]
+        return Segmentation(lung=base.lung, left=base.left, lesion=lesion, factor=base.factor,
+                            original_shape=base.original_shape, spacing_mm=base.spacing_mm,
+                            timings=timings, notes=notes)
+
+
+def _pooled_slices(hu: np.ndarray, zs: list[int], factor: tuple[int, int, int]) -> torch.Tensor:
+    """Working-grid slices ``zs`` pooled from the original HU (air-padded, not clipped above)."""
+    fz, fy, fx = factor
+    z, r, c = hu.shape
+    out = []
+    for zw in zs:
+        part = torch.from_numpy(np.ascontiguousarray(hu[zw * fz: min(z, (zw + 1) * fz)])).float()
+        part = part.clamp(min=-1024.0)
+        pad_r, pad_c = (-r) % fy, (-c) % fx
+        if pad_r or pad_c:
+            part = F.pad(part, (0, pad_c, 0, pad_r), value=-1024.0)
+        out.append(F.avg_pool2d(part.mean(0, keepdim=True)[None], kernel_size=(fy, fx))[0, 0])
+    return torch.stack(out)
+
+
+def _crop_boxes(lung: np.ndarray, zs: list[int], spacing: tuple[float, float, float]
+                ) -> list[tuple[int, int, int, int]]:
+    """(r0, r1, c0, c1) per slice: the slice's lung box plus the margin, at least a fraction of the largest."""
+    _, R, C = lung.shape
+    mr = int(round(CROP_MARGIN_MM / spacing[1]))
+    mc = int(round(CROP_MARGIN_MM / spacing[2]))
+    boxes = []
+    rows_any = np.asarray(lung.any(axis=2))
+    cols_any = np.asarray(lung.any(axis=1))
+    spans = []
+    for zw in zs:
+        rr = np.flatnonzero(rows_any[zw])
+        cc = np.flatnonzero(cols_any[zw])
+        spans.append((rr[0], rr[-1] + 1, cc[0], cc[-1] + 1))
+    max_h = max(b[1] - b[0] for b in spans) + 2 * mr
+    max_w = max(b[3] - b[2] for b in spans) + 2 * mc
+    for r0, r1, c0, c1 in spans:
+        h = max(r1 - r0 + 2 * mr, int(MIN_CROP_FRACTION * max_h))
+        w = max(c1 - c0 + 2 * mc, int(MIN_CROP_FRACTION * max_w))
+        rc, cc_ = (r0 + r1) // 2, (c0 + c1) // 2
+        r0n = int(np.clip(rc - h // 2, 0, max(0, R - h)))
+        c0n = int(np.clip(cc_ - w // 2, 0, max(0, C - w)))
+        boxes.append((r0n, min(R, r0n + h), c0n, min(C, c0n + w)))
+    return boxes
+
+
+def lesion_probability(model, volume: Volume, lung: np.ndarray, factor: tuple[int, int, int],
+                       spacing: tuple[float, float, float], device: str
+                       ) -> tuple[np.ndarray, np.ndarray, int]:
+    """(probability on the working grid, working-grid HU of the lung slices, slices scored)."""
+    from worker.scoring.lesion_net import hu_to_gray, probability
+
+    shape = lung.shape
+    prob = np.zeros(shape, dtype=np.float32)
+    hu_w = np.full(shape, -1024.0, dtype=np.float32)
+    lung_z = np.flatnonzero(lung.any(axis=(1, 2)))
+    if lung_z.size == 0:
+        return prob, hu_w, 0
+    step = max(1, int(np.floor(NET_STEP_MM / spacing[0] + 1e-6)))
+    zs = list(lung_z[::step])
+    if zs[-1] != lung_z[-1]:
+        zs.append(int(lung_z[-1]))
+    all_z = [int(z) for z in lung_z]
+    hu_all = _pooled_slices(volume.hu, all_z, factor)
+    for i, zw in enumerate(all_z):
+        hu_w[zw] = hu_all[i].numpy()
+    boxes = _crop_boxes(lung, zs, spacing)
+    size = model.size
+    dev = torch.device(device)
+    index = {z: i for i, z in enumerate(all_z)}
+    scored = np.zeros((len(zs),) + shape[1:], dtype=np.float32)
+    for b0 in range(0, len(zs), BATCH):
+        batch_z = zs[b0:b0 + BATCH]
+        crops = []
+        for k, zw in enumerate(batch_z):
+            r0, r1, c0, c1 = boxes[b0 + k]
+            g = hu_to_gray(hu_all[index[zw], r0:r1, c0:c1])
+            crops.append(F.interpolate(g[None, None], size=(size, size), mode="bilinear",
+                                       align_corners=False, antialias=True)[0])
+        x = torch.stack(crops).to(dev)
+        p = probability(model, x, flip=FLIP).float().cpu()
+        for k in range(len(batch_z)):
+            r0, r1, c0, c1 = boxes[b0 + k]
+            scored[b0 + k, r0:r1, c0:c1] = F.interpolate(p[k:k + 1], size=(r1 - r0, c1 - c0), mode="bilinear",
+                                                         align_corners=False)[0, 0].numpy()
+    # interpolate along z between scored slices
+    zs_arr = np.asarray(zs)
+    for zw in all_z:
+        j = int(np.searchsorted(zs_arr, zw))
+        if j < len(zs) and zs_arr[j] == zw:
+            prob[zw] = scored[j]
+        else:
+            lo, hi = zs_arr[j - 1], zs_arr[j]
+            w = (zw - lo) / (hi - lo)
+            prob[zw] = (1 - w) * scored[j - 1] + w * scored[j]
+    return prob, hu_w, len(zs)
+
+
+def lesion_mask(prob: np.ndarray, hu_w: np.ndarray, lung: np.ndarray, spacing: tuple[float, float, float],
+                threshold: float) -> tuple[np.ndarray, int, int]:
+    """(lesion mask, ground-glass voxels, consolidation voxels); see the module docstring."""
+    lesion = (prob >= threshold) & lung
+    if not lesion.any():
+        return lesion, 0, 0
+    S = ndimage.uniform_filter(hu_w, size=(1, 3, 3), mode="nearest")
+    dense = lesion & (S >= VESSEL_HU)
+    if dense.any():
+        k = max(1, int(round(VESSEL_OPEN_MM / spacing[1])))
+        wide = ndimage.binary_opening(dense, structure=np.ones((1, k, k), dtype=bool))
+        lesion &= ~(dense & ~wide)
+    voxel_ml = spacing[0] * spacing[1] * spacing[2] / 1000.0
+    lab, n = ndimage.label(lesion, structure=np.ones((3, 3, 3), dtype=bool))
+    if n:
+        sizes = np.bincount(lab.ravel(), minlength=n + 1)
+        small = sizes * voxel_ml < MIN_LESION_ML
+        small[0] = False
+        lesion[small[lab]] = False
+    cons = int((lesion & (S >= CONSOLIDATION_HU)).sum())
+    return lesion, int(lesion.sum()) - cons, cons

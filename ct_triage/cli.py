@@ -170,6 +170,9 @@ def cmd_status(args, settings: Settings) -> int:
     with session_scope(session_factory) as session:
         rows = repository.series_status(session, limit=args.limit)
         results = repository.result_status(session, limit=args.limit)
+        from worker.priors import change_label, changes_by_study  # issue 12: comparison with priors
+
+        changes = changes_by_study(session, [r.study_instance_uid for r in results])
     now = utcnow()
     print("SERIES")
     if args.wide:
@@ -192,20 +195,21 @@ def cmd_status(args, settings: Settings) -> int:
     print("\nRESULTS (worklist order: priority, then arrival)")
     if args.wide:
         _print_table(
-            ["priority", "study_instance_uid", "ver", "status", "category", "involvement_%", "scored", "ups",
-             "deliveries", "reason"],
+            ["priority", "study_instance_uid", "ver", "status", "category", "involvement_%", "change", "scored",
+             "ups", "deliveries", "reason"],
             [[r.priority, r.study_instance_uid, str(r.version), r.status, r.category or "-",
-              f"{r.involvement_percent:.1f}" if r.involvement_percent is not None else "-", _fmt_time(r.scored_at),
-              r.workitem_state or "-", ", ".join(f"{d}: {state}" for d, state in r.deliveries) or "-",
-              r.reason or ""] for r in results],
+              f"{r.involvement_percent:.1f}" if r.involvement_percent is not None else "-",
+              change_label(changes.get(r.study_instance_uid)), _fmt_time(r.scored_at), r.workitem_state or "-",
+              ", ".join(f"{d}: {state}" for d, state in r.deliveries) or "-", r.reason or ""] for r in results],
             "(no results yet)")
     else:
         _print_table(
-            ["priority", "study", "ver", "status", "category", "involv_%", "scored", "ups", "deliveries", "reason"],
+            ["priority", "study", "ver", "status", "category", "involv_%", "change", "scored", "ups", "deliveries",
+             "reason"],
             [[r.priority, _short_uid(r.study_instance_uid), str(r.version), r.status, r.category or "-",
               f"{r.involvement_percent:.1f}" if r.involvement_percent is not None else "-",
-              _short_time(r.scored_at), r.workitem_state or "-", _delivery_summary(r.deliveries), r.reason or ""]
-             for r in results],
+              change_label(changes.get(r.study_instance_uid)), _short_time(r.scored_at), r.workitem_state or "-",
+              _delivery_summary(r.deliveries), r.reason or ""] for r in results],
             "(no results yet)", max_width=COMPACT_WIDTH)
     problems = [(r, d) for r in results for d in r.delivery_errors]
     if problems:

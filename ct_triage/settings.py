@@ -115,6 +115,21 @@ class Settings:
     hl7_receiving_facility: str = _f("", "MSH-6 Receiving Facility.")
     hl7_ack_timeout_s: float = _f(30.0, "Seconds to wait for the connection and for each HL7 ACK; a timeout "
                                         "is retried with the delivery backoff.")
+    prior_sources: list[str] = _lf(
+        [], "Comma-separated PACS AET@host:port asked (C-FIND, Study Root) for the patient's earlier CT "
+        "studies, retrieved with C-MOVE to AE_TITLE and scored as priors. Empty: compare only with studies "
+        "ct-triage scored itself."
+    )
+    prior_lookback_days: float = _f(
+        30.0, "Earlier studies of the same patient (Patient ID + Issuer) this recent are priors.")
+    prior_max_count: int = _f(3, "At most this many priors (the most recent) are compared with a study.")
+    progression_relative_percent: float = _f(
+        50.0, "Relative increase of total involvement (%) that is 'progression' (MosMedData Table 2: +50 %).")
+    progression_min_hours: float = _f(0.0, "Progression rule window, shortest interval between acquisitions (h).")
+    progression_max_hours: float = _f(48.0, "Progression rule window, longest interval between acquisitions (h).")
+    progression_min_points: float = _f(
+        5.0, "Progression also needs at least this many percentage points of increase (guards tiny shares).")
+    stable_points: float = _f(5.0, "A change smaller than this (percentage points) is reported as stable.")
     poll_interval_s: float = _f(1.0, "How often the completeness tracker and the embedded queue look for work.")
     log_level: str = _f("INFO", "Logging level.")
     http_host: str = _f(
@@ -210,6 +225,18 @@ class Settings:
             raise ConfigError(f"{PREFIX}SR_MAX_LESIONS must be >= 0, got {self.sr_max_lesions}")
         for dest in self.destinations:
             parse_destination(dest)
+        for source in self.prior_sources:
+            try:
+                parse_destination(source)
+            except ConfigError:
+                raise ConfigError(f"{PREFIX}PRIOR_SOURCES entry {source!r} is not AET@host:port") from None
+        if self.prior_lookback_days <= 0 or self.prior_max_count < 0:
+            raise ConfigError(f"{PREFIX}PRIOR_LOOKBACK_DAYS must be > 0 and {PREFIX}PRIOR_MAX_COUNT >= 0")
+        if not 0 <= self.progression_min_hours <= self.progression_max_hours:
+            raise ConfigError(f"{PREFIX}PROGRESSION_MIN_HOURS must be >= 0 and <= {PREFIX}PROGRESSION_MAX_HOURS")
+        if self.progression_relative_percent <= 0 or self.progression_min_points < 0 or self.stable_points < 0:
+            raise ConfigError(f"{PREFIX}PROGRESSION_RELATIVE_PERCENT must be > 0; {PREFIX}PROGRESSION_MIN_POINTS "
+                              f"and {PREFIX}STABLE_POINTS >= 0")
         if not 0 <= self.http_port < 65536:
             raise ConfigError(f"{PREFIX}HTTP_PORT must be 0..65535, got {self.http_port}")
         if self.http_port and not is_loopback(self.http_host) and not self.http_token:

@@ -611,8 +611,11 @@ def result_status(session: Session, limit: int = 200) -> list[ResultStatusRow]:
     """Latest result per study, in worklist order (priority, then oldest first)."""
     latest = (select(Result.study_fk, func.max(Result.version).label("version"))
               .group_by(Result.study_fk).subquery())
+    from db.followup import not_a_prior_clause  # retrieved priors are compared with, never read from the worklist
+
     results = session.scalars(
         select(Result).join(latest, (Result.study_fk == latest.c.study_fk) & (Result.version == latest.c.version))
+        .join(Study, Study.id == Result.study_fk).where(not_a_prior_clause())
         .order_by(Result.scored_at).limit(limit)).all()
     workitems = dict(session.execute(select(UpsWorkitem.result_fk, UpsWorkitem.state)
                                      .where(UpsWorkitem.result_fk.in_([r.id for r in results]))).all())

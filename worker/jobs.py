@@ -28,6 +28,7 @@ from db.priority import priority_for
 from db.session import session_scope
 from db.states import DeliveryState, SeriesState
 from db.types import utcnow
+from worker import priors
 from worker.scoring.base import Scorer
 from worker.scoring.result import ScoreResult
 from worker.worklist import add_worklist_entries
@@ -134,6 +135,7 @@ def score_study(ctx: WorkerContext, job_id: int) -> str:
         job = repository.get_job(session, job_id)
         study = job.study
         chosen = next((s for s in study.series if s.series_instance_uid == score.series_instance_uid), None)
+        followup = priors.prepare(session, study, chosen.id if chosen else None, score, ctx.settings)  # issue 12
         result = repository.add_result(session, job, chosen.id if chosen else None, {
             "status": score.status, "reason": score.reason, "category": score.category, "priority": score.priority,
             "involvement_percent": score.involvement_percent,
@@ -144,9 +146,11 @@ def score_study(ctx: WorkerContext, job_id: int) -> str:
             "device": score.device, "seconds": score.seconds, "result_json": json.dumps(score.to_json()),
             "received_at": received_at, "stable_at": stable_at, "scoring_started_at": started_at,
             "scored_at": scored_at, "masks_path": masks_path})
+        result_id = result.id
+        followup.record(session, result)
         _settle_series(session, study, chosen, score, scored_at)
         repository.finish_job(session, job, scored_at, score.reason if score.status == "failed" else None)
-        if chosen is not None:
+        if chosen is not None and not followup.is_prior:  # a retrieved prior is only compared with
             delivery_ids = repository.add_deliveries(session, result, destinations, scored_at)
         # The UPS workitem (superseding older versions') and the HL7 outbox rows, same transaction.
         delivery_ids += add_worklist_entries(session, ctx.settings, result, score)
@@ -154,6 +158,7 @@ def score_study(ctx: WorkerContext, job_id: int) -> str:
              score.category or "-", f"{score.involvement_percent:.1f}" if score.involvement_percent is not None
              else "-", score.priority, score.seconds, score.reason or score.model)
     publish_deliveries(ctx, delivery_ids)
+    priors.after_result(ctx, result_id)  # later studies it is a prior of; PACS prior searches
     return score.status
 
 

@@ -1,7 +1,7 @@
 """UPS worklist (workitems, subscriptions, event outbox) and the delivery channel (dicom | hl7)
 
 Revision ID: 0003
-Revises: 0004
+Revises: 0005
 Create Date: 2026-11-30 09:40:00
 
 Tables (documented in README, "Putting ct-triage into the reading workflow"):
@@ -19,7 +19,7 @@ from alembic import op
 import db.types
 
 revision = '0003'
-down_revision = '0004'
+down_revision = '0005'
 branch_labels = None
 depends_on = None
 

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import repository
 from db.session import session_scope
+from ct_triage.text import clean
 from dicom_node import status
 from dicom_node.metadata import RejectedInstance, read_instance_record
 from dicom_node.spool import Spool
@@ -39,8 +40,10 @@ class AssociationStats:
 
 
 class StoreService:
-    def __init__(self, spool: Spool, session_factory: sessionmaker[Session], on_series_stable=None):
+    def __init__(self, spool: Spool, session_factory: sessionmaker[Session], on_series_stable=None,
+                 max_instance_bytes: int = 1024 * 2**20):
         self.spool = spool
+        self.max_instance_bytes = max_instance_bytes
         self.session_factory = session_factory
         self.on_series_stable = on_series_stable or (lambda: None)
         # Stores of the same SOP Instance UID are serialized so "keep the first copy"
@@ -61,7 +64,7 @@ class StoreService:
             return
         seconds = time.monotonic() - stats.started
         log.info("association %s from %s %s after %.2f s: stored=%d duplicates=%d failed=%d %.1f MB",
-                 stats.calling_ae_title, stats.address, how, seconds, stats.stored, stats.duplicates,
+                 clean(stats.calling_ae_title, 16), stats.address, how, seconds, stats.stored, stats.duplicates,
                  stats.failed, stats.bytes / 1e6)
         if stats.study_uids:
             self.on_series_stable()  # an association ending may complete a study
@@ -91,7 +94,9 @@ class StoreService:
             record = read_instance_record(temp_path, affected_sop_class_uid=sop_class_uid,
                                           affected_sop_instance_uid=sop_instance_uid,
                                           transfer_syntax_uid=str(event.context.transfer_syntax),
-                                          calling_ae_title=calling)
+                                          calling_ae_title=calling, max_bytes=self.max_instance_bytes,
+                                          scratch_dir=self.spool.tmp_dir,
+                                          room_left=lambda written: self.spool.has_room_for(written))
         except RejectedInstance as rejected:
             stats.failed += 1
             return self._reject(rejected.status_code, rejected.reason, assoc, sop_class_uid, sop_instance_uid,
@@ -114,7 +119,7 @@ class StoreService:
             except SQLAlchemyError as exc:
                 stats.failed += 1
                 log.error("database unavailable while indexing %s: %s", sop_instance_uid,
-                          str(exc).splitlines()[0][:300])
+                          clean(str(exc).splitlines()[0] if str(exc) else exc, 300))
                 return status.OUT_OF_RESOURCES_DATABASE
         if result is None:
             stats.duplicates += 1
@@ -151,8 +156,8 @@ class StoreService:
     def _log_outcome(self, record: repository.InstanceRecord, outcome: repository.StoreOutcome) -> None:
         if outcome.created_series:
             log.info("series %s of study %s: %s (%s%s)", record.series_instance_uid, record.study_instance_uid,
-                     outcome.series_state, record.modality or "?",
-                     f", {record.not_applicable_reason}" if record.not_applicable_reason else "")
+                     outcome.series_state, clean(record.modality, 16),
+                     f", {clean(record.not_applicable_reason)}" if record.not_applicable_reason else "")
         if outcome.reopened:
             log.info("series %s reopened by a late instance: version %d, receiving",
                      record.series_instance_uid, outcome.series_version)
@@ -163,11 +168,14 @@ class StoreService:
     def _reject(self, status_code: int, reason: str, assoc, sop_class_uid: str, sop_instance_uid: str,
                 temp_path: Path | None) -> int:
         quarantine = None
-        if temp_path is not None and status_code != status.OUT_OF_RESOURCES_DISK_FLOOR:
+        if temp_path is not None and status_code not in (status.OUT_OF_RESOURCES_DISK_FLOOR,
+                                                         status.OUT_OF_RESOURCES_TOO_LARGE):
             quarantine = self.spool.quarantine(temp_path, f"{int(time.time() * 1000)}-{sop_instance_uid}")
-        log.warning("C-STORE from %s refused with 0x%04X (%s): %s; SOP class %s",
-                    assoc.requestor.ae_title, status_code, status.NAMES.get(status_code, "failure"), reason,
-                    UID(sop_class_uid).name if sop_class_uid else "?")
+        reason = clean(reason, 500)
+        log.warning("C-STORE from %s at %s refused with 0x%04X (%s): %s; SOP class %s",
+                    clean(assoc.requestor.ae_title, 16), assoc.requestor.address, status_code,
+                    status.NAMES.get(status_code, "failure"), reason,
+                    clean(UID(sop_class_uid).name if sop_class_uid else "?", 80))
         try:
             with session_scope(self.session_factory) as session:
                 repository.record_rejection(session, status_code=status_code, reason=reason,

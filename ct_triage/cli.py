@@ -13,6 +13,8 @@ from ct_triage.errors import CtTriageError
 from ct_triage.runtime import log_effective_config, open_database, setup_logging
 from ct_triage.settings import Settings
 
+from ct_triage.text import clean
+
 log = logging.getLogger("ct_triage")
 
 
@@ -108,6 +110,8 @@ def _fmt_time(value) -> str:
 
 
 def _print_table(headers: list[str], table: list[list[str]], empty: str) -> None:
+    # Cells can hold scanner-sent text (modality, reasons quoting attributes): one line each.
+    table = [[clean(cell, 300) for cell in row] for row in table]
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(headers)]
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
     for row in table:

@@ -121,8 +121,19 @@ def handle_released(event, store: StoreService) -> None:
     store.association_ended(event.assoc, "released")
 
 
+def abort_reason(assoc) -> str:
+    """Why an association ended in an abort, for its one log line."""
+    reason = getattr(assoc, "ct_abort_reason", None)
+    if reason:
+        return reason
+    dul = getattr(assoc, "dul", None)
+    if dul is not None and dul.idle_timer_expired():
+        return f"network timeout: no complete PDU for {assoc.network_timeout:.0f} s"
+    return "A-ABORT from the peer or connection lost"
+
+
 def handle_aborted(event, store: StoreService) -> None:
-    store.association_ended(event.assoc, "aborted")
+    store.association_ended(event.assoc, f"aborted ({abort_reason(event.assoc)})")
 
 
 def build_tls_context(settings: Settings) -> ssl.SSLContext:

@@ -63,7 +63,8 @@ class StoreService:
         if stats is None:
             return
         seconds = time.monotonic() - stats.started
-        log.info("association %s from %s %s after %.2f s: stored=%d duplicates=%d failed=%d %.1f MB",
+        level = logging.WARNING if how.startswith("aborted") else logging.INFO
+        log.log(level, "association %s from %s %s after %.2f s: stored=%d duplicates=%d failed=%d %.1f MB",
                  clean(stats.calling_ae_title, 16), stats.address, how, seconds, stats.stored, stats.duplicates,
                  stats.failed, stats.bytes / 1e6)
         if stats.study_uids:

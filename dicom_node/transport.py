@@ -112,8 +112,9 @@ def abort_connection(dul: DULServiceProvider, reason: str) -> None:
         return
     rx.dead = True
     assoc = dul.assoc
-    log.warning("association from %s aborted: %s", peer_of(assoc), reason)
     assoc.__dict__["ct_abort_reason"] = reason
+    if not assoc.is_established:  # an established one is logged once when it ends (with this reason)
+        log.warning("connection from %s aborted: %s", peer_of(assoc), reason)
     sock = dul.socket.socket if dul.socket is not None else None
     if sock is not None:
         try:

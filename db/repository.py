@@ -86,6 +86,11 @@ def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
     return session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
 
 
+def instance_paths(session: Session) -> set[str]:
+    """Storage paths of every indexed instance (start-up check of the spool)."""
+    return set(session.scalars(select(Instance.path)))
+
+
 def count_duplicate(session: Session, instance: Instance) -> None:
     session.execute(update(Series).where(Series.id == instance.series_fk)
                     .values(duplicate_count=Series.duplicate_count + 1))

@@ -192,3 +192,20 @@ def read_instance_record(path: Path, *, affected_sop_class_uid: str, affected_so
     except Exception as exc:  # a value pydicom cannot convert (garbage in a text or number element)
         raise RejectedInstance(f"unreadable attribute value: {clean_exception(exc, 400)}",
                                status.CANNOT_UNDERSTAND) from exc
+
+
+def read_spooled_file(path: Path, *, max_bytes: int, scratch_dir: Path | None = None) -> InstanceRecord:
+    """The record of a file already in the spool (start-up indexing): its own UIDs stand in
+    for the C-STORE request's, its file meta gives the transfer syntax."""
+    try:
+        with open(path, "rb") as fh:
+            read_preamble(fh, True)
+            meta = _read_file_meta_info(fh)
+        sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
+        sop_instance = str(meta.get("MediaStorageSOPInstanceUID", ""))
+        syntax = str(meta.get("TransferSyntaxUID", ""))
+    except Exception as exc:  # noqa: BLE001 - a damaged file: refused like a damaged C-STORE
+        raise RejectedInstance(f"unreadable file meta: {clean_exception(exc)}", status.CANNOT_UNDERSTAND) from exc
+    return read_instance_record(path, affected_sop_class_uid=sop_class, affected_sop_instance_uid=sop_instance,
+                                transfer_syntax_uid=syntax, calling_ae_title=None, max_bytes=max_bytes,
+                                scratch_dir=scratch_dir)

@@ -155,11 +155,11 @@ class DicomNode:
                            quarantine_max_bytes=settings.quarantine_max_mb * 2**20)
         self.store = StoreService(self.spool, session_factory, on_series_stable=self._wake_tracker,
                                   max_instance_bytes=settings.max_instance_mb * 2**20)
-        self.commitment = CommitmentService(session_factory)
+        self.commitment = CommitmentService(session_factory, wait_indexed=lambda: self.store.indexer.flush(60))
         self.tracker = CompletenessTracker(session_factory, publisher, stable_age_s=settings.stable_age_s,
                                            max_receive_s=settings.max_receive_s,
                                            poll_interval_s=settings.poll_interval_s,
-                                           busy_study_uids=self.store.busy_study_uids)
+                                           busy_study_uids=self.store.busy_or_pending_study_uids)
         self.allowed = [parse_allowed_caller(entry) for entry in settings.allowed_calling_aes]
         self.gate = Gate(settings.max_associations, settings.max_pending_per_address, settings.max_pending_total)
         self.ae = self._build_ae()
@@ -212,6 +212,10 @@ class DicomNode:
         self._clean_tmp()
         if not self.allowed:
             log.warning("CT_TRIAGE_ALLOWED_CALLING_AES is empty: any calling AE may store")
+        # The indexer first, then what the last run left on disk without a row: all of it
+        # is indexed before the first association is accepted.
+        self.store.indexer.start()
+        self.store.index_spooled_orphans()
         tls = build_tls_context(s) if s.tls_enabled else None
         if s.tls_enabled and s.tls_required:
             self.servers.append(self._serve(s.port, tls))
@@ -250,5 +254,6 @@ class DicomNode:
         for server in self.servers:
             server.shutdown()
         self.servers = []
+        self.store.indexer.stop()
         self.tracker.stop()
         log.info("DICOM node stopped")

@@ -66,6 +66,7 @@ def test_multi_series_study_stored_indexed_and_queued_once(start_node, database_
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(acknowledged_files(result.stdout + result.stderr)) == 420
 
+    assert running.node.store.indexer.flush()  # rows are written by the background indexer
     with running.session() as session:
         assert session.scalar(select(func.count(Instance.id))) == 420
         instances = {i.sop_instance_uid: i for i in session.scalars(select(Instance))}

@@ -30,10 +30,10 @@ sys.path.insert(0, str(REPO))
 from tests.support.scanner import STORESCU, dcmtk_env, free_port, write_ct_series  # noqa: E402
 
 
-def wait_echo(port: int, timeout: float = 60) -> None:
+def wait_echo(port: int, timeout: float = 60, called: str = "ANY-SCP") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if subprocess.run(["/usr/bin/echoscu", "127.0.0.1", str(port)], capture_output=True,
+        if subprocess.run(["/usr/bin/echoscu", "-aec", called, "127.0.0.1", str(port)], capture_output=True,
                           env=dcmtk_env()).returncode == 0:
             return
         time.sleep(0.2)
@@ -71,7 +71,7 @@ class CtTriage(Target):
         self.proc = subprocess.Popen([sys.executable, "-m", "ct_triage.cli", "node"], env=env,
                                      stdout=subprocess.DEVNULL, stderr=open(workdir / "node.log", "wb"),
                                      start_new_session=True)
-        wait_echo(port)
+        wait_echo(port, called="CTTRIAGE")  # the node checks the called AE title
         return port
 
 

@@ -3,7 +3,8 @@
 Write path: pynetdicom streams the data set into a temp file under STORAGE_DIR/tmp
 (same file system), we fsync it, hard-link it to its final hashed path (link fails
 if a copy already exists, so the first copy is never overwritten), fsync the
-directory, and only then is the instance row committed and success answered.
+directory, and only then is success answered; the row follows (dicom_node.indexer).
+The 256 instance folders exist from start-up, so that is two fsyncs per instance.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import os
 import shutil
 import threading
 from pathlib import Path
+
+from dicom_node.uids import INSTANCE_FOLDERS
 
 log = logging.getLogger("ct_triage.node.spool")
 
@@ -26,8 +29,20 @@ class Spool:
         self.quarantine_max_bytes = int(quarantine_max_bytes)
         for folder in (self.root, self.tmp_dir, self.quarantine_dir, self.root / "instances"):
             folder.mkdir(parents=True, exist_ok=True)
+        self._make_instance_folders()
         self._quarantine_lock = threading.Lock()
         self._quarantine_bytes = sum(p.stat().st_size for p in self.quarantine_dir.glob("*") if p.is_file())
+
+    def _make_instance_folders(self) -> None:
+        made = False
+        for relpath in INSTANCE_FOLDERS:
+            folder = self.root / relpath
+            if not folder.is_dir():
+                folder.mkdir(parents=True, exist_ok=True)
+                made = True
+        if made:
+            _fsync_dir(self.root / "instances")
+            _fsync_dir(self.root)
 
     def path(self, relpath: str) -> Path:
         return self.root / relpath

@@ -173,14 +173,15 @@ class StoreService:
         with session_scope(self.session_factory) as session:
             known = repository.instance_paths(session)
         records = []
-        for path in sorted((self.spool.root / "instances").glob("*/*/*.dcm")):
+        for path in sorted((self.spool.root / "instances").rglob("*.dcm")):
             relpath = path.relative_to(self.spool.root).as_posix()
             if relpath in known:
                 continue
             try:
                 record = read_spooled_file(path, max_bytes=self.max_instance_bytes, scratch_dir=self.spool.tmp_dir)
-                if record.path != relpath:
+                if Path(record.path).name != path.name:
                     raise RejectedInstance("file name does not match its SOP Instance UID", status.INVALID_UID)
+                record.path = relpath  # where it is (an older folder layout stays readable)
             except RejectedInstance as rejected:
                 log.warning("spooled file %s not indexed (moved to quarantine): %s", relpath,
                             clean(rejected.reason))
@@ -188,6 +189,14 @@ class StoreService:
                 self.spool.remove(relpath)
                 continue
             records.append(record)
+        if records:
+            with session_scope(self.session_factory) as session:
+                indexed = repository.stored_sop_instance_uids(session, [r.sop_instance_uid for r in records])
+            for record in [r for r in records if r.sop_instance_uid in indexed]:
+                # A second copy under another path (an older folder layout): the row keeps the first.
+                log.warning("spooled file %s is a second copy of an indexed instance: removed", record.path)
+                self.spool.remove(record.path)
+            records = [r for r in records if r.sop_instance_uid not in indexed]
         for record in records:
             self.indexer.submit(record)
         if records and not self.indexer.flush(timeout=600):

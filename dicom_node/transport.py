@@ -28,21 +28,32 @@ ever sent an A-ASSOCIATE-RQ. This module replaces that path, process-wide, with:
   ``get_request``, where one silent TLS client stalls every other caller).
 
 Sockets carry a timeout (the network timeout), so a send to a peer that stopped
-reading is bounded too. The DUL loop sleeps 0.2 ms when idle (pynetdicom: 1 ms).
+reading is bounded too.
+
+Idle cost: pynetdicom's DUL loop sleeps 1 ms and polls, and the association reactor
+sleeps 1 ms between looks at the DIMSE queue: per association thousands of wake-ups a
+second and up to a millisecond of latency per message. Here the DUL loop waits in
+``select()`` on its socket and an eventfd that :meth:`send_pdu` signals, and the
+acceptor's reactor waits on the DIMSE queue, each at most 20 ms (``_IDLE_WAIT_S``) so
+the timers are still checked fifty times a second.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import queue
 import select
 import socket
 import ssl
 import struct
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 from pynetdicom import evt
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
@@ -51,7 +62,8 @@ from ct_triage.text import clean, clean_exception
 
 log = logging.getLogger("ct_triage.node.transport")
 
-DUL_LOOP_DELAY_S = 0.0002  # seconds the DUL loop sleeps when idle (pynetdicom: 0.001)
+DUL_LOOP_DELAY_S = 0.0  # the DUL loop waits in select() instead (see _is_transport_event)
+_IDLE_WAIT_S = 0.02  # longest wait for the socket, a queued primitive or a DIMSE message
 _INITIAL_BUFFER = 64 * 1024
 _MAX_CONTROL_PDU = 1024 * 1024  # A-ASSOCIATE-RQ/AC/RJ, release, abort: never near this
 _UNLIMITED_PDU_CAP = 64 * 1024 * 1024  # when a maximum of 0 (unlimited) was advertised
@@ -261,7 +273,11 @@ def _deadline_passed(self: DULServiceProvider, rx: _Rx) -> str | None:
 
 
 def _is_transport_event(self: DULServiceProvider) -> bool:
-    """pynetdicom's check, but True (restart the idle timer) only for a whole PDU."""
+    """pynetdicom's check, but True (restart the idle timer) only for a whole PDU.
+
+    When nothing is readable it waits (at most ``_IDLE_WAIT_S``) for the socket or for a
+    primitive queued to send (the wake-up fd), instead of pynetdicom's sleep-and-poll.
+    """
     rx = _rx(self)
     if rx.dead or self.socket is None:
         return False
@@ -276,21 +292,85 @@ def _is_transport_event(self: DULServiceProvider) -> bool:
     if reason:
         abort_connection(self, reason)
         return False
-    if self.socket.socket is not None and self.socket._is_connected and _readable(self.socket.socket, 0):
+    sock = self.socket.socket
+    if sock is None or not self.socket._is_connected:
+        time.sleep(0.001)
+        return False
+    if _readable(sock, 0):
+        return _read_pdu_data(self)
+    if self.to_provider_queue.qsize() or not self.event_queue.empty():
+        return False
+    wake = self.__dict__.get("_ct_wake")
+    try:
+        ready, _, _ = select.select([sock, wake] if wake is not None else [sock], [], [], _IDLE_WAIT_S)
+    except (OSError, ValueError):
+        return False
+    if wake is not None and wake in ready:
+        try:
+            os.eventfd_read(wake)
+        except OSError:
+            pass
+    if sock in ready:
         return _read_pdu_data(self)
     return False
 
 
+def _send_pdu(self: DULServiceProvider, primitive) -> None:
+    _ORIGINAL["send_pdu"](self, primitive)
+    with self.__dict__.get("_ct_wake_lock") or _NO_LOCK:
+        wake = self.__dict__.get("_ct_wake")
+        if wake is not None:
+            try:
+                os.eventfd_write(wake, 1)
+            except OSError:
+                pass
+
+
+def _dul_init(self: DULServiceProvider, assoc) -> None:
+    _ORIGINAL["__init__"](self, assoc)
+    self._ct_wake_lock = threading.Lock()
+    self._ct_wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    self._ct_wake_final = weakref.finalize(self, os.close, self._ct_wake)
+
+
+def _dul_run_reactor(self: DULServiceProvider) -> None:
+    try:
+        _ORIGINAL["run_reactor"](self)
+    finally:
+        with self._ct_wake_lock:
+            self._ct_wake = None
+            self._ct_wake_final()
+
+
+def _reactor_get_msg(self, block: bool = False):
+    """The acceptor reactor polls with ``get_msg(block=False)`` and a 1 ms sleep; wait on the
+    queue instead (at most ``_IDLE_WAIT_S``), so a message is served as soon as it is whole."""
+    if block or not self.assoc.is_acceptor:
+        return _ORIGINAL["get_msg"](self, block)
+    try:
+        return self.msg_queue.get(timeout=_IDLE_WAIT_S)
+    except queue.Empty:
+        return None, None
+
+
 _installed = False
+_ORIGINAL: dict = {}
+_NO_LOCK = threading.Lock()
 
 
 def install_bounded_receive() -> None:
-    """Replace pynetdicom's DUL receive path (process-wide, idempotent)."""
+    """Replace pynetdicom's DUL receive path and its idle polling (process-wide, idempotent)."""
     global _installed
     if _installed:
         return
+    _ORIGINAL.update(send_pdu=DULServiceProvider.send_pdu, __init__=DULServiceProvider.__init__,
+                     run_reactor=DULServiceProvider.run_reactor, get_msg=DIMSEServiceProvider.get_msg)
     DULServiceProvider._read_pdu_data = _read_pdu_data
     DULServiceProvider._is_transport_event = _is_transport_event
+    DULServiceProvider.send_pdu = _send_pdu
+    DULServiceProvider.__init__ = _dul_init
+    DULServiceProvider.run_reactor = _dul_run_reactor
+    DIMSEServiceProvider.get_msg = _reactor_get_msg
     _installed = True
 
 

@@ -18,7 +18,7 @@ When a batch fails for the database (down, restarting), its records stay queued 
 are retried (0.5 s doubling to 5 s); meanwhile :attr:`healthy` is False and the
 handler answers new C-STOREs with 0xA702 instead of acknowledging more than it can
 record. A batch is at most 500 records (``MAX_BATCH``); after the first record the
-indexer waits at most 20 ms (``LINGER_S``) for company (rows lag files by about that).
+indexer waits at most 50 ms (``LINGER_S``) for company (rows lag files by about that).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from db.session import session_scope
 log = logging.getLogger("ct_triage.node.indexer")
 
 MAX_BATCH = 500
-LINGER_S = 0.02
+LINGER_S = 0.05
 RETRY_FIRST_S, RETRY_MAX_S = 0.5, 5.0
 
 OutcomeCallback = Callable[[repository.InstanceRecord, repository.StoreOutcome], None]

@@ -20,14 +20,13 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from ct_triage_tools.pacs import OrthancServer
+from ct_triage_tools.phantom import write_phantom
+from ct_triage_tools.scanner import STORESCU, dcmtk_env, free_port, wait_echo
 
-from bench.store_bench import wait_echo  # noqa: E402
-from tests.support.scanner import STORESCU, dcmtk_env, free_port  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 STABLE_AGE_S = 2.0
 
@@ -38,25 +37,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def orthanc(workdir: Path) -> tuple[subprocess.Popen, int, int]:
-    port, http = free_port(), free_port()
-    config = {"Name": "bench", "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": http,
-              "StorageDirectory": str(workdir / "orthanc"), "IndexDirectory": str(workdir / "orthanc"),
-              "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomAlwaysAllowStore": True,
-              "Plugins": []}
-    (workdir / "orthanc.json").write_text(json.dumps(config))
-    proc = subprocess.Popen(["/usr/sbin/Orthanc", str(workdir / "orthanc.json")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, env=dcmtk_env())
-    wait_echo(port)
-    return proc, port, http
-
-
-def sr_arrived(http: int, study_uid: str) -> bool:
-    request = urllib.request.Request(f"http://127.0.0.1:{http}/tools/find", method="POST",
-                                     data=json.dumps({"Level": "Series", "Query": {
-                                         "StudyInstanceUID": study_uid, "Modality": "SR"}}).encode())
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return bool(json.loads(response.read()))
+def sr_arrived(pacs: OrthancServer, study_uid: str) -> bool:
+    return bool(pacs.post("/tools/find", {"Level": "Series", "Query": {
+        "StudyInstanceUID": study_uid, "Modality": "SR"}}))
 
 
 def main() -> int:
@@ -67,7 +50,6 @@ def main() -> int:
     parser.add_argument("--gap-s", type=float, default=0.0, help="pause between studies (0: back to back)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    from worker.phantom import write_phantom
 
     out = REPO / "bench" / "out" / f"pipeline-{args.studies}x{args.slices}x{args.rows}"
     studies = []
@@ -82,7 +64,8 @@ def main() -> int:
     work = out / "run"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    pacs, pacs_port, http = orthanc(work)
+    pacs = OrthancServer(work, aet="ORTHANC", env=dcmtk_env()).start()
+    pacs_port = pacs.dicom_port
     port = free_port()
     env = {**os.environ, "CT_TRIAGE_VAR_DIR": str(work / "var"), "CT_TRIAGE_PORT": str(port),
            "CT_TRIAGE_BIND_ADDRESS": "127.0.0.1", "CT_TRIAGE_STABLE_AGE_S": str(STABLE_AGE_S),
@@ -94,25 +77,25 @@ def main() -> int:
     acked: dict[str, float] = {}
     arrived: dict[str, float] = {}
     try:
-        wait_echo(port)
+        wait_echo(port, called="CTTRIAGE")
         for folder, truth in studies:
             subprocess.run([STORESCU, "+sd", "+r", "+sp", "*.dcm", "-aec", "CTTRIAGE", "127.0.0.1", str(port), str(folder)],
                            env=dcmtk_env(), check=True, capture_output=True)
             acked[truth["study_instance_uid"]] = time.monotonic()
             for uid in acked.keys() - arrived.keys():
-                if sr_arrived(http, uid):
+                if sr_arrived(pacs, uid):
                     arrived[uid] = time.monotonic()
             time.sleep(args.gap_s)
         deadline = time.monotonic() + 60 * args.studies
         while len(arrived) < len(acked) and time.monotonic() < deadline:
             for uid in acked.keys() - arrived.keys():
-                if sr_arrived(http, uid):
+                if sr_arrived(pacs, uid):
                     arrived[uid] = time.monotonic()
             time.sleep(0.2)
     finally:
-        for proc in (serve, pacs):
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(60)
+        os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(60)
+        pacs.stop(timeout=60)
     turnaround = [arrived[uid] - acked[uid] for uid in arrived]
     missing = len(acked) - len(arrived)
     summary = {"studies": len(acked), "arrived": len(arrived), "missing": missing,

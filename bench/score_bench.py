@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 TARGET_S = 10.0
 TARGET_MB = 2048.0
@@ -37,7 +36,7 @@ def _phantom(out: Path, involvement: float, slices: int, rows: int, seed: int) -
     folder = out / f"phantom_{involvement:g}_{slices}x{rows}_s{seed}"
     truth_file = folder / "ground_truth.json"
     if not truth_file.exists():
-        from worker.phantom import write_phantom
+        from ct_triage_tools.phantom import write_phantom
 
         print(f"writing phantom to {folder} ...", file=sys.stderr, flush=True)
         write_phantom(folder, involvement, slices=slices, rows=rows, seed=seed)

@@ -21,23 +21,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
+from ct_triage_tools.pacs import OrthancServer
+from ct_triage_tools.scanner import STORESCU, dcmtk_env, free_port, wait_echo, write_ct_series
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tests.support.scanner import STORESCU, dcmtk_env, free_port, write_ct_series  # noqa: E402
-
-
-def wait_echo(port: int, timeout: float = 60, called: str = "ANY-SCP") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if subprocess.run(["/usr/bin/echoscu", "-aec", called, "127.0.0.1", str(port)], capture_output=True,
-                          env=dcmtk_env()).returncode == 0:
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"nothing answers C-ECHO on {port}")
 
 
 class Target:
@@ -97,28 +86,17 @@ class Orthanc(Target):
 
     def __init__(self):
         self.proc = None
+        self.server: OrthancServer | None = None
 
     def start(self, workdir: Path) -> int:
-        port, http = free_port(), free_port()
-        config = {"Name": "bench", "StorageDirectory": str(workdir / "orthanc"),
-                  "IndexDirectory": str(workdir / "orthanc"), "DicomPort": port, "HttpPort": http,
-                  "DicomAet": "ORTHANC", "DicomCheckCalledAet": False, "RemoteAccessAllowed": False,
-                  "AuthenticationEnabled": False, "Plugins": [], "DicomAlwaysAllowStore": True,
-                  "DicomAlwaysAllowEcho": True, "StorageCompression": False}
-        path = workdir / "orthanc.json"
-        path.write_text(json.dumps(config))
         # Orthanc's DICOM server is dcmtk: it needs TCP_NODELAY too, or Nagle costs ~40 ms per instance.
-        self.proc = subprocess.Popen(["/usr/sbin/Orthanc", str(path)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True, env=dcmtk_env())
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{http}/system", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
-        wait_echo(port)
-        return port
+        self.server = OrthancServer(workdir, aet="ORTHANC", env=dcmtk_env()).start()
+        wait_echo(self.server.dicom_port)
+        return self.server.dicom_port
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop(timeout=30)
 
 
 def send(port: int, folder: Path, called: str) -> subprocess.Popen:

@@ -1,4 +1,11 @@
-"""The ``ct-triage`` command line: thin composition of node, worker and database."""
+"""The ``ct-triage`` command line: thin composition of node, worker and database.
+
+Every handler is ``func(args, settings) -> exit code``. The offline commands (phantom,
+score, eval, train, demo) live in :mod:`ct_triage_tools.commands`; that package is
+imported only when the command line asks for one of them, for help, or for a command
+this module does not know, so ``serve``, ``node``, ``worker``, ``db``, ``status`` and
+``config`` never import it.
+"""
 
 from __future__ import annotations
 
@@ -148,16 +155,6 @@ def cmd_status(args, settings: Settings) -> int:
     return 0
 
 
-def cmd_demo(args, settings: Settings) -> int:
-    from pathlib import Path
-
-    from ct_triage.demo import print_rows, run_demo
-
-    rows = run_demo(settings, Path(args.workdir))
-    print_rows(rows)
-    return 0 if all(r.state == "in PACS" for r in rows) else 1
-
-
 def cmd_config(args, settings: Settings) -> int:
     if args.markdown:
         print("| variable | default | meaning |\n|---|---|---|")
@@ -169,7 +166,18 @@ def cmd_config(args, settings: Settings) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+DAEMON_COMMANDS = ("serve", "node", "worker", "db", "status", "config")
+
+
+def _wants_tools(argv: list[str] | None) -> bool:
+    """True unless the first word of ``argv`` that is not an option is a daemon command."""
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    return not words or words[0] not in DAEMON_COMMANDS
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for ``argv`` (default ``sys.argv[1:]``): every command, except that the
+    offline commands are left out when ``argv`` names a daemon command."""
     parser = argparse.ArgumentParser(prog="ct-triage", description="COVID-19 chest CT worklist triage daemon")
     parser.add_argument("--version", action="version", version=f"ct-triage {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -188,34 +196,26 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="series and queue state as a table")
     status.add_argument("--limit", type=int, default=200)
     status.set_defaults(func=cmd_status)
-    demo = sub.add_parser("demo", help="embedded daemon + local PACS + three phantom studies, end to end")
-    demo.add_argument("--workdir", default="var/demo", help="scratch folder (emptied first)")
-    demo.set_defaults(func=cmd_demo)
     config = sub.add_parser("config", help="print the effective settings")
     config.add_argument("--markdown", action="store_true", help="the settings table for the README")
     config.set_defaults(func=cmd_config)
-    from worker import commands as worker_commands
+    if _wants_tools(argv):
+        from ct_triage_tools import commands as tool_commands  # the offline tools, only when asked for
 
-    worker_commands.register(sub, Settings.from_env)
+        tool_commands.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
         setup_logging(settings.log_level)
-        return int(args.func(args, settings) or 0) if _takes_settings(args.func) else int(args.func(args) or 0)
+        return int(args.func(args, settings) or 0)
     except CtTriageError as exc:
         print(f"ct-triage: error: {exc}", file=sys.stderr)
         return 2
-
-
-def _takes_settings(func) -> bool:
-    import inspect
-
-    return len(inspect.signature(func).parameters) >= 2
 
 
 if __name__ == "__main__":

@@ -3,10 +3,7 @@ covid-semiseg-2d slice layout."""
 
 from __future__ import annotations
 
-import argparse
-import io
 import json
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +11,16 @@ import pytest
 from PIL import Image
 
 from ct_triage.settings import Settings
-from worker.phantom import make_phantom
-from worker.scoring.evaluate import (
+from tests.support.cli import run_tool_command
+from ct_triage_tools.phantom import make_phantom
+from ct_triage_tools.datasets import detect_layout, write_nifti_study
+from ct_triage_tools.evaluate import (
     auc,
     confusion_matrix,
-    detect_layout,
     dice,
     evaluate,
     quadratic_weighted_kappa,
     recall_per_class,
-    write_nifti_study,
 )
 from worker.scoring.load import load_nifti, nifti_array_zrc
 
@@ -119,16 +116,7 @@ def test_evaluate_mosmed_layout(mosmed, tmp_path):
 
 
 def run_command(*argv: str) -> tuple[int, str, str]:
-    from worker import commands
-
-    parser = argparse.ArgumentParser(prog="ct-triage")
-    sub = parser.add_subparsers(dest="command", required=True)
-    commands.register(sub, lambda: Settings.from_env({}, device="cpu"))
-    args = parser.parse_args(list(argv))
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = args.func(args)
-    return code, out.getvalue(), err.getvalue()
+    return run_tool_command(*argv)
 
 
 def test_eval_command_json(mosmed, tmp_path):

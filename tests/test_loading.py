@@ -14,7 +14,7 @@ import pytest
 from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
 from ct_triage.errors import CtTriageError, InvalidInput, NotApplicable
-from worker.phantom import make_phantom, write_phantom
+from ct_triage_tools.phantom import make_phantom, write_phantom
 from worker.scoring.load import (
     group_series,
     load_nifti,
@@ -253,7 +253,7 @@ def test_two_series_in_one_call_is_invalid(series_dir):
 
 
 def test_loading_and_phantom_do_not_import_torch():
-    code = ("import sys, worker.scoring, worker.scoring.load, worker.scoring.select, worker.phantom; "
+    code = ("import sys, worker.scoring, worker.scoring.load, worker.scoring.select, ct_triage_tools.phantom; "
             "sys.exit('torch' in sys.modules)")
     run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                          capture_output=True, text=True, timeout=120)

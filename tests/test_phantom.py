@@ -15,7 +15,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 from scipy import ndimage
 
-from worker.phantom import make_phantom, write_phantom
+from ct_triage_tools.phantom import make_phantom, write_phantom
 from worker.scoring.load import load_series
 from worker.scoring.result import LesionBox, category_for
 

@@ -37,7 +37,7 @@ def _tools():
 
 @pytest.fixture(scope="module")
 def phantom_35(tmp_path_factory) -> tuple[Path, dict]:
-    from worker.phantom import write_phantom
+    from ct_triage_tools.phantom import write_phantom
 
     folder = tmp_path_factory.mktemp("phantom35")
     truth = write_phantom(folder, 35, seed=3, kernels=("FC51", "FC07"), **PHANTOM)

@@ -6,11 +6,7 @@ accuracy matrix; one real-size 512 x 512 x 300 series runs end to end (``slow``)
 
 from __future__ import annotations
 
-import argparse
-import io
 import json
-import time
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +16,8 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 from ct_triage.errors import ConfigError
 from ct_triage.settings import Settings
-from worker.phantom import make_phantom, write_phantom
+from tests.support.cli import run_tool_command
+from ct_triage_tools.phantom import make_phantom, write_phantom
 from worker.scoring.pipeline import score_path, score_study, score_volume
 from worker.scoring.result import ScoreResult, category_for
 from worker.scoring.volume import Volume
@@ -304,8 +301,8 @@ def test_importing_the_pipeline_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, worker.scoring.pipeline, worker.scoring.scorer, worker.scoring.evaluate, "
-            "worker.commands; print('torch' in sys.modules)")
+    code = ("import sys, worker.scoring.pipeline, worker.scoring.registry, ct_triage_tools.evaluate, "
+            "ct_triage_tools.commands; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -314,16 +311,7 @@ def test_importing_the_pipeline_does_not_import_torch():
 
 
 def run_command(*argv: str) -> tuple[int, str, str]:
-    from worker import commands
-
-    parser = argparse.ArgumentParser(prog="ct-triage")
-    sub = parser.add_subparsers(dest="command", required=True)
-    commands.register(sub, lambda: Settings.from_env({}, device="cpu"))
-    args = parser.parse_args(list(argv))
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = args.func(args)
-    return code, out.getvalue(), err.getvalue()
+    return run_tool_command(*argv)
 
 
 REQUIRED_KEYS = {"category", "involvement_percent", "involvement_percent_left", "involvement_percent_right",
@@ -353,12 +341,10 @@ def test_phantom_and_score_commands(tmp_path):
 def test_real_size_series_end_to_end(tmp_path):
     """512 x 512 x 300 at 1 mm, written as DICOM, scored through ``ct-triage score``."""
     truth = write_phantom(tmp_path / "big", 35, seed=0)
-    t = time.perf_counter()
     code, out, _ = run_command("score", str(tmp_path / "big"), "--json")
-    wall = time.perf_counter() - t
     data = json.loads(out)
     assert code == 0 and data["status"] == "scored"
     assert abs(data["involvement_percent"] - truth["involvement_percent"]) <= 5.0
     assert data["category"] == truth["category"]
     assert data["lung_volume_ml"] == pytest.approx(truth["lung_volume_ml"], rel=0.10)
-    assert wall < 20.0  # the bench holds the 10 s target; a loaded CI box gets slack
+    # no timing assertion: bench/score_bench.py holds the 10 s target (a shared CI box is not a clock)

@@ -112,7 +112,7 @@ def test_semiseg_val_dice(shared_data, cpu):
 
     Published anchor: Semi-Inf-Net ~0.74, plain U-Net ~0.44. The classical 2D step,
     without training, gets about 0.53 (see the report)."""
-    from worker.scoring.evaluate import evaluate_semiseg
+    from ct_triage_tools.evaluate import evaluate_semiseg
 
     report = evaluate_semiseg(shared_data / "covid-semiseg-2d" / "val", cpu)
     assert report["n"] == 24

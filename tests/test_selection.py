@@ -9,7 +9,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from ct_triage.settings import Settings
-from worker.phantom import write_phantom
+from ct_triage_tools.phantom import write_phantom
 from worker.scoring.load import read_series_headers
 from worker.scoring.select import (
     CT_IMAGE_STORAGE,

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
-import io
 import json
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +11,11 @@ import torch
 
 from ct_triage.errors import ConfigError
 from ct_triage.settings import Settings
-from worker.scoring.scorer import Scorer, clear_cache, get_scorer
-from worker.scoring.unet import UNet3D, UNetScorer, load_weights, save_weights, train_unet
+from ct_triage_tools.train import train_unet
+from tests.support.cli import run_tool_command
+from worker.scoring.base import Scorer
+from worker.scoring.registry import clear_cache, get_scorer
+from worker.scoring.unet import UNet3D, UNetScorer, load_weights, save_weights
 from tests.test_eval import build_mosmed
 
 
@@ -84,17 +84,9 @@ def test_unet_scorer_end_to_end(trained):
 
 
 def test_train_command(trained, tmp_path):
-    from worker import commands
-
     root, _, _ = trained
-    parser = argparse.ArgumentParser(prog="ct-triage")
-    sub = parser.add_subparsers(dest="command", required=True)
-    commands.register(sub, lambda: Settings.from_env({}, device="cpu"))
-    args = parser.parse_args(["train", str(root), "--steps", "2", "--out", str(tmp_path / "w.pt"), "--json"])
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = args.func(args)
+    code, out, err = run_tool_command("train", str(root), "--steps", "2", "--out", str(tmp_path / "w.pt"), "--json")
     assert code == 0
-    assert json.loads(out.getvalue())["weights"] == str(tmp_path / "w.pt")
-    assert "train [2/2]" in err.getvalue()
+    assert json.loads(out)["weights"] == str(tmp_path / "w.pt")
+    assert "train [2/2]" in err
     UNetScorer(Path(tmp_path / "w.pt"))  # loads

@@ -1,6 +1,6 @@
 """Small, realistic synthetic chest CT series for the output and delivery tests.
 
-Independent of ``worker.phantom`` on purpose: these tests exercise the DICOM writers,
+Independent of ``ct_triage_tools.phantom`` on purpose: these tests exercise the DICOM writers,
 not the scoring, so they only need valid CT Image instances with the full Patient,
 General Study, Patient Study, General Series, Frame of Reference, General Equipment,
 General Image, Image Plane, Image Pixel, CT Image, VOI LUT and SOP Common modules,

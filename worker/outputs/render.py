@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 
 from ct_triage import __version__
+from worker.outputs.base import validate_inputs
 from worker.scoring.result import ROUTING, LesionBox, ScoreResult
 
 LUNG_WINDOW_CENTER = -600.0
@@ -373,8 +374,6 @@ def render_summary_png(source_datasets: Sequence[Dataset], result: ScoreResult, 
         raise TypeError(f"argument 'result' must be a ScoreResult, got {type(result).__name__}")
     datasets = list(source_datasets)
     if result.status == "scored":
-        from worker.outputs.sc import validate_inputs  # sc imports this module
-
         validate_inputs(datasets, result, 1)  # order and boxes must match the result
     pixels = render_summary(datasets, result)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from ct_triage import __version__
-from worker.outputs import sc as _sc
+from worker.outputs import base
 from worker.outputs.uids import derived_uid, output_uid
 from worker.scoring.result import ROUTING, LesionBox, ScoreResult
 
@@ -103,7 +103,7 @@ def coding_scheme_item() -> CodingSchemeIdentificationItem:
 
 def _text(name: hd.sr.CodedConcept, value: str) -> hd.sr.TextContentItem:
     return hd.sr.TextContentItem(
-        name=name, value=_sc.plain_text(value)[:10240], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        name=name, value=base.plain_text(value)[:10240], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
 
 
@@ -139,7 +139,7 @@ def _tracking(source_series: str, version: int, label: str, index: int = 0) -> h
 def _measurement_groups(datasets: Sequence[Dataset], result: ScoreResult, version: int) -> list:
     source_series = str(datasets[0].SeriesInstanceUID)
     algorithm = hd.sr.AlgorithmIdentification(
-        name=_sc.plain_text(result.model)[:64], version=_sc.plain_text(result.model_version)[:64]
+        name=base.plain_text(result.model)[:64], version=base.plain_text(result.model_version)[:64]
     )
     priority = [hd.sr.QualitativeEvaluation(WORKLIST_PRIORITY, PRIORITY_VALUES[result.priority])]
     if result.status != "scored":
@@ -251,13 +251,13 @@ def build_measurement_report(
         result_version: 1, 2, ...
         created_at: timestamp written as content/creation/series date and time (pass
             the result's own timestamp; ``None`` = deterministic default from the
-            sources, see :func:`worker.outputs.sc.resolve_created_at`).
+            sources, see :func:`worker.outputs.base.resolve_created_at`).
         series_number: default ``9100 + result_version``.
 
     Raises:
         TypeError/ValueError naming the bad argument.
     """
-    datasets = _sc.validate_inputs(source_datasets, result, result_version)
+    datasets = base.validate_inputs(source_datasets, result, result_version)
     if series_number is None:
         series_number = SR_SERIES_NUMBER_BASE + result_version
     if isinstance(series_number, bool) or not isinstance(series_number, int):
@@ -268,14 +268,14 @@ def build_measurement_report(
         raise ValueError(f"argument 'result' has unknown category {result.category!r}")
     if result.status not in STATUS_VALUES:
         raise ValueError(f"argument 'result' has unknown status {result.status!r}")
-    when = _sc.resolve_created_at(created_at, datasets)
+    when = base.resolve_created_at(created_at, datasets)
     source_series = str(datasets[0].SeriesInstanceUID)
 
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=derived_uid("ct-triage-device", result.model, result.model_version),
         name="ct-triage",
-        manufacturer_name=_sc.MANUFACTURER,
-        model_name=_sc.plain_text(result.model)[:64],
+        manufacturer_name=base.MANUFACTURER,
+        model_name=base.plain_text(result.model)[:64],
     )
     observation_context = hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(observer_type=codes.cid270.Device,
@@ -300,12 +300,12 @@ def build_measurement_report(
         series_number=series_number,
         sop_instance_uid=output_uid(source_series, result_version, "sr-instance", 0),
         instance_number=1,
-        manufacturer=_sc.MANUFACTURER,
+        manufacturer=base.MANUFACTURER,
         is_complete=True,
         is_final=False,
         is_verified=False,
-        series_description=_sc.series_description("report", result_version),
-        manufacturer_model_name=_sc.MANUFACTURER,
+        series_description=base.series_description("report", result_version),
+        manufacturer_model_name=base.MANUFACTURER,
         software_versions=__version__,
         content_date=when.date(),
         content_time=when.time(),
@@ -313,7 +313,7 @@ def build_measurement_report(
         series_time=when.time(),
         coding_schemes=[coding_scheme_item()],
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[_sc.contributing_equipment(result, when, description)],
+        contributing_equipment=[base.contributing_equipment(result, when, description)],
     )
-    _sc.freeze_times(sr, when)
+    base.freeze_times(sr, when)
     return sr

@@ -65,7 +65,7 @@ Working grid
 6. Numbers (shared by every scorer, in ``pipeline.measure``): lung and lesion volumes,
    % per lung and total, CT category, lesion count (26-connected) and per-slice boxes.
 
-Calibrated on the synthetic phantoms (worker.phantom) and checked on the real scans in
+Calibrated on the synthetic phantoms (ct_triage_tools.phantom) and checked on the real scans in
 shared/data (non-COVID patients: 1-3 % at 2.8-5.7 l). Known limits: a lung whose aerated
 part is gone entirely has nothing to grow from; consolidation against the mediastinum
 with a sharp margin can be rejected as "organ"; dense dependent atelectasis thicker
@@ -85,7 +85,7 @@ from scipy import ndimage
 
 from ct_triage.errors import NotApplicable
 from worker.scoring.device import configure_torch
-from worker.scoring.scorer import Segmentation
+from worker.scoring.base import Segmentation
 from worker.scoring.volume import Volume
 
 NAME = "ct-triage-classical"

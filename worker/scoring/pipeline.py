@@ -36,7 +36,7 @@ from worker.scoring.result import LesionBox, ScoreResult, category_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from ct_triage.settings import Settings
-    from worker.scoring.scorer import Scorer, Segmentation
+    from worker.scoring.base import Scorer, Segmentation
     from worker.scoring.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def score_volume(volume: Volume, settings: Settings, *, scorer: Scorer | None = 
         if min(volume.hu.shape[1:]) < 32:
             raise NotApplicable(f"slices of {volume.hu.shape[1]}x{volume.hu.shape[2]} pixels are too small")
         from worker.scoring.device import describe_device, resolve_device
-        from worker.scoring.scorer import get_scorer
+        from worker.scoring.registry import get_scorer
 
         t = _now()
         device = resolve_device(settings.device)

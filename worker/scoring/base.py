@@ -1,4 +1,4 @@
-"""The one interface every scorer implements, and the factory that picks one.
+"""The one interface every scorer implements: :class:`Scorer` and its :class:`Segmentation`.
 
 A scorer turns a :class:`~worker.scoring.volume.Volume` into a
 :class:`Segmentation`: three boolean masks (lungs, the patient's left lung, lesions)
@@ -8,25 +8,19 @@ boxes per original slice) is computed once, the same way for every scorer, by
 :func:`worker.scoring.pipeline.measure`. So the classical method and a trained U-Net
 are compared on exactly the same arithmetic.
 
-``CT_TRIAGE_SCORER`` chooses: ``classical`` (default, transparent, needs no weights)
-or ``unet`` (a small 3D U-Net whose weights come from ``CT_TRIAGE_UNET_WEIGHTS``;
-nothing is downloaded). This module does not import torch; the scorers import it
-when they are built.
+Implementations (:mod:`worker.scoring.classical`, :mod:`worker.scoring.unet`) import
+this module; :mod:`worker.scoring.registry` picks one. This module imports nothing else
+of the package (only the Volume type, for annotations) and never torch.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
-from ct_triage.errors import ConfigError
-
 if TYPE_CHECKING:  # pragma: no cover
-    from ct_triage.settings import Settings
     from worker.scoring.volume import Volume
 
 
@@ -75,47 +69,3 @@ class Scorer(Protocol):
         May raise ``ct_triage.errors.NotApplicable`` (e.g. no lungs in the volume).
         """
         ...
-
-
-_cache: dict[tuple, Scorer] = {}
-_cache_lock = threading.Lock()
-
-
-def get_scorer(settings: Settings) -> Scorer:
-    """The scorer ``settings.scorer`` names (cached per process; a changed weights
-    file is reloaded). Raises ConfigError for an unknown name or unusable weights."""
-    kind = (settings.scorer or "classical").strip().lower()
-    if kind == "classical":
-        key: tuple = ("classical",)
-    elif kind == "unet":
-        if not settings.unet_weights:
-            raise ConfigError(
-                "CT_TRIAGE_SCORER=unet needs CT_TRIAGE_UNET_WEIGHTS (a weights file written by "
-                "`ct-triage train`); nothing is downloaded"
-            )
-        path = Path(settings.unet_weights).expanduser()
-        try:
-            stat = path.stat()
-            key = ("unet", str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-        except OSError:
-            key = ("unet", str(path), None, None)
-    else:
-        raise ConfigError(f"CT_TRIAGE_SCORER must be classical or unet, got {settings.scorer!r}")
-    with _cache_lock:
-        scorer = _cache.get(key)
-        if scorer is None:
-            if kind == "classical":
-                from worker.scoring.classical import ClassicalScorer
-
-                scorer = ClassicalScorer()
-            else:
-                from worker.scoring.unet import UNetScorer
-
-                scorer = UNetScorer(Path(settings.unet_weights))
-            _cache[key] = scorer
-    return scorer
-
-
-def clear_cache() -> None:
-    with _cache_lock:
-        _cache.clear()

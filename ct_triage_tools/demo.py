@@ -8,95 +8,33 @@ prints what came back with the path of a PNG rendering of each summary image.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
-import socket
-import subprocess
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from ct_triage.settings import Settings
+from sqlalchemy import select
+
+from ct_triage.contract import EmbeddedPublisher
+from ct_triage.runtime import open_database
+from ct_triage.settings import Settings, parse_destination
+from ct_triage_tools.pacs import LocalPacs
+from ct_triage_tools.phantom import write_phantom
+from ct_triage_tools.ports import free_port
+from db.models import Delivery, Result, Study
+from db.session import session_scope
+from dicom_node import DicomNode
+from worker.delivery.scu import send_instances
+from worker.embedded import EmbeddedConsumer
+from worker.jobs import WorkerContext, load_result, source_datasets
+from worker.outputs.render import render_summary_png
 
 log = logging.getLogger("ct_triage.demo")
 
 # (requested involvement %, seed): one CT-1, one CT-2, one CT-3 study.
 CASES = [(12.0, 1), (38.0, 2), (62.0, 3)]
 PHANTOM = dict(slices=80, rows=256, slice_spacing_mm=4.0)
-ORTHANC = "/usr/sbin/Orthanc"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class LocalPacs:
-    """Orthanc on loopback ports, or a pynetdicom storage SCP when Orthanc is absent."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.port = _free_port()
-        self.http_port = _free_port()
-        self.process = None
-        self.server = None
-        self.kind = "Orthanc" if Path(ORTHANC).exists() else "pynetdicom store SCP"
-
-    @property
-    def destination(self) -> str:
-        return f"DEMOPACS@127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if self.kind == "Orthanc":
-            config = {"Name": "ct-triage-demo", "DicomAet": "DEMOPACS", "DicomPort": self.port,
-                      "HttpPort": self.http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-                      "StorageDirectory": str(self.folder / "db"), "IndexDirectory": str(self.folder / "db"),
-                      "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": True, "Plugins": []}
-            (self.folder / "orthanc.json").write_text(json.dumps(config))
-            self.process = subprocess.Popen([ORTHANC, str(self.folder / "orthanc.json")],
-                                            stdout=subprocess.DEVNULL, stderr=open(self.folder / "orthanc.log", "wb"))
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/system", timeout=1)
-                    return
-                except OSError:
-                    time.sleep(0.2)
-            raise RuntimeError(f"Orthanc did not start; see {self.folder / 'orthanc.log'}")
-        from pynetdicom import AE, AllStoragePresentationContexts, evt
-
-        received = self.folder / "received"
-        received.mkdir(exist_ok=True)
-
-        def on_store(event):
-            ds = event.dataset
-            ds.file_meta = event.file_meta
-            ds.save_as(received / f"{len(list(received.iterdir())):05d}.dcm", enforce_file_format=True)
-            return 0x0000
-
-        ae = AE(ae_title="DEMOPACS")
-        ae.supported_contexts = AllStoragePresentationContexts
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, on_store)])
-
-    def where(self) -> str:
-        if self.kind == "Orthanc":
-            return f"Orthanc explorer/REST at http://127.0.0.1:{self.http_port}/ (while the demo runs)"
-        return f"files under {self.folder / 'received'}"
-
-    def stop(self) -> None:
-        if self.process:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        if self.server:
-            self.server.shutdown()
 
 
 @dataclass
@@ -113,26 +51,13 @@ class DemoRow:
 
 
 def run_demo(base_settings: Settings, workdir: Path, timeout_s: float = 600) -> list[DemoRow]:
-    from ct_triage.contract import EmbeddedPublisher
-    from ct_triage.runtime import open_database
-    from db.models import Delivery, Result, Study
-    from db.session import session_scope
-    from dicom_node import DicomNode
-    from sqlalchemy import select
-    from worker.delivery.scu import send_instances
-    from worker.embedded import EmbeddedConsumer
-    from worker.jobs import WorkerContext, load_result, source_datasets
-    from worker.outputs.render import render_summary_png
-    from worker.phantom import write_phantom
-    from ct_triage.settings import parse_destination
-
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     pacs = LocalPacs(workdir / "pacs")
     pacs.start()
     settings = Settings.from_env(
-        {}, var_dir=workdir / "var", port=_free_port(), bind_address="127.0.0.1", stable_age_s=3.0,
+        {}, var_dir=workdir / "var", port=free_port(), bind_address="127.0.0.1", stable_age_s=3.0,
         poll_interval_s=0.3, destinations=[pacs.destination], min_free_disk_mb=64,
         device=base_settings.device, scorer=base_settings.scorer, unet_weights=base_settings.unet_weights,
         retry_base_s=1.0)

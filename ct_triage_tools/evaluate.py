@@ -5,7 +5,7 @@ Two layouts are recognised:
 MosMedData (doi:10.17816/DD46826)
     ``studies/CT-0/study_0001.nii.gz`` ... ``studies/CT-4/...`` and optionally
     ``masks/study_XXXX_mask.nii.gz``. Every study is scored (NIfTI, as loaded by
-    ``worker.scoring.load``); reported: the 5x5 confusion matrix (rows true, columns
+    ``worker.scoring.load``; layouts read by :mod:`ct_triage_tools.datasets`); reported: the 5x5 confusion matrix (rows true, columns
     predicted), quadratic-weighted kappa, per-class recall, the AUC of CT-0 against
     the rest with the involvement % as the score, and the lesion Dice of every study
     that has a mask (the scorer's lesion mask brought back to the original grid).
@@ -30,21 +30,21 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from ct_triage.errors import InvalidInput
-from worker.scoring.result import CATEGORIES
+from ct_triage.errors import InvalidInput, NotApplicable
+from ct_triage_tools.datasets import Study, detect_layout, gray_to_hu, mosmed_studies, semiseg_pairs
+from worker.scoring.device import resolve_device
+from worker.scoring.load import load_nifti, nifti_array_zrc
+from worker.scoring.pipeline import measure
+from worker.scoring.registry import get_scorer
+from worker.scoring.result import CATEGORIES, ScoreResult
 
 Progress = Callable[[int, int, str], None]
-
-_STUDY_RE = re.compile(r"(study_\d+)\.nii(\.gz)?$", re.IGNORECASE)
-
 
 # -- metrics -------------------------------------------------------------------------
 
@@ -119,71 +119,6 @@ def _mean(values) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-# -- layouts ---------------------------------------------------------------------------
-
-
-def detect_layout(data_dir: Path) -> tuple[str, Path]:
-    """('mosmed', folder) or ('semiseg', folder with Imgs/ and GT/)."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise InvalidInput(f"{data_dir} is not a directory")
-    if (data_dir / "studies").is_dir():
-        return "mosmed", data_dir
-    if (data_dir / "Imgs").is_dir() and (data_dir / "GT").is_dir():
-        return "semiseg", data_dir
-    for sub in ("val", "test", "train"):
-        if (data_dir / sub / "Imgs").is_dir() and (data_dir / sub / "GT").is_dir():
-            return "semiseg", data_dir / sub
-    raise InvalidInput(
-        f"{data_dir}: neither a MosMedData layout (studies/CT-0/study_0001.nii.gz, masks/) "
-        "nor a covid-semiseg-2d layout (Imgs/*.jpg + GT/*.png)"
-    )
-
-
-@dataclass
-class Study:
-    study_id: str
-    path: Path
-    category: int
-    mask: Path | None
-
-
-def mosmed_studies(data_dir: Path) -> list[Study]:
-    data_dir = Path(data_dir)
-    masks = {}
-    if (data_dir / "masks").is_dir():
-        for m in sorted((data_dir / "masks").iterdir()):
-            hit = re.match(r"(study_\d+)_mask\.nii(\.gz)?$", m.name, re.IGNORECASE)
-            if hit:
-                masks[hit.group(1).lower()] = m
-    out = []
-    for c, name in enumerate(CATEGORIES):
-        folder = data_dir / "studies" / name
-        if not folder.is_dir():
-            continue
-        for f in sorted(folder.iterdir()):
-            hit = _STUDY_RE.search(f.name)
-            if hit:
-                sid = hit.group(1).lower()
-                out.append(Study(sid, f, c, masks.get(sid)))
-    return out
-
-
-def write_nifti_study(hu_zrc: np.ndarray, spacing_mm: Sequence[float], path: Path,
-                      dtype=np.int16) -> Path:
-    """Write a (z, row, col) array as a MosMedData-style NIfTI that
-    ``worker.scoring.load.load_nifti`` reads back unchanged (axes L, P, S)."""
-    import nibabel as nib
-
-    dz, dy, dx = (float(s) for s in spacing_mm)
-    data = np.ascontiguousarray(np.transpose(np.asarray(hu_zrc), (2, 1, 0))).astype(dtype)
-    affine = np.diag([-dx, -dy, dz, 1.0])  # +i -> patient left, +j -> posterior, +k -> superior
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data, affine), str(path))
-    return path
-
-
 def _upsample(mask: np.ndarray, factor: Sequence[int], shape: Sequence[int]) -> np.ndarray:
     fz, fy, fx = factor
     out = mask
@@ -198,11 +133,6 @@ def _upsample(mask: np.ndarray, factor: Sequence[int], shape: Sequence[int]) -> 
 
 def _score_study_file(study: Study, scorer, device: str, settings, row: dict):
     """Score one NIfTI study (and its Dice when a mask exists); never raises."""
-    from ct_triage.errors import NotApplicable
-    from worker.scoring.load import load_nifti, nifti_array_zrc
-    from worker.scoring.pipeline import measure
-    from worker.scoring.result import ScoreResult
-
     try:
         volume = load_nifti(study.path)
         seg = scorer.segment(volume, device)
@@ -231,11 +161,7 @@ def evaluate_mosmed(data_dir: Path, settings, *, progress: Progress | None = Non
     if not studies:
         raise InvalidInput(f"{data_dir}: no studies/CT-*/study_XXXX.nii.gz found")
     if scorer is None:
-        from worker.scoring.scorer import get_scorer
-
         scorer = get_scorer(settings)
-    from worker.scoring.device import resolve_device
-
     device = resolve_device(settings.device)
     rows, y_true, y_pred, dices = [], [], [], []
     started = time.perf_counter()
@@ -284,46 +210,12 @@ def evaluate_mosmed(data_dir: Path, settings, *, progress: Progress | None = Non
 # -- covid-semiseg-2d -------------------------------------------------------------------
 
 
-LUNG_HU, SOFT_TISSUE_HU = -850.0, 40.0
-DEFAULT_WINDOW_GRAY = (85.0, 236.0)  # lung window -1350..+150 HU: -850 -> 85, +40 -> 236
-
-
-def gray_to_hu(gray: np.ndarray) -> tuple[np.ndarray, str]:
-    """Approximate HU of an 8-bit windowed CT slice (see module docstring)."""
-    g = np.asarray(gray, dtype=np.float32)
-    hist = np.bincount(np.clip(g, 0, 255).astype(np.int64).ravel(), minlength=256).astype(np.float64)
-    smooth = np.convolve(hist, np.ones(7) / 7.0, mode="same")
-    lo = int(np.argmax(smooth[:150]))
-    hi = 150 + int(np.argmax(smooth[150:]))
-    how = "histogram anchors"
-    if smooth[lo] < 0.002 * g.size or hi - lo < 60:
-        lo, hi = DEFAULT_WINDOW_GRAY
-        how = "default lung window"
-    hu = (g - lo) / (hi - lo) * (SOFT_TISSUE_HU - LUNG_HU) + LUNG_HU
-    return np.clip(hu, -1024.0, 600.0), how
-
-
-def semiseg_pairs(folder: Path) -> list[tuple[Path, Path]]:
-    folder = Path(folder)
-    pairs = []
-    for img in sorted((folder / "Imgs").iterdir()):
-        if img.suffix.lower() not in (".jpg", ".jpeg", ".png"):
-            continue
-        for ext in (".png", ".jpg", ".jpeg"):
-            gt = folder / "GT" / (img.stem + ext)
-            if gt.exists():
-                pairs.append((img, gt))
-                break
-    return pairs
-
-
 def evaluate_semiseg(folder: Path, settings, *, progress: Progress | None = None,
                      pixel_mm: float = 0.75) -> dict:
     """Mean per-image lesion Dice of the 2D classical lesion step."""
     from PIL import Image
 
-    from worker.scoring.classical import NAME, VERSION, segment_slice
-    from worker.scoring.device import resolve_device
+    from worker.scoring.classical import NAME, VERSION, segment_slice  # imports torch
 
     device = resolve_device(settings.device)
     pairs = semiseg_pairs(folder)

@@ -1,10 +1,12 @@
-"""Scoring sub-commands of ``ct-triage``: ``phantom``, ``score``, ``eval``, ``train``.
+"""The offline sub-commands of ``ct-triage``: ``phantom``, ``score``, ``eval``, ``train``, ``demo``.
 
-``ct_triage.cli`` calls :func:`register` with its sub-parsers and a settings factory;
-each sub-command sets ``func(args) -> exit code``. Results go to stdout (``--json``:
-exactly one JSON object), progress and messages to stderr.
+``ct_triage.cli`` calls :func:`register` with its sub-parsers (only when one of these
+commands, help or an unknown command is asked for, so the daemon's commands never import
+this package). Every handler, here as in the CLI, is ``func(args, settings) -> exit code``.
+Results go to stdout (``--json``: exactly one JSON object), progress and messages to stderr.
 
 Exit codes of ``score``: 0 scored, 2 not applicable (the reason is printed), 1 failed.
+``demo``: 0 when every phantom study's outputs reached the PACS, else 1.
 Other commands: 0 success, 1 failure.
 """
 
@@ -15,7 +17,12 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+
+from ct_triage_tools.datasets import detect_layout
+from ct_triage_tools.evaluate import evaluate, to_json
+from ct_triage_tools.phantom import write_phantom
+from worker.scoring.device import resolve_device
+from worker.scoring.pipeline import score_path
 
 _TRANSFER_SYNTAXES = {
     "explicit": "1.2.840.10008.1.2.1",
@@ -25,8 +32,11 @@ _TRANSFER_SYNTAXES = {
 }
 
 
-def register(subparsers, settings_factory: Callable[[], object]) -> None:
-    """Add ``phantom``, ``score``, ``eval`` and ``train`` to an argparse sub-parsers object."""
+TOOL_COMMANDS = ("phantom", "score", "eval", "train", "demo")
+
+
+def register(subparsers) -> None:
+    """Add the :data:`TOOL_COMMANDS` to an argparse sub-parsers object."""
     p = subparsers.add_parser("phantom", help="write a synthetic chest CT series with known involvement")
     p.add_argument("out_dir", type=Path, help="folder to write <kernel>/IM*.dcm and ground_truth.json into")
     p.add_argument("--involvement", type=float, required=True, help="lesion share of the lungs, %% (0-95)")
@@ -36,7 +46,7 @@ def register(subparsers, settings_factory: Callable[[], object]) -> None:
     p.add_argument("--kernels", default="FC51", help="comma-separated kernels, one series each (e.g. FC51,FC07)")
     p.add_argument("--transfer-syntax", choices=sorted(_TRANSFER_SYNTAXES), default="explicit")
     p.add_argument("--json", action="store_true", help="print the ground truth as JSON")
-    p.set_defaults(func=lambda args: cmd_phantom(args, settings_factory))
+    p.set_defaults(func=cmd_phantom)
 
     s = subparsers.add_parser("score", help="score a DICOM folder or file, or a NIfTI file, offline")
     s.add_argument("path", type=Path, help="DICOM folder (all series; one is selected), DICOM file or .nii[.gz]")
@@ -45,7 +55,7 @@ def register(subparsers, settings_factory: Callable[[], object]) -> None:
     s.add_argument("--scorer", choices=("classical", "unet"), help="override CT_TRIAGE_SCORER")
     s.add_argument("--weights", type=Path, help="U-Net weights file (overrides CT_TRIAGE_UNET_WEIGHTS)")
     s.add_argument("--no-boxes", action="store_true", help="leave the per-slice lesion boxes out of --json")
-    s.set_defaults(func=lambda args: cmd_score(args, settings_factory))
+    s.set_defaults(func=cmd_score)
 
     e = subparsers.add_parser("eval", help="evaluate on a MosMedData-layout or covid-semiseg-2d folder")
     e.add_argument("data_dir", type=Path, help="studies/CT-k/*.nii.gz (+ masks/) or Imgs/ + GT/")
@@ -56,7 +66,7 @@ def register(subparsers, settings_factory: Callable[[], object]) -> None:
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override CT_TRIAGE_DEVICE")
     e.add_argument("--scorer", choices=("classical", "unet"), help="override CT_TRIAGE_SCORER")
     e.add_argument("--weights", type=Path, help="U-Net weights file")
-    e.set_defaults(func=lambda args: cmd_eval(args, settings_factory))
+    e.set_defaults(func=cmd_eval)
 
     t = subparsers.add_parser("train", help="train the 3D U-Net lesion scorer on a MosMedData-layout folder")
     t.add_argument("data_dir", type=Path, help="studies/CT-k/study_XXXX.nii.gz + masks/study_XXXX_mask.nii.gz")
@@ -68,14 +78,18 @@ def register(subparsers, settings_factory: Callable[[], object]) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override CT_TRIAGE_DEVICE")
     t.add_argument("--json", action="store_true", help="print the training summary as JSON")
-    t.set_defaults(func=lambda args: cmd_train(args, settings_factory))
+    t.set_defaults(func=cmd_train)
+
+    demo = subparsers.add_parser("demo", help="embedded daemon + local PACS + three phantom studies, end to end")
+    demo.add_argument("--workdir", default="var/demo", help="scratch folder (emptied first)")
+    demo.set_defaults(func=cmd_demo)
 
 
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _settings(factory, args):
-    settings = factory()
+def _settings(settings, args):
+    """``settings`` with the command line's --device/--scorer/--weights applied."""
     changes = {}
     if getattr(args, "device", None):
         changes["device"] = args.device
@@ -123,9 +137,7 @@ class _Progress:
 # -- commands -------------------------------------------------------------------------------
 
 
-def cmd_phantom(args, settings_factory) -> int:
-    from worker.phantom import write_phantom
-
+def cmd_phantom(args, settings) -> int:
     kernels = tuple(k.strip() for k in args.kernels.split(",") if k.strip())
     _err(f"writing phantom: involvement {args.involvement:g} %, {args.slices} x {args.rows}^2, "
          f"seed {args.seed}, kernels {','.join(kernels)} -> {args.out_dir}")
@@ -144,10 +156,8 @@ def cmd_phantom(args, settings_factory) -> int:
     return 0
 
 
-def cmd_score(args, settings_factory) -> int:
-    from worker.scoring.pipeline import score_path
-
-    settings = _settings(settings_factory, args)
+def cmd_score(args, settings) -> int:
+    settings = _settings(settings, args)
     _err(f"scoring {args.path} (scorer {settings.scorer}, device {settings.device})")
     result = score_path(args.path, settings)
     data = result.to_json()
@@ -177,10 +187,8 @@ def _human(r) -> str:
     return "\n".join(lines)
 
 
-def cmd_eval(args, settings_factory) -> int:
-    from worker.scoring.evaluate import detect_layout, evaluate, to_json
-
-    settings = _settings(settings_factory, args)
+def cmd_eval(args, settings) -> int:
+    settings = _settings(settings, args)
     layout, folder = detect_layout(args.data_dir)
     figure = args.figure or Path(f"ct-triage-eval-{layout}.png")
     _err(f"evaluating {folder} ({layout} layout)")
@@ -214,11 +222,10 @@ def _human_eval(rep: dict) -> str:
     return "\n".join(out)
 
 
-def cmd_train(args, settings_factory) -> int:
-    from worker.scoring.device import resolve_device
-    from worker.scoring.unet import train_unet
+def cmd_train(args, settings) -> int:
+    from ct_triage_tools.train import train_unet  # imports torch
 
-    settings = _settings(settings_factory, args)
+    settings = _settings(settings, args)
     out = args.out or settings.unet_weights or (Path(settings.var_dir) / "unet3d.pt")
     device = resolve_device(settings.device)
     _err(f"training the 3D U-Net on {args.data_dir} for {args.steps} steps on {device} -> {out}")
@@ -231,3 +238,11 @@ def cmd_train(args, settings_factory) -> int:
               f"final loss {summary['final_loss']:.4f}, {summary['seconds']:.0f} s); "
               f"use CT_TRIAGE_SCORER=unet CT_TRIAGE_UNET_WEIGHTS={summary['weights']}")
     return 0
+
+
+def cmd_demo(args, settings) -> int:
+    from ct_triage_tools.demo import print_rows, run_demo  # imports the whole daemon
+
+    rows = run_demo(settings, Path(args.workdir))
+    print_rows(rows)
+    return 0 if all(r.state == "in PACS" for r in rows) else 1

@@ -21,6 +21,8 @@ def setup_logging(level: str = "INFO") -> None:
     logging.getLogger("alembic").setLevel(quiet)
     # Every line stays one line (peer text is escaped); pynetdicom's errors lose their
     # tracebacks below DEBUG (see ct_triage.text).
+    # Python warnings (pydicom warns about odd values, quoting them) go through logging too.
+    logging.captureWarnings(True)
     one_line = OneLineLogFilter(tracebacks=level.upper() == "DEBUG")
     for handler in logging.getLogger().handlers:
         handler.addFilter(one_line)

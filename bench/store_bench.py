@@ -91,7 +91,7 @@ class Orthanc(Target):
     def start(self, workdir: Path) -> int:
         # Orthanc's DICOM server is dcmtk: it needs TCP_NODELAY too, or Nagle costs ~40 ms per instance.
         self.server = OrthancServer(workdir, aet="ORTHANC", env=dcmtk_env()).start()
-        wait_echo(self.server.dicom_port)
+        wait_echo(self.server.dicom_port, called="ORTHANC")
         return self.server.dicom_port
 
     def stop(self) -> None:

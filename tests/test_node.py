@@ -127,6 +127,17 @@ def test_unknown_calling_ae_is_rejected_at_association(start_node, sqlite_url, t
         assert session.scalar(select(func.count(Instance.id))) == 0
 
 
+def test_called_ae_title_must_be_ours_unless_any_is_accepted(start_node, sqlite_url):
+    strict = start_node(sqlite_url)
+    result = echoscu(strict.port, called="NOTCTTRIAGE")
+    assert result.returncode != 0
+    assert "Called AE Title Not Recognized" in result.stdout + result.stderr
+    assert echoscu(strict.port, called="CTTRIAGE").returncode == 0
+    strict.node.stop()
+    relaxed = start_node(sqlite_url, accept_any_called_ae=True)
+    assert echoscu(relaxed.port, called="NOTCTTRIAGE").returncode == 0
+
+
 @pytest.fixture
 def tls_files(tmp_path):
     """A throw-away CA-less self-signed server certificate for localhost."""

@@ -79,8 +79,8 @@ def main() -> int:
     try:
         wait_echo(port, called="CTTRIAGE")
         for folder, truth in studies:
-            subprocess.run([STORESCU, "+sd", "+r", "+sp", "*.dcm", "-aec", "CTTRIAGE", "127.0.0.1", str(port), str(folder)],
-                           env=dcmtk_env(), check=True, capture_output=True)
+            subprocess.run([STORESCU, "+sd", "+r", "+sp", "*.dcm", "-aec", "CTTRIAGE", "127.0.0.1", str(port),
+                            str(folder)], env=dcmtk_env(), check=True, capture_output=True)
             acked[truth["study_instance_uid"]] = time.monotonic()
             for uid in acked.keys() - arrived.keys():
                 if sr_arrived(pacs, uid):

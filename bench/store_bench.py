@@ -31,8 +31,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 class Target:
     name = ""
+    proc: subprocess.Popen | None = None
 
     def start(self, workdir: Path) -> int: ...
+
+    def launch(self, args: list[str], port: int, env: dict, stderr, called: str = "ANY-SCP") -> int:
+        """Start ``args`` in its own session and wait until it answers C-ECHO (to ``called``) on ``port``."""
+        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+                                     start_new_session=True)
+        wait_echo(port, called=called)
+        return port
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -57,11 +65,8 @@ class CtTriage(Target):
                "CT_TRIAGE_STABLE_AGE_S": "3600", "CT_TRIAGE_LOG_LEVEL": "WARNING"}
         if self.database_url:
             env["CT_TRIAGE_DATABASE_URL"] = self.database_url
-        self.proc = subprocess.Popen([sys.executable, "-m", "ct_triage.cli", "node"], env=env,
-                                     stdout=subprocess.DEVNULL, stderr=open(workdir / "node.log", "wb"),
-                                     start_new_session=True)
-        wait_echo(port, called="CTTRIAGE")  # the node checks the called AE title
-        return port
+        return self.launch([sys.executable, "-m", "ct_triage.cli", "node"], port, env,
+                           open(workdir / "node.log", "wb"), called="CTTRIAGE")
 
 
 class DcmtkStorescp(Target):
@@ -74,11 +79,8 @@ class DcmtkStorescp(Target):
         port = free_port()
         out = workdir / "storescp"
         out.mkdir()
-        self.proc = subprocess.Popen(["/usr/bin/storescp", "-od", str(out), "--fork", str(port)],
-                                     env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
-        wait_echo(port)
-        return port
+        return self.launch(["/usr/bin/storescp", "-od", str(out), "--fork", str(port)], port, dcmtk_env(),
+                           subprocess.DEVNULL)
 
 
 class Orthanc(Target):

@@ -116,10 +116,28 @@ def _fmt_time(value) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
 
-def _print_table(headers: list[str], table: list[list[str]], empty: str) -> None:
+def _short_time(value) -> str:
+    return value.strftime("%H:%M:%S") if value else "-"
+
+
+COMPACT_WIDTH = 120  # the default `status` view fits this many columns; --wide prints everything
+_UID_WIDTH = 18
+
+
+def _short_uid(uid: str) -> str:
+    """A UID cut to 18 characters (its root and its distinguishing end); --wide shows it whole."""
+    return uid if len(uid) <= _UID_WIDTH else f"{uid[:7]}...{uid[-8:]}"
+
+
+def _print_table(headers: list[str], table: list[list[str]], empty: str, max_width: int | None = None) -> None:
+    """Columns padded to their widest cell; with ``max_width`` the last column is cut to fit."""
     # Cells can hold scanner-sent text (modality, reasons quoting attributes): one line each.
     table = [[clean(cell, 300) for cell in row] for row in table]
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(headers)]
+    if max_width is not None and table:
+        room = max(len(headers[-1]), max_width - sum(w + 2 for w in widths[:-1]))
+        table = [[*row[:-1], row[-1] if len(row[-1]) <= room else row[-1][: room - 3] + "..."] for row in table]
+        widths[-1] = min(widths[-1], room)
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
@@ -127,32 +145,69 @@ def _print_table(headers: list[str], table: list[list[str]], empty: str) -> None
         print(empty)
 
 
+def _state_text(row, stable_age_s: float, now) -> str:
+    """``receiving (quiet for 4 s of 15 s)`` while a series waits out its quiet period."""
+    if row.state != "receiving" or row.last_received_at is None:
+        return row.state
+    quiet = max(0, int((now - row.last_received_at).total_seconds()))
+    return f"receiving (quiet for {quiet} s of {stable_age_s:g} s)"
+
+
 def cmd_status(args, settings: Settings) -> int:
     from db import repository
     from db.session import session_scope
+    from db.types import utcnow
 
     _, session_factory = open_database(settings)
     with session_scope(session_factory) as session:
         rows = repository.series_status(session, limit=args.limit)
         results = repository.result_status(session, limit=args.limit)
+    now = utcnow()
     print("SERIES")
-    _print_table(
-        ["study_instance_uid", "series_instance_uid", "mod", "instances", "dups", "ver", "state",
-         "first_received", "last_received", "stable", "queued", "reason/flags"],
-        [[r.study_instance_uid, r.series_instance_uid, r.modality or "-", str(r.instance_count),
-          str(r.duplicate_count), str(r.version), r.state, _fmt_time(r.first_received_at),
-          _fmt_time(r.last_received_at), _fmt_time(r.stable_at), _fmt_time(r.queued_at),
-          "; ".join(filter(None, [r.state_reason or "", *r.flags]))] for r in rows],
-        "(no series received yet)")
+    if args.wide:
+        _print_table(
+            ["study_instance_uid", "series_instance_uid", "mod", "instances", "dups", "ver", "state",
+             "first_received", "last_received", "stable", "queued", "reason/flags"],
+            [[r.study_instance_uid, r.series_instance_uid, r.modality or "-", str(r.instance_count),
+              str(r.duplicate_count), str(r.version), r.state, _fmt_time(r.first_received_at),
+              _fmt_time(r.last_received_at), _fmt_time(r.stable_at), _fmt_time(r.queued_at),
+              "; ".join(filter(None, [r.state_reason or "", *r.flags]))] for r in rows],
+            "(no series received yet)")
+    else:
+        _print_table(
+            ["study", "series", "mod", "inst", "ver", "state", "received", "reason/flags"],
+            [[_short_uid(r.study_instance_uid), _short_uid(r.series_instance_uid), r.modality or "-",
+              str(r.instance_count), str(r.version), _state_text(r, settings.stable_age_s, now),
+              _short_time(r.last_received_at), "; ".join(filter(None, [r.state_reason or "", *r.flags]))]
+             for r in rows],
+            "(no series received yet)", max_width=COMPACT_WIDTH)
     print("\nRESULTS (worklist order)")
-    _print_table(
-        ["priority", "study_instance_uid", "ver", "status", "category", "involvement_%", "scored",
-         "deliveries", "reason"],
-        [[r.priority, r.study_instance_uid, str(r.version), r.status, r.category or "-",
-          f"{r.involvement_percent:.1f}" if r.involvement_percent is not None else "-", _fmt_time(r.scored_at),
-          ", ".join(f"{d}: {state}" for d, state in r.deliveries) or "-", r.reason or ""] for r in results],
-        "(no results yet)")
+    if args.wide:
+        _print_table(
+            ["priority", "study_instance_uid", "ver", "status", "category", "involvement_%", "scored",
+             "deliveries", "reason"],
+            [[r.priority, r.study_instance_uid, str(r.version), r.status, r.category or "-",
+              f"{r.involvement_percent:.1f}" if r.involvement_percent is not None else "-", _fmt_time(r.scored_at),
+              ", ".join(f"{d}: {state}" for d, state in r.deliveries) or "-", r.reason or ""] for r in results],
+            "(no results yet)")
+    else:
+        _print_table(
+            ["priority", "study", "ver", "status", "category", "involv_%", "scored", "deliveries", "reason"],
+            [[r.priority, _short_uid(r.study_instance_uid), str(r.version), r.status, r.category or "-",
+              f"{r.involvement_percent:.1f}" if r.involvement_percent is not None else "-",
+              _short_time(r.scored_at), _delivery_summary(r.deliveries), r.reason or ""] for r in results],
+            "(no results yet)", max_width=COMPACT_WIDTH)
     return 0
+
+
+def _delivery_summary(deliveries: list[tuple[str, str]]) -> str:
+    """``2/2 delivered`` or ``1/2 delivered, 1 retrying``; ``-`` when there are none."""
+    if not deliveries:
+        return "-"
+    states = [state for _, state in deliveries]
+    done = states.count("delivered")
+    others = sorted({s for s in states if s != "delivered"})
+    return ", ".join([f"{done}/{len(states)} delivered", *(f"{states.count(s)} {s}" for s in others)])
 
 
 def cmd_config(args, settings: Settings) -> int:
@@ -195,6 +250,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     db_sub.add_parser("upgrade", help="apply migrations").set_defaults(func=cmd_db_upgrade)
     status = sub.add_parser("status", help="series and queue state as a table")
     status.add_argument("--limit", type=int, default=200)
+    status.add_argument("--wide", action="store_true", help="full UIDs and every time stamp (wider than 120 columns)")
     status.set_defaults(func=cmd_status)
     config = sub.add_parser("config", help="print the effective settings")
     config.add_argument("--markdown", action="store_true", help="the settings table for the README")

@@ -10,6 +10,7 @@ row itself is the message: the in-process consumer polls the jobs table.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 SCORE_STUDY = "ct_triage.score_study"
@@ -19,6 +20,14 @@ QUEUE_GPU = "gpu"
 QUEUE_IO = "io"
 
 TASK_QUEUES = {SCORE_STUDY: QUEUE_GPU, DELIVER_OUTPUTS: QUEUE_IO}
+
+# The SOP classes of the series ct-triage scores: CT Image Storage and Enhanced CT Image
+# Storage. The node marks any other series not applicable at its first instance, the
+# worker reads only these, series selection accepts only these. (Legacy Converted
+# Enhanced CT Image Storage, 1.2.840.10008.5.1.4.1.1.2.2, is not among them.)
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+CT_IMAGE_SOP_CLASSES: tuple[str, ...] = (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +71,27 @@ class CeleryPublisher:
 # Redis redelivers an unacknowledged task after this many seconds; it must exceed the
 # longest task (scoring a study, delivering to a slow PACS) or tasks run twice.
 VISIBILITY_TIMEOUT_S = 3600
+
+
+def publish_in_order(publisher: Publisher, task_name: str, ids: Iterable[int],
+                     mark_published: Callable[[int], None]) -> list[int]:
+    """Publish each committed row's ID, then ``mark_published(id)``; returns the IDs published.
+
+    Stops at the first failure (the broker is down: the rest would fail too) with one
+    warning; what was not published keeps its published_at empty and is published on
+    the node's next sweep.
+    """
+    what = "job" if task_name == SCORE_STUDY else "delivery"
+    published = []
+    for row_id in ids:
+        try:
+            publisher.publish(task_name, row_id)
+        except Exception as exc:  # any broker error: the row stays unpublished, retried next sweep
+            log.warning("publishing %s %d failed, will retry: %s", what, row_id, exc)
+            break
+        mark_published(row_id)
+        published.append(row_id)
+    return published
 
 
 def make_publisher(broker_url: str) -> Publisher:

@@ -10,18 +10,21 @@ from ct_triage.text import OneLineLogFilter
 
 log = logging.getLogger("ct_triage")
 
+LIBRARY_LOGGERS = ("pynetdicom", "highdicom", "alembic")
+
 
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    # pynetdicom at DEBUG dumps whole data sets (patient name, birth date): keep it
-    # at WARNING unless ct-triage itself runs at DEBUG.
+    # Libraries log at WARNING unless ct-triage itself runs at DEBUG: pynetdicom at DEBUG
+    # dumps whole data sets (patient name, birth date), highdicom logs ~20 INFO lines per
+    # object it builds, alembic a few per command.
     quiet = logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING
-    logging.getLogger("pynetdicom").setLevel(quiet)
-    logging.getLogger("alembic").setLevel(quiet)
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(quiet)
     # Every line stays one line (peer text is escaped); pynetdicom's errors lose their
-    # tracebacks below DEBUG (see ct_triage.text).
-    # Python warnings (pydicom warns about odd values, quoting them) go through logging too.
+    # tracebacks below DEBUG (see ct_triage.text). Python warnings (pydicom warns about
+    # odd values, quoting them) go through logging too.
     logging.captureWarnings(True)
     one_line = OneLineLogFilter(tracebacks=level.upper() == "DEBUG")
     for handler in logging.getLogger().handlers:

@@ -75,7 +75,8 @@ class Settings:
     dimse_timeout_s: float = _f(60.0, "DIMSE message timeout.")
     network_timeout_s: float = _f(60.0, "Idle network timeout of an association.")
     max_pdu_bytes: int = _f(1048576, "Maximum PDU size we receive (0: unlimited).")
-    min_free_disk_mb: int = _f(1024, "Refuse C-STORE with 0xA700 when free space under STORAGE_DIR would drop below this.")
+    min_free_disk_mb: int = _f(
+        1024, "Refuse C-STORE with 0xA700 when free space under STORAGE_DIR would drop below this.")
     stable_age_s: float = _f(15.0, "Quiet period after the last instance before a series is stable.")
     max_receive_s: float = _f(3600.0, "Force a series complete after receiving this long.")
     tls_cert: Path | None = _f(None, "PEM certificate for DICOM TLS. Empty: no TLS.")
@@ -84,7 +85,8 @@ class Settings:
     tls_required: bool = _f(False, "When true (and TLS_CERT set) PORT speaks TLS only; plain TCP is refused.")
     tls_port: int = _f(2762, "Extra TLS port when TLS is configured but not required.")
     destinations: list[str] = _lf([], "Comma-separated PACS targets AET@host:port (append '+tls' for TLS).")
-    retry_base_s: float = _f(5.0, "First retry delay of a transient delivery failure; doubles each attempt, capped at 600 s.")
+    retry_base_s: float = _f(
+        5.0, "First retry delay of a transient delivery failure; doubles each attempt, capped at 600 s.")
     device: str = _f("auto", "Scoring device: auto, cpu or cuda.")
     scorer: str = _f("classical", "Scorer: classical (default, no weights) or unet.")
     unet_weights: Path | None = _f(None, "Weights file of the 3D U-Net scorer.")
@@ -183,7 +185,9 @@ class Settings:
         """(variable, default, help) rows for the README's settings table."""
         rows = []
         for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            default = f.default
+            if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
             if isinstance(default, list):
                 default = ",".join(default)
             elif isinstance(default, bool):
@@ -212,7 +216,7 @@ def _coerce(name: str, hint, value):
     env_name = PREFIX + name.upper()
     origin = typing.get_origin(hint)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")) and args:
+    if origin in (typing.Union, __import__("types").UnionType) and args:
         if value in ("", None):
             return None
         hint = args[0]

@@ -102,10 +102,10 @@ def gray_to_hu(gray: np.ndarray) -> tuple[np.ndarray, str]:
     g = np.asarray(gray, dtype=np.float32)
     hist = np.bincount(np.clip(g, 0, 255).astype(np.int64).ravel(), minlength=256).astype(np.float64)
     smooth = np.convolve(hist, np.ones(7) / 7.0, mode="same")
-    lo = int(np.argmax(smooth[:150]))
-    hi = 150 + int(np.argmax(smooth[150:]))
+    lo: float = int(np.argmax(smooth[:150]))
+    hi: float = 150 + int(np.argmax(smooth[150:]))
     how = "histogram anchors"
-    if smooth[lo] < 0.002 * g.size or hi - lo < 60:
+    if smooth[int(lo)] < 0.002 * g.size or hi - lo < 60:
         lo, hi = DEFAULT_WINDOW_GRAY
         how = "default lung window"
     hu = (g - lo) / (hi - lo) * (SOFT_TISSUE_HU - LUNG_HU) + LUNG_HU

@@ -13,6 +13,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 
@@ -34,7 +35,7 @@ log = logging.getLogger("ct_triage.demo")
 
 # (requested involvement %, seed): one CT-1, one CT-2, one CT-3 study.
 CASES = [(12.0, 1), (38.0, 2), (62.0, 3)]
-PHANTOM = dict(slices=80, rows=256, slice_spacing_mm=4.0)
+PHANTOM: dict[str, Any] = dict(slices=80, rows=256, slice_spacing_mm=4.0)
 
 
 @dataclass
@@ -97,8 +98,9 @@ def run_demo(base_settings: Settings, workdir: Path, timeout_s: float = 600) -> 
                         row.state = "delivery failed: " + "; ".join(d.last_error or "" for d in deliveries)
                     elif deliveries and all(d.state == "delivered" for d in deliveries):
                         row.state = "in PACS"
-                        row.seconds_to_pacs = (max(d.delivered_at for d in deliveries) -
-                                               result.received_at).total_seconds()
+                        delivered = [d.delivered_at for d in deliveries if d.delivered_at is not None]
+                        if delivered and result.received_at is not None:
+                            row.seconds_to_pacs = (max(delivered) - result.received_at).total_seconds()
                         score = load_result(session, result)
                         datasets = source_datasets(session, result, score, settings.effective_storage_dir)
                         row.png = render_summary_png(datasets, score, workdir / f"summary-{row.category}.png")

@@ -4,9 +4,9 @@ Two layouts are recognised:
 
 MosMedData (doi:10.17816/DD46826)
     ``studies/CT-0/study_0001.nii.gz`` ... ``studies/CT-4/...`` and optionally
-    ``masks/study_XXXX_mask.nii.gz``. Every study is scored (NIfTI, as loaded by
-    ``worker.scoring.load``; layouts read by :mod:`ct_triage_tools.datasets`); reported: the 5x5 confusion matrix (rows true, columns
-    predicted), quadratic-weighted kappa, per-class recall, the AUC of CT-0 against
+    ``masks/study_XXXX_mask.nii.gz`` (read by :mod:`ct_triage_tools.datasets`). Every
+    study is scored (NIfTI, as loaded by ``worker.scoring.load``); reported: the 5x5
+    confusion matrix (rows true, columns predicted), quadratic-weighted kappa, per-class recall, the AUC of CT-0 against
     the rest with the involvement % as the score, and the lesion Dice of every study
     that has a mask (the scorer's lesion mask brought back to the original grid).
     Accuracy alone is never reported: 61.6 % of MosMedData is CT-1.
@@ -32,7 +32,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -139,7 +139,7 @@ def _score_study_file(study: Study, scorer, device: str, settings, row: dict):
         result = measure(volume, seg, settings)
     except NotApplicable as exc:
         return ScoreResult(status="not_applicable", reason=str(exc), model=scorer.name)
-    except Exception as exc:  # noqa: BLE001 - one bad study is reported, not fatal
+    except Exception as exc:  # one bad study is reported, not fatal
         return ScoreResult(status="failed", reason=f"{type(exc).__name__}: {exc}", model=scorer.name)
     result.model, result.model_version, result.device = scorer.name, scorer.version, device
     if study.mask is not None:
@@ -149,7 +149,7 @@ def _score_study_file(study: Study, scorer, device: str, settings, row: dict):
             if truth.shape != pred.shape:
                 raise InvalidInput(f"shape {truth.shape} != study {pred.shape}")
             row["dice"] = dice(pred, truth > 0)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # an unreadable or mismatched mask is reported in the row
             row["dice_error"] = f"{study.mask.name}: {type(exc).__name__}: {exc}"
     return result
 
@@ -163,12 +163,15 @@ def evaluate_mosmed(data_dir: Path, settings, *, progress: Progress | None = Non
     if scorer is None:
         scorer = get_scorer(settings)
     device = resolve_device(settings.device)
-    rows, y_true, y_pred, dices = [], [], [], []
+    rows: list[dict[str, Any]] = []
+    y_true: list[int] = []
+    y_pred: list[int] = []
+    dices: list[float] = []
     started = time.perf_counter()
     for i, study in enumerate(studies):
         if progress:
             progress(i, len(studies), study.path.name)
-        row = {"study": study.study_id, "file": str(study.path), "true": CATEGORIES[study.category]}
+        row: dict[str, Any] = {"study": study.study_id, "file": str(study.path), "true": CATEGORIES[study.category]}
         t0 = time.perf_counter()
         result = _score_study_file(study, scorer, device, settings, row)
         if row.get("dice") is not None:
@@ -221,7 +224,9 @@ def evaluate_semiseg(folder: Path, settings, *, progress: Progress | None = None
     pairs = semiseg_pairs(folder)
     if not pairs:
         raise InvalidInput(f"{folder}: no Imgs/*.jpg with a GT/*.png of the same name")
-    rows, dices, examples = [], [], []
+    rows: list[dict[str, Any]] = []
+    dices: list[float] = []
+    examples: list[tuple] = []
     started = time.perf_counter()
     for i, (img_path, gt_path) in enumerate(pairs):
         if progress:
@@ -233,7 +238,7 @@ def evaluate_semiseg(folder: Path, settings, *, progress: Progress | None = None
             _, lesion = segment_slice(hu, pixel_mm=pixel_mm, device=device)
             d = dice(lesion, truth)
             status = "scored"
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # one bad image is reported in its row, not fatal
             lesion, d, status = np.zeros_like(truth), 0.0, f"failed: {type(exc).__name__}: {exc}"
         d = 1.0 if d is None else d  # both empty: perfect agreement
         dices.append(d)

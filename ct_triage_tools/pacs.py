@@ -49,6 +49,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from ct_triage.settings import Destination
 from ct_triage_tools.ports import free_port
@@ -125,7 +126,8 @@ class OrthancServer:
     # -- configuration / lifecycle --------------------------------------------------------
     def config(self) -> dict:
         modalities = {
-            f"m{i}-{name.lower()}": [name, host, port] for i, (name, (host, port)) in enumerate(sorted(self.known_aets.items()))
+            f"m{i}-{name.lower()}": [name, host, port]
+            for i, (name, (host, port)) in enumerate(sorted(self.known_aets.items()))
         }
         return {
             "Name": f"ct-triage-test-{self.aet}",
@@ -183,7 +185,8 @@ class OrthancServer:
             raise OrthancError(f"Orthanc is not installed ({ORTHANC})")
         self.root.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(self.config(), indent=2))
-        args = [ORTHANC if Path(ORTHANC).exists() else shutil.which("Orthanc"), str(self.config_path)]
+        binary = ORTHANC if Path(ORTHANC).exists() else (shutil.which("Orthanc") or ORTHANC)
+        args = [binary, str(self.config_path)]
         if self.verbose:
             args.append("--verbose")
         started = time.monotonic()
@@ -319,7 +322,7 @@ class LocalPacs:
         self.kind = "Orthanc" if available() else "pynetdicom store SCP"
         self.orthanc = OrthancServer(self.folder, aet=self.AET, explorer=True) if self.kind == "Orthanc" else None
         self.port = self.orthanc.dicom_port if self.orthanc else free_port()
-        self.server = None
+        self.server: Any = None  # a pynetdicom ThreadedAssociationServer without Orthanc
 
     @property
     def destination(self) -> str:

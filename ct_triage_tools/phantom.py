@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     UID,
     CTImageStorage,
@@ -701,7 +701,7 @@ def _ground_truth(volume: Volume, lung, left, lesion, labels: _Labels, requested
 def _lesion_boxes(labels: _Labels, left: np.ndarray, sop_instance_uids: list[str]) -> list[dict]:
     """Per-slice bounding boxes (inclusive pixel coordinates) of each connected lesion;
     the keys are those of ``worker.scoring.result.LesionBox``."""
-    boxes = []
+    boxes: list[dict] = []
     if labels.box is None:
         return boxes
     z0, r0, c0 = (s.start for s in labels.box)
@@ -794,7 +794,7 @@ def _encoder_options(transfer_syntax: UID) -> dict:
     # pylibjpeg-rle is much faster than pydicom's pure-Python RLE encoder
     if transfer_syntax == RLELossless:
         try:
-            import rle  # noqa: F401  (pylibjpeg-rle)
+            import rle  # noqa: F401 - only checks that the pylibjpeg-rle encoder is installed
             return {"encoding_plugin": "pylibjpeg"}
         except ImportError:
             return {}
@@ -804,7 +804,7 @@ def _encoder_options(transfer_syntax: UID) -> dict:
 def _file_meta(sop_instance_uid: str, transfer_syntax: UID) -> FileMetaDataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     meta.TransferSyntaxUID = transfer_syntax
     meta.ImplementationClassUID = generate_uid(entropy_srcs=[_UID_ROOT, "implementation"])
     meta.ImplementationVersionName = "CTTRIAGE_PH01"

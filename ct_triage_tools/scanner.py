@@ -48,7 +48,8 @@ def write_ct_series(folder: Path, slices: int, *, rows: int = 512, columns: int 
     study_instance_uid = study_instance_uid or generate_uid(entropy_srcs=[f"study{seed}"])
     series_instance_uid = series_instance_uid or generate_uid(entropy_srcs=[f"series{seed}{series_number}"])
     base = rng.integers(0, 2000, size=(rows, columns), dtype=np.uint16)
-    paths, uids = [], []
+    paths: list[Path] = []
+    uids: list[str] = []
     for index in range(slices):
         sop_uid = generate_uid(entropy_srcs=[series_instance_uid, str(index)])
         meta = FileMetaDataset()

@@ -26,11 +26,11 @@ from ct_triage_tools.datasets import mosmed_studies
 from worker.scoring.classical import ClassicalScorer, to_working_grid
 from worker.scoring.device import configure_torch
 from worker.scoring.load import load_nifti, nifti_array_zrc
-from worker.scoring.unet import UNet3D, pad_to, normalise, save_weights
+from worker.scoring.unet import UNet3D, normalise, pad_to, save_weights
 
 
 def _training_items(data_dir: Path) -> list[tuple[Path, Path | None]]:
-    items = []
+    items: list[tuple[Path, Path | None]] = []
     for study in mosmed_studies(Path(data_dir)):
         if study.mask is not None:
             items.append((study.path, study.mask))

@@ -31,12 +31,16 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def head_revision() -> str:
-    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    if head is None:  # only with an empty versions folder
+        raise RuntimeError("no migrations found")
+    return head
 
 
 def upgrade(engine: Engine) -> str:
     """Bring the schema to head; returns the revision now current."""
     config = alembic_config(engine.url.render_as_string(hide_password=False))
+    before = current_revision(engine)
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             # The node and the workers may start together on an empty database: one
@@ -45,5 +49,8 @@ def upgrade(engine: Engine) -> str:
         config.attributes["connection"] = conn
         command.upgrade(config, "head")
     revision = current_revision(engine)
-    log.info("database schema at revision %s", revision)
-    return revision
+    if revision != before:  # said once, when a migration ran; not on every command
+        log.info("database schema upgraded from %s to revision %s", before or "empty", revision)
+    else:
+        log.debug("database schema at revision %s", revision)
+    return revision or ""

@@ -1,25 +1,30 @@
-"""Queries and state changes the node and the workers share.
+"""Every state change and query of series, jobs, results and deliveries.
 
-Functions take an open ``Session`` and never commit: the caller owns the
-transaction (and publishes tasks only after its commit).
+The node and the workers change rows only through these functions; each checks the
+state machine of :mod:`db.states`. Functions take an open ``Session`` and never
+commit: the caller owns the transaction (and publishes tasks only after its commit).
+Policy that needs more than the database (is a worker process still alive? how long
+to wait before a retry?) stays with the caller and is passed in.
 """
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Delivery, Instance, Job, Patient, RejectedInstance, Result, Series, SeriesEvent, Study
-from db.states import SETTLED, SeriesState, can_transition
+from db.states import CLAIMABLE_DELIVERY, SETTLED, DeliveryState, JobState, SeriesState, can_transition
 from db.types import utcnow
 
 
 class InvalidStateChange(Exception):
-    """A series was asked for a state change its state machine does not allow."""
+    """A series, job or delivery was asked for a state change its state machine does not allow."""
 
 
 @dataclass
@@ -160,8 +165,8 @@ def record_instances(session: Session, records: list[InstanceRecord],
             session.execute(update(Series).where(Series.id == series_fk)
                             .values(duplicate_count=Series.duplicate_count + 1)
                             .execution_options(synchronize_session=False))
-            series = session.get(Series, series_fk)
-            outcomes.append(StoreOutcome(True, series.id, series.state, series.version))
+            held = session.get_one(Series, series_fk)
+            outcomes.append(StoreOutcome(True, held.id, held.state, held.version))
             continue
         study = studies.get(rec.study_instance_uid)
         if study is None:
@@ -244,7 +249,7 @@ def geometry_flags(positions: list[float]) -> list[str]:
 
 def mark_stable(session: Session, series: Series, reason: str, now: datetime | None = None) -> None:
     positions = session.scalars(select(Instance.slice_position).where(Instance.series_fk == series.id)).all()
-    series.flags = geometry_flags(list(positions))
+    series.flags = geometry_flags([p for p in positions if p is not None])
     transition(session, series, SeriesState.STABLE, reason, now)
 
 
@@ -281,7 +286,7 @@ def create_due_jobs(session: Session, task_name: str, *, busy_study_uids: frozen
     ).all()
     job_ids = []
     for study_id in study_ids:
-        study = session.get(Study, study_id)
+        study = session.get_one(Study, study_id)
         states = {s.state for s in study.series}
         if SeriesState.RECEIVING.value in states:
             continue
@@ -291,7 +296,7 @@ def create_due_jobs(session: Session, task_name: str, *, busy_study_uids: frozen
         job = session.scalar(select(Job).where(Job.task_name == task_name, Job.study_fk == study.id,
                                                Job.study_version == study.version))
         if job is None:
-            job = Job(task_name=task_name, study_fk=study.id, study_version=study.version, state="queued",
+            job = Job(task_name=task_name, study_fk=study.id, study_version=study.version, state=JobState.QUEUED.value,
                       attempts=0, created_at=now)
             session.add(job)
             session.flush()
@@ -304,7 +309,7 @@ def create_due_jobs(session: Session, task_name: str, *, busy_study_uids: frozen
 
 
 def unpublished_job_ids(session: Session) -> list[int]:
-    return list(session.scalars(select(Job.id).where(Job.published_at.is_(None), Job.state == "queued")
+    return list(session.scalars(select(Job.id).where(Job.published_at.is_(None), Job.state == JobState.QUEUED.value)
                                 .order_by(Job.id)).all())
 
 
@@ -320,7 +325,7 @@ def unpublished_delivery_ids(session: Session, grace_s: float = 30.0, now: datet
     """
     cutoff = (now or utcnow()) - timedelta(seconds=grace_s)
     return list(session.scalars(select(Delivery.id).where(Delivery.published_at.is_(None),
-                                                          Delivery.state == "pending",
+                                                          Delivery.state == DeliveryState.PENDING.value,
                                                           Delivery.created_at <= cutoff)
                                 .order_by(Delivery.id)).all())
 
@@ -329,25 +334,209 @@ def mark_delivery_published(session: Session, delivery_id: int, now: datetime | 
     session.execute(update(Delivery).where(Delivery.id == delivery_id).values(published_at=now or utcnow()))
 
 
+# -- jobs ---------------------------------------------------------------------------------------------
+
+
+def _rowcount(result) -> int:
+    """Rows an UPDATE matched (a CursorResult's rowcount; typed loosely by SQLAlchemy)."""
+    return int(result.rowcount)
+
+
+def _set_job_state(job: Job, target: JobState) -> None:
+    if not can_transition(job.state, target):
+        raise InvalidStateChange(f"job {job.id}: {job.state} -> {target.value}")
+    job.state = target.value
+
+
 def claim_job(session: Session, job_id: int, worker: str, now: datetime | None = None) -> bool:
     """Atomically move a queued job to running; False if someone else has it or it is done."""
-    result = session.execute(update(Job).where(Job.id == job_id, Job.state == "queued")
-                             .values(state="running", worker=worker, started_at=now or utcnow(),
+    result = session.execute(update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED.value)
+                             .values(state=JobState.RUNNING.value, worker=worker, started_at=now or utcnow(),
                                      attempts=Job.attempts + 1))
-    return result.rowcount == 1
+    return _rowcount(result) == 1
+
+
+def take_over_job(session: Session, job_id: int, worker: str,
+                  may_take: Callable[[datetime | None, str | None], bool], now: datetime | None = None) -> str | None:
+    """A running job whose holder is gone, taken by ``worker``: returns the previous holder,
+    None when the job is not running or ``may_take(started_at, holder)`` says no.
+
+    A job already held by ``worker`` (a redelivered message in the same process) counts
+    as taken over. The update re-checks the holder, so two workers cannot both win.
+    """
+    now = now or utcnow()
+    job = session.get(Job, job_id)
+    if job is None or job.state != JobState.RUNNING.value:
+        return None
+    holder = job.worker
+    if holder != worker and not may_take(job.started_at, holder):
+        return None
+    taken = session.execute(update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING.value,
+                                              Job.worker == holder)
+                            .values(worker=worker, started_at=now, attempts=Job.attempts + 1))
+    return (holder or "") if _rowcount(taken) == 1 else None
+
+
+def get_job(session: Session, job_id: int) -> Job:
+    return session.get_one(Job, job_id)
+
+
+def finish_job(session: Session, job: Job, now: datetime | None = None, error: str | None = None) -> None:
+    """running -> done."""
+    _set_job_state(job, JobState.DONE)
+    job.finished_at = now or utcnow()
+    job.error = error
 
 
 def next_queued_job_id(session: Session, task_name: str) -> int | None:
-    return session.scalar(select(Job.id).where(Job.task_name == task_name, Job.state == "queued")
+    return session.scalar(select(Job.id).where(Job.task_name == task_name, Job.state == JobState.QUEUED.value)
                           .order_by(Job.id).limit(1))
 
 
 def requeue_abandoned_jobs(session: Session, task_name: str) -> list[int]:
     """Jobs left ``running`` by a process that died (embedded mode, at start)."""
-    ids = list(session.scalars(select(Job.id).where(Job.task_name == task_name, Job.state == "running")).all())
+    ids = list(session.scalars(select(Job.id).where(Job.task_name == task_name,
+                                                    Job.state == JobState.RUNNING.value)).all())
     if ids:
-        session.execute(update(Job).where(Job.id.in_(ids)).values(state="queued", worker=None))
+        session.execute(update(Job).where(Job.id.in_(ids)).values(state=JobState.QUEUED.value, worker=None))
     return ids
+
+
+def series_files(session: Session, study: Study, storage_dir: Path,
+                 sop_class_uids: Iterable[str]) -> dict[str, list[Path]]:
+    """{SeriesInstanceUID: stored files in arrival order} of the study's series of those SOP classes."""
+    classes = frozenset(sop_class_uids)
+    files: dict[str, list[Path]] = {}
+    for series in study.series:
+        if series.sop_class_uid not in classes:
+            continue
+        paths = session.scalars(select(Instance.path).where(Instance.series_fk == series.id)
+                                .order_by(Instance.id)).all()
+        files[series.series_instance_uid] = [storage_dir / p for p in paths]
+    return files
+
+
+def instance_paths(session: Session, series_id: int | None) -> dict[str, str]:
+    """{SOPInstanceUID: path relative to the storage folder} of one series (none for None)."""
+    rows = session.execute(select(Instance.sop_instance_uid, Instance.path)
+                           .where(Instance.series_fk == series_id)).all()
+    return {uid: path for uid, path in rows}
+
+
+# -- results ------------------------------------------------------------------------------------------
+
+
+def result_exists(session: Session, study_id: int, version: int) -> bool:
+    return session.scalar(select(Result.id).where(Result.study_fk == study_id, Result.version == version)) is not None
+
+
+def add_result(session: Session, job: Job, series_id: int | None, values: Mapping[str, object]) -> Result:
+    """The job's result (for its study version); ``values`` are the Result columns."""
+    result = Result(study_fk=job.study_fk, job_fk=job.id, version=job.study_version, series_fk=series_id,
+                    **values)
+    session.add(result)
+    session.flush()
+    return result
+
+
+# -- deliveries ---------------------------------------------------------------------------------------
+
+
+def _set_delivery_state(delivery: Delivery, target: DeliveryState) -> None:
+    if not can_transition(delivery.state, target):
+        raise InvalidStateChange(f"delivery {delivery.id}: {delivery.state} -> {target.value}")
+    delivery.state = target.value
+
+
+def add_deliveries(session: Session, result: Result, destinations: Iterable[str],
+                   now: datetime | None = None) -> list[int]:
+    """One pending delivery of ``result`` per destination; their ids."""
+    ids = []
+    for destination in destinations:
+        delivery = Delivery(result_fk=result.id, destination=destination, state=DeliveryState.PENDING.value,
+                            created_at=now or utcnow())
+        session.add(delivery)
+        session.flush()
+        ids.append(delivery.id)
+    return ids
+
+
+def _due(now: datetime):
+    return (Delivery.state.in_([s.value for s in CLAIMABLE_DELIVERY]),
+            or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now))
+
+
+def due_delivery_ids(session: Session, now: datetime | None = None) -> list[int]:
+    """Pending or retrying deliveries whose next attempt is due, oldest first."""
+    return list(session.scalars(select(Delivery.id).where(*_due(now or utcnow())).order_by(Delivery.id)).all())
+
+
+def claim_delivery(session: Session, delivery_id: int, worker: str,
+                   may_take: Callable[[datetime | None, str | None], bool], now: datetime | None = None) -> str | None:
+    """Atomically move a due pending/retrying delivery to sending, held by ``worker``.
+
+    Returns None when it is not due or someone else has it; "" when claimed; the previous
+    holder when a ``sending`` delivery was taken over because ``may_take(next_attempt_at,
+    holder)`` says that holder is gone.
+    """
+    now = now or utcnow()
+    claimed = session.execute(
+        update(Delivery).where(Delivery.id == delivery_id, *_due(now))
+        .values(state=DeliveryState.SENDING.value, attempts=Delivery.attempts + 1, next_attempt_at=now,
+                last_error=None, worker=worker))
+    if _rowcount(claimed) == 1:
+        return ""
+    delivery = session.get(Delivery, delivery_id)
+    if delivery is None or delivery.state != DeliveryState.SENDING.value:
+        return None
+    holder = delivery.worker
+    if not may_take(delivery.next_attempt_at, holder):
+        return None
+    delivery.attempts += 1
+    delivery.next_attempt_at = now
+    delivery.worker = worker
+    return holder or ""
+
+
+def delivery_result(session: Session, delivery_id: int) -> Result:
+    return session.get_one(Delivery, delivery_id).result
+
+
+def start_delivery(session: Session, delivery_id: int, now: datetime | None = None) -> Delivery:
+    """The claimed delivery; its scored series becomes ``delivering``."""
+    delivery = session.get_one(Delivery, delivery_id)
+    result = delivery.result
+    if result.series_fk is not None:
+        series = session.get_one(Series, result.series_fk)
+        if series.state == SeriesState.SCORED.value:
+            transition(session, series, SeriesState.DELIVERING, f"to {delivery.destination}", now)
+    return delivery
+
+
+def finish_delivery(session: Session, delivery_id: int, target: DeliveryState, reason: str | None, sent: int,
+                    retry_delay_s: Callable[[int], float] | None = None, now: datetime | None = None) -> Delivery:
+    """sending -> delivered / retrying / failed. A retry is due ``retry_delay_s(attempts)``
+    seconds from now; when every delivery of the result is delivered, the result is
+    stamped and its series becomes ``delivered``."""
+    now = now or utcnow()
+    delivery = session.get_one(Delivery, delivery_id)
+    _set_delivery_state(delivery, target)
+    delivery.worker = None
+    delivery.last_error = reason
+    delivery.instances_sent = sent
+    if target is DeliveryState.RETRYING:
+        delay = retry_delay_s(delivery.attempts) if retry_delay_s else 0.0
+        delivery.next_attempt_at = now + timedelta(seconds=delay)
+    if target is DeliveryState.DELIVERED:
+        delivery.delivered_at = now
+    result = delivery.result
+    states = {d.state for d in result.deliveries}
+    series = session.get(Series, result.series_fk) if result.series_fk else None
+    if states == {DeliveryState.DELIVERED.value}:
+        result.delivered_at = now
+        if series is not None and series.state == SeriesState.DELIVERING.value:
+            transition(session, series, SeriesState.DELIVERED, None, now)
+    return delivery
 
 
 def record_rejection(session: Session, *, status_code: int, reason: str, calling_ae_title: str | None,

@@ -15,7 +15,7 @@ import threading
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ct_triage.contract import DELIVER_OUTPUTS, SCORE_STUDY, Publisher
+from ct_triage.contract import DELIVER_OUTPUTS, SCORE_STUDY, Publisher, publish_in_order
 from db import repository
 from db.session import session_scope
 
@@ -74,28 +74,20 @@ class CompletenessTracker:
         return self.publish_pending()
 
     def publish_pending(self) -> list[int]:
+        """Publish unpublished jobs, then deliveries the worker could not publish after its
+        commit (broker down, worker died in between); returns the job IDs published."""
         with session_scope(self.session_factory) as session:
             pending = repository.unpublished_job_ids(session)
-        published = []
-        for job_id in pending:
-            try:
-                self.publisher.publish(SCORE_STUDY, job_id)
-            except Exception as exc:  # broker down: the job stays unpublished and is retried next tick
-                log.warning("publishing job %d failed, will retry: %s", job_id, exc)
-                break
-            with session_scope(self.session_factory) as session:
-                repository.mark_published(session, [job_id])
-            published.append(job_id)
-        # Deliveries are published by the worker after its commit; any it could not
-        # publish (broker down, worker died in between) are published from here.
+        published = publish_in_order(self.publisher, SCORE_STUDY, pending, self._mark_job)
         with session_scope(self.session_factory) as session:
             deliveries = repository.unpublished_delivery_ids(session)
-        for delivery_id in deliveries:
-            try:
-                self.publisher.publish(DELIVER_OUTPUTS, delivery_id)
-            except Exception as exc:
-                log.warning("publishing delivery %d failed, will retry: %s", delivery_id, exc)
-                break
-            with session_scope(self.session_factory) as session:
-                repository.mark_delivery_published(session, delivery_id)
+        publish_in_order(self.publisher, DELIVER_OUTPUTS, deliveries, self._mark_delivery)
         return published
+
+    def _mark_job(self, job_id: int) -> None:
+        with session_scope(self.session_factory) as session:
+            repository.mark_published(session, [job_id])
+
+    def _mark_delivery(self, delivery_id: int) -> None:
+        with session_scope(self.session_factory) as session:
+            repository.mark_delivery_published(session, delivery_id)

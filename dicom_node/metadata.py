@@ -10,16 +10,13 @@ import numpy as np
 from pydicom.filereader import _at_pixel_data, _read_file_meta_info, read_dataset, read_preamble
 from pydicom.uid import UID
 
+from ct_triage.contract import CT_IMAGE_SOP_CLASSES
 from ct_triage.errors import InvalidInput
 from ct_triage.text import clean, clean_exception
 from db.repository import InstanceRecord
 from dicom_node import status
 from dicom_node.integrity import DEFLATED, NATIVE_SYNTAXES, IntegrityError, check_pixel_data, inflate_capped, walk
 from dicom_node.uids import instance_relpath, is_valid_uid
-
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
-CT_SOP_CLASSES = frozenset({CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE})
 
 
 class RejectedInstance(InvalidInput):
@@ -70,7 +67,7 @@ def slice_position(ds) -> float | None:
 
 def not_applicable_reason(sop_class_uid: str, ds) -> str | None:
     """Why a series can never be scored, decided from its first instance; None if it can."""
-    if sop_class_uid not in CT_SOP_CLASSES:
+    if sop_class_uid not in CT_IMAGE_SOP_CLASSES:
         return f"not a CT image: SOP class {UID(sop_class_uid).name}"
     modality = _text(ds, "Modality")
     if modality and modality != "CT":

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.data import SHARED_DATA
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 POSTGRES_ADMIN_URL = os.environ.get("CT_TRIAGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("CT_TRIAGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 

@@ -45,8 +45,8 @@ def test_serve_with_embedded_defaults_completes_a_real_size_series(tmp_path):
         assert result.returncode == 0, result.stderr[-1000:]
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            status = ct_triage("status", cwd=workdir)
-            line = next((l for l in status.stdout.splitlines() if series.series_instance_uid in l), "")
+            status = ct_triage("status", "--wide", cwd=workdir)
+            line = next((row for row in status.stdout.splitlines() if series.series_instance_uid in row), "")
             if line and " receiving " not in line and " queued " not in line and " scoring " not in line:
                 break
             time.sleep(1)

@@ -11,8 +11,6 @@ import pytest
 from PIL import Image
 
 from ct_triage.settings import Settings
-from tests.support.cli import run_tool_command
-from ct_triage_tools.phantom import make_phantom
 from ct_triage_tools.datasets import detect_layout, write_nifti_study
 from ct_triage_tools.evaluate import (
     auc,
@@ -22,6 +20,8 @@ from ct_triage_tools.evaluate import (
     quadratic_weighted_kappa,
     recall_per_class,
 )
+from ct_triage_tools.phantom import make_phantom
+from tests.support.cli import run_tool_command
 from worker.scoring.load import load_nifti, nifti_array_zrc
 
 # -- metrics --------------------------------------------------------------------------------

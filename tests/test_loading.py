@@ -15,6 +15,7 @@ from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
 from ct_triage.errors import CtTriageError, InvalidInput, NotApplicable
 from ct_triage_tools.phantom import make_phantom, write_phantom
+from tests.support.data import LUNG_PET_CT, MOSMED_MASKS, NY_SBU, need
 from worker.scoring.load import (
     group_series,
     load_nifti,
@@ -23,19 +24,9 @@ from worker.scoring.load import (
     read_series_headers,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-LUNG_PET_CT = DATA / "lung-pet-ct-dx"
-NY_SBU = DATA / "covid-19-ny-sbu-slices"
-MOSMED_MASKS = DATA / "mosmed-masks" / "masks"
-
 SMALL = {"involvement": 25.0, "slices": 40, "rows": 128, "seed": 3}
 
 
-def need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"real test data not found at {path} (expected the shared data folder "
-                    f"beside the repository: <repo>/../shared/data)")
-    return path
 
 
 @pytest.fixture(scope="module")

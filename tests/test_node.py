@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 
 from db.models import Instance, Job, RejectedInstance, Series, SeriesEvent, Study
 from dicom_node import status
-from tests.support.scanner import (acknowledged_files, echoscu, require_dcmtk, storescu, write_ct_series)
+from tests.support.scanner import acknowledged_files, echoscu, require_dcmtk, storescu, write_ct_series
 
 pytestmark = pytest.mark.usefixtures("dcmtk")
 

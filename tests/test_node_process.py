@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -198,7 +199,7 @@ def test_redis_broker_path_node_publishes_and_a_worker_takes_the_job(tmp_path, p
         engine.dispose()
 
 
-def test_status_prints_full_uids(tmp_path, sqlite_url):
+def test_status_prints_full_uids_with_wide_and_fits_120_columns_without(tmp_path, sqlite_url):
     from ct_triage.runtime import open_database
 
     settings = Settings.from_env({}, database_url=sqlite_url, var_dir=tmp_path / "var")
@@ -211,8 +212,16 @@ def test_status_prints_full_uids(tmp_path, sqlite_url):
             study_instance_uid=study_uid, series_instance_uid=series_uid,
             transfer_syntax_uid="1.2.840.10008.1.2.1", path="x", size_bytes=1, modality="CT"))
     engine.dispose()
-    result = subprocess.run([sys.executable, "-m", "ct_triage.cli", "status"], capture_output=True, text=True,
-                            env={**node_env(tmp_path, sqlite_url, 11112)}, timeout=60)
+    env = {**node_env(tmp_path, sqlite_url, 11112), "CT_TRIAGE_STABLE_AGE_S": "15"}
+    result = subprocess.run([sys.executable, "-m", "ct_triage.cli", "status", "--wide"], capture_output=True,
+                            text=True, env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     assert study_uid in result.stdout and series_uid in result.stdout
     assert "receiving" in result.stdout
+    compact = subprocess.run([sys.executable, "-m", "ct_triage.cli", "status"], capture_output=True, text=True,
+                             env=env, timeout=60)
+    assert compact.returncode == 0, compact.stderr
+    assert max(len(line) for line in compact.stdout.splitlines()) <= 120, compact.stdout
+    assert series_uid not in compact.stdout and f"{series_uid[:7]}...{series_uid[-8:]}" in compact.stdout
+    assert re.search(r"receiving \(quiet for \d+ s of 15 s\)", compact.stdout), compact.stdout
+    assert compact.stderr == "", compact.stderr  # no schema revision or other chatter on stderr

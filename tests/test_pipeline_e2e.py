@@ -15,8 +15,8 @@ from sqlalchemy import func, select
 from ct_triage.contract import EmbeddedPublisher
 from db.models import Delivery, Job, Result, Series
 from tests.support import orthanc as orthanc_support
-from tests.support.dciodvfy import dciodvfy_errors
 from tests.support.daemon import Daemon
+from tests.support.dciodvfy import dciodvfy_errors
 from tests.support.orthanc import OrthancServer
 from tests.support.scanner import free_port, require_dcmtk, storescu
 from tests.test_node import wait_for

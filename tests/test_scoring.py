@@ -16,8 +16,8 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 from ct_triage.errors import ConfigError
 from ct_triage.settings import Settings
-from tests.support.cli import run_tool_command
 from ct_triage_tools.phantom import make_phantom, write_phantom
+from tests.support.cli import run_tool_command
 from worker.scoring.pipeline import score_path, score_study, score_volume
 from worker.scoring.result import ScoreResult, category_for
 from worker.scoring.volume import Volume

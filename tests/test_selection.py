@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from ct_triage.settings import Settings
 from ct_triage_tools.phantom import write_phantom
+from tests.support.data import LUNG_PET_CT, NY_SBU, need
 from worker.scoring.load import read_series_headers
 from worker.scoring.select import (
     CT_IMAGE_STORAGE,
@@ -19,18 +18,9 @@ from worker.scoring.select import (
     select_series,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-LUNG_PET_CT = DATA / "lung-pet-ct-dx"
-NY_SBU = DATA / "covid-19-ny-sbu-slices"
-
 RULES = SelectionRules()
 
 
-def need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"real test data not found at {path} (expected the shared data folder "
-                    f"beside the repository: <repo>/../shared/data)")
-    return path
 
 
 def series(uid: str, *, slices: int = 40, kernel="FC51", thickness: float | None = 1.0,

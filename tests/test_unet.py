@@ -13,10 +13,10 @@ from ct_triage.errors import ConfigError
 from ct_triage.settings import Settings
 from ct_triage_tools.train import train_unet
 from tests.support.cli import run_tool_command
+from tests.test_eval import build_mosmed
 from worker.scoring.base import Scorer
 from worker.scoring.registry import clear_cache, get_scorer
 from worker.scoring.unet import UNet3D, UNetScorer, load_weights, save_weights
-from tests.test_eval import build_mosmed
 
 
 def test_network_shapes_and_weights_round_trip(tmp_path):

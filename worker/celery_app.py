@@ -18,6 +18,7 @@ from celery import Celery, Task
 from ct_triage import contract
 from ct_triage.errors import TransientError
 from ct_triage.settings import Settings
+from worker import jobs
 
 log = logging.getLogger("ct_triage.worker.celery")
 
@@ -55,10 +56,9 @@ class JobTask(Task):
         # Engines must not cross a fork: build the context in the process that runs tasks.
         if self._ctx is None or self._ctx_pid != os.getpid():
             from ct_triage.runtime import open_database
-            from worker.jobs import WorkerContext
 
             _, session_factory = open_database(settings, upgrade=False)
-            JobTask._ctx = WorkerContext(settings, session_factory, contract.make_publisher(settings.broker_url))
+            JobTask._ctx = jobs.WorkerContext(settings, session_factory, contract.make_publisher(settings.broker_url))
             JobTask._ctx_pid = os.getpid()
         return self._ctx
 
@@ -69,30 +69,24 @@ class JobTask(Task):
         try:
             outcome = body(self.ctx, job_id)
         except (OperationalError, InterfaceError) as exc:  # database unreachable: worth retrying
-            delay = min(600, 5 * 2 ** self.request.retries)
+            delay = jobs.backoff_s(self.request.retries + 1)
             log.warning("%s %d: database unavailable, retry in %d s: %s", self.name, job_id, delay,
                         str(exc).splitlines()[0][:200])
-            raise self.retry(exc=exc, countdown=delay)
+            raise self.retry(exc=exc, countdown=delay) from exc
         except TransientError as exc:
-            from worker.jobs import backoff_s
-
             # One second past the body's own next-attempt time, so the retry finds it due.
-            delay = backoff_s(self.request.retries + 1, settings.retry_base_s) + 1
+            delay = jobs.backoff_s(self.request.retries + 1, settings.retry_base_s) + 1
             log.warning("%s job %d: transient failure, retry in %d s: %s", self.name, job_id, delay, exc)
-            raise self.retry(exc=exc, countdown=delay)
+            raise self.retry(exc=exc, countdown=delay) from exc
         log.info("%s job %d: %s in %.2f s", self.name, job_id, outcome, time.monotonic() - started)
         return outcome
 
 
 @app.task(name=contract.SCORE_STUDY, base=JobTask, bind=True)
 def score_study_task(self: JobTask, job_id: int):
-    from worker import jobs
-
     return self.run_body(jobs.score_study, job_id)
 
 
 @app.task(name=contract.DELIVER_OUTPUTS, base=JobTask, bind=True)
 def deliver_outputs_task(self: JobTask, delivery_id: int):
-    from worker import jobs
-
     return self.run_body(jobs.deliver_outputs, delivery_id)

@@ -68,7 +68,7 @@ class EmbeddedConsumer:
     def run_deliveries(self) -> int:
         ran = 0
         with session_scope(self.ctx.session_factory) as session:
-            due = jobs.due_delivery_ids(session)
+            due = repository.due_delivery_ids(session)
         for delivery_id in due:
             if self._stop.is_set():
                 break

@@ -16,24 +16,24 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from ct_triage.contract import DELIVER_OUTPUTS, Publisher
+from ct_triage.contract import CT_IMAGE_SOP_CLASSES, DELIVER_OUTPUTS, Publisher, publish_in_order
 from ct_triage.errors import TransientError
 from ct_triage.settings import Settings, parse_destination
 from db import repository
-from db.models import Delivery, Instance, Job, Result, Series, Study
+from db.models import Result, Series, Study
 from db.session import session_scope
-from db.states import SeriesState
+from db.states import DeliveryState, SeriesState
 from db.types import utcnow
+from worker.scoring.base import Scorer
+from worker.scoring.result import ScoreResult
 
 log = logging.getLogger("ct_triage.worker")
 
 # A claimed row whose worker is gone is taken over after this long (another host)
 # or at once (same host, process no longer alive).
 CLAIM_LEASE_S = 1800
-CT_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1")
 BACKOFF_BASE_S = 5.0  # default of CT_TRIAGE_RETRY_BASE_S
 BACKOFF_MAX_S = 600.0
 
@@ -44,7 +44,7 @@ class WorkerContext:
     session_factory: sessionmaker[Session]
     publisher: Publisher
     worker_name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
-    scorer: object | None = None  # built once per process by the pipeline when None
+    scorer: Scorer | None = None  # built once per process by the pipeline when None
 
 
 def _holder_is_dead(holder: str | None) -> bool:
@@ -76,33 +76,19 @@ def _reclaimable(started_at: datetime | None, holder: str | None, now: datetime)
     return stale or _holder_is_dead(holder)
 
 
+def _may_take(now: datetime):
+    return lambda since, holder: _reclaimable(since, holder, now)
+
+
 def claim_job(ctx: WorkerContext, job_id: int) -> bool:
     now = utcnow()
     with session_scope(ctx.session_factory) as session:
         if repository.claim_job(session, job_id, ctx.worker_name, now):
             return True
-        job = session.get(Job, job_id)
-        if job is None or job.state != "running":
-            return False
-        if job.worker != ctx.worker_name and not _reclaimable(job.started_at, job.worker, now):
-            return False
-        taken = session.execute(update(Job).where(Job.id == job_id, Job.state == "running",
-                                                  Job.worker == job.worker)
-                                .values(worker=ctx.worker_name, started_at=now, attempts=Job.attempts + 1))
-        if taken.rowcount == 1:
-            log.warning("job %d: taking over from %s, which is gone", job_id, job.worker)
-        return taken.rowcount == 1
-
-
-def _series_files(session: Session, study: Study, storage_dir: Path) -> dict[str, list[Path]]:
-    files: dict[str, list[Path]] = {}
-    for series in study.series:
-        if series.sop_class_uid not in CT_SOP_CLASSES:
-            continue
-        paths = session.scalars(select(Instance.path).where(Instance.series_fk == series.id)
-                                .order_by(Instance.id)).all()
-        files[series.series_instance_uid] = [storage_dir / p for p in paths]
-    return files
+        holder = repository.take_over_job(session, job_id, ctx.worker_name, _may_take(now), now)
+        if holder is not None:
+            log.warning("job %d: taking over from %s, which is gone", job_id, holder or None)
+        return holder is not None
 
 
 def score_study(ctx: WorkerContext, job_id: int) -> str:
@@ -113,22 +99,21 @@ def score_study(ctx: WorkerContext, job_id: int) -> str:
     started_at = utcnow()
     storage_dir = ctx.settings.effective_storage_dir
     with session_scope(ctx.session_factory) as session:
-        job = session.get(Job, job_id)
+        job = repository.get_job(session, job_id)
         study = job.study
         version = job.study_version
-        if session.scalar(select(Result.id).where(Result.study_fk == study.id, Result.version == version)):
-            job.state, job.finished_at = "done", utcnow()
+        if repository.result_exists(session, study.id, version):
+            repository.finish_job(session, job, utcnow())
             return "already scored"
         for series in study.series:
             if series.state == SeriesState.QUEUED.value:
                 repository.transition(session, series, SeriesState.SCORING, f"job {job_id}", started_at)
-        series_files = _series_files(session, study, storage_dir)
+        series_files = repository.series_files(session, study, storage_dir, CT_IMAGE_SOP_CLASSES)
         received_at = max((s.last_received_at for s in study.series), default=None)
         stable_at = max((s.stable_at for s in study.series if s.stable_at), default=None)
         study_uid = study.study_instance_uid
 
-    from worker.scoring.pipeline import score_study as run_pipeline
-    from worker.scoring.result import ScoreResult
+    from worker.scoring.pipeline import score_study as run_pipeline  # numpy, scipy, the scorer
 
     try:
         score = run_pipeline(series_files, ctx.settings, scorer=ctx.scorer)
@@ -140,30 +125,23 @@ def score_study(ctx: WorkerContext, job_id: int) -> str:
     destinations = [str(parse_destination(d)) for d in ctx.settings.destinations]
     delivery_ids: list[int] = []
     with session_scope(ctx.session_factory) as session:
-        job = session.get(Job, job_id)
+        job = repository.get_job(session, job_id)
         study = job.study
         chosen = next((s for s in study.series if s.series_instance_uid == score.series_instance_uid), None)
-        result = Result(study_fk=study.id, job_fk=job_id, version=version, series_fk=chosen.id if chosen else None,
-                        status=score.status, reason=score.reason, category=score.category,
-                        priority=score.priority, involvement_percent=score.involvement_percent,
-                        involvement_percent_left=score.involvement_percent_left,
-                        involvement_percent_right=score.involvement_percent_right,
-                        lung_volume_ml=score.lung_volume_ml, lesion_volume_ml=score.lesion_volume_ml,
-                        lesion_count=score.lesion_count, model=score.model, model_version=score.model_version,
-                        device=score.device, seconds=score.seconds, result_json=json.dumps(score.to_json()),
-                        received_at=received_at, stable_at=stable_at, scoring_started_at=started_at,
-                        scored_at=scored_at)
-        session.add(result)
-        session.flush()
+        result = repository.add_result(session, job, chosen.id if chosen else None, {
+            "status": score.status, "reason": score.reason, "category": score.category, "priority": score.priority,
+            "involvement_percent": score.involvement_percent,
+            "involvement_percent_left": score.involvement_percent_left,
+            "involvement_percent_right": score.involvement_percent_right,
+            "lung_volume_ml": score.lung_volume_ml, "lesion_volume_ml": score.lesion_volume_ml,
+            "lesion_count": score.lesion_count, "model": score.model, "model_version": score.model_version,
+            "device": score.device, "seconds": score.seconds, "result_json": json.dumps(score.to_json()),
+            "received_at": received_at, "stable_at": stable_at, "scoring_started_at": started_at,
+            "scored_at": scored_at})
         _settle_series(session, study, chosen, score, scored_at)
-        job.state, job.finished_at, job.error = "done", scored_at, score.reason if score.status == "failed" else None
+        repository.finish_job(session, job, scored_at, score.reason if score.status == "failed" else None)
         if chosen is not None:
-            for destination in destinations:
-                delivery = Delivery(result_fk=result.id, destination=destination, state="pending",
-                                    created_at=scored_at)
-                session.add(delivery)
-                session.flush()
-                delivery_ids.append(delivery.id)
+            delivery_ids = repository.add_deliveries(session, result, destinations, scored_at)
     log.info("study %s version %d: %s %s %s%% priority %s in %.2f s (%s)", study_uid, version, score.status,
              score.category or "-", f"{score.involvement_percent:.1f}" if score.involvement_percent is not None
              else "-", score.priority, score.seconds, score.reason or score.model)
@@ -188,44 +166,31 @@ def _settle_series(session: Session, study: Study, chosen: Series | None, score,
 
 
 def publish_deliveries(ctx: WorkerContext, delivery_ids: list[int]) -> None:
-    """Publish after the commit; a failure leaves published_at empty for the sweeper."""
-    for delivery_id in delivery_ids:
-        try:
-            ctx.publisher.publish(DELIVER_OUTPUTS, delivery_id)
-        except Exception as exc:
-            log.warning("publishing delivery %d failed, will retry: %s", delivery_id, exc)
-            continue
+    """Publish after the commit; what cannot be published keeps published_at empty for the
+    node's sweeper (:meth:`dicom_node.completeness.CompletenessTracker.publish_pending`)."""
+
+    def mark(delivery_id: int) -> None:
         with session_scope(ctx.session_factory) as session:
-            session.execute(update(Delivery).where(Delivery.id == delivery_id).values(published_at=utcnow()))
+            repository.mark_delivery_published(session, delivery_id)
+
+    publish_in_order(ctx.publisher, DELIVER_OUTPUTS, delivery_ids, mark)
 
 
 def backoff_s(attempts: int, base_s: float = BACKOFF_BASE_S) -> float:
+    """Seconds before retry number ``attempts`` (1, 2, ...): ``base_s`` doubled per attempt,
+    at most BACKOFF_MAX_S (600 s)."""
     return min(BACKOFF_MAX_S, base_s * 2 ** max(0, attempts - 1))
 
 
 def claim_delivery(ctx: WorkerContext, delivery_id: int, now: datetime) -> bool:
     with session_scope(ctx.session_factory) as session:
-        claimed = session.execute(
-            update(Delivery).where(Delivery.id == delivery_id, Delivery.state.in_(("pending", "retrying")),
-                                   or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now))
-            .values(state="sending", attempts=Delivery.attempts + 1, next_attempt_at=now,
-                    last_error=None)).rowcount == 1
-        if claimed:
-            return True
-        delivery = session.get(Delivery, delivery_id)
-        if delivery is None or delivery.state != "sending":
-            return False
-        if not _reclaimable(delivery.next_attempt_at, delivery.worker, now):
-            return False
-        log.warning("delivery %d: taking over from %s, which is gone", delivery_id, delivery.worker)
-        delivery.attempts += 1
-        delivery.next_attempt_at = now
-        return True
+        holder = repository.claim_delivery(session, delivery_id, ctx.worker_name, _may_take(now), now)
+    if holder:
+        log.warning("delivery %d: taking over from %s, which is gone", delivery_id, holder)
+    return holder is not None
 
 
 def load_result(session: Session, result: Result):
-    from worker.scoring.result import ScoreResult
-
     return ScoreResult.from_json(json.loads(result.result_json))
 
 
@@ -233,9 +198,7 @@ def source_datasets(session: Session, result: Result, score, storage_dir: Path) 
     """The scored series' instances, full, in the order the result refers to them."""
     from pydicom import dcmread
 
-    rows = session.execute(select(Instance.sop_instance_uid, Instance.path)
-                           .where(Instance.series_fk == result.series_fk)).all()
-    by_uid = {uid: path for uid, path in rows}
+    by_uid = repository.instance_paths(session, result.series_fk)
     order = score.source_sop_instance_uids or sorted(by_uid)
     missing = [uid for uid in order if uid not in by_uid]
     if missing:
@@ -265,61 +228,33 @@ def deliver_outputs(ctx: WorkerContext, delivery_id: int) -> str:
         return "skipped"
     s = ctx.settings
     with session_scope(ctx.session_factory) as session:
-        delivery = session.get(Delivery, delivery_id)
-        delivery.worker = ctx.worker_name
-        result = delivery.result
-        destination = parse_destination(delivery.destination)
-        if result.series_fk is not None:
-            series = session.get(Series, result.series_fk)
-            if series.state == SeriesState.SCORED.value:
-                repository.transition(session, series, SeriesState.DELIVERING, f"to {destination}", now)
+        destination = parse_destination(repository.start_delivery(session, delivery_id, now).destination)
     try:
         with session_scope(ctx.session_factory) as session:
-            outputs = build_outputs(session, session.get(Delivery, delivery_id).result, s.effective_storage_dir)
+            outputs = build_outputs(session, repository.delivery_result(session, delivery_id),
+                                    s.effective_storage_dir)
     except (OSError, ValueError) as exc:
-        return _finish_delivery(ctx, delivery_id, "failed", f"cannot build the outputs: {exc}", 0)
+        return _finish_delivery(ctx, delivery_id, DeliveryState.FAILED, f"cannot build the outputs: {exc}", 0)
     report = send_instances(destination, outputs, calling_ae_title=s.ae_title, acse_timeout=s.acse_timeout_s,
                             dimse_timeout=s.dimse_timeout_s, network_timeout=s.network_timeout_s)
     sent = len(report.delivered_sop_instance_uids)
     if report.outcome == "delivered":
-        return _finish_delivery(ctx, delivery_id, "delivered", None, sent)
+        return _finish_delivery(ctx, delivery_id, DeliveryState.DELIVERED, None, sent)
     if report.outcome == "transient":
-        _finish_delivery(ctx, delivery_id, "retrying", report.reason, sent)
+        _finish_delivery(ctx, delivery_id, DeliveryState.RETRYING, report.reason, sent)
         raise TransientError(f"delivery {delivery_id} to {destination}: {report.reason}")
-    return _finish_delivery(ctx, delivery_id, "failed", report.reason, sent)
+    return _finish_delivery(ctx, delivery_id, DeliveryState.FAILED, report.reason, sent)
 
 
-def _finish_delivery(ctx: WorkerContext, delivery_id: int, state: str, reason: str | None, sent: int) -> str:
-    now = utcnow()
+def _finish_delivery(ctx: WorkerContext, delivery_id: int, state: DeliveryState, reason: str | None,
+                     sent: int) -> str:
     with session_scope(ctx.session_factory) as session:
-        delivery = session.get(Delivery, delivery_id)
-        delivery.state = state
-        delivery.worker = None
-        delivery.last_error = reason
-        delivery.instances_sent = sent
-        if state == "retrying":
-            delivery.next_attempt_at = now + timedelta(seconds=backoff_s(delivery.attempts,
-                                                                         ctx.settings.retry_base_s))
-        if state == "delivered":
-            delivery.delivered_at = now
-        result = delivery.result
-        states = {d.state for d in result.deliveries}
-        series = session.get(Series, result.series_fk) if result.series_fk else None
-        if states == {"delivered"}:
-            result.delivered_at = now
-            if series is not None and series.state == SeriesState.DELIVERING.value:
-                repository.transition(session, series, SeriesState.DELIVERED, None, now)
+        delivery = repository.finish_delivery(
+            session, delivery_id, state, reason, sent,
+            retry_delay_s=lambda attempts: backoff_s(attempts, ctx.settings.retry_base_s))
         destination = delivery.destination
         attempts = delivery.attempts
-    level = logging.INFO if state == "delivered" else logging.WARNING
-    log.log(level, "delivery %d to %s: %s after %d attempt(s)%s", delivery_id, destination, state, attempts,
+    level = logging.INFO if state is DeliveryState.DELIVERED else logging.WARNING
+    log.log(level, "delivery %d to %s: %s after %d attempt(s)%s", delivery_id, destination, state.value, attempts,
             f": {reason}" if reason else "")
-    return state
-
-
-def due_delivery_ids(session: Session, now: datetime | None = None) -> list[int]:
-    now = now or utcnow()
-    return list(session.scalars(
-        select(Delivery.id).where(Delivery.state.in_(("pending", "retrying")),
-                                  or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now))
-        .order_by(Delivery.id)).all())
+    return state.value

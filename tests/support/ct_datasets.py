@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
 
 from worker.scoring.result import LesionBox, ScoreResult, category_for
 
@@ -157,16 +157,19 @@ def make_chest_ct(
         if lesions:
             discs: list[tuple[np.ndarray, str]] = []
             if 0 < z < n_slices - 1 or n_slices <= 2:
-                discs.append((_ellipse(rows, cols, rows * 0.45, cols * 0.28, rows * 0.07, cols * 0.06) & lung_r, "right"))
+                disc = _ellipse(rows, cols, rows * 0.45, cols * 0.28, rows * 0.07, cols * 0.06)
+                discs.append((disc & lung_r, "right"))
             if z == n_slices // 2:
-                discs.append((_ellipse(rows, cols, rows * 0.55, cols * 0.72, rows * 0.05, cols * 0.04) & lung_l, "left"))
+                disc = _ellipse(rows, cols, rows * 0.55, cols * 0.72, rows * 0.05, cols * 0.04)
+                discs.append((disc & lung_l, "left"))
             for disc, side in discs:
                 if not disc.any():
                     continue
                 sl[disc] = HU_GGO
                 lesion_mask[z] |= disc
                 rr, cc = np.nonzero(disc)
-                boxes.append(LesionBox(z, sop_uids[z], int(rr.min()), int(cc.min()), int(rr.max()), int(cc.max()), side))
+                boxes.append(LesionBox(z, sop_uids[z], int(rr.min()), int(cc.min()), int(rr.max()), int(cc.max()),
+                                       side))
         sl += rng.normal(0.0, 12.0, size=(rows, cols)).astype(np.float32)
     hu = np.clip(np.rint(hu), -1024, 3071)
 

@@ -293,7 +293,8 @@ def send_instances(
     where = str(destination)
 
     def report(outcome: Outcome, reason: str, association: str, statuses: list[InstanceStatus]) -> DeliveryReport:
-        return DeliveryReport(where, calling, outcome, reason, association, statuses, round(time.monotonic() - started, 3))
+        seconds = round(time.monotonic() - started, 3)
+        return DeliveryReport(where, calling, outcome, reason, association, statuses, seconds)
 
     def all_unsent(outcome: Outcome, reason: str) -> list[InstanceStatus]:
         return [InstanceStatus(str(ds.SOPClassUID), str(ds.SOPInstanceUID), outcome, None, reason) for ds in datasets]
@@ -347,7 +348,8 @@ def send_instances(
             if not assoc.is_established:
                 association_state = "aborted"
                 statuses.append(
-                    InstanceStatus(sop_class, sop_instance, "transient", None, f"not sent: association with {where} lost")
+                    InstanceStatus(sop_class, sop_instance, "transient", None,
+                                   f"not sent: association with {where} lost")
                 )
                 continue
             try:

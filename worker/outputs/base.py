@@ -113,7 +113,8 @@ def resolve_created_at(created_at: dt.datetime | None, source_datasets: Sequence
         return created_at.replace(microsecond=0)
     best: dt.datetime | None = None
     for ds in source_datasets:
-        for date_kw, time_kw in (("ContentDate", "ContentTime"), ("SeriesDate", "SeriesTime"), ("StudyDate", "StudyTime")):
+        for date_kw, time_kw in (("ContentDate", "ContentTime"), ("SeriesDate", "SeriesTime"),
+                                 ("StudyDate", "StudyTime")):
             date = str(ds.get(date_kw, "") or "")
             if len(date) == 8 and date.isdigit():
                 time = str(ds.get(time_kw, "") or "").split(".")[0].ljust(6, "0")[:6]

@@ -122,7 +122,8 @@ def caption_text(result: ScoreResult) -> str:
     return f"{TITLE} · {middle} · {NOT_FOR_DIAGNOSTIC_USE}"
 
 
-def draw_lesion_boxes(rgb: np.ndarray, boxes: Sequence[LesionBox], *, color=BOX_COLOR, width: int = BOX_WIDTH) -> np.ndarray:
+def draw_lesion_boxes(rgb: np.ndarray, boxes: Sequence[LesionBox], *, color=BOX_COLOR,
+                      width: int = BOX_WIDTH) -> np.ndarray:
     """Draw a ``width``-pixel rectangle just outside each box (inclusive row/col bounds).
 
     Works on a copy; pixels outside the image are clipped.
@@ -219,7 +220,8 @@ def _column_spacing(ds: Dataset) -> float:
     return 1.0
 
 
-def coronal_overview(source_datasets: Sequence[Dataset], boxes: Sequence[LesionBox], *, size: int = SUMMARY_SIZE) -> np.ndarray:
+def coronal_overview(source_datasets: Sequence[Dataset], boxes: Sequence[LesionBox], *,
+                     size: int = SUMMARY_SIZE) -> np.ndarray:
     """Mean-intensity projection over rows (anterior-posterior), isotropic, head up; RGB.
 
     Lesion boxes are projected onto the (slice, column) plane and filled with
@@ -337,7 +339,7 @@ def render_summary(source_datasets: Sequence[Dataset], result: ScoreResult) -> n
         # show what can be shown, never fail the summary because of it.
         try:
             overview = coronal_overview(source_datasets, [])
-        except Exception as exc:  # noqa: BLE001 - documented fallback, the reason is displayed
+        except Exception as exc:  # documented fallback, the reason is displayed
             overview = _placeholder(SUMMARY_SIZE, f"No overview: {exc}")
     overview = _orientation_markers(overview, source_datasets)
     oh, ow = overview.shape[:2]

@@ -162,7 +162,8 @@ def result_comment(result: ScoreResult) -> str:
             f"priority {result.priority}. {render.NOT_FOR_DIAGNOSTIC_USE}"
         )
     status = "not applicable" if result.status == "not_applicable" else "scoring failed"
-    return f"Not scored ({status}): {result.reason or 'no reason given'}. Priority {result.priority}. {render.NOT_FOR_DIAGNOSTIC_USE}"
+    return (f"Not scored ({status}): {result.reason or 'no reason given'}. Priority {result.priority}. "
+            f"{render.NOT_FOR_DIAGNOSTIC_USE}")
 
 
 def build_secondary_capture_series(

@@ -84,8 +84,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from ct_triage.errors import NotApplicable
-from worker.scoring.device import configure_torch
 from worker.scoring.base import Segmentation
+from worker.scoring.device import configure_torch
 from worker.scoring.volume import Volume
 
 NAME = "ct-triage-classical"
@@ -279,7 +279,7 @@ def segment_slice(hu: np.ndarray, pixel_mm: float = 0.75, device: str = "cpu") -
         seg = _segment(volume, torch.device(device), whole_image_is_body=cropped)
     fz, fy, fx = seg.factor
     r, c = hu.shape
-    up = lambda m: np.repeat(np.repeat(m[1], fy, axis=0), fx, axis=1)[:r, :c]  # noqa: E731
+    up = lambda m: np.repeat(np.repeat(m[1], fy, axis=0), fx, axis=1)[:r, :c]  # noqa: E731 - a one-line helper used in the next lines only
     return up(seg.lung), up(seg.lesion)
 
 
@@ -576,7 +576,7 @@ def _lesions(W, S, lung: np.ndarray, spacing, device, voxel_ml, notes) -> np.nda
     # openings of the lung alone: what is not lung counts as air, so structures
     # attached to the chest wall, heart or diaphragm are thin and vanish like vessels
     L = torch.where(lung_t, S, torch.full_like(S, CLIP_HU[0]))
-    O = _opening2d(L, _odd(OPEN_MM / px))
+    O = _opening2d(L, _odd(OPEN_MM / px))  # noqa: E741 - the O of the module docstring (step b)
     Od = _opening2d(L, _odd(OPEN_DENSE_MM / px))
     del L
     # on and next to dense structures only what survives the larger opening counts:

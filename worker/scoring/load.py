@@ -164,7 +164,7 @@ def _enhanced_frames(index: int, ds: Dataset, path: Path) -> list[_Frame]:
     shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
     frames = []
     for frame_index, per_frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
-        def group(keyword: str) -> Dataset:
+        def group(keyword: str, per_frame: Dataset = per_frame) -> Dataset:
             for source in (per_frame, shared):
                 if keyword in source and len(source[keyword].value):
                     return source[keyword].value[0]

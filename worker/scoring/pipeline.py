@@ -220,7 +220,7 @@ def score_study(series_files: Mapping[str, Sequence[Path]], settings: Settings, 
             for path in paths:
                 try:
                     ds = pydicom.dcmread(path, stop_before_pixels=True)
-                except Exception as exc:  # noqa: BLE001 - any unreadable file is reported
+                except Exception as exc:  # any unreadable file is reported
                     unreadable.append(f"{Path(path).name}: {type(exc).__name__}")
                     continue
                 ds.filename = str(path)
@@ -231,7 +231,7 @@ def score_study(series_files: Mapping[str, Sequence[Path]], settings: Settings, 
             raise InvalidInput(f"no readable DICOM headers in the study{detail}")
     except CtTriageError as exc:
         return _early(started, timings, "failed", exc, settings, None)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # any failure here is reported (status and reason), never raised
         log.exception("reading the study failed")
         return _early(started, timings, "failed", exc, settings, None, with_type=True)
     return score_headers(headers, settings, scorer=scorer, timings=timings, started=started)
@@ -265,7 +265,7 @@ def score_headers(headers: Mapping[str, Sequence], settings: Settings, *, scorer
         return _early(started, timings, "failed", exc, settings, chosen)
     except MemoryError as exc:
         return _early(started, timings, "failed", exc, settings, chosen)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # any failure here is reported (status and reason), never raised
         log.exception("loading the series failed")
         return _early(started, timings, "failed", exc, settings, chosen, with_type=True)
     return score_volume(volume, settings, scorer=scorer, timings=timings, started=started)
@@ -322,7 +322,7 @@ def score_path(path: str | Path, settings: Settings, *, scorer: Scorer | None = 
                 import pydicom
 
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # any reader error means: not a DICOM file we can read
                 raise InvalidInput(f"{path}: neither NIfTI nor a readable DICOM file ({exc})") from exc
             ds.filename = str(path)
             headers = {str(ds.get("SeriesInstanceUID", "(file)")): [ds]}
@@ -330,7 +330,7 @@ def score_path(path: str | Path, settings: Settings, *, scorer: Scorer | None = 
         return _early(started, timings, "not_applicable", exc, settings, None)
     except CtTriageError as exc:
         return _early(started, timings, "failed", exc, settings, None)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # any failure here is reported (status and reason), never raised
         log.exception("reading %s failed", path)
         return _early(started, timings, "failed", exc, settings, None, with_type=True)
     return score_headers(headers, settings, scorer=scorer, timings=timings, started=started)

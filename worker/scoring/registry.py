@@ -27,6 +27,7 @@ def get_scorer(settings: Settings) -> Scorer:
     """The scorer ``settings.scorer`` names (cached per process; a changed weights
     file is reloaded). Raises ConfigError for an unknown name or unusable weights."""
     kind = (settings.scorer or "classical").strip().lower()
+    weights = Path(settings.unet_weights or "")
     if kind == "classical":
         key: tuple = ("classical",)
     elif kind == "unet":
@@ -53,7 +54,7 @@ def get_scorer(settings: Settings) -> Scorer:
             else:
                 from worker.scoring.unet import UNetScorer  # imports torch: only when used
 
-                scorer = UNetScorer(Path(settings.unet_weights))
+                scorer = UNetScorer(weights)
             _cache[key] = scorer
     return scorer
 

@@ -17,22 +17,18 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from ct_triage.contract import CT_IMAGE_SOP_CLASSES, CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE
 from ct_triage.settings import DEFAULT_LUNG_KERNELS
 from worker.scoring.load import AXIAL_MIN_NORMAL_Z, slice_normal
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
-LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
+__all__ = ["CT_IMAGE_STORAGE", "ENHANCED_CT_IMAGE_STORAGE", "SelectionRules", "select_series"]
+
 
 
 @dataclass(frozen=True)
 class SelectionRules:
     modality: str = "CT"
-    sop_class_uids: tuple[str, ...] = (
-        CT_IMAGE_STORAGE,
-        ENHANCED_CT_IMAGE_STORAGE,
-        LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE,
-    )
+    sop_class_uids: tuple[str, ...] = CT_IMAGE_SOP_CLASSES
     required_image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY")
     excluded_image_type: tuple[str, ...] = ("LOCALIZER",)
     require_axial: bool = True
@@ -120,7 +116,8 @@ def _ineligible(headers: Sequence[Dataset], rules: SelectionRules) -> str | None
         return f"modality {modality or '(none)'}, not {rules.modality}"
     for ds in headers:
         image_type = {str(v).strip().upper() for v in _values(ds.get("ImageType"))}
-        image_type |= {str(v).strip().upper() for v in _values(_functional(ds, "CTImageFrameTypeSequence", "FrameType"))}
+        frame_type = _functional(ds, "CTImageFrameTypeSequence", "FrameType")
+        image_type |= {str(v).strip().upper() for v in _values(frame_type)}
         missing = [t for t in rules.required_image_type if t not in image_type]
         if missing:
             return f"ImageType {'/'.join(_values(ds.get('ImageType'))) or '(none)'} lacks {' and '.join(missing)}"

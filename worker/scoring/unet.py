@@ -107,7 +107,7 @@ def load_weights(path: Path) -> tuple[UNet3D, dict]:
         raise ConfigError(f"U-Net weights file {path} does not exist (write one with `ct-triage train`)")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file
+    except Exception as exc:  # any unreadable file
         raise ConfigError(f"U-Net weights file {path} cannot be read: {type(exc).__name__}: {exc}") from exc
     if not isinstance(blob, dict) or blob.get("format") != FORMAT or "state_dict" not in blob:
         raise ConfigError(f"U-Net weights file {path} is not a {FORMAT} weights file")
@@ -115,7 +115,7 @@ def load_weights(path: Path) -> tuple[UNet3D, dict]:
     try:
         model = UNet3D(**config)
         model.load_state_dict(blob["state_dict"])
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # any mismatch becomes a ConfigError naming the file
         raise ConfigError(f"U-Net weights file {path} does not fit the network: {exc}") from exc
     model.eval()
     return model, blob

@@ -1,0 +1,217 @@
+"""The state machines (db/states.py) and the repository's job and delivery changes, on a
+real database (SQLite and PostgreSQL), plus the retry backoff and the publish helper."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from ct_triage.contract import DELIVER_OUTPUTS, SCORE_STUDY, EmbeddedPublisher, publish_in_order
+from db import repository
+from db.models import Delivery, Job, Series
+from db.repository import InstanceRecord, InvalidStateChange
+from db.states import (
+    ALLOWED,
+    DELIVERY_ALLOWED,
+    JOB_ALLOWED,
+    DeliveryState,
+    JobState,
+    SeriesState,
+    can_transition,
+)
+from db.types import utcnow
+from worker.jobs import BACKOFF_MAX_S, backoff_s
+
+# -- the tables ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("enum, table", [(SeriesState, ALLOWED), (JobState, JOB_ALLOWED),
+                                         (DeliveryState, DELIVERY_ALLOWED)])
+def test_every_state_has_a_row_and_targets_of_its_own_kind(enum, table):
+    assert set(table) == set(enum)
+    for targets in table.values():
+        assert all(isinstance(t, enum) for t in targets)
+
+
+def test_job_transitions():
+    assert can_transition("queued", JobState.RUNNING)
+    assert can_transition(JobState.RUNNING, JobState.DONE)
+    assert can_transition(JobState.RUNNING, JobState.QUEUED)  # abandoned, requeued
+    assert not can_transition(JobState.QUEUED, JobState.DONE)
+    assert not any(can_transition(JobState.DONE, t) for t in JobState)
+
+
+def test_delivery_transitions():
+    D = DeliveryState
+    assert can_transition("pending", D.SENDING) and can_transition(D.RETRYING, D.SENDING)
+    assert {t for t in D if can_transition(D.SENDING, t)} == {D.DELIVERED, D.RETRYING, D.FAILED}
+    assert not can_transition(D.PENDING, D.DELIVERED)
+    for final in (D.DELIVERED, D.FAILED):
+        assert not any(can_transition(final, t) for t in D)
+
+
+def test_series_table_unchanged_by_the_other_kinds():
+    assert can_transition("receiving", SeriesState.STABLE)
+    assert not can_transition(SeriesState.NOT_APPLICABLE, SeriesState.QUEUED)
+    with pytest.raises(ValueError):
+        can_transition("sending", SeriesState.STABLE)  # a delivery state is not a series state
+
+
+# -- backoff --------------------------------------------------------------------------------------
+
+
+def test_backoff_doubles_from_the_base_and_is_capped():
+    assert [backoff_s(n) for n in (1, 2, 3, 4)] == [5.0, 10.0, 20.0, 40.0]
+    assert backoff_s(0) == backoff_s(1) == 5.0
+    assert [backoff_s(n, 1.0) for n in (1, 2, 3)] == [1.0, 2.0, 4.0]
+    assert backoff_s(30) == BACKOFF_MAX_S == 600.0
+
+
+# -- the publish helper -------------------------------------------------------------------------
+
+
+class FlakyPublisher(EmbeddedPublisher):
+    def __init__(self, fail_on: int):
+        self.fail_on = fail_on
+        self.sent: list[tuple[str, int]] = []
+
+    def publish(self, task_name: str, job_id: int) -> None:
+        if job_id == self.fail_on:
+            raise ConnectionError("broker down")
+        super().publish(task_name, job_id)
+        self.sent.append((task_name, job_id))
+
+
+def test_publish_in_order_marks_each_and_stops_at_the_first_failure(caplog):
+    marked: list[int] = []
+    publisher = FlakyPublisher(fail_on=3)
+    assert publish_in_order(publisher, DELIVER_OUTPUTS, [1, 2, 3, 4], marked.append) == [1, 2]
+    assert marked == [1, 2] and publisher.sent == [(DELIVER_OUTPUTS, 1), (DELIVER_OUTPUTS, 2)]
+    assert "publishing delivery 3 failed, will retry: broker down" in caplog.text
+    assert publish_in_order(FlakyPublisher(fail_on=0), SCORE_STUDY, [7], marked.append) == [7]
+
+
+# -- jobs and deliveries in a real database -------------------------------------------------------
+
+
+@pytest.fixture
+def session_factory(database_url, tmp_path):
+    from ct_triage.runtime import open_database
+    from tests.conftest import make_settings
+
+    engine, factory = open_database(make_settings(tmp_path, database_url))
+    yield factory
+    engine.dispose()
+
+
+def _record(uid: str) -> InstanceRecord:
+    return InstanceRecord(sop_instance_uid=f"1.2.3.{uid}.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                          study_instance_uid=f"1.2.3.{uid}", series_instance_uid=f"1.2.3.{uid}.0",
+                          transfer_syntax_uid="1.2.840.10008.1.2.1", path=f"{uid}.dcm", size_bytes=1,
+                          patient_id="P1", images_in_acquisition=1, modality="CT")
+
+
+def _queued_job(factory, uid: str = "9") -> int:
+    with factory() as session, session.begin():
+        repository.record_instance(session, _record(uid))
+        (job_id,) = repository.create_due_jobs(session, SCORE_STUDY, stable_age_s=0)
+    return job_id
+
+
+def _running_job(session, factory) -> Job:
+    """A job claimed by host:1 (in ``session``)."""
+    job_id = _queued_job(factory)
+    assert repository.claim_job(session, job_id, "host:1")
+    return session.get(Job, job_id)
+
+
+def test_a_job_is_claimed_once_and_taken_over_only_from_a_gone_holder(session_factory):
+    job_id = _queued_job(session_factory)
+    now = utcnow()
+    with session_factory() as session, session.begin():
+        assert repository.claim_job(session, job_id, "host:1", now)
+        assert not repository.claim_job(session, job_id, "host:2", now)  # a duplicate message
+    with session_factory() as session, session.begin():
+        assert repository.take_over_job(session, job_id, "host:2", lambda since, holder: False, now) is None
+        seen = []
+        holder = repository.take_over_job(session, job_id, "host:2",
+                                          lambda since, who: seen.append((since, who)) or True, now)
+        assert holder == "host:1" and seen[0][1] == "host:1"
+    with session_factory() as session, session.begin():
+        job = session.get(Job, job_id)
+        assert (job.state, job.worker, job.attempts) == ("running", "host:2", 2)
+        repository.finish_job(session, job, now, error=None)
+    with session_factory() as session, session.begin():
+        job = session.get(Job, job_id)
+        assert job.state == "done" and job.finished_at is not None
+        assert repository.take_over_job(session, job_id, "host:3", lambda *_: True, now) is None
+        with pytest.raises(InvalidStateChange, match=f"job {job_id}: done -> done"):
+            repository.finish_job(session, job, now)
+
+
+def test_abandoned_jobs_are_requeued(session_factory):
+    job_id = _queued_job(session_factory)
+    with session_factory() as session, session.begin():
+        assert repository.next_queued_job_id(session, SCORE_STUDY) == job_id
+        repository.claim_job(session, job_id, "host:1")
+        assert repository.next_queued_job_id(session, SCORE_STUDY) is None
+    with session_factory() as session, session.begin():
+        assert repository.requeue_abandoned_jobs(session, SCORE_STUDY) == [job_id]
+    with session_factory() as session, session.begin():
+        assert session.get(Job, job_id).state == "queued"
+
+
+def test_delivery_life_cycle(session_factory):
+    now = utcnow()
+    with session_factory() as session, session.begin():
+        job = _running_job(session, session_factory)
+        series = session.get(Series, job.study.series[0].id)
+        repository.transition(session, series, SeriesState.SCORING, None, now)
+        repository.transition(session, series, SeriesState.SCORED, None, now)
+        result = repository.add_result(session, job, series.id, {"status": "scored", "priority": "LOW",
+                                                                 "result_json": "{}", "scored_at": now})
+        repository.finish_job(session, job, now)
+        first, second = repository.add_deliveries(session, result, ["A@h:1", "B@h:2"], now)
+        assert repository.result_exists(session, job.study_fk, job.study_version)
+    with session_factory() as session, session.begin():
+        assert repository.due_delivery_ids(session, now) == [first, second]
+        assert repository.claim_delivery(session, first, "host:1", lambda *_: False, now) == ""
+        assert repository.claim_delivery(session, first, "host:2", lambda *_: False, now) is None
+        assert repository.due_delivery_ids(session, now) == [second]
+        repository.start_delivery(session, first, now)
+        assert session.get(Series, series.id).state == "delivering"
+        repository.finish_delivery(session, first, DeliveryState.RETRYING, "PACS down", 0,
+                                   retry_delay_s=lambda attempts: 60.0 * attempts, now=now)
+    with session_factory() as session, session.begin():
+        delivery = session.get(Delivery, first)
+        assert (delivery.state, delivery.worker, delivery.attempts) == ("retrying", None, 1)
+        assert delivery.next_attempt_at.replace(tzinfo=None) == (now + timedelta(seconds=60)).replace(tzinfo=None)
+        assert repository.due_delivery_ids(session, now) == [second]
+        assert repository.due_delivery_ids(session, now + timedelta(seconds=61)) == [first, second]
+        with pytest.raises(InvalidStateChange, match="retrying -> delivered"):
+            repository.finish_delivery(session, first, DeliveryState.DELIVERED, None, 3, now=now)
+    later = now + timedelta(seconds=61)
+    with session_factory() as session, session.begin():
+        for delivery_id in (first, second):
+            assert repository.claim_delivery(session, delivery_id, "host:1", lambda *_: False, later) == ""
+            repository.finish_delivery(session, delivery_id, DeliveryState.DELIVERED, None, 3, now=later)
+    with session_factory() as session, session.begin():
+        assert session.get(Series, series.id).state == "delivered"
+        assert session.get(Delivery, first).result.delivered_at is not None
+        assert repository.due_delivery_ids(session, later) == []
+
+
+def test_a_sending_delivery_is_taken_over_only_from_a_gone_holder(session_factory):
+    now = utcnow()
+    with session_factory() as session, session.begin():
+        job = _running_job(session, session_factory)
+        result = repository.add_result(session, job, None, {"status": "failed", "priority": "MEDIUM",
+                                                            "result_json": "{}", "scored_at": now})
+        (delivery_id,) = repository.add_deliveries(session, result, ["A@h:1"], now)
+        assert repository.claim_delivery(session, delivery_id, "host:1", lambda *_: False, now) == ""
+    with session_factory() as session, session.begin():
+        assert repository.claim_delivery(session, delivery_id, "host:2", lambda *_: False, now) is None
+        assert repository.claim_delivery(session, delivery_id, "host:2", lambda *_: True, now) == "host:1"
+        delivery = session.get(Delivery, delivery_id)
+        assert (delivery.state, delivery.worker, delivery.attempts) == ("sending", "host:2", 2)

@@ -19,7 +19,6 @@ from ct_triage import __version__
 from ct_triage.errors import CtTriageError
 from ct_triage.runtime import log_effective_config, open_database, setup_logging
 from ct_triage.settings import Settings
-
 from ct_triage.text import clean
 
 log = logging.getLogger("ct_triage")

@@ -70,12 +70,12 @@ class OneLineLogFilter:
     def filter(self, record) -> bool:
         try:
             message = record.getMessage()
-        except Exception as exc:  # noqa: BLE001 - a bad format string must not kill logging
+        except Exception as exc:
             message = f"{record.msg!r} (unformattable: {exc})"
         if record.exc_info and not self.tracebacks and record.name.startswith("pynetdicom"):
-            exc = record.exc_info[1]
-            if exc is not None and clean_exception(exc) not in message:
-                message = f"{message}: {clean_exception(exc)}"
+            error = record.exc_info[1]
+            if error is not None and clean_exception(error) not in message:
+                message = f"{message}: {clean_exception(error)}"
             record.exc_info = None
             record.exc_text = None
         record.msg = clean(message, self.MESSAGE_LIMIT)

@@ -91,7 +91,7 @@ def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
     return session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
 
 
-def instance_paths(session: Session) -> set[str]:
+def indexed_paths(session: Session) -> set[str]:
     """Storage paths of every indexed instance (start-up check of the spool)."""
     return set(session.scalars(select(Instance.path)))
 

@@ -160,8 +160,9 @@ class Indexer:
                 if self._stop:
                     return
                 continue
+            outcomes: list[repository.StoreOutcome | None]
             try:
-                outcomes = self._commit(batch)
+                outcomes = list(self._commit(batch))
             except SQLAlchemyError as exc:
                 if self.healthy:
                     log.error("database unavailable while indexing %d instance(s); new C-STOREs are refused "
@@ -178,7 +179,7 @@ class Indexer:
                 for record in batch:
                     try:
                         outcomes.extend(self._commit([record]))
-                    except Exception:  # noqa: BLE001 - the file stays; the next start indexes it again
+                    except Exception:
                         log.exception("could not index %s", record.sop_instance_uid)
                         outcomes.append(None)
             if not self.healthy:
@@ -193,5 +194,5 @@ class Indexer:
                     continue
                 try:
                     self.on_outcome(record, outcome)
-                except Exception:  # noqa: BLE001 - logging/wake-ups must not stop indexing
+                except Exception:
                     log.exception("outcome callback failed")

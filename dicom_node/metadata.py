@@ -148,8 +148,8 @@ def read_instance_record(path: Path, *, affected_sop_class_uid: str, affected_so
         raise RejectedInstance(f"SOPClassUID {sop_class} does not match the C-STORE request's "
                                f"{affected_sop_class_uid}", status.DATASET_DOES_NOT_MATCH)
     try:
-        check_pixel_data(pixel, native=syntax in NATIVE_SYNTAXES, requires_pixels=str(sop_class) in CT_SOP_CLASSES,
-                         **geometry)
+        check_pixel_data(pixel, native=syntax in NATIVE_SYNTAXES,
+                         requires_pixels=str(sop_class) in CT_IMAGE_SOP_CLASSES, **geometry)
     except IntegrityError as exc:
         raise RejectedInstance(exc.reason, exc.status_code) from exc
     try:
@@ -201,7 +201,7 @@ def read_spooled_file(path: Path, *, max_bytes: int, scratch_dir: Path | None = 
         sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
         sop_instance = str(meta.get("MediaStorageSOPInstanceUID", ""))
         syntax = str(meta.get("TransferSyntaxUID", ""))
-    except Exception as exc:  # noqa: BLE001 - a damaged file: refused like a damaged C-STORE
+    except Exception as exc:
         raise RejectedInstance(f"unreadable file meta: {clean_exception(exc)}", status.CANNOT_UNDERSTAND) from exc
     return read_instance_record(path, affected_sop_class_uid=sop_class, affected_sop_instance_uid=sop_instance,
                                 transfer_syntax_uid=syntax, calling_ae_title=None, max_bytes=max_bytes,

@@ -15,13 +15,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ct_triage.contract import Publisher
 from ct_triage.settings import Settings, parse_allowed_caller
+from ct_triage.text import clean
 from dicom_node import status
 from dicom_node.commitment import CommitmentService
 from dicom_node.completeness import CompletenessTracker
 from dicom_node.spool import Spool
 from dicom_node.store import StoreService
 from dicom_node.transport import BoundedAssociationServer, Gate, install_bounded_receive, peer_of, tune_association
-from ct_triage.text import clean
 
 log = logging.getLogger("ct_triage.node")
 

@@ -21,9 +21,9 @@ from pydicom.uid import UID
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from ct_triage.text import clean
 from db import repository
 from db.session import session_scope
-from ct_triage.text import clean
 from dicom_node import status
 from dicom_node.indexer import Indexer
 from dicom_node.metadata import RejectedInstance, read_instance_record, read_spooled_file
@@ -149,7 +149,7 @@ class StoreService:
         instance is durable on disk and before it is indexed or acknowledged."""
         with self._stats_lock:
             self._durable_count += 1
-            due = self._durable_count >= self._kill_after_fsync
+            due = self._durable_count >= (self._kill_after_fsync or 0)
         if due:
             log.warning("CT_TRIAGE_TEST_KILL_AFTER_FSYNC reached: SIGKILL between fsync and index")
             os.kill(os.getpid(), signal.SIGKILL)
@@ -171,7 +171,7 @@ class StoreService:
         """
         started = time.monotonic()
         with session_scope(self.session_factory) as session:
-            known = repository.instance_paths(session)
+            known = repository.indexed_paths(session)
         records = []
         for path in sorted((self.spool.root / "instances").rglob("*.dcm")):
             relpath = path.relative_to(self.spool.root).as_posix()

@@ -76,7 +76,7 @@ def peer_of(assoc) -> str:
     remote = assoc.requestor if assoc.is_acceptor else assoc.acceptor
     try:
         return f"{remote.address}:{remote.port}"
-    except Exception:  # noqa: BLE001 - not yet known
+    except Exception:
         return "?"
 
 
@@ -135,7 +135,7 @@ def abort_connection(dul: DULServiceProvider, reason: str) -> None:
             pdu.reason_diagnostic = 0x00
             sock.settimeout(1.0)
             sock.sendall(pdu.encode())
-        except Exception:  # noqa: BLE001 - best effort: the peer may be gone
+        except Exception:
             pass
         try:
             sock.shutdown(socket.SHUT_RDWR)
@@ -249,7 +249,7 @@ def _read_pdu_data(self: DULServiceProvider) -> bool:
 def _handle_pdu(self: DULServiceProvider, data: bytearray, rx: _Rx) -> bool:
     try:
         pdu, event = self._decode_pdu(data)
-    except Exception as exc:  # noqa: BLE001 - any malformed PDU: abort with one line
+    except Exception as exc:
         abort_connection(self, f"undecodable PDU type 0x{data[0]:02X}: {clean_exception(exc)}")
         return False
     if data[0] == 0x04:
@@ -469,7 +469,7 @@ class BoundedRequestHandler(RequestHandler):
             evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
             assoc.start()
             assoc.join()
-        except Exception as exc:  # noqa: BLE001 - one line, never a traceback per connection
+        except Exception as exc:
             log.warning("connection from %s:%s failed: %s", key[0], key[1], clean_exception(exc))
         finally:
             server.gate.release(key)

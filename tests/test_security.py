@@ -32,8 +32,15 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit
 
 from dicom_node import status
 from tests.support.daemon import Daemon
-from tests.support.scanner import (ECHOSCU, acknowledged_files, dcmtk_env, free_port, require_dcmtk, storescu,
-                                   write_ct_series)
+from tests.support.scanner import (
+    ECHOSCU,
+    acknowledged_files,
+    dcmtk_env,
+    free_port,
+    require_dcmtk,
+    storescu,
+    write_ct_series,
+)
 
 pytestmark = pytest.mark.security
 
@@ -151,8 +158,7 @@ def connect(node: Node, source: str = "127.0.0.1", timeout: float = 10) -> socke
 
 def association_rq(calling: str = "SCANNER", called: str = "CTTRIAGE", max_pdu: int = 16384) -> bytes:
     from pynetdicom.pdu import A_ASSOCIATE_RQ
-    from pynetdicom.pdu_primitives import (A_ASSOCIATE, ImplementationClassUIDNotification,
-                                           MaximumLengthNotification)
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
     from pynetdicom.presentation import build_context
 
     primitive = A_ASSOCIATE()

@@ -41,11 +41,18 @@ def _start_node(settings: Settings, session_factory):
     return node
 
 
+def _start_dashboard(settings: Settings, session_factory):
+    from dashboard.server import start_dashboard
+
+    return start_dashboard(settings, session_factory)
+
+
 def cmd_serve(args, settings: Settings) -> int:
     """Node + embedded worker on one machine, no servers needed."""
     log_effective_config(settings, "serve")
     _, session_factory = open_database(settings)
     node = _start_node(settings, session_factory)
+    dashboard = _start_dashboard(settings, session_factory)
     consumer = None
     worker_process = None
     if settings.embedded_queue:
@@ -67,6 +74,8 @@ def cmd_serve(args, settings: Settings) -> int:
         _wait_for_signal()
     finally:
         node.stop()
+        if dashboard:
+            dashboard.stop()
         if consumer:
             consumer.stop()
         if worker_process:
@@ -81,11 +90,14 @@ def cmd_node(args, settings: Settings) -> int:
         log.warning("CT_TRIAGE_BROKER_URL is empty: jobs wait in the database for a `ct-triage serve`")
     _, session_factory = open_database(settings)
     node = _start_node(settings, session_factory)
+    dashboard = _start_dashboard(settings, session_factory)
     log.info("ct-triage node ready: DICOM %s on port %d", settings.ae_title, node.port)
     try:
         _wait_for_signal()
     finally:
         node.stop()
+        if dashboard:
+            dashboard.stop()
     return 0
 
 

@@ -95,6 +95,18 @@ class Settings:
     noise_floor_percent: float = _f(0.5, "Involvement below this is CT-0 (no signs).")
     poll_interval_s: float = _f(1.0, "How often the completeness tracker and the embedded queue look for work.")
     log_level: str = _f("INFO", "Logging level.")
+    http_host: str = _f(
+        "127.0.0.1", "Address of the worklist page, its JSON API and /metrics. Off-localhost needs HTTP_TOKEN.",
+    )
+    http_port: int = _f(8080, "Port of the worklist page and /metrics (0: no page).")
+    http_token: str = _f(
+        "", "Token the page, API and /metrics require (Bearer header, cookie, or ?token= once). "
+        "Required when HTTP_HOST is not a loopback address; at least 16 characters.", secret=True,
+    )
+    http_refresh_s: float = _f(15.0, "How often the worklist page refreshes itself.")
+    http_worklist_hours: float = _f(
+        72.0, "Studies that arrived longer ago than this leave the page and /api/worklist (the SQL view keeps them).",
+    )
 
     # -- derived -------------------------------------------------------------------
     @property
@@ -163,6 +175,15 @@ class Settings:
             raise ConfigError(f"{PREFIX}STABLE_AGE_S must be >= 0 and {PREFIX}MAX_RECEIVE_S > 0")
         for dest in self.destinations:
             parse_destination(dest)
+        if not 0 <= self.http_port < 65536:
+            raise ConfigError(f"{PREFIX}HTTP_PORT must be 0..65535, got {self.http_port}")
+        if self.http_port and not is_loopback(self.http_host) and not self.http_token:
+            raise ConfigError(f"{PREFIX}HTTP_HOST={self.http_host} is not a loopback address: set {PREFIX}HTTP_TOKEN "
+                              f"(at least 16 characters) or bind the page to 127.0.0.1")
+        if self.http_token and len(self.http_token) < 16:
+            raise ConfigError(f"{PREFIX}HTTP_TOKEN must be at least 16 characters")
+        if self.http_refresh_s < 1 or self.http_worklist_hours <= 0:
+            raise ConfigError(f"{PREFIX}HTTP_REFRESH_S must be >= 1 and {PREFIX}HTTP_WORKLIST_HOURS > 0")
         for entry in self.allowed_calling_aes:
             parse_allowed_caller(entry)
 
@@ -172,7 +193,7 @@ class Settings:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.metadata.get("secret") and value:
-                value = mask_url(str(value))
+                value = mask_url(str(value)) if "://" in str(value) else "***"
             elif isinstance(value, list):
                 value = ",".join(value)
             out[f.name] = "" if value is None else str(value)
@@ -194,6 +215,18 @@ class Settings:
                 default = str(default).lower()
             rows.append((PREFIX + f.name.upper(), "" if default is None else str(default), f.metadata["help"]))
         return rows
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def mask_url(url: str) -> str:

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("ct_triage", "ct_triage_tools", "db", "dicom_node", "worker")
-DAEMON = ("ct_triage", "db", "dicom_node", "worker")
+PACKAGES = ("ct_triage", "ct_triage_tools", "dashboard", "db", "dicom_node", "worker")
+DAEMON = ("ct_triage", "dashboard", "db", "dicom_node", "worker")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from ct_triage import __version__
 from ct_triage.errors import CtTriageError
 from ct_triage.runtime import log_effective_config, open_database, setup_logging
 from ct_triage.settings import Settings
+from ct_triage.text import clean
 
 log = logging.getLogger("ct_triage")
 
@@ -141,6 +142,8 @@ def _short_uid(uid: str) -> str:
 
 def _print_table(headers: list[str], table: list[list[str]], empty: str, max_width: int | None = None) -> None:
     """Columns padded to their widest cell; with ``max_width`` the last column is cut to fit."""
+    # Cells can hold scanner-sent text (modality, reasons quoting attributes): one line each.
+    table = [[clean(cell, 300) for cell in row] for row in table]
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(headers)]
     if max_width is not None and table:
         room = max(len(headers[-1]), max_width - sum(w + 2 for w in widths[:-1]))

@@ -60,6 +60,18 @@ class Settings:
         "Empty: any caller (a warning is logged)."
     )
     max_associations: int = _f(16, "Concurrent associations accepted; more are rejected (transient).")
+    max_pending_per_address: int = _f(
+        4, "Connections from one address that may wait for their association to be accepted "
+        "(TLS handshake, A-ASSOCIATE-RQ); more are closed at once. Accepted associations do not count.")
+    max_pending_total: int = _f(64, "Connections from all addresses that may wait for their association.")
+    accept_any_called_ae: bool = _f(False, "Accept associations whatever called AE title they name "
+                                    "(default: it must be AE_TITLE).")
+    max_instance_mb: int = _f(1024, "Largest data set accepted, on the wire and after inflating Deflated "
+                              "Explicit VR; larger is aborted (wire) or refused with 0xA703 (inflated).")
+    max_message_s: float = _f(600.0, "A DIMSE message (first to last fragment) must arrive within this; "
+                              "slower peers are aborted.")
+    quarantine_max_mb: int = _f(1024, "Size cap of the quarantine folder (rejected data sets kept for "
+                                "inspection); beyond it, rejected data is not kept.")
     acse_timeout_s: float = _f(30.0, "ACSE (association set-up/release) timeout.")
     dimse_timeout_s: float = _f(60.0, "DIMSE message timeout.")
     network_timeout_s: float = _f(60.0, "Idle network timeout of an association.")
@@ -214,6 +226,10 @@ class Settings:
             raise ConfigError(f"{PREFIX}TLS_KEY is required when {PREFIX}TLS_CERT is set")
         if self.tls_required and not self.tls_cert:
             raise ConfigError(f"{PREFIX}TLS_REQUIRED needs {PREFIX}TLS_CERT and {PREFIX}TLS_KEY")
+        if self.max_pending_per_address < 1 or self.max_pending_total < 1 or self.max_associations < 1:
+            raise ConfigError(f"{PREFIX}MAX_ASSOCIATIONS, MAX_PENDING_PER_ADDRESS and MAX_PENDING_TOTAL must be >= 1")
+        if self.max_instance_mb < 1 or self.max_message_s <= 0 or self.quarantine_max_mb < 0:
+            raise ConfigError(f"{PREFIX}MAX_INSTANCE_MB must be >= 1, MAX_MESSAGE_S > 0, QUARANTINE_MAX_MB >= 0")
         if self.stable_age_s < 0 or self.max_receive_s <= 0:
             raise ConfigError(f"{PREFIX}STABLE_AGE_S must be >= 0 and {PREFIX}MAX_RECEIVE_S > 0")
         if self.sc_compression not in ("none", "rle", "jpeg-baseline"):

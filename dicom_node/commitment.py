@@ -61,7 +61,11 @@ def build_event_report(session: Session, transaction_uid: str,
 
 
 class CommitmentService:
-    def __init__(self, session_factory: sessionmaker[Session], report_delay_s: float = 0.05):
+    def __init__(self, session_factory: sessionmaker[Session], report_delay_s: float = 0.05,
+                 wait_indexed=lambda: True):
+        # Instances acknowledged just before the N-ACTION may still be queued for indexing
+        # (dicom_node.indexer): the report waits for them, so it never calls one missing.
+        self.wait_indexed = wait_indexed
         self.session_factory = session_factory
         self.report_delay_s = report_delay_s
 
@@ -88,6 +92,7 @@ class CommitmentService:
         return status.SUCCESS, None
 
     def _send_report(self, assoc, transaction_uid: str, requested: list[tuple[str, str]]) -> None:
+        self.wait_indexed()
         try:
             with session_scope(self.session_factory) as session:
                 event_type, report = build_event_report(session, transaction_uid, requested)

@@ -77,7 +77,7 @@ def main() -> int:
     acked: dict[str, float] = {}
     arrived: dict[str, float] = {}
     try:
-        wait_echo(port)
+        wait_echo(port, called="CTTRIAGE")
         for folder, truth in studies:
             subprocess.run([STORESCU, "+sd", "+r", "+sp", "*.dcm", "-aec", "CTTRIAGE", "127.0.0.1", str(port),
                             str(folder)], env=dcmtk_env(), check=True, capture_output=True)

@@ -35,11 +35,11 @@ class Target:
 
     def start(self, workdir: Path) -> int: ...
 
-    def launch(self, args: list[str], port: int, env: dict, stderr) -> int:
-        """Start ``args`` in its own session and wait until it answers C-ECHO on ``port``."""
+    def launch(self, args: list[str], port: int, env: dict, stderr, called: str = "ANY-SCP") -> int:
+        """Start ``args`` in its own session and wait until it answers C-ECHO (to ``called``) on ``port``."""
         self.proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
                                      start_new_session=True)
-        wait_echo(port)
+        wait_echo(port, called=called)
         return port
 
     def stop(self) -> None:
@@ -66,7 +66,7 @@ class CtTriage(Target):
         if self.database_url:
             env["CT_TRIAGE_DATABASE_URL"] = self.database_url
         return self.launch([sys.executable, "-m", "ct_triage.cli", "node"], port, env,
-                           open(workdir / "node.log", "wb"))
+                           open(workdir / "node.log", "wb"), called="CTTRIAGE")
 
 
 class DcmtkStorescp(Target):
@@ -93,7 +93,7 @@ class Orthanc(Target):
     def start(self, workdir: Path) -> int:
         # Orthanc's DICOM server is dcmtk: it needs TCP_NODELAY too, or Nagle costs ~40 ms per instance.
         self.server = OrthancServer(workdir, aet="ORTHANC", env=dcmtk_env()).start()
-        wait_echo(self.server.dicom_port)
+        wait_echo(self.server.dicom_port, called="ORTHANC")
         return self.server.dicom_port
 
     def stop(self) -> None:

@@ -21,6 +21,7 @@ from ct_triage import __version__
 from ct_triage.errors import CtTriageError
 from ct_triage.runtime import log_effective_config, open_database, setup_logging
 from ct_triage.settings import Settings
+from ct_triage.text import clean
 
 log = logging.getLogger("ct_triage")
 
@@ -205,6 +206,8 @@ def _short_uid(uid: str) -> str:
 
 def _print_table(headers: list[str], table: list[list[str]], empty: str, max_width: int | None = None) -> None:
     """Columns padded to their widest cell; with ``max_width`` the last column is cut to fit."""
+    # Cells can hold scanner-sent text (modality, reasons quoting attributes): one line each.
+    table = [[clean(cell, 300) for cell in row] for row in table]
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(headers)]
     if max_width is not None and table:
         room = max(len(headers[-1]), max_width - sum(w + 2 for w in widths[:-1]))
@@ -236,6 +239,9 @@ def cmd_status(args, settings: Settings) -> int:
     with session_scope(session_factory) as session:
         rows = repository.series_status(session, limit=args.limit)
         results = repository.result_status(session, limit=args.limit)
+        from worker.priors import change_label, changes_by_study  # issue 12: comparison with priors
+
+        changes = changes_by_study(session, [r.study_instance_uid for r in results])
     now = utcnow()
     _print_storage(pressure, settings)
     print("\nSERIES")
@@ -256,22 +262,34 @@ def cmd_status(args, settings: Settings) -> int:
               _short_time(r.last_received_at), "; ".join(filter(None, [r.state_reason or "", *r.flags]))]
              for r in rows],
             "(no series received yet)", max_width=COMPACT_WIDTH)
-    print("\nRESULTS (worklist order)")
+    print("\nRESULTS (worklist order: priority, then arrival)")
     if args.wide:
         _print_table(
-            ["priority", "study_instance_uid", "ver", "status", "category", "involvement_%", "scored",
-             "deliveries", "reason"],
+            ["priority", "study_instance_uid", "ver", "status", "category", "involvement_%", "change", "scored",
+             "ups", "deliveries", "reason"],
             [[r.priority, r.study_instance_uid, str(r.version), r.status, r.category or "-",
-              f"{r.involvement_percent:.1f}" if r.involvement_percent is not None else "-", _fmt_time(r.scored_at),
+              f"{r.involvement_percent:.1f}" if r.involvement_percent is not None else "-",
+              change_label(changes.get(r.study_instance_uid)), _fmt_time(r.scored_at), r.workitem_state or "-",
               ", ".join(f"{d}: {state}" for d, state in r.deliveries) or "-", r.reason or ""] for r in results],
             "(no results yet)")
     else:
         _print_table(
-            ["priority", "study", "ver", "status", "category", "involv_%", "scored", "deliveries", "reason"],
+            ["priority", "study", "ver", "status", "category", "involv_%", "change", "scored", "ups", "deliveries",
+             "reason"],
             [[r.priority, _short_uid(r.study_instance_uid), str(r.version), r.status, r.category or "-",
               f"{r.involvement_percent:.1f}" if r.involvement_percent is not None else "-",
-              _short_time(r.scored_at), _delivery_summary(r.deliveries), r.reason or ""] for r in results],
+              change_label(changes.get(r.study_instance_uid)), _short_time(r.scored_at), r.workitem_state or "-",
+              _delivery_summary(r.deliveries), r.reason or ""] for r in results],
             "(no results yet)", max_width=COMPACT_WIDTH)
+    problems = [(r, d) for r in results for d in r.delivery_errors]
+    if problems:
+        # Why a delivery stopped (an HL7 AE/AR with the RIS's text, a rejected association) or retries.
+        print("\nDELIVERY PROBLEMS")
+        _print_table(
+            ["study", "destination", "state", "reason"],
+            [[r.study_instance_uid if args.wide else _short_uid(r.study_instance_uid), dest, state, reason]
+             for r, (dest, state, reason) in problems],
+            "", max_width=None if args.wide else COMPACT_WIDTH)
     return 0
 
 

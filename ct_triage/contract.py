@@ -15,11 +15,12 @@ from typing import Protocol
 
 SCORE_STUDY = "ct_triage.score_study"
 DELIVER_OUTPUTS = "ct_triage.deliver_outputs"
+FIND_PRIORS = "ct_triage.find_priors"  # issue 12: C-FIND/C-MOVE a patient's priors (payload: prior search ID)
 
 QUEUE_GPU = "gpu"
 QUEUE_IO = "io"
 
-TASK_QUEUES = {SCORE_STUDY: QUEUE_GPU, DELIVER_OUTPUTS: QUEUE_IO}
+TASK_QUEUES = {SCORE_STUDY: QUEUE_GPU, DELIVER_OUTPUTS: QUEUE_IO, FIND_PRIORS: QUEUE_IO}
 
 # The SOP classes of the series ct-triage scores: CT Image Storage and Enhanced CT Image
 # Storage. The node marks any other series not applicable at its first instance, the

@@ -6,6 +6,7 @@ import logging
 import sys
 
 from ct_triage.settings import Settings
+from ct_triage.text import OneLineLogFilter
 
 log = logging.getLogger("ct_triage")
 
@@ -21,6 +22,13 @@ def setup_logging(level: str = "INFO") -> None:
     quiet = logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(quiet)
+    # Every line stays one line (peer text is escaped); pynetdicom's errors lose their
+    # tracebacks below DEBUG (see ct_triage.text). Python warnings (pydicom warns about
+    # odd values, quoting them) go through logging too.
+    logging.captureWarnings(True)
+    one_line = OneLineLogFilter(tracebacks=level.upper() == "DEBUG")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(one_line)
 
 
 def log_effective_config(settings: Settings, role: str) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from ct_triage.errors import ConfigError
+from db.priority import DEFAULT_RULE_TEXT, PriorityRuleError, parse_rule
 
 PREFIX = "CT_TRIAGE_"
 
@@ -59,6 +60,18 @@ class Settings:
         "Empty: any caller (a warning is logged)."
     )
     max_associations: int = _f(16, "Concurrent associations accepted; more are rejected (transient).")
+    max_pending_per_address: int = _f(
+        4, "Connections from one address that may wait for their association to be accepted "
+        "(TLS handshake, A-ASSOCIATE-RQ); more are closed at once. Accepted associations do not count.")
+    max_pending_total: int = _f(64, "Connections from all addresses that may wait for their association.")
+    accept_any_called_ae: bool = _f(False, "Accept associations whatever called AE title they name "
+                                    "(default: it must be AE_TITLE).")
+    max_instance_mb: int = _f(1024, "Largest data set accepted, on the wire and after inflating Deflated "
+                              "Explicit VR; larger is aborted (wire) or refused with 0xA703 (inflated).")
+    max_message_s: float = _f(600.0, "A DIMSE message (first to last fragment) must arrive within this; "
+                              "slower peers are aborted.")
+    quarantine_max_mb: int = _f(1024, "Size cap of the quarantine folder (rejected data sets kept for "
+                                "inspection); beyond it, rejected data is not kept.")
     acse_timeout_s: float = _f(30.0, "ACSE (association set-up/release) timeout.")
     dimse_timeout_s: float = _f(60.0, "DIMSE message timeout.")
     network_timeout_s: float = _f(60.0, "Idle network timeout of an association.")
@@ -109,6 +122,38 @@ class Settings:
     )
     retention_interval_s: float = _f(3600.0, "How often the node (or serve) runs the retention sweep.")
     shutdown_grace_s: float = _f(8.0, "On SIGTERM: how long in-flight C-STOREs and tasks may run before exit.")
+    priority_rule: str = _f(
+        DEFAULT_RULE_TEXT, "Worklist priority per category, and for results not scored ('failed': failed or not "
+        "applicable; never below MEDIUM). Ties are broken by arrival time.")
+    ups_worklist_label: str = _f("COVID-19 CT triage", "Worklist Label (0074,1202) of the UPS workitems we serve.")
+    ups_subscribers: list[str] = _lf(
+        [], "UPS Watch subscribers we may send N-EVENT-REPORTs to, AET@host:port each; a subscription from "
+        "any other AE title is refused (0xC308).")
+    hl7_destinations: list[str] = _lf([], "Comma-separated RIS interfaces host:port receiving HL7 v2 over MLLP "
+                                          "(order update + ORU^R01 per result).")
+    hl7_order_message: str = _f("ORM^O01", "Order update message: ORM^O01 (priority in ORC-7) or OMI^O23 "
+                                           "(priority in TQ1-9).")
+    hl7_sending_application: str = _f("CTTRIAGE", "MSH-3 Sending Application.")
+    hl7_sending_facility: str = _f("", "MSH-4 Sending Facility.")
+    hl7_receiving_application: str = _f("", "MSH-5 Receiving Application.")
+    hl7_receiving_facility: str = _f("", "MSH-6 Receiving Facility.")
+    hl7_ack_timeout_s: float = _f(30.0, "Seconds to wait for the connection and for each HL7 ACK; a timeout "
+                                        "is retried with the delivery backoff.")
+    prior_sources: list[str] = _lf(
+        [], "Comma-separated PACS AET@host:port asked (C-FIND, Study Root) for the patient's earlier CT "
+        "studies, retrieved with C-MOVE to AE_TITLE and scored as priors. Empty: compare only with studies "
+        "ct-triage scored itself."
+    )
+    prior_lookback_days: float = _f(
+        30.0, "Earlier studies of the same patient (Patient ID + Issuer) this recent are priors.")
+    prior_max_count: int = _f(3, "At most this many priors (the most recent) are compared with a study.")
+    progression_relative_percent: float = _f(
+        50.0, "Relative increase of total involvement (%) that is 'progression' (MosMedData Table 2: +50 %).")
+    progression_min_hours: float = _f(0.0, "Progression rule window, shortest interval between acquisitions (h).")
+    progression_max_hours: float = _f(48.0, "Progression rule window, longest interval between acquisitions (h).")
+    progression_min_points: float = _f(
+        5.0, "Progression also needs at least this many percentage points of increase (guards tiny shares).")
+    stable_points: float = _f(5.0, "A change smaller than this (percentage points) is reported as stable.")
     poll_interval_s: float = _f(1.0, "How often the completeness tracker and the embedded queue look for work.")
     log_level: str = _f("INFO", "Logging level.")
     http_host: str = _f(
@@ -193,6 +238,10 @@ class Settings:
             raise ConfigError(f"{PREFIX}TLS_KEY is required when {PREFIX}TLS_CERT is set")
         if self.tls_required and not self.tls_cert:
             raise ConfigError(f"{PREFIX}TLS_REQUIRED needs {PREFIX}TLS_CERT and {PREFIX}TLS_KEY")
+        if self.max_pending_per_address < 1 or self.max_pending_total < 1 or self.max_associations < 1:
+            raise ConfigError(f"{PREFIX}MAX_ASSOCIATIONS, MAX_PENDING_PER_ADDRESS and MAX_PENDING_TOTAL must be >= 1")
+        if self.max_instance_mb < 1 or self.max_message_s <= 0 or self.quarantine_max_mb < 0:
+            raise ConfigError(f"{PREFIX}MAX_INSTANCE_MB must be >= 1, MAX_MESSAGE_S > 0, QUARANTINE_MAX_MB >= 0")
         if self.stable_age_s < 0 or self.max_receive_s <= 0:
             raise ConfigError(f"{PREFIX}STABLE_AGE_S must be >= 0 and {PREFIX}MAX_RECEIVE_S > 0")
         if self.sc_compression not in ("none", "rle", "jpeg-baseline"):
@@ -204,6 +253,18 @@ class Settings:
             raise ConfigError(f"{PREFIX}SR_MAX_LESIONS must be >= 0, got {self.sr_max_lesions}")
         for dest in self.destinations:
             parse_destination(dest)
+        for source in self.prior_sources:
+            try:
+                parse_destination(source)
+            except ConfigError:
+                raise ConfigError(f"{PREFIX}PRIOR_SOURCES entry {source!r} is not AET@host:port") from None
+        if self.prior_lookback_days <= 0 or self.prior_max_count < 0:
+            raise ConfigError(f"{PREFIX}PRIOR_LOOKBACK_DAYS must be > 0 and {PREFIX}PRIOR_MAX_COUNT >= 0")
+        if not 0 <= self.progression_min_hours <= self.progression_max_hours:
+            raise ConfigError(f"{PREFIX}PROGRESSION_MIN_HOURS must be >= 0 and <= {PREFIX}PROGRESSION_MAX_HOURS")
+        if self.progression_relative_percent <= 0 or self.progression_min_points < 0 or self.stable_points < 0:
+            raise ConfigError(f"{PREFIX}PROGRESSION_RELATIVE_PERCENT must be > 0; {PREFIX}PROGRESSION_MIN_POINTS "
+                              f"and {PREFIX}STABLE_POINTS >= 0")
         if not 0 <= self.http_port < 65536:
             raise ConfigError(f"{PREFIX}HTTP_PORT must be 0..65535, got {self.http_port}")
         if self.http_port and not is_loopback(self.http_host) and not self.http_token:
@@ -221,6 +282,25 @@ class Settings:
             raise ConfigError(f"{PREFIX}RETENTION_DAYS must be >= 0 and {PREFIX}RETENTION_INTERVAL_S > 0")
         if not 0 <= self.shutdown_grace_s <= 60:
             raise ConfigError(f"{PREFIX}SHUTDOWN_GRACE_S must be 0..60, got {self.shutdown_grace_s}")
+        try:
+            parse_rule(self.priority_rule)
+        except PriorityRuleError as exc:
+            raise ConfigError(f"{PREFIX}PRIORITY_RULE: {exc}") from exc
+        for entry in self.ups_subscribers:
+            parse_destination(entry, setting="UPS_SUBSCRIBERS")
+        for entry in self.hl7_destinations:
+            parse_hl7_destination(entry)
+        if self.hl7_order_message not in ("ORM^O01", "OMI^O23"):
+            raise ConfigError(f"{PREFIX}HL7_ORDER_MESSAGE must be ORM^O01 or OMI^O23, got {self.hl7_order_message!r}")
+        if not 0 < len(self.ups_worklist_label) <= 64:
+            raise ConfigError(f"{PREFIX}UPS_WORKLIST_LABEL must be 1..64 characters")
+        if self.hl7_ack_timeout_s <= 0:
+            raise ConfigError(f"{PREFIX}HL7_ACK_TIMEOUT_S must be > 0")
+
+    @property
+    def priorities(self) -> dict[str, str]:
+        """The validated priority rule (db.priority)."""
+        return parse_rule(self.priority_rule)
 
     def effective(self) -> dict[str, str]:
         """The settings as logged at start: every field, secrets masked."""
@@ -334,6 +414,26 @@ def parse_destination(text: str, setting: str = "DESTINATIONS") -> Destination:
     if not sep or not sep2 or not aet or not host or not port.isdigit() or len(aet) > 16:
         raise ConfigError(f"{PREFIX}{setting} entry {text!r} is not AET@host:port[+tls]")
     return Destination(aet, host, int(port), tls)
+
+
+@dataclass(frozen=True)
+class Hl7Destination:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"mllp://{self.host}:{self.port}"
+
+
+def parse_hl7_destination(text: str) -> Hl7Destination:
+    """Parse ``host:port`` (or ``mllp://host:port``); ConfigError naming the entry when malformed."""
+    entry = text.strip()
+    if entry.startswith("mllp://"):
+        entry = entry[len("mllp://"):]
+    host, sep, port = entry.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{PREFIX}HL7_DESTINATIONS entry {text!r} is not host:port")
+    return Hl7Destination(host, int(port))
 
 
 @dataclass(frozen=True)

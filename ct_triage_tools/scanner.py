@@ -148,11 +148,14 @@ def copy_series(series: SeriesOnDisk, folder: Path) -> list[Path]:
     return [Path(shutil.copy(p, folder / p.name)) for p in series.paths]
 
 
-def wait_echo(port: int, timeout: float = 60) -> None:
-    """Until something answers C-ECHO on 127.0.0.1:``port`` (RuntimeError after ``timeout`` s)."""
+def wait_echo(port: int, timeout: float = 60, called: str = "ANY-SCP") -> None:
+    """Until something answers C-ECHO on 127.0.0.1:``port`` (RuntimeError after ``timeout`` s).
+
+    ``called``: the AE title to call (ct-triage refuses any but its own, CTTRIAGE by default).
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if subprocess.run([ECHOSCU, "127.0.0.1", str(port)], capture_output=True,
+        if subprocess.run([ECHOSCU, "-aec", called, "127.0.0.1", str(port)], capture_output=True,
                           env=dcmtk_env()).returncode == 0:
             return
         time.sleep(0.2)

@@ -11,6 +11,7 @@ from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Float,
     ForeignKey,
     Index,
@@ -279,7 +280,9 @@ class Delivery(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     result_fk: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
-    destination: Mapped[str] = mapped_column(String(128))  # AET@host:port[+tls]
+    destination: Mapped[str] = mapped_column(String(128))  # AET@host:port[+tls], or mllp://host:port for HL7
+    # dicom: C-STORE of the SC/SR outputs to a PACS; hl7: order update + ORU^R01 over MLLP to a RIS.
+    channel: Mapped[str] = mapped_column(String(8), default="dicom", server_default="dicom")
     # pending -> sending -> delivered | retrying (-> sending ...) | failed (permanent)
     state: Mapped[str] = mapped_column(String(16), default="pending")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -292,3 +295,96 @@ class Delivery(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     result: Mapped[Result] = relationship(back_populates="deliveries")
+
+
+class UpsWorkitem(Base):
+    """One UPS workitem (PS3.4 Annex CC) per result (study version), served by the node.
+
+    ``state`` is the UPS state machine: SCHEDULED -> IN PROGRESS -> COMPLETED | CANCELED
+    (a SCHEDULED item is cancelled directly on request or when superseded). Patient and
+    study identifiers are copied from the source at creation; ``input_json`` lists the
+    referenced series ([{study_instance_uid, series_instance_uid, sop_class_uid,
+    sop_instance_uids}]); ``progress_json`` and ``performed_json`` hold what the performer
+    N-SETs, as DICOM JSON.
+    """
+
+    __tablename__ = "ups_workitems"
+    __table_args__ = (Index("ix_ups_workitems_worklist", "state", "priority_rank", "scheduled_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    result_fk: Mapped[int] = mapped_column(ForeignKey("results.id"), unique=True)
+    study_fk: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    study_version: Mapped[int] = mapped_column(Integer)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    # PHI copied from the source study: served to worklist clients, never logged at INFO.
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8))
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    priority: Mapped[str] = mapped_column(String(8), index=True)  # HIGH | MEDIUM | LOW (0074,1200)
+    priority_rank: Mapped[int] = mapped_column(Integer)  # 0 HIGH, 1 MEDIUM, 2 LOW: ORDER BY this
+    category: Mapped[str | None] = mapped_column(String(8))
+    worklist_label: Mapped[str] = mapped_column(String(64))  # (0074,1202)
+    procedure_step_label: Mapped[str] = mapped_column(String(64))  # (0074,1204): category and %
+    comments: Mapped[str | None] = mapped_column(Text)  # (0040,0400): result summary or the reason not scored
+    # SCHEDULED | IN PROGRESS | COMPLETED | CANCELED (0074,1000)
+    state: Mapped[str] = mapped_column(String(16), default="SCHEDULED")
+    transaction_uid: Mapped[str | None] = mapped_column(UID)  # never returned to clients
+    performer_ae_title: Mapped[str | None] = mapped_column(String(16))
+    scheduled_at: Mapped[datetime] = mapped_column(UTCDateTime)  # (0040,4005): when the study arrived
+    input_json: Mapped[str] = mapped_column(Text, default="[]")
+    progress_json: Mapped[str | None] = mapped_column(Text)
+    performed_json: Mapped[str | None] = mapped_column(Text)
+    cancel_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    in_progress_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    canceled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Set when a newer study version replaced this one: it leaves every worklist.
+    superseded_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    result: Mapped[Result] = relationship()
+
+
+class UpsSubscription(Base):
+    """A UPS Watch subscription: one workitem (``workitem_fk``) or global (NULL)."""
+
+    __tablename__ = "ups_subscriptions"
+    __table_args__ = (Index("ix_ups_subscriptions_ae", "ae_title", "workitem_fk"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ae_title: Mapped[str] = mapped_column(String(16))
+    workitem_fk: Mapped[int | None] = mapped_column(ForeignKey("ups_workitems.id"))
+    deletion_lock: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class UpsEvent(Base):
+    """Outbox of UPS N-EVENT-REPORTs, one row per (event, subscriber); the node sends them.
+
+    ``event_type`` (PS3.4 CC.2.4): 1 state report, 2 cancel requested, 3 progress report.
+    ``payload_json``: {"state", "reason", "requesting_ae", "progress_json"} as applicable.
+    """
+
+    __tablename__ = "ups_events"
+    __table_args__ = (Index("ix_ups_events_state_next", "state", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    workitem_fk: Mapped[int] = mapped_column(ForeignKey("ups_workitems.id"), index=True)
+    ae_title: Mapped[str] = mapped_column(String(16))
+    event_type: Mapped[int] = mapped_column(Integer)
+    payload_json: Mapped[str] = mapped_column(Text, default="{}")
+    # pending -> sent | failed (permanent) ; transient failures stay pending with a later next_attempt_at
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    workitem: Mapped[UpsWorkitem] = relationship()

@@ -11,14 +11,27 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import case, delete, func, or_, select, update
+from sqlalchemy import case, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Delivery, Instance, Job, OutputFile, Patient, RejectedInstance, Result, Series, SeriesEvent, Study
+from db.models import (
+    Delivery,
+    Instance,
+    Job,
+    OutputFile,
+    Patient,
+    RejectedInstance,
+    Result,
+    Series,
+    SeriesEvent,
+    Study,
+    UpsWorkitem,
+)
+from db.priority import RANK, worklist_key
 from db.states import CLAIMABLE_DELIVERY, SETTLED, DeliveryState, JobState, SeriesState, can_transition
 from db.types import utcnow
 
@@ -91,6 +104,11 @@ def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
     return session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
 
 
+def indexed_paths(session: Session) -> set[str]:
+    """Storage paths of every indexed instance (start-up check of the spool)."""
+    return set(session.scalars(select(Instance.path)))
+
+
 def count_duplicate(session: Session, instance: Instance) -> None:
     session.execute(update(Series).where(Series.id == instance.series_fk)
                     .values(duplicate_count=Series.duplicate_count + 1))
@@ -124,60 +142,99 @@ def _get_or_create_study(session: Session, rec: InstanceRecord, now: datetime) -
 
 
 def record_instance(session: Session, rec: InstanceRecord, now: datetime | None = None) -> StoreOutcome:
-    """Index one stored instance; creates patient/study/series rows as needed.
+    """Index one stored instance (see :func:`record_instances`)."""
+    return record_instances(session, [rec], now)[0]
+
+
+def record_instances(session: Session, records: list[InstanceRecord],
+                     now: datetime | None = None) -> list[StoreOutcome]:
+    """Index stored instances in order; creates patient/study/series rows as needed.
 
     A late instance for a settled series reopens it with a new version (and bumps
-    the study's version, so the study is scored again exactly once).
+    the study's version, so the study is scored again exactly once). A SOP Instance
+    UID already indexed (or earlier in ``records``) is a duplicate: counted, first kept.
+    Built for batches (the node's indexer): one query finds the duplicates, studies and
+    series are looked up once per batch, instance rows are inserted together.
     """
     now = now or utcnow()
-    existing = find_instance(session, rec.sop_instance_uid)
-    if existing is not None:
-        count_duplicate(session, existing)
-        held = session.get_one(Series, existing.series_fk)
-        return StoreOutcome(True, held.id, held.state, held.version)
+    known: dict[str, int] = {}
+    uids = [rec.sop_instance_uid for rec in records]
+    for start in range(0, len(uids), 500):
+        known.update(session.execute(select(Instance.sop_instance_uid, Instance.series_fk)
+                                     .where(Instance.sop_instance_uid.in_(uids[start:start + 500]))).all())
+    studies: dict[str, Study] = {}
+    series_by_uid: dict[str, Series] = {}
+    pending_rows: list[dict] = []
+    outcomes: list[StoreOutcome] = []
 
-    study = _get_or_create_study(session, rec, now)
-    series = session.scalar(select(Series).where(Series.series_instance_uid == rec.series_instance_uid))
-    created = reopened = False
-    if series is None:
-        created = True
-        series = Series(series_instance_uid=rec.series_instance_uid, study_fk=study.id, modality=rec.modality,
-                        sop_class_uid=rec.sop_class_uid, series_number=rec.series_number,
-                        series_description=rec.series_description, convolution_kernel=rec.convolution_kernel,
-                        slice_thickness=rec.slice_thickness, images_in_acquisition=rec.images_in_acquisition,
-                        instance_count=0, duplicate_count=0, version=1, state=SeriesState.RECEIVING.value,
-                        receiving_at=now, first_received_at=now, last_received_at=now, flags_json="[]")
-        session.add(series)
-        session.flush()
-        session.add(SeriesEvent(series=series, version=1, from_state=None,
-                                to_state=SeriesState.RECEIVING.value, reason="first instance", at=now))
-        if rec.not_applicable_reason:
-            transition(session, series, SeriesState.NOT_APPLICABLE, rec.not_applicable_reason, now)
-    elif series.state != SeriesState.RECEIVING.value:
-        fixed_not_applicable = series.state == SeriesState.NOT_APPLICABLE.value and rec.not_applicable_reason
-        if not fixed_not_applicable:
-            series.version += 1
-            study.version += 1
-            transition(session, series, SeriesState.RECEIVING, "late instance reopened the series", now)
-            reopened = True
+    def insert_pending() -> None:
+        if pending_rows:
+            session.execute(insert(Instance), pending_rows)
+            pending_rows.clear()
 
-    series.instance_count += 1
-    series.last_received_at = now
-    if rec.images_in_acquisition and not series.images_in_acquisition:
-        series.images_in_acquisition = rec.images_in_acquisition
-    session.add(Instance(sop_instance_uid=rec.sop_instance_uid, sop_class_uid=rec.sop_class_uid,
-                         series_fk=series.id, series_version=series.version,
-                         transfer_syntax_uid=rec.transfer_syntax_uid, path=rec.path, size_bytes=rec.size_bytes,
-                         instance_number=rec.instance_number, slice_position=rec.slice_position,
-                         rows=rec.rows, columns=rec.columns, calling_ae_title=rec.calling_ae_title,
-                         received_at=now))
-    became_stable = False
-    if (series.state == SeriesState.RECEIVING.value and series.images_in_acquisition
-            and series.instance_count >= series.images_in_acquisition):
-        session.flush()
-        mark_stable(session, series, "ImagesInAcquisition reached", now)
-        became_stable = True
-    return StoreOutcome(False, series.id, series.state, series.version, created, reopened, became_stable)
+    for rec in records:
+        if rec.sop_instance_uid in known:
+            series_fk = known[rec.sop_instance_uid]
+            session.execute(update(Series).where(Series.id == series_fk)
+                            .values(duplicate_count=Series.duplicate_count + 1)
+                            .execution_options(synchronize_session=False))
+            held = session.get_one(Series, series_fk)
+            outcomes.append(StoreOutcome(True, held.id, held.state, held.version))
+            continue
+        study = studies.get(rec.study_instance_uid)
+        if study is None:
+            study = studies[rec.study_instance_uid] = _get_or_create_study(session, rec, now)
+        else:
+            study.last_received_at = now
+        series = series_by_uid.get(rec.series_instance_uid)
+        if series is None:
+            series = session.scalar(select(Series).where(Series.series_instance_uid == rec.series_instance_uid))
+        created = reopened = False
+        if series is None:
+            created = True
+            series = Series(series_instance_uid=rec.series_instance_uid, study_fk=study.id, modality=rec.modality,
+                            sop_class_uid=rec.sop_class_uid, series_number=rec.series_number,
+                            series_description=rec.series_description, convolution_kernel=rec.convolution_kernel,
+                            slice_thickness=rec.slice_thickness, images_in_acquisition=rec.images_in_acquisition,
+                            instance_count=0, duplicate_count=0, version=1, state=SeriesState.RECEIVING.value,
+                            receiving_at=now, first_received_at=now, last_received_at=now, flags_json="[]")
+            session.add(series)
+            session.flush()
+            session.add(SeriesEvent(series=series, version=1, from_state=None,
+                                    to_state=SeriesState.RECEIVING.value, reason="first instance", at=now))
+            if rec.not_applicable_reason:
+                transition(session, series, SeriesState.NOT_APPLICABLE, rec.not_applicable_reason, now)
+        elif series.state != SeriesState.RECEIVING.value:
+            fixed_not_applicable = series.state == SeriesState.NOT_APPLICABLE.value and rec.not_applicable_reason
+            if not fixed_not_applicable:
+                series.version += 1
+                study.version += 1
+                transition(session, series, SeriesState.RECEIVING, "late instance reopened the series", now)
+                reopened = True
+        series_by_uid[rec.series_instance_uid] = series
+        known[rec.sop_instance_uid] = series.id
+
+        series.instance_count += 1
+        series.last_received_at = now
+        if rec.images_in_acquisition and not series.images_in_acquisition:
+            series.images_in_acquisition = rec.images_in_acquisition
+        pending_rows.append(dict(sop_instance_uid=rec.sop_instance_uid, sop_class_uid=rec.sop_class_uid,
+                                 series_fk=series.id, series_version=series.version,
+                                 transfer_syntax_uid=rec.transfer_syntax_uid, path=rec.path,
+                                 size_bytes=rec.size_bytes, instance_number=rec.instance_number,
+                                 slice_position=rec.slice_position, rows=rec.rows, columns=rec.columns,
+                                 calling_ae_title=rec.calling_ae_title, received_at=now))
+        became_stable = False
+        if (series.state == SeriesState.RECEIVING.value and series.images_in_acquisition
+                and series.instance_count >= series.images_in_acquisition):
+            insert_pending()
+            session.flush()
+            mark_stable(session, series, "ImagesInAcquisition reached", now)
+            became_stable = True
+        outcomes.append(StoreOutcome(False, series.id, series.state, series.version, created, reopened,
+                                     became_stable))
+    insert_pending()
+    return outcomes
 
 
 def geometry_flags(positions: list[float]) -> list[str]:
@@ -438,12 +495,13 @@ def _set_delivery_state(delivery: Delivery, target: DeliveryState) -> None:
 
 
 def add_deliveries(session: Session, result: Result, destinations: Iterable[str],
-                   now: datetime | None = None) -> list[int]:
-    """One pending delivery of ``result`` per destination; their ids."""
+                   now: datetime | None = None, channel: str = "dicom") -> list[int]:
+    """One pending delivery of ``result`` per destination; their ids. ``channel``: ``dicom``
+    (C-STORE to a PACS, AET@host:port) or ``hl7`` (MLLP to a RIS, mllp://host:port)."""
     ids = []
     for destination in destinations:
         delivery = Delivery(result_fk=result.id, destination=destination, state=DeliveryState.PENDING.value,
-                            created_at=now or utcnow())
+                            channel=channel, created_at=now or utcnow())
         session.add(delivery)
         session.flush()
         ids.append(delivery.id)
@@ -489,6 +547,10 @@ def claim_delivery(session: Session, delivery_id: int, worker: str,
     delivery.next_attempt_at = now
     delivery.worker = worker
     return holder or ""
+
+
+def get_delivery(session: Session, delivery_id: int) -> Delivery:
+    return session.get_one(Delivery, delivery_id)
 
 
 def delivery_result(session: Session, delivery_id: int) -> Result:
@@ -583,23 +645,36 @@ class ResultStatusRow:
     scored_at: datetime | None
     reason: str | None
     deliveries: list[tuple[str, str]]
+    # (destination, state, reason) of each delivery that failed or is retrying (HL7 AE/AR text, refused...)
+    delivery_errors: list[tuple[str, str, str]] = field(default_factory=list)
+    workitem_state: str | None = None  # the UPS workitem's state (db.worklist)
 
 
-PRIORITY_ORDER = {"HIGH": 0, "MEDIUM": 1, "LOW": 2}
+PRIORITY_ORDER = RANK
 
 
 def result_status(session: Session, limit: int = 200) -> list[ResultStatusRow]:
     """Latest result per study, in worklist order (priority, then oldest first)."""
     latest = (select(Result.study_fk, func.max(Result.version).label("version"))
               .group_by(Result.study_fk).subquery())
+    from db.followup import not_a_prior_clause  # retrieved priors are compared with, never read from the worklist
+
     results = session.scalars(
         select(Result).join(latest, (Result.study_fk == latest.c.study_fk) & (Result.version == latest.c.version))
+        .join(Study, Study.id == Result.study_fk).where(not_a_prior_clause())
         .order_by(Result.scored_at).limit(limit)).all()
-    rows = [ResultStatusRow(r.study.study_instance_uid, r.version, r.status, r.category, r.priority,
-                            r.involvement_percent, r.scored_at, r.reason,
-                            [(d.destination, d.state) for d in r.deliveries]) for r in results]
-    rows.sort(key=lambda row: PRIORITY_ORDER.get(row.priority, 1))
-    return rows
+    workitems = dict(session.execute(select(UpsWorkitem.result_fk, UpsWorkitem.state)
+                                     .where(UpsWorkitem.result_fk.in_([r.id for r in results]))).all())
+    rows = [(worklist_key(r.priority, r.study.first_received_at, r.id),
+             ResultStatusRow(r.study.study_instance_uid, r.version, r.status, r.category, r.priority,
+                             r.involvement_percent, r.scored_at, r.reason,
+                             [(d.destination, d.state) for d in r.deliveries],
+                             [(d.destination, d.state, d.last_error) for d in r.deliveries
+                              if d.state in ("failed", "retrying") and d.last_error],
+                             workitems.get(r.id)))
+            for r in results]
+    rows.sort(key=lambda pair: pair[0])
+    return [row for _, row in rows]
 
 
 def stored_sop_instance_uids(session: Session, sop_instance_uids: list[str]) -> dict[str, str]:

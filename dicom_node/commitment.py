@@ -80,7 +80,10 @@ class CommitmentService:
     def __init__(self, session_factory: sessionmaker[Session], report_delay_s: float = 0.05, *,
                  ae_title: str = "CTTRIAGE", peers: list[Destination] | None = None,
                  retry_s: tuple[float, ...] = REPORT_RETRY_S, acse_timeout_s: float = 30.0,
-                 dimse_timeout_s: float = 60.0, tls_context=None):
+                 dimse_timeout_s: float = 60.0, tls_context=None, wait_indexed=lambda: True):
+        # Instances acknowledged just before the N-ACTION may still be queued for indexing
+        # (dicom_node.indexer): the report waits for them, so it never calls one missing.
+        self.wait_indexed = wait_indexed
         self.session_factory = session_factory
         self.report_delay_s = report_delay_s
         self.ae_title = ae_title
@@ -133,6 +136,7 @@ class CommitmentService:
             threads[0].join(min(remaining, 0.2))
 
     def _send_report(self, assoc, calling: str, transaction_uid: str, requested: list[tuple[str, str]]) -> None:
+        self.wait_indexed()
         try:
             with session_scope(self.session_factory) as session:
                 event_type, report = build_event_report(session, transaction_uid, requested)

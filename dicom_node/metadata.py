@@ -1,18 +1,21 @@
-"""Read what the index needs from a received instance's header (never its pixels)."""
+"""Read what the index needs from a received instance's header (never its pixels), after
+checking the data set is whole (dicom_node.integrity)."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
-from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _at_pixel_data, _read_file_meta_info, read_dataset, read_preamble
 from pydicom.uid import UID
 
 from ct_triage.contract import CT_IMAGE_SOP_CLASSES
 from ct_triage.errors import InvalidInput
+from ct_triage.text import clean, clean_exception
 from db.repository import InstanceRecord
 from dicom_node import status
+from dicom_node.integrity import DEFLATED, NATIVE_SYNTAXES, IntegrityError, check_pixel_data, inflate_capped, walk
 from dicom_node.uids import instance_relpath, is_valid_uid
 
 
@@ -68,75 +71,138 @@ def not_applicable_reason(sop_class_uid: str, ds) -> str | None:
         return f"not a CT image: SOP class {UID(sop_class_uid).name}"
     modality = _text(ds, "Modality")
     if modality and modality != "CT":
-        return f"modality {modality} is not CT"
+        return f"modality {clean(modality, 16)} is not CT"
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     if "LOCALIZER" in image_type:
         return "localizer (scout) series"
     return None
 
 
-def read_instance_record(path: Path, *, affected_sop_class_uid: str, affected_sop_instance_uid: str,
-                         transfer_syntax_uid: str, calling_ae_title: str | None) -> InstanceRecord:
-    """Parse the header of the file pynetdicom wrote; RejectedInstance if it cannot be indexed."""
-    if not is_valid_uid(affected_sop_instance_uid):
-        raise RejectedInstance(f"invalid Affected SOP Instance UID {affected_sop_instance_uid!r}",
-                               status.INVALID_UID)
+def _open_dataset(path: Path, transfer_syntax_uid: str, scratch_dir: Path | None, max_bytes: int,
+                  room_left) -> tuple[Path, int, str, Path | None]:
+    """(file, offset of the data set, syntax to parse it with, scratch file to delete or None)."""
+    with open(path, "rb") as fh:
+        read_preamble(fh, True)
+        meta = _read_file_meta_info(fh)
+        offset = fh.tell()
+    syntax = str(meta.get("TransferSyntaxUID") or transfer_syntax_uid)
+    if syntax != DEFLATED:
+        return path, offset, syntax, None
+    scratch = Path(tempfile.mkstemp(prefix="inflate-", dir=scratch_dir)[1])
     try:
-        ds = dcmread(path, stop_before_pixels=True, force=True)
-        ds.SOPInstanceUID  # noqa: B018 - forces the parse of the data set's start
-        study_uid = ds.get("StudyInstanceUID")
-        series_uid = ds.get("SeriesInstanceUID")
-        sop_uid = ds.get("SOPInstanceUID")
-        sop_class = ds.get("SOPClassUID")
-    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, AttributeError, OverflowError,
-            NotImplementedError, OSError) as exc:
-        raise RejectedInstance(f"unparseable data set: {type(exc).__name__}: {exc}"[:500],
-                               status.CANNOT_UNDERSTAND) from exc
-    except Exception as exc:  # pydicom raises a wide range on garbage input
-        raise RejectedInstance(f"unparseable data set: {type(exc).__name__}: {exc}"[:500],
-                               status.CANNOT_UNDERSTAND) from exc
+        with open(scratch, "wb") as out:
+            inflate_capped(path, offset, out, max_bytes, room_left)
+    except BaseException:
+        scratch.unlink(missing_ok=True)
+        raise
+    return scratch, 0, "1.2.840.10008.1.2.1", scratch
+
+
+def read_instance_record(path: Path, *, affected_sop_class_uid: str, affected_sop_instance_uid: str,
+                         transfer_syntax_uid: str, calling_ae_title: str | None,
+                         max_bytes: int = 1024 * 2**20, scratch_dir: Path | None = None,
+                         room_left=lambda written: True) -> InstanceRecord:
+    """Parse the header of the file pynetdicom wrote and check it is whole (dicom_node.integrity).
+
+    RejectedInstance (with its status) if it cannot be indexed or is not whole.
+    """
+    if not is_valid_uid(affected_sop_instance_uid):
+        raise RejectedInstance(f"invalid Affected SOP Instance UID {clean(affected_sop_instance_uid, 80)}",
+                               status.INVALID_UID)
+    scratch = None
+    try:
+        try:
+            source, offset, syntax, scratch = _open_dataset(path, transfer_syntax_uid, scratch_dir, max_bytes,
+                                                            room_left)
+            implicit = syntax == "1.2.840.10008.1.2"
+            little = syntax != "1.2.840.10008.1.2.2"
+            with open(source, "rb") as fh:
+                fh.seek(offset)
+                ds = read_dataset(fh, implicit, little, stop_when=_at_pixel_data)
+            study_uid = ds.get("StudyInstanceUID")
+            series_uid = ds.get("SeriesInstanceUID")
+            sop_uid = ds.get("SOPInstanceUID")
+            sop_class = ds.get("SOPClassUID")
+            pixel = walk(source, offset, syntax)
+            geometry = {key: _int(ds, keyword) for key, keyword in (
+                ("rows", "Rows"), ("columns", "Columns"), ("samples", "SamplesPerPixel"),
+                ("bits_allocated", "BitsAllocated"), ("frames", "NumberOfFrames"))}
+        except IntegrityError as exc:
+            raise RejectedInstance(exc.reason, exc.status_code) from exc
+        except Exception as exc:  # pydicom raises a wide range on garbage input
+            raise RejectedInstance(f"unparseable data set: {clean_exception(exc, 400)}",
+                                   status.CANNOT_UNDERSTAND) from exc
+    finally:
+        if scratch is not None:
+            scratch.unlink(missing_ok=True)
     for keyword, value in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid),
                            ("SOPInstanceUID", sop_uid), ("SOPClassUID", sop_class)):
         if value is None:
             raise RejectedInstance(f"missing {keyword}", status.CANNOT_UNDERSTAND)
         if not is_valid_uid(str(value)):
-            raise RejectedInstance(f"invalid {keyword} {str(value)[:80]!r}", status.INVALID_UID)
+            raise RejectedInstance(f"invalid {keyword} {clean(value, 80)!r}", status.INVALID_UID)
     if str(sop_uid) != affected_sop_instance_uid:
         raise RejectedInstance(f"SOPInstanceUID {sop_uid} does not match the C-STORE request's "
                                f"{affected_sop_instance_uid}", status.DATASET_DOES_NOT_MATCH)
     if str(sop_class) != affected_sop_class_uid:
         raise RejectedInstance(f"SOPClassUID {sop_class} does not match the C-STORE request's "
                                f"{affected_sop_class_uid}", status.DATASET_DOES_NOT_MATCH)
-    kernel = ds.get("ConvolutionKernel")
-    if kernel is not None and not isinstance(kernel, str):
-        kernel = "\\".join(str(k) for k in kernel)
-    return InstanceRecord(
-        sop_instance_uid=str(sop_uid),
-        sop_class_uid=str(sop_class),
-        study_instance_uid=str(study_uid),
-        series_instance_uid=str(series_uid),
-        transfer_syntax_uid=transfer_syntax_uid,
-        path=instance_relpath(str(sop_uid)),
-        size_bytes=path.stat().st_size,
-        patient_id=_text(ds, "PatientID", 64) or "",
-        issuer_of_patient_id=_text(ds, "IssuerOfPatientID", 64) or "",
-        patient_name=_text(ds, "PatientName", 324),
-        patient_birth_date=_text(ds, "PatientBirthDate", 8),
-        patient_sex=_text(ds, "PatientSex", 16),
-        accession_number=_text(ds, "AccessionNumber", 16),
-        study_date=_text(ds, "StudyDate", 8),
-        study_time=_text(ds, "StudyTime", 32),
-        study_description=_text(ds, "StudyDescription", 64),
-        modality=_text(ds, "Modality", 16),
-        series_number=_int(ds, "SeriesNumber"),
-        series_description=_text(ds, "SeriesDescription", 64),
-        convolution_kernel=(kernel or None) and str(kernel)[:64],
-        slice_thickness=_float(ds, "SliceThickness"),
-        images_in_acquisition=_int(ds, "ImagesInAcquisition"),
-        instance_number=_int(ds, "InstanceNumber"),
-        slice_position=slice_position(ds),
-        rows=_int(ds, "Rows"),
-        columns=_int(ds, "Columns"),
-        calling_ae_title=calling_ae_title,
-        not_applicable_reason=not_applicable_reason(str(sop_class), ds),
-    )
+    try:
+        check_pixel_data(pixel, native=syntax in NATIVE_SYNTAXES,
+                         requires_pixels=str(sop_class) in CT_IMAGE_SOP_CLASSES, **geometry)
+    except IntegrityError as exc:
+        raise RejectedInstance(exc.reason, exc.status_code) from exc
+    try:
+        kernel = ds.get("ConvolutionKernel")
+        if kernel is not None and not isinstance(kernel, str):
+            kernel = "\\".join(str(k) for k in kernel)
+        return InstanceRecord(
+            sop_instance_uid=str(sop_uid),
+            sop_class_uid=str(sop_class),
+            study_instance_uid=str(study_uid),
+            series_instance_uid=str(series_uid),
+            transfer_syntax_uid=transfer_syntax_uid,
+            path=instance_relpath(str(sop_uid)),
+            size_bytes=path.stat().st_size,
+            patient_id=_text(ds, "PatientID", 64) or "",
+            issuer_of_patient_id=_text(ds, "IssuerOfPatientID", 64) or "",
+            patient_name=_text(ds, "PatientName", 324),
+            patient_birth_date=_text(ds, "PatientBirthDate", 8),
+            patient_sex=_text(ds, "PatientSex", 16),
+            accession_number=_text(ds, "AccessionNumber", 16),
+            study_date=_text(ds, "StudyDate", 8),
+            study_time=_text(ds, "StudyTime", 32),
+            study_description=_text(ds, "StudyDescription", 64),
+            modality=_text(ds, "Modality", 16),
+            series_number=_int(ds, "SeriesNumber"),
+            series_description=_text(ds, "SeriesDescription", 64),
+            convolution_kernel=(kernel or None) and str(kernel)[:64],
+            slice_thickness=_float(ds, "SliceThickness"),
+            images_in_acquisition=_int(ds, "ImagesInAcquisition"),
+            instance_number=_int(ds, "InstanceNumber"),
+            slice_position=slice_position(ds),
+            rows=_int(ds, "Rows"),
+            columns=_int(ds, "Columns"),
+            calling_ae_title=calling_ae_title,
+            not_applicable_reason=not_applicable_reason(str(sop_class), ds),
+        )
+    except Exception as exc:  # a value pydicom cannot convert (garbage in a text or number element)
+        raise RejectedInstance(f"unreadable attribute value: {clean_exception(exc, 400)}",
+                               status.CANNOT_UNDERSTAND) from exc
+
+
+def read_spooled_file(path: Path, *, max_bytes: int, scratch_dir: Path | None = None) -> InstanceRecord:
+    """The record of a file already in the spool (start-up indexing): its own UIDs stand in
+    for the C-STORE request's, its file meta gives the transfer syntax."""
+    try:
+        with open(path, "rb") as fh:
+            read_preamble(fh, True)
+            meta = _read_file_meta_info(fh)
+        sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
+        sop_instance = str(meta.get("MediaStorageSOPInstanceUID", ""))
+        syntax = str(meta.get("TransferSyntaxUID", ""))
+    except Exception as exc:
+        raise RejectedInstance(f"unreadable file meta: {clean_exception(exc)}", status.CANNOT_UNDERSTAND) from exc
+    return read_instance_record(path, affected_sop_class_uid=sop_class, affected_sop_instance_uid=sop_instance,
+                                transfer_syntax_uid=syntax, calling_ae_title=None, max_bytes=max_bytes,
+                                scratch_dir=scratch_dir)

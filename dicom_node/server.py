@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import ssl
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ct_triage.contract import Publisher
 from ct_triage.settings import Settings, parse_allowed_caller, parse_destination
+from ct_triage.text import clean
 from dicom_node import status
 from dicom_node.commitment import CommitmentService
 from dicom_node.completeness import CompletenessTracker
@@ -22,7 +24,8 @@ from dicom_node.retention import RetentionSweeper
 from dicom_node.shutdown import InFlight, drain
 from dicom_node.spool import Spool
 from dicom_node.store import StoreService
-from dicom_node.transport import install_fast_recv, tune_association
+from dicom_node.transport import BoundedAssociationServer, Gate, install_bounded_receive, peer_of, tune_association
+from dicom_node.ups import UPS_PULL, UPS_PUSH, UPS_QUERY, UPS_SOP_CLASSES, UPS_WATCH, UpsNotifier, UpsService
 
 log = logging.getLogger("ct_triage.node")
 
@@ -43,8 +46,10 @@ TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.5",  # RLE Lossless
 ]
 
-# PS3.8: A-ASSOCIATE-RJ result/source/reason for "calling AE title not recognized"
-REJECT_PERMANENT, SOURCE_SERVICE_USER, CALLING_AE_NOT_RECOGNIZED = 0x01, 0x01, 0x03
+# PS3.8 9.3.4: A-ASSOCIATE-RJ result/source/reason
+REJECT_PERMANENT, REJECT_TRANSIENT = 0x01, 0x02
+SOURCE_SERVICE_USER, SOURCE_PROVIDER_PRESENTATION = 0x01, 0x03
+CALLING_AE_NOT_RECOGNIZED, CALLED_AE_NOT_RECOGNIZED, LOCAL_LIMIT_EXCEEDED = 0x03, 0x07, 0x02
 
 
 # -- thin handlers: never raise, return named statuses ------------------------------
@@ -61,28 +66,78 @@ def handle_store(event, store: StoreService, in_flight: InFlight) -> int:
         return status.PROCESSING_FAILURE
 
 
-def handle_n_action(event, commitment: CommitmentService):
+def handle_n_action(event, commitment: CommitmentService, ups: UpsService):
+    """N-ACTION for Storage Commitment or UPS, told apart by the Requested SOP Class."""
     try:
+        if str(event.request.RequestedSOPClassUID) in UPS_SOP_CLASSES:
+            return ups.on_n_action(event)
         return commitment.on_n_action(event)
     except Exception:
-        log.exception("unexpected error in storage commitment N-ACTION")
+        log.exception("unexpected error in N-ACTION")
         return status.PROCESSING_FAILURE, None
 
 
-def handle_requested(event, allowed: list) -> None:
-    """Reject callers outside the allowlist at association time."""
-    if not allowed:
-        return
-    calling = event.assoc.requestor.primitive.calling_ae_title.strip()
-    address = event.assoc.requestor.address
-    for rule in allowed:
-        if rule.ae_title == calling and (rule.address is None or rule.address == address):
-            return
-    log.warning("association from %s at %s rejected: calling AE title not allowed", calling, address)
-    event.assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER, CALLING_AE_NOT_RECOGNIZED)
+def handle_c_find(event, ups: UpsService):
+    """C-FIND on the UPS information model (the reading worklist)."""
+    try:
+        yield from ups.on_c_find(event)
+    except Exception:
+        log.exception("unexpected error in UPS C-FIND")
+        yield status.PROCESSING_FAILURE, None
+
+
+def handle_n_get(event, ups: UpsService):
+    try:
+        return ups.on_n_get(event)
+    except Exception:
+        log.exception("unexpected error in UPS N-GET")
+        return status.PROCESSING_FAILURE, None
+
+
+def handle_n_set(event, ups: UpsService):
+    try:
+        return ups.on_n_set(event)
+    except Exception:
+        log.exception("unexpected error in UPS N-SET")
+        return status.PROCESSING_FAILURE, None
+
+
+def _reject(event, result: int, source: int, reason_code: int, why: str) -> None:
+    assoc = event.assoc
+    log.warning("association from %s (calling %s, called %s) rejected: %s", peer_of(assoc),
+                clean(assoc.requestor.primitive.calling_ae_title, 16),
+                clean(assoc.requestor.primitive.called_ae_title, 16), why)
+    assoc.acse.send_reject(result, source, reason_code)
     # As pynetdicom's own rejection path does: wait for the DUL to send the A-ASSOCIATE-RJ
     # before the server closes the socket, or the caller only sees a dropped connection.
-    event.assoc.kill()
+    assoc.kill()
+
+
+def handle_requested(event, allowed: list, ae_title: str, accept_any_called: bool) -> None:
+    """Admit or reject at A-ASSOCIATE-RQ: called AE, calling AE allowlist, association cap."""
+    assoc = event.assoc
+    primitive = assoc.requestor.primitive
+    calling = primitive.calling_ae_title.strip()
+    called = primitive.called_ae_title.strip()
+    address = assoc.requestor.address
+    if not accept_any_called and called != ae_title:
+        _reject(event, REJECT_PERMANENT, SOURCE_SERVICE_USER, CALLED_AE_NOT_RECOGNIZED,
+                f"called AE title is not {ae_title} (CT_TRIAGE_ACCEPT_ANY_CALLED_AE is off)")
+        return
+    if allowed and not any(rule.ae_title == calling and (rule.address is None or rule.address == address)
+                           for rule in allowed):
+        _reject(event, REJECT_PERMANENT, SOURCE_SERVICE_USER, CALLING_AE_NOT_RECOGNIZED,
+                "calling AE title not allowed")
+        return
+    gate = getattr(assoc, "ct_gate", None)
+    if gate is not None and not gate.admit(assoc.ct_gate_key):
+        _reject(event, REJECT_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, LOCAL_LIMIT_EXCEEDED,
+                f"{gate.max_associations} associations already open (CT_TRIAGE_MAX_ASSOCIATIONS)")
+
+
+def handle_rejected(event) -> None:
+    """Rejections pynetdicom decides itself (e.g. user identity); ours are logged where made."""
+    log.warning("association from %s rejected by the DICOM stack", peer_of(event.assoc))
 
 
 def handle_conn_open(event) -> None:
@@ -91,16 +146,27 @@ def handle_conn_open(event) -> None:
 
 def handle_established(event, store: StoreService) -> None:
     store.association_started(event.assoc)
-    log.info("association from %s at %s:%s established", event.assoc.requestor.ae_title,
-             event.assoc.requestor.address, event.assoc.requestor.port)
+    log.info("association from %s at %s established", clean(event.assoc.requestor.ae_title, 16),
+             peer_of(event.assoc))
 
 
 def handle_released(event, store: StoreService) -> None:
     store.association_ended(event.assoc, "released")
 
 
+def abort_reason(assoc) -> str:
+    """Why an association ended in an abort, for its one log line."""
+    reason = getattr(assoc, "ct_abort_reason", None)
+    if reason:
+        return reason
+    dul = getattr(assoc, "dul", None)
+    if dul is not None and dul.idle_timer_expired():
+        return f"network timeout: no complete PDU for {assoc.network_timeout:.0f} s"
+    return "A-ABORT from the peer or connection lost"
+
+
 def handle_aborted(event, store: StoreService) -> None:
-    store.association_ended(event.assoc, "aborted")
+    store.association_ended(event.assoc, f"aborted ({abort_reason(event.assoc)})")
 
 
 def build_tls_context(settings: Settings) -> ssl.SSLContext:
@@ -118,20 +184,10 @@ class DicomNode:
 
     def __init__(self, settings: Settings, session_factory: sessionmaker[Session], publisher: Publisher):
         self.settings = settings
-        self.spool = Spool(settings.effective_storage_dir, settings.min_free_disk_mb * 2**20)
-        self.store = StoreService(self.spool, session_factory, on_series_stable=self._wake_tracker)
-        self.commitment = CommitmentService(
-            session_factory, ae_title=settings.ae_title,
-            peers=[parse_destination(p, setting="COMMITMENT_PEERS") for p in settings.commitment_peers],
-            acse_timeout_s=settings.acse_timeout_s, dimse_timeout_s=settings.dimse_timeout_s)
-        self.tracker = CompletenessTracker(session_factory, publisher, stable_age_s=settings.stable_age_s,
-                                           max_receive_s=settings.max_receive_s,
-                                           poll_interval_s=settings.poll_interval_s,
-                                           busy_study_uids=self.store.busy_study_uids)
-        self.retention = RetentionSweeper(session_factory, settings.effective_storage_dir, settings.retention_days,
-                                          settings.retention_interval_s)
-        self.in_flight = InFlight()
+from ct_triage.settings import Settings, parse_allowed_caller, parse_destination
+from ct_triage.text import clean
         self.allowed = [parse_allowed_caller(entry) for entry in settings.allowed_calling_aes]
+        self.gate = Gate(settings.max_associations, settings.max_pending_per_address, settings.max_pending_total)
         self.ae = self._build_ae()
         self.servers = []
 
@@ -144,10 +200,14 @@ class DicomNode:
         ae.acse_timeout = s.acse_timeout_s
         ae.dimse_timeout = s.dimse_timeout_s
         ae.network_timeout = s.network_timeout_s
-        ae.maximum_associations = s.max_associations
+        # Our Gate counts accepted associations (pynetdicom would count every open socket,
+        # before any A-ASSOCIATE-RQ): its own cap only bounds threads.
+        ae.maximum_associations = s.max_associations + s.max_pending_total
         ae.maximum_pdu_size = s.max_pdu_bytes
         ae.add_supported_context(Verification)
         ae.add_supported_context(StorageCommitmentPushModel)
+        for ups_class in (UPS_PULL, UPS_WATCH, UPS_QUERY, UPS_PUSH):
+            ae.add_supported_context(ups_class)
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         return ae
@@ -157,8 +217,13 @@ class DicomNode:
             (evt.EVT_CONN_OPEN, handle_conn_open),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.store, self.in_flight]),
-            (evt.EVT_N_ACTION, handle_n_action, [self.commitment]),
-            (evt.EVT_REQUESTED, handle_requested, [self.allowed]),
+            (evt.EVT_N_ACTION, handle_n_action, [self.commitment, self.ups]),
+            (evt.EVT_C_FIND, handle_c_find, [self.ups]),
+            (evt.EVT_N_GET, handle_n_get, [self.ups]),
+            (evt.EVT_N_SET, handle_n_set, [self.ups]),
+            (evt.EVT_REQUESTED, handle_requested, [self.allowed, self.settings.ae_title,
+                                                   self.settings.accept_any_called_ae]),
+            (evt.EVT_REJECTED, handle_rejected),
             (evt.EVT_ESTABLISHED, handle_established, [self.store]),
             (evt.EVT_RELEASED, handle_released, [self.store]),
             (evt.EVT_ABORTED, handle_aborted, [self.store]),
@@ -169,7 +234,7 @@ class DicomNode:
         # Data sets stream to disk as they arrive, into a temp folder on the storage
         # file system, so the final placement is a link, not a copy.
         _config.STORE_RECV_CHUNKED_DATASET = True
-        install_fast_recv()
+        install_bounded_receive()
         # Headers are read to index them, not to judge them: value validation (regexes
         # on every element) costs more than the rest of the indexing; UIDs we rely on
         # are validated explicitly (dicom_node.uids).
@@ -178,6 +243,10 @@ class DicomNode:
         self._clean_tmp()
         if not self.allowed:
             log.warning("CT_TRIAGE_ALLOWED_CALLING_AES is empty: any calling AE may store")
+        # The indexer first, then what the last run left on disk without a row: all of it
+        # is indexed before the first association is accepted.
+        self.store.indexer.start()
+        self.store.index_spooled_orphans()
         tls = build_tls_context(s) if s.tls_enabled else None
         if s.tls_enabled and s.tls_required:
             self.servers.append(self._serve(s.port, tls))
@@ -187,11 +256,19 @@ class DicomNode:
                 self.servers.append(self._serve(s.tls_port, tls))
         self.tracker.start()
         self.retention.start()
+        self.ups.notifier.start()
 
     def _serve(self, port: int, tls: ssl.SSLContext | None):
-        server = self.ae.start_server((self.settings.bind_address, port), block=False,
-                                      evt_handlers=self.handlers(), ssl_context=tls)
-        log.info("DICOM node %s listening on %s:%d%s", self.settings.ae_title, self.settings.bind_address,
+        s = self.settings
+        server = self.ae.make_server(
+            (s.bind_address, port), evt_handlers=self.handlers(), ssl_context=tls,
+            server_class=BoundedAssociationServer, gate=self.gate, handshake_timeout=s.acse_timeout_s,
+            socket_timeout=s.network_timeout_s,
+            limits={"max_message_s": s.max_message_s, "max_instance_bytes": s.max_instance_mb * 2**20})
+        thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{port}", daemon=True)
+        thread.start()
+        self.ae._servers.append(server)
+        log.info("DICOM node %s listening on %s:%d%s", s.ae_title, s.bind_address,
                  server.server_address[1], " (TLS)" if tls else "")
         return server
 
@@ -214,7 +291,9 @@ class DicomNode:
         aborted = drain(self.servers, self.in_flight, grace_s)
         self.servers = []
         self.commitment.wait_idle(max(0.5, grace_s - (time.monotonic() - started)))
+        self.store.indexer.stop()
         self.retention.stop()
         self.tracker.stop()
+        self.ups.notifier.stop()
         log.info("DICOM node stopped in %.1f s%s", time.monotonic() - started,
                  f" ({aborted} association(s) aborted)" if aborted else "")

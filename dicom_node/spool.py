@@ -3,25 +3,46 @@
 Write path: pynetdicom streams the data set into a temp file under STORAGE_DIR/tmp
 (same file system), we fsync it, hard-link it to its final hashed path (link fails
 if a copy already exists, so the first copy is never overwritten), fsync the
-directory, and only then is the instance row committed and success answered.
+directory, and only then is success answered; the row follows (dicom_node.indexer).
+The 256 instance folders exist from start-up, so that is two fsyncs per instance.
 """
 
 from __future__ import annotations
 
-import errno
+import logging
 import os
 import shutil
+import threading
 from pathlib import Path
+
+from dicom_node.uids import INSTANCE_FOLDERS
+
+log = logging.getLogger("ct_triage.node.spool")
 
 
 class Spool:
-    def __init__(self, storage_dir: Path, min_free_bytes: int):
+    def __init__(self, storage_dir: Path, min_free_bytes: int, quarantine_max_bytes: int = 1024 * 2**20):
         self.root = Path(storage_dir).resolve()
         self.tmp_dir = self.root / "tmp"
         self.quarantine_dir = self.root / "quarantine"
         self.min_free_bytes = int(min_free_bytes)
+        self.quarantine_max_bytes = int(quarantine_max_bytes)
         for folder in (self.root, self.tmp_dir, self.quarantine_dir, self.root / "instances"):
             folder.mkdir(parents=True, exist_ok=True)
+        self._make_instance_folders()
+        self._quarantine_lock = threading.Lock()
+        self._quarantine_bytes = sum(p.stat().st_size for p in self.quarantine_dir.glob("*") if p.is_file())
+
+    def _make_instance_folders(self) -> None:
+        made = False
+        for relpath in INSTANCE_FOLDERS:
+            folder = self.root / relpath
+            if not folder.is_dir():
+                folder.mkdir(parents=True, exist_ok=True)
+                made = True
+        if made:
+            _fsync_dir(self.root / "instances")
+            _fsync_dir(self.root)
 
     def path(self, relpath: str) -> Path:
         return self.root / relpath
@@ -58,16 +79,45 @@ class Spool:
         return True
 
     def quarantine(self, temp_path: Path, name: str) -> str | None:
-        """Keep a rejected data set for inspection; returns its relative path."""
+        """Keep a rejected data set for inspection; its relative path, or None when not kept.
+
+        Not kept when keeping it would take free space under the floor or the folder over
+        its cap (CT_TRIAGE_QUARANTINE_MAX_MB). The copy is a hard link (same file system):
+        atomic, so a failure never leaves a partial file; a copy is the fallback, removed
+        again if it fails.
+        """
         safe = "".join(c for c in name if c.isalnum() or c in "-_.")[:80] or "rejected"
         target = self.quarantine_dir / f"{safe}.dcm"
         try:
-            shutil.copyfile(temp_path, target)
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                return None
+            size = os.stat(temp_path).st_size
+        except OSError:
             return None
+        with self._quarantine_lock:
+            if self._quarantine_bytes + size > self.quarantine_max_bytes:
+                log.warning("rejected data set not kept: the quarantine holds %d MiB (cap %d MiB)",
+                            self._quarantine_bytes // 2**20, self.quarantine_max_bytes // 2**20)
+                return None
+            if not self.has_room_for(size):
+                log.warning("rejected data set not kept: free disk is near the floor")
+                return None
+            try:
+                os.link(temp_path, target)
+            except FileExistsError:
+                return str(target.relative_to(self.root))
+            except OSError:
+                try:
+                    shutil.copyfile(temp_path, target)
+                except OSError as exc:
+                    target.unlink(missing_ok=True)
+                    log.warning("rejected data set not kept: %s", exc)
+                    return None
+            self._quarantine_bytes += size
         return str(target.relative_to(self.root))
+
+    def forget_quarantined(self, nbytes: int) -> None:
+        """Retention removed ``nbytes`` from the quarantine."""
+        with self._quarantine_lock:
+            self._quarantine_bytes = max(0, self._quarantine_bytes - nbytes)
 
     def remove(self, relpath: str) -> None:
         try:

@@ -1,26 +1,32 @@
-"""C-STORE: receive without loss, index, answer.
+"""C-STORE: check, keep durably, answer; index in the background.
 
-Success is answered only after the bytes are fsynced at their final path and the
-instance row is committed. Every failure is a named status, a log line and, for
-bad data, a ``rejected_instances`` row with the reason.
+Success is answered only after the data set passed the receive checks
+(dicom_node.integrity) and its bytes are fsynced at their final path with the
+directory entry fsynced too; the row is then written by the indexer
+(dicom_node.indexer), in batches across associations. Every failure is a named
+status, a log line and, for bad data, a ``rejected_instances`` row with the reason.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.uid import UID
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from ct_triage.text import clean
 from db import repository
 from db.session import session_scope
 from dicom_node import status
-from dicom_node.metadata import RejectedInstance, read_instance_record
+from dicom_node.indexer import Indexer
+from dicom_node.metadata import RejectedInstance, read_instance_record, read_spooled_file
 from dicom_node.spool import Spool
 
 log = logging.getLogger("ct_triage.node.store")
@@ -39,8 +45,14 @@ class AssociationStats:
 
 
 class StoreService:
-    def __init__(self, spool: Spool, session_factory: sessionmaker[Session], on_series_stable=None):
+    def __init__(self, spool: Spool, session_factory: sessionmaker[Session], on_series_stable=None,
+                 max_instance_bytes: int = 1024 * 2**20):
         self.spool = spool
+        self.indexer = Indexer(session_factory, on_outcome=self._on_indexed)
+        hook = os.environ.get("CT_TRIAGE_TEST_KILL_AFTER_FSYNC")
+        self._kill_after_fsync = int(hook) if hook else None
+        self._durable_count = 0
+        self.max_instance_bytes = max_instance_bytes
         self.session_factory = session_factory
         self.on_series_stable = on_series_stable or (lambda: None)
         # Stores of the same SOP Instance UID are serialized so "keep the first copy"
@@ -60,8 +72,9 @@ class StoreService:
         if stats is None:
             return
         seconds = time.monotonic() - stats.started
-        log.info("association %s from %s %s after %.2f s: stored=%d duplicates=%d failed=%d %.1f MB",
-                 stats.calling_ae_title, stats.address, how, seconds, stats.stored, stats.duplicates,
+        level = logging.WARNING if how.startswith("aborted") else logging.INFO
+        log.log(level, "association %s from %s %s after %.2f s: stored=%d duplicates=%d failed=%d %.1f MB",
+                 clean(stats.calling_ae_title, 16), stats.address, how, seconds, stats.stored, stats.duplicates,
                  stats.failed, stats.bytes / 1e6)
         if stats.study_uids:
             self.on_series_stable()  # an association ending may complete a study
@@ -91,7 +104,9 @@ class StoreService:
             record = read_instance_record(temp_path, affected_sop_class_uid=sop_class_uid,
                                           affected_sop_instance_uid=sop_instance_uid,
                                           transfer_syntax_uid=str(event.context.transfer_syntax),
-                                          calling_ae_title=calling)
+                                          calling_ae_title=calling, max_bytes=self.max_instance_bytes,
+                                          scratch_dir=self.spool.tmp_dir,
+                                          room_left=lambda written: self.spool.has_room_for(written))
         except RejectedInstance as rejected:
             stats.failed += 1
             return self._reject(rejected.status_code, rejected.reason, assoc, sop_class_uid, sop_instance_uid,
@@ -104,55 +119,98 @@ class StoreService:
                                 f"of {self.spool.min_free_bytes // 2**20} MiB", assoc, sop_class_uid,
                                 sop_instance_uid, None)
 
+        if not self.indexer.healthy:
+            stats.failed += 1
+            log.error("C-STORE of %s refused with 0xA702: the database is unavailable (indexing paused)",
+                      sop_instance_uid)
+            return status.OUT_OF_RESOURCES_DATABASE
         with self._uid_locks[hash(sop_instance_uid) % len(self._uid_locks)]:
             try:
-                result = self._store_locked(record, temp_path)
+                # Durable here: fsynced file, link, fsynced directory. A file already at the
+                # path is the first copy of a duplicate (kept); the indexer counts it.
+                first_copy = self.spool.store(temp_path, record.path)
             except OSError as exc:
                 stats.failed += 1
-                log.error("storage write failed for %s: %s", sop_instance_uid, exc)
+                log.error("storage write failed for %s: %s", sop_instance_uid, clean(exc))
                 return status.OUT_OF_RESOURCES_WRITE_FAILED
-            except SQLAlchemyError as exc:
-                stats.failed += 1
-                log.error("database unavailable while indexing %s: %s", sop_instance_uid,
-                          str(exc).splitlines()[0][:300])
-                return status.OUT_OF_RESOURCES_DATABASE
-        if result is None:
+        if self._kill_after_fsync is not None:
+            self._debug_kill_hook()
+        self.indexer.submit(record)
+        if not first_copy:
             stats.duplicates += 1
             return status.SUCCESS
         stats.stored += 1
         stats.bytes += record.size_bytes
         stats.study_uids.add(record.study_instance_uid)
-        self._log_outcome(record, result)
         return status.SUCCESS
 
-    def _store_locked(self, record: repository.InstanceRecord, temp_path: Path):
-        """Returns the StoreOutcome, or None for a duplicate (first copy kept)."""
-        if not self.spool.store(temp_path, record.path):
-            # The file exists: a duplicate, or an orphan left by a crash between the
-            # link and the commit (no row), which this copy replaces.
-            with session_scope(self.session_factory) as session:
-                existing = repository.find_instance(session, record.sop_instance_uid)
-                if existing is not None:
-                    repository.count_duplicate(session, existing)
-                    return None
-            self.spool.store(temp_path, record.path, replace=True)
-        for attempt in range(3):
+    def _debug_kill_hook(self) -> None:
+        """Test hook (CT_TRIAGE_TEST_KILL_AFTER_FSYNC=N): SIGKILL this process after the N-th
+        instance is durable on disk and before it is indexed or acknowledged."""
+        with self._stats_lock:
+            self._durable_count += 1
+            due = self._durable_count >= (self._kill_after_fsync or 0)
+        if due:
+            log.warning("CT_TRIAGE_TEST_KILL_AFTER_FSYNC reached: SIGKILL between fsync and index")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _on_indexed(self, record: repository.InstanceRecord, outcome: repository.StoreOutcome) -> None:
+        if not outcome.duplicate:
+            self._log_outcome(record, outcome)
+
+    def busy_or_pending_study_uids(self) -> frozenset[str]:
+        """Studies still receiving, or with instances on disk not yet indexed."""
+        return self.busy_study_uids() | self.indexer.pending_study_uids()
+
+    # -- start-up: index what a crash left on disk without a row ------------------------------
+    def index_spooled_orphans(self) -> int:
+        """Index every spooled instance file without a row (before associations are accepted).
+
+        A file that does not pass the receive checks (it cannot have been acknowledged) is
+        moved to the quarantine. Returns the number of instances indexed.
+        """
+        started = time.monotonic()
+        with session_scope(self.session_factory) as session:
+            known = repository.indexed_paths(session)
+        records = []
+        for path in sorted((self.spool.root / "instances").rglob("*.dcm")):
+            relpath = path.relative_to(self.spool.root).as_posix()
+            if relpath in known:
+                continue
             try:
-                with session_scope(self.session_factory) as session:
-                    outcome = repository.record_instance(session, record)
-                return None if outcome.duplicate else outcome
-            except IntegrityError:
-                # Another association created the same study/series row concurrently
-                # (PostgreSQL); the retry finds it.
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+                record = read_spooled_file(path, max_bytes=self.max_instance_bytes, scratch_dir=self.spool.tmp_dir)
+                if Path(record.path).name != path.name:
+                    raise RejectedInstance("file name does not match its SOP Instance UID", status.INVALID_UID)
+                record.path = relpath  # where it is (an older folder layout stays readable)
+            except RejectedInstance as rejected:
+                log.warning("spooled file %s not indexed (moved to quarantine): %s", relpath,
+                            clean(rejected.reason))
+                self.spool.quarantine(path, f"orphan-{path.stem}")
+                self.spool.remove(relpath)
+                continue
+            records.append(record)
+        if records:
+            with session_scope(self.session_factory) as session:
+                indexed = repository.stored_sop_instance_uids(session, [r.sop_instance_uid for r in records])
+            for record in [r for r in records if r.sop_instance_uid in indexed]:
+                # A second copy under another path (an older folder layout): the row keeps the first.
+                log.warning("spooled file %s is a second copy of an indexed instance: removed", record.path)
+                self.spool.remove(record.path)
+            records = [r for r in records if r.sop_instance_uid not in indexed]
+        for record in records:
+            self.indexer.submit(record)
+        if records and not self.indexer.flush(timeout=600):
+            raise RuntimeError("indexing the spooled files left by the last run did not finish")
+        if records:
+            log.warning("indexed %d instance file(s) left without a row by the last run (%.1f s)", len(records),
+                        time.monotonic() - started)
+        return len(records)
 
     def _log_outcome(self, record: repository.InstanceRecord, outcome: repository.StoreOutcome) -> None:
         if outcome.created_series:
             log.info("series %s of study %s: %s (%s%s)", record.series_instance_uid, record.study_instance_uid,
-                     outcome.series_state, record.modality or "?",
-                     f", {record.not_applicable_reason}" if record.not_applicable_reason else "")
+                     outcome.series_state, clean(record.modality, 16),
+                     f", {clean(record.not_applicable_reason)}" if record.not_applicable_reason else "")
         if outcome.reopened:
             log.info("series %s reopened by a late instance: version %d, receiving",
                      record.series_instance_uid, outcome.series_version)
@@ -163,11 +221,14 @@ class StoreService:
     def _reject(self, status_code: int, reason: str, assoc, sop_class_uid: str, sop_instance_uid: str,
                 temp_path: Path | None) -> int:
         quarantine = None
-        if temp_path is not None and status_code != status.OUT_OF_RESOURCES_DISK_FLOOR:
+        if temp_path is not None and status_code not in (status.OUT_OF_RESOURCES_DISK_FLOOR,
+                                                         status.OUT_OF_RESOURCES_TOO_LARGE):
             quarantine = self.spool.quarantine(temp_path, f"{int(time.time() * 1000)}-{sop_instance_uid}")
-        log.warning("C-STORE from %s refused with 0x%04X (%s): %s; SOP class %s",
-                    assoc.requestor.ae_title, status_code, status.NAMES.get(status_code, "failure"), reason,
-                    UID(sop_class_uid).name if sop_class_uid else "?")
+        reason = clean(reason, 500)
+        log.warning("C-STORE from %s at %s refused with 0x%04X (%s): %s; SOP class %s",
+                    clean(assoc.requestor.ae_title, 16), assoc.requestor.address, status_code,
+                    status.NAMES.get(status_code, "failure"), reason,
+                    clean(UID(sop_class_uid).name if sop_class_uid else "?", 80))
         try:
             with session_scope(self.session_factory) as session:
                 repository.record_rejection(session, status_code=status_code, reason=reason,

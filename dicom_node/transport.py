@@ -1,43 +1,514 @@
-"""Receive-path tuning for pynetdicom (documented workarounds, applied by the node at start).
+"""A bounded receive path for pynetdicom: what a hostile peer can cost the node.
 
-pynetdicom reads each PDU with 4 KiB ``recv`` calls into a growing bytearray and
-polls its DUL loop with a 1 ms sleep. For a 512 KiB CT slice that is ~130 system
-calls and copies, plus a millisecond of idle latency per message. We read a PDU
-with ``recv_into`` straight into a buffer of its final size and poll faster while
-an association is open. Both are process-wide and only touch the receive path.
+pynetdicom's DUL reads a PDU with one blocking ``recv`` of the length the peer
+declares in its 6-byte header. A peer that declares 4 GiB and sends nothing holds
+that thread forever (the ARTIM, ACSE and network timers live in the same loop and
+never run), and pynetdicom counts that socket against the association cap before it
+ever sent an A-ASSOCIATE-RQ. This module replaces that path, process-wide, with:
+
+- **Incremental reads.** A PDU is read as bytes arrive; its buffer starts at 64 KiB
+  (``_INITIAL_BUFFER``) and at most doubles, so memory follows bytes received, never
+  the declared length. After each read burst (at most ``_READ_BURST_S`` = 50 ms) the
+  DUL loop runs again, so its timers hold mid-PDU.
+- **Limits on receipt.** A P-DATA-TF longer than the maximum PDU length we
+  advertised, any other PDU over 1 MiB (``_MAX_CONTROL_PDU``), an unknown PDU type,
+  or a data set over ``CT_TRIAGE_MAX_INSTANCE_MB`` on the wire: A-ABORT at once, one
+  log line with the peer and the reason.
+- **Deadlines.** A PDU must complete within the network timeout from its first
+  byte; a DIMSE message (first to last fragment) within ``CT_TRIAGE_MAX_MESSAGE_S``.
+  Partial PDUs do not restart the idle timer, so a peer trickling a byte now and
+  then is cut after the network timeout. Before the A-ASSOCIATE-RQ is complete the
+  ARTIM timer (ACSE timeout) applies.
+- **Admission** (:class:`Gate`, :class:`BoundedAssociationServer`): a socket is
+  *pending* until its association is accepted. Pending sockets are capped per source
+  address (``CT_TRIAGE_MAX_PENDING_PER_ADDRESS``) and in total
+  (``CT_TRIAGE_MAX_PENDING_TOTAL``); only accepted associations count against
+  ``CT_TRIAGE_MAX_ASSOCIATIONS``. The TLS handshake runs in the connection's thread
+  under the ACSE timeout, never in the accept loop (pynetdicom does it in
+  ``get_request``, where one silent TLS client stalls every other caller).
+
+Sockets carry a timeout (the network timeout), so a send to a peer that stopped
+reading is bounded too.
+
+Idle cost: pynetdicom's DUL loop sleeps 1 ms and polls, and the association reactor
+sleeps 1 ms between looks at the DIMSE queue: per association thousands of wake-ups a
+second and up to a millisecond of latency per message. Here the DUL loop waits in
+``select()`` on its socket and an eventfd that :meth:`send_pdu` signals, and the
+acceptor's reactor waits on the DIMSE queue, each at most 20 ms (``_IDLE_WAIT_S``) so
+the timers are still checked fifty times a second.
 """
 
 from __future__ import annotations
 
-from pynetdicom import transport
+import logging
+import os
+import queue
+import select
+import socket
+import ssl
+import struct
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
 
-# Seconds the DUL loop sleeps when idle (pynetdicom's default is 0.001).
-DUL_LOOP_DELAY_S = 0.0002
+from pynetdicom import evt
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from ct_triage.text import clean, clean_exception
+
+log = logging.getLogger("ct_triage.node.transport")
+
+DUL_LOOP_DELAY_S = 0.0  # the DUL loop waits in select() instead (see _is_transport_event)
+_IDLE_WAIT_S = 0.02  # longest wait for the socket, a queued primitive or a DIMSE message
+_INITIAL_BUFFER = 64 * 1024
+_MAX_CONTROL_PDU = 1024 * 1024  # A-ASSOCIATE-RQ/AC/RJ, release, abort: never near this
+_UNLIMITED_PDU_CAP = 64 * 1024 * 1024  # when a maximum of 0 (unlimited) was advertised
+_READ_BURST_S = 0.05
+_DEFAULTS = {"max_message_s": 600.0, "max_instance_bytes": 2048 * 2**20}
+
+
+def peer_of(assoc) -> str:
+    """``address:port`` of the remote side of ``assoc`` (for log lines)."""
+    remote = assoc.requestor if assoc.is_acceptor else assoc.acceptor
+    try:
+        return f"{remote.address}:{remote.port}"
+    except Exception:
+        return "?"
+
+
+@dataclass
+class _Rx:
+    """Receive state of one DUL: the PDU being read and the DIMSE message in progress."""
+
+    buffer: bytearray = field(default_factory=lambda: bytearray(6))
+    got: int = 0
+    length: int | None = None  # declared PDU length (after the header)
+    started: float = 0.0  # monotonic time of the PDU's first byte
+    message_started: float | None = None
+    message_bytes: int = 0
+    dead: bool = False
+
+    def reset(self) -> None:
+        self.buffer = bytearray(6)
+        self.got = 0
+        self.length = None
+        self.started = 0.0
+
+
+def _rx(dul: DULServiceProvider) -> _Rx:
+    rx = dul.__dict__.get("_ct_rx")
+    if rx is None:
+        rx = dul.__dict__["_ct_rx"] = _Rx()
+    return rx
+
+
+def _limits(dul: DULServiceProvider) -> dict:
+    return getattr(dul.assoc, "ct_limits", None) or _DEFAULTS
+
+
+def _local_max_pdu(dul: DULServiceProvider) -> int:
+    assoc = dul.assoc
+    local = assoc.acceptor if assoc.is_acceptor else assoc.requestor
+    maximum = local.maximum_length or 0
+    return maximum if maximum > 0 else _UNLIMITED_PDU_CAP
+
+
+def abort_connection(dul: DULServiceProvider, reason: str) -> None:
+    """A-ABORT (service provider) to the peer, close, and tell the state machine; one log line."""
+    rx = _rx(dul)
+    if rx.dead:
+        return
+    rx.dead = True
+    assoc = dul.assoc
+    assoc.__dict__["ct_abort_reason"] = reason
+    if not assoc.is_established:  # an established one is logged once when it ends (with this reason)
+        log.warning("connection from %s aborted: %s", peer_of(assoc), reason)
+    sock = dul.socket.socket if dul.socket is not None else None
+    if sock is not None:
+        try:
+            pdu = A_ABORT_RQ()
+            pdu.source = 0x02
+            pdu.reason_diagnostic = 0x00
+            sock.settimeout(1.0)
+            sock.sendall(pdu.encode())
+        except Exception:
+            pass
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    gate = getattr(assoc, "ct_gate", None)
+    if gate is not None:
+        gate.release(assoc.ct_gate_key)
+    dul.event_queue.put("Evt17")
+
+
+def _readable(sock, wait: float) -> bool:
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    try:
+        ready, _, _ = select.select([sock], [], [], wait)
+    except (OSError, ValueError):
+        return True  # let recv report the error
+    return bool(ready)
+
+
+def _closed(dul: DULServiceProvider, message: str | None) -> None:
+    rx = _rx(dul)
+    rx.dead = True
+    if message:
+        log.warning("association from %s: %s", peer_of(dul.assoc), message)
+    gate = getattr(dul.assoc, "ct_gate", None)
+    if gate is not None:
+        gate.release(dul.assoc.ct_gate_key)
+    dul.event_queue.put("Evt17")
+
+
+def _track_message(dul: DULServiceProvider, pdu, rx: _Rx) -> str | None:
+    """Update the DIMSE message in progress from a P-DATA-TF; a reason to abort, or None."""
+    limits = _limits(dul)
+    now = time.monotonic()
+    for item in pdu.presentation_data_value_items:
+        data = item.presentation_data_value
+        if not data:
+            continue
+        control = data[0]
+        if rx.message_started is None:
+            rx.message_started = now
+            rx.message_bytes = 0
+        if not control & 0x01:  # data set fragment
+            rx.message_bytes += len(data) - 1
+            if rx.message_bytes > limits["max_instance_bytes"]:
+                return (f"data set larger than {limits['max_instance_bytes'] // 2**20} MB "
+                        f"(CT_TRIAGE_MAX_INSTANCE_MB)")
+        if control & 0x02:  # last fragment of a command or data set
+            rx.message_started = None
+            if not control & 0x01:
+                rx.message_bytes = 0
+    return None
+
+
+def _read_pdu_data(self: DULServiceProvider) -> bool:
+    """Read what the socket has of the current PDU; True when a whole PDU was handled."""
+    rx = _rx(self)
+    if rx.dead:
+        return False
+    sock = self.socket.socket if self.socket is not None else None
+    if sock is None:
+        return False
+    burst_end = time.monotonic() + _READ_BURST_S
+    while True:
+        if rx.length is None:
+            want = 6 - rx.got
+        else:
+            want = 6 + rx.length - rx.got
+            if rx.got == len(rx.buffer):  # grow: at most double what arrived
+                grow = min(6 + rx.length, max(_INITIAL_BUFFER, 2 * len(rx.buffer))) - len(rx.buffer)
+                rx.buffer.extend(bytes(grow))
+            want = min(want, len(rx.buffer) - rx.got)
+        try:
+            with memoryview(rx.buffer) as view:
+                count = sock.recv_into(view[rx.got:rx.got + want], want)
+        except (BlockingIOError, ssl.SSLWantReadError, InterruptedError):
+            return False
+        except TimeoutError:
+            abort_connection(self, f"no data for {sock.gettimeout():.0f} s inside a PDU")
+            return False
+        except (OSError, ValueError) as exc:
+            _closed(self, f"connection error: {clean_exception(exc)}" if rx.got else None)
+            return False
+        if count == 0:
+            _closed(self, f"connection closed after {rx.got} bytes of a PDU" if rx.got else None)
+            return False
+        if rx.got == 0:
+            rx.started = time.monotonic()
+        rx.got += count
+        if rx.length is None and rx.got == 6:
+            pdu_type, _, length = struct.unpack(">BBL", rx.buffer)
+            if pdu_type not in range(1, 8):
+                abort_connection(self, f"unknown PDU type 0x{pdu_type:02X}")
+                return False
+            cap = _local_max_pdu(self) if pdu_type == 0x04 else _MAX_CONTROL_PDU
+            if length > cap:
+                abort_connection(self, f"PDU type 0x{pdu_type:02X} declares {length} bytes, over the maximum "
+                                       f"of {cap}")
+                return False
+            rx.length = length
+        if rx.length is not None and rx.got == 6 + rx.length:
+            data = rx.buffer
+            rx.reset()
+            return _handle_pdu(self, data, rx)
+        if time.monotonic() > burst_end or not _readable(sock, 0.005):
+            return False
+
+
+def _handle_pdu(self: DULServiceProvider, data: bytearray, rx: _Rx) -> bool:
+    try:
+        pdu, event = self._decode_pdu(data)
+    except Exception as exc:
+        abort_connection(self, f"undecodable PDU type 0x{data[0]:02X}: {clean_exception(exc)}")
+        return False
+    if data[0] == 0x04:
+        reason = _track_message(self, pdu, rx)
+        if reason:
+            abort_connection(self, reason)
+            return False
+    self.event_queue.put(event)
+    self._recv_pdu.put(pdu)
+    return True
+
+
+def _deadline_passed(self: DULServiceProvider, rx: _Rx) -> str | None:
+    now = time.monotonic()
+    if rx.got and self.network_timeout and now - rx.started > self.network_timeout:
+        return f"incomplete PDU ({rx.got} bytes) after {self.network_timeout:.0f} s"
+    limit = _limits(self)["max_message_s"]
+    if rx.message_started is not None and now - rx.message_started > limit:
+        return f"DIMSE message not complete after {limit:.0f} s (CT_TRIAGE_MAX_MESSAGE_S)"
+    return None
+
+
+def _is_transport_event(self: DULServiceProvider) -> bool:
+    """pynetdicom's check, but True (restart the idle timer) only for a whole PDU.
+
+    When nothing is readable it waits (at most ``_IDLE_WAIT_S``) for the socket or for a
+    primitive queued to send (the wake-up fd), instead of pynetdicom's sleep-and-poll.
+    """
+    rx = _rx(self)
+    if rx.dead or self.socket is None:
+        return False
+    if self.state_machine.current_state == "Sta13":
+        if self.socket.socket is not None and _readable(self.socket.socket, 0):
+            _read_pdu_data(self)
+            return True
+        self.socket.close()
+        rx.dead = True
+        return True
+    reason = _deadline_passed(self, rx)
+    if reason:
+        abort_connection(self, reason)
+        return False
+    sock = self.socket.socket
+    if sock is None or not self.socket._is_connected:
+        time.sleep(0.001)
+        return False
+    if _readable(sock, 0):
+        return _read_pdu_data(self)
+    if self.to_provider_queue.qsize() or not self.event_queue.empty():
+        return False
+    wake = self.__dict__.get("_ct_wake")
+    try:
+        ready, _, _ = select.select([sock, wake] if wake is not None else [sock], [], [], _IDLE_WAIT_S)
+    except (OSError, ValueError):
+        return False
+    if wake is not None and wake in ready:
+        try:
+            os.eventfd_read(wake)
+        except OSError:
+            pass
+    if sock in ready:
+        return _read_pdu_data(self)
+    return False
+
+
+def _send_pdu(self: DULServiceProvider, primitive) -> None:
+    _ORIGINAL["send_pdu"](self, primitive)
+    with self.__dict__.get("_ct_wake_lock") or _NO_LOCK:
+        wake = self.__dict__.get("_ct_wake")
+        if wake is not None:
+            try:
+                os.eventfd_write(wake, 1)
+            except OSError:
+                pass
+
+
+def _dul_init(self: DULServiceProvider, assoc) -> None:
+    _ORIGINAL["__init__"](self, assoc)
+    self._ct_wake_lock = threading.Lock()
+    self._ct_wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    self._ct_wake_final = weakref.finalize(self, os.close, self._ct_wake)
+
+
+def _dul_run_reactor(self: DULServiceProvider) -> None:
+    try:
+        _ORIGINAL["run_reactor"](self)
+    finally:
+        with self._ct_wake_lock:
+            self._ct_wake = None
+            self._ct_wake_final()
+
+
+def _reactor_get_msg(self, block: bool = False):
+    """The acceptor reactor polls with ``get_msg(block=False)`` and a 1 ms sleep; wait on the
+    queue instead (at most ``_IDLE_WAIT_S``), so a message is served as soon as it is whole."""
+    if block or not self.assoc.is_acceptor:
+        return _ORIGINAL["get_msg"](self, block)
+    try:
+        return self.msg_queue.get(timeout=_IDLE_WAIT_S)
+    except queue.Empty:
+        return None, None
+
 
 _installed = False
+_ORIGINAL: dict = {}
+_NO_LOCK = threading.Lock()
 
 
-def _recv_exact(self, nr_bytes: int) -> bytearray:
-    buffer = bytearray(nr_bytes)
-    view = memoryview(buffer)
-    received = 0
-    while received < nr_bytes:
-        count = self.socket.recv_into(view[received:], nr_bytes - received)
-        if count == 0:  # peer closed: return what arrived, as pynetdicom does
-            del view
-            return buffer[:received]
-        received += count
-    return buffer
-
-
-def install_fast_recv() -> None:
+def install_bounded_receive() -> None:
+    """Replace pynetdicom's DUL receive path and its idle polling (process-wide, idempotent)."""
     global _installed
-    if not _installed:
-        transport.AssociationSocket.recv = _recv_exact
-        _installed = True
+    if _installed:
+        return
+    _ORIGINAL.update(send_pdu=DULServiceProvider.send_pdu, __init__=DULServiceProvider.__init__,
+                     run_reactor=DULServiceProvider.run_reactor, get_msg=DIMSEServiceProvider.get_msg)
+    DULServiceProvider._read_pdu_data = _read_pdu_data
+    DULServiceProvider._is_transport_event = _is_transport_event
+    DULServiceProvider.send_pdu = _send_pdu
+    DULServiceProvider.__init__ = _dul_init
+    DULServiceProvider.run_reactor = _dul_run_reactor
+    DIMSEServiceProvider.get_msg = _reactor_get_msg
+    _installed = True
 
 
 def tune_association(assoc) -> None:
     dul = getattr(assoc, "dul", None)
     if dul is not None and hasattr(dul, "_run_loop_delay"):
         dul._run_loop_delay = DUL_LOOP_DELAY_S
+
+
+# -- admission -----------------------------------------------------------------------
+class Gate:
+    """Counts pending (not yet accepted) sockets per address and accepted associations."""
+
+    def __init__(self, max_associations: int, max_pending_per_address: int, max_pending_total: int):
+        self.max_associations = max_associations
+        self.max_pending_per_address = max_pending_per_address
+        self.max_pending_total = max_pending_total
+        self._lock = threading.Lock()
+        self._pending: dict[tuple, str] = {}  # key -> address
+        self._per_address: dict[str, int] = {}
+        self._accepted: set[tuple] = set()
+
+    def open(self, key: tuple) -> str | None:
+        """Register a new socket; a reason to refuse it, or None."""
+        address = key[0]
+        with self._lock:
+            if self._per_address.get(address, 0) >= self.max_pending_per_address:
+                return (f"{self.max_pending_per_address} connections from this address are already waiting "
+                        f"for their association (CT_TRIAGE_MAX_PENDING_PER_ADDRESS)")
+            if len(self._pending) >= self.max_pending_total:
+                return f"{self.max_pending_total} connections are waiting for their association " \
+                       f"(CT_TRIAGE_MAX_PENDING_TOTAL)"
+            self._pending[key] = address
+            self._per_address[address] = self._per_address.get(address, 0) + 1
+        return None
+
+    def _drop_pending(self, key: tuple) -> None:
+        address = self._pending.pop(key, None)
+        if address is not None:
+            left = self._per_address.get(address, 1) - 1
+            if left:
+                self._per_address[address] = left
+            else:
+                self._per_address.pop(address, None)
+
+    def admit(self, key: tuple) -> bool:
+        """Move a pending socket to the accepted associations; False when the cap is reached."""
+        with self._lock:
+            if key in self._accepted:
+                return True
+            if len(self._accepted) >= self.max_associations:
+                return False
+            self._drop_pending(key)
+            self._accepted.add(key)
+            return True
+
+    def release(self, key: tuple) -> None:
+        with self._lock:
+            self._drop_pending(key)
+            self._accepted.discard(key)
+
+    def counts(self) -> tuple[int, int]:
+        with self._lock:
+            return len(self._pending), len(self._accepted)
+
+
+class BoundedRequestHandler(RequestHandler):
+    """One connection: TLS handshake (bounded), then the association, then release the slot."""
+
+    server: BoundedAssociationServer
+
+    def handle(self) -> None:
+        server = self.server
+        key = tuple(self.client_address[:2])
+        try:
+            sock = self.request
+            sock.settimeout(server.handshake_timeout)
+            if server.tls_context is not None:
+                try:
+                    sock = server.tls_context.wrap_socket(sock, server_side=True)
+                except (OSError, ssl.SSLError, ValueError) as exc:
+                    log.warning("connection from %s:%s refused: TLS handshake failed: %s", key[0], key[1],
+                                clean_exception(exc))
+                    _close_quietly(self.request)
+                    return
+                self.request = sock
+            sock.settimeout(server.socket_timeout)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            assoc = self._create_association()
+            assoc.ct_gate = server.gate
+            assoc.ct_gate_key = key
+            assoc.ct_limits = server.limits
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+            assoc.start()
+            assoc.join()
+        except Exception as exc:
+            log.warning("connection from %s:%s failed: %s", key[0], key[1], clean_exception(exc))
+        finally:
+            server.gate.release(key)
+
+
+def _close_quietly(sock) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+class BoundedAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with admission control and the TLS handshake off the accept loop."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, ae, address, ae_title, contexts, ssl_context=None, evt_handlers=None, *,
+                 gate: Gate, handshake_timeout: float, socket_timeout: float, limits: dict):
+        self.gate = gate
+        self.tls_context = ssl_context
+        self.handshake_timeout = handshake_timeout
+        self.socket_timeout = socket_timeout
+        self.limits = limits
+        # pynetdicom must not wrap sockets itself (it would handshake in the accept loop).
+        super().__init__(ae, address, ae_title, contexts, None, evt_handlers, request_handler=BoundedRequestHandler)
+
+    def get_request(self):
+        client_socket, address = self.socket.accept()
+        return client_socket, address
+
+    def verify_request(self, request, client_address) -> bool:
+        key = tuple(client_address[:2])
+        reason = self.gate.open(key)
+        if reason is None:
+            return True
+        log.warning("connection from %s:%s refused: %s", key[0], key[1], reason)
+        return False
+
+    def handle_error(self, request, client_address) -> None:
+        log.warning("connection from %s failed in the server", clean(client_address))

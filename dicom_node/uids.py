@@ -13,9 +13,15 @@ def is_valid_uid(value: object) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 64 and _UID_RE.match(value) is not None
 
 
+# 256 folders of instances, named by the first two hex digits of the hash: created (and
+# made durable) once at start-up, so storing an instance never creates a folder and
+# costs one directory fsync (dicom_node.spool). ext4 indexes large folders (htree).
+INSTANCE_FOLDERS = [f"instances/{i:02x}" for i in range(256)]
+
+
 def instance_relpath(sop_instance_uid: str) -> str:
     """Storage path of an instance, from a hash of its (validated) UID."""
     if not is_valid_uid(sop_instance_uid):
         raise ValueError(f"sop_instance_uid is not a valid UID: {sop_instance_uid!r}")
     digest = hashlib.sha256(sop_instance_uid.encode("ascii")).hexdigest()
-    return f"instances/{digest[:2]}/{digest[2:4]}/{digest}.dcm"
+    return f"instances/{digest[:2]}/{digest}.dcm"

@@ -99,6 +99,8 @@ class RunningNode:
         return self.node.port
 
     def session(self):
+        # Rows are written by the node's background indexer: read after it caught up.
+        self.node.store.indexer.flush()
         return self.session_factory()
 
 

@@ -64,6 +64,7 @@ def test_multi_series_study_stored_indexed_and_queued_once(start_node, database_
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(acknowledged_files(result.stdout + result.stderr)) == 420
 
+    assert running.node.store.indexer.flush()  # rows are written by the background indexer
     with running.session() as session:
         assert session.scalar(select(func.count(Instance.id))) == 420
         instances = {i.sop_instance_uid: i for i in session.scalars(select(Instance))}
@@ -124,6 +125,17 @@ def test_unknown_calling_ae_is_rejected_at_association(start_node, sqlite_url, t
     assert storescu(running.port, series.paths, calling="INTRUDER").returncode != 0
     with running.session() as session:
         assert session.scalar(select(func.count(Instance.id))) == 0
+
+
+def test_called_ae_title_must_be_ours_unless_any_is_accepted(start_node, sqlite_url):
+    strict = start_node(sqlite_url)
+    result = echoscu(strict.port, called="NOTCTTRIAGE")
+    assert result.returncode != 0
+    assert "Called AE Title Not Recognized" in result.stdout + result.stderr
+    assert echoscu(strict.port, called="CTTRIAGE").returncode == 0
+    strict.node.stop()
+    relaxed = start_node(sqlite_url, accept_any_called_ae=True)
+    assert echoscu(relaxed.port, called="NOTCTTRIAGE").returncode == 0
 
 
 @pytest.fixture
@@ -210,7 +222,7 @@ def test_malformed_dataset_gets_named_failure_and_a_row(start_node, sqlite_url, 
     garbage = tmp_path / "garbage.dcm"
     garbage.write_bytes(raw[:meta_end] + b"\x08\x00\x18\x00UI\xff\xff" + b"\x99" * 300)
     code = _pynetdicom_store(running.port, garbage)
-    assert code == status.CANNOT_UNDERSTAND
+    assert code == status.MALFORMED_DATASET  # an element length past the end of the data set
 
     # A readable data set whose SOP Instance UID is not a UID.
     bad_uid = tmp_path / "bad_uid.dcm"
@@ -222,8 +234,8 @@ def test_malformed_dataset_gets_named_failure_and_a_row(start_node, sqlite_url, 
     with running.session() as session:
         rejected = session.scalars(select(RejectedInstance).order_by(RejectedInstance.id)).all()
         assert session.scalar(select(func.count(Instance.id))) == 0
-    assert [r.status_code for r in rejected] == [status.CANNOT_UNDERSTAND, status.INVALID_UID]
-    assert ("unparseable" in rejected[0].reason or "missing" in rejected[0].reason), rejected[0].reason
+    assert [r.status_code for r in rejected] == [status.MALFORMED_DATASET, status.INVALID_UID]
+    assert "past the end" in rejected[0].reason, rejected[0].reason
     assert "1.2.ABC.3" in rejected[1].reason
     assert (running.settings.effective_storage_dir / rejected[0].quarantine_path).is_file()
     # The node is still serving after bad input.

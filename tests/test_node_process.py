@@ -60,17 +60,18 @@ def test_sigkill_mid_series_loses_no_acknowledged_instance(tmp_path, sqlite_url)
 
     by_path = {str(p): uid for p, uid in zip(series.paths, series.sop_instance_uids)}
     storage = tmp_path / "storage"
-    with factory() as session:
-        rows = {i.sop_instance_uid: i for i in session.scalars(select(Instance))}
-    for path in acked:
-        uid = by_path[path]
-        assert uid in rows, f"acknowledged {uid} missing from the database"
-        assert dataset_digest(storage / rows[uid].path) == dataset_digest(path)
-
-    # Restart and resend everything: duplicates succeed, the series completes, one job.
+    # Restart: files acknowledged but not yet indexed when the node died are indexed
+    # before the node accepts associations (C-ECHO answers only then).
     node = Daemon(["node"], env, tmp_path / "node2.log").start()
     try:
         node.wait_dicom_ready(port)
+        with factory() as session:
+            rows = {i.sop_instance_uid: i for i in session.scalars(select(Instance))}
+        for path in acked:
+            uid = by_path[path]
+            assert uid in rows, f"acknowledged {uid} missing from the database"
+            assert dataset_digest(storage / rows[uid].path) == dataset_digest(path)
+        # Resend everything: duplicates succeed, the series completes, one job.
         result = storescu(port, series.paths)
         assert result.returncode == 0, result.stderr[-2000:]
 
@@ -80,6 +81,51 @@ def test_sigkill_mid_series_loses_no_acknowledged_instance(tmp_path, sqlite_url)
                 return row.state == "queued" and row
         row = wait_for(queued, timeout=30)
         assert row.instance_count == 300
+        with factory() as session:
+            assert session.scalar(select(func.count(Job.id))) == 1
+    finally:
+        node.stop()
+        engine.dispose()
+
+
+def test_sigkill_between_fsync_and_index_loses_nothing(tmp_path, sqlite_url):
+    """The node dies after an instance is durable on disk and before its row exists (test
+    hook CT_TRIAGE_TEST_KILL_AFTER_FSYNC): the restart indexes it before accepting anyone."""
+    from dicom_node.uids import instance_relpath
+
+    port = free_port()
+    env = node_env(tmp_path, sqlite_url, port, stable_age_s=20)
+    series = write_ct_series(tmp_path / "series", 60, rows=64, columns=64, seed=12)
+    node = Daemon(["node"], {**env, "CT_TRIAGE_TEST_KILL_AFTER_FSYNC": "40"}, tmp_path / "node1.log").start()
+    node.wait_dicom_ready(port)
+    result = storescu(port, series.paths, timeout=120)
+    assert node.process.wait(timeout=30) == -9, node.log()
+    assert result.returncode != 0
+    acked = acknowledged_files(result.stdout + result.stderr)
+    assert len(acked) == 39, f"{len(acked)} acknowledged"
+    fortieth = series.sop_instance_uids[39]
+    storage = tmp_path / "storage"
+    assert (storage / instance_relpath(fortieth)).is_file()  # durable, never acknowledged
+    engine = make_engine(sqlite_url)
+    factory = make_session_factory(engine)
+    with factory() as session:
+        assert session.scalar(select(Instance).where(Instance.sop_instance_uid == fortieth)) is None
+
+    node = Daemon(["node"], env, tmp_path / "node2.log").start()
+    try:
+        node.wait_dicom_ready(port)
+        with factory() as session:
+            rows = {i.sop_instance_uid for i in session.scalars(select(Instance))}
+        assert rows == set(series.sop_instance_uids[:40])
+        assert "left without a row by the last run" in node.log()
+        assert storescu(port, series.paths).returncode == 0
+
+        def queued():
+            with factory() as session:
+                row = session.scalar(select(Series))
+                return row.state == "queued" and row
+        row = wait_for(queued, timeout=30)
+        assert row.instance_count == 60 and row.duplicate_count == 40
         with factory() as session:
             assert session.scalar(select(func.count(Job.id))) == 1
     finally:

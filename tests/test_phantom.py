@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -216,32 +215,24 @@ def test_dciodvfy_reports_no_errors(tmp_path, transfer_syntax):
 
 
 @pytest.mark.slow
-def test_full_size_phantom_is_realistic_and_fast(tmp_path):
-    """512x512x300 (the acquisition protocol's size): seconds, not minutes."""
-    start = time.perf_counter()
+def test_full_size_phantom_is_realistic(tmp_path):
+    """512x512x300 (the acquisition protocol's size): realistic volumes, bounded memory.
+    Its speed is measured by bench/score_bench.py, not asserted here (no timed tests)."""
     phantom = make_phantom(25.0, seed=0)
-    made = time.perf_counter() - start
     truth = phantom.ground_truth
     assert 4000 < truth["lung_volume_ml"] < 6000
     assert abs(truth["involvement_percent"] - 25.0) <= 1.0
-    assert made < 20, f"make_phantom took {made:.1f} s"
 
-    start = time.perf_counter()
     written = write_phantom(tmp_path, 25.0, seed=0)
-    wrote = time.perf_counter() - start  # includes making the phantom again
-    assert wrote < 40, f"write_phantom took {wrote:.1f} s"
     assert written["lesion_boxes"] == truth["lesion_boxes"]
 
     paths = sorted((tmp_path / "FC51").glob("*.dcm"))
     expected_hu = phantom.volume.hu
     del phantom  # keep the masks out of the memory measurement
     tracemalloc.start()  # numpy reports its buffers to tracemalloc
-    start = time.perf_counter()
     volume = load_series(paths)
-    loaded = time.perf_counter() - start
     peak_mb = tracemalloc.get_traced_memory()[1] / 1e6
     tracemalloc.stop()
-    assert loaded < 20, f"load_series took {loaded:.1f} s"
     assert peak_mb < 1000, f"load_series peaked at {peak_mb:.0f} MB"
     assert volume.hu.shape == (300, 512, 512) and volume.hu.dtype == np.int16
     assert np.array_equal(volume.hu, expected_hu)

@@ -90,3 +90,10 @@ def score_study_task(self: JobTask, job_id: int):
 @app.task(name=contract.DELIVER_OUTPUTS, base=JobTask, bind=True)
 def deliver_outputs_task(self: JobTask, delivery_id: int):
     return self.run_body(jobs.deliver_outputs, delivery_id)
+
+
+@app.task(name=contract.FIND_PRIORS, base=JobTask, bind=True)
+def find_priors_task(self: JobTask, search_id: int):
+    from worker import prior_search
+
+    return self.run_body(prior_search.find_priors, search_id)

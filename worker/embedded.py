@@ -36,7 +36,9 @@ class EmbeddedConsumer:
         if requeued:
             log.warning("requeued %d job(s) left running by a previous process: %s", len(requeued), requeued)
         # Two loops, like the gpu and io queues: deliveries never wait behind a scoring backlog.
-        for name, step in (("embedded-scoring", self.run_scoring), ("embedded-delivery", self.run_deliveries)):
+        loops = (("embedded-scoring", self.run_scoring), ("embedded-delivery", self.run_deliveries),
+                 ("embedded-priors", self.run_prior_searches))
+        for name, step in loops:
             thread = threading.Thread(target=self._run, args=(step,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -61,7 +63,7 @@ class EmbeddedConsumer:
 
     def run_pending(self) -> int:
         """Run queued scoring jobs, then due deliveries; returns how many ran."""
-        return self.run_scoring() + self.run_deliveries()
+        return self.run_scoring() + self.run_deliveries() + self.run_prior_searches()
 
     def run_scoring(self) -> int:
         ran = 0
@@ -87,6 +89,12 @@ class EmbeddedConsumer:
                 pass  # recorded with its next attempt time; picked up again when due
             ran += 1
         return ran
+
+    def run_prior_searches(self) -> int:
+        """Due C-FIND/C-MOVE prior searches (issue 12), in their own loop: a slow PACS never delays results."""
+        from worker import prior_search
+
+        return prior_search.run_due_searches(self.ctx)
 
     def _run(self, step) -> None:
         while not self._stop.is_set():

@@ -24,11 +24,14 @@ from ct_triage.errors import TransientError
 from ct_triage.settings import Settings, parse_destination
 from db import repository
 from db.models import Result, Series, Study
+from db.priority import priority_for
 from db.session import session_scope
 from db.states import DeliveryState, SeriesState
 from db.types import utcnow
+from worker import priors
 from worker.scoring.base import Scorer
 from worker.scoring.result import ScoreResult
+from worker.worklist import add_worklist_entries
 
 log = logging.getLogger("ct_triage.worker")
 
@@ -122,6 +125,8 @@ def score_study(ctx: WorkerContext, job_id: int) -> str:
         log.exception("job %d: scoring crashed", job_id)
         score = ScoreResult(status="failed", reason=f"internal error: {type(exc).__name__}: {exc}"[:500])
     score.study_instance_uid = study_uid
+    # The one priority rule (db.priority), as configured: stored, sent and rendered alike.
+    score.assigned_priority = priority_for(score.status, score.category, ctx.settings.priorities)
     masks_path = _store_masks(storage_dir, study_uid, version, score)
     scored_at = utcnow()
     destinations = [str(parse_destination(d)) for d in ctx.settings.destinations]
@@ -130,6 +135,7 @@ def score_study(ctx: WorkerContext, job_id: int) -> str:
         job = repository.get_job(session, job_id)
         study = job.study
         chosen = next((s for s in study.series if s.series_instance_uid == score.series_instance_uid), None)
+        followup = priors.prepare(session, study, chosen.id if chosen else None, score, ctx.settings)  # issue 12
         result = repository.add_result(session, job, chosen.id if chosen else None, {
             "status": score.status, "reason": score.reason, "category": score.category, "priority": score.priority,
             "involvement_percent": score.involvement_percent,
@@ -140,14 +146,19 @@ def score_study(ctx: WorkerContext, job_id: int) -> str:
             "device": score.device, "seconds": score.seconds, "result_json": json.dumps(score.to_json()),
             "received_at": received_at, "stable_at": stable_at, "scoring_started_at": started_at,
             "scored_at": scored_at, "masks_path": masks_path})
+        result_id = result.id
+        followup.record(session, result)
         _settle_series(session, study, chosen, score, scored_at)
         repository.finish_job(session, job, scored_at, score.reason if score.status == "failed" else None)
-        if chosen is not None:
+        if chosen is not None and not followup.is_prior:  # a retrieved prior is only compared with
             delivery_ids = repository.add_deliveries(session, result, destinations, scored_at)
+        # The UPS workitem (superseding older versions') and the HL7 outbox rows, same transaction.
+        delivery_ids += add_worklist_entries(session, ctx.settings, result, score)
     log.info("study %s version %d: %s %s %s%% priority %s in %.2f s (%s)", study_uid, version, score.status,
              score.category or "-", f"{score.involvement_percent:.1f}" if score.involvement_percent is not None
              else "-", score.priority, score.seconds, score.reason or score.model)
     publish_deliveries(ctx, delivery_ids)
+    priors.after_result(ctx, result_id)  # later studies it is a prior of; PACS prior searches
     return score.status
 
 
@@ -291,6 +302,10 @@ def deliver_outputs(ctx: WorkerContext, delivery_id: int) -> str:
         return "skipped"
     s = ctx.settings
     with session_scope(ctx.session_factory) as session:
+        channel = repository.get_delivery(session, delivery_id).channel
+    if channel == "hl7":
+        return deliver_hl7(ctx, delivery_id)
+    with session_scope(ctx.session_factory) as session:
         destination = parse_destination(repository.start_delivery(session, delivery_id, now).destination)
         result_id = repository.delivery_result(session, delivery_id).id
     try:
@@ -300,6 +315,37 @@ def deliver_outputs(ctx: WorkerContext, delivery_id: int) -> str:
     report = send_instances(destination, outputs, calling_ae_title=s.ae_title, acse_timeout=s.acse_timeout_s,
                             dimse_timeout=s.dimse_timeout_s, network_timeout=s.network_timeout_s)
     sent = len(report.delivered_sop_instance_uids)
+    if report.outcome == "delivered":
+        return _finish_delivery(ctx, delivery_id, DeliveryState.DELIVERED, None, sent)
+    if report.outcome == "transient":
+        _finish_delivery(ctx, delivery_id, DeliveryState.RETRYING, report.reason, sent)
+        raise TransientError(f"delivery {delivery_id} to {destination}: {report.reason}")
+    return _finish_delivery(ctx, delivery_id, DeliveryState.FAILED, report.reason, sent)
+
+
+def deliver_hl7(ctx: WorkerContext, delivery_id: int) -> str:
+    """Send one result's order update + ORU^R01 to one RIS over MLLP (worker.delivery.hl7).
+
+    ``instances_sent`` counts the messages the RIS has acknowledged (AA), so a retry
+    resumes after them and each message is accepted once.
+    """
+    from worker.delivery.hl7 import Hl7Context, build_messages, send_messages
+
+    s = ctx.settings
+    reason = None
+    with session_scope(ctx.session_factory) as session:
+        delivery = repository.get_delivery(session, delivery_id)
+        destination = delivery.destination
+        already = delivery.instances_sent or 0
+        try:
+            messages = build_messages(Hl7Context.from_result(session, delivery.result, s))
+        except ValueError as exc:
+            reason = f"cannot build the HL7 messages: {exc}"
+            messages = None
+    if messages is None:
+        return _finish_delivery(ctx, delivery_id, DeliveryState.FAILED, reason, already)
+    report = send_messages(destination, messages[already:], timeout_s=s.hl7_ack_timeout_s)
+    sent = already + report.accepted
     if report.outcome == "delivered":
         return _finish_delivery(ctx, delivery_id, DeliveryState.DELIVERED, None, sent)
     if report.outcome == "transient":

@@ -3,6 +3,7 @@
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
+import db.followup  # noqa: F401  (issue 12 tables, for autogenerate)
 from db.models import Base
 
 config = context.config

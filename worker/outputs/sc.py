@@ -70,6 +70,7 @@ from worker.outputs.base import (
     series_description,
     validate_inputs,
 )
+from worker.outputs.trend import with_comparison
 from worker.outputs.uids import output_uid
 from worker.scoring.result import ScoreResult
 
@@ -363,7 +364,7 @@ def build_secondary_capture_series(
     series_uid = output_uid(source_series, result_version, "sc-series")
 
     out: list[Dataset] = []
-    summary_pixels = render.render_summary(datasets, result)
+    summary_pixels = with_comparison(render.render_summary(datasets, result), result.comparison)  # issue 12
     row_letters, _ = patient_orientation(datasets[0])
     summary = _build_sc(
         ref=datasets[0],

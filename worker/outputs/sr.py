@@ -50,6 +50,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from ct_triage import __version__
 from worker.outputs import base
+from worker.outputs.sr_followup import change_content
 from worker.outputs.uids import derived_uid, output_uid
 from worker.scoring.masks import LesionComponent, ResultMasks
 from worker.scoring.result import ROUTING, ScoreResult
@@ -338,10 +339,13 @@ def build_measurement_report(
         observer_device_context=hd.sr.ObserverContext(observer_type=codes.cid270.Device,
                                                       observer_identifying_attributes=device)
     )
+    change = change_content(result, source_series, result_version, hd.sr.AlgorithmIdentification(
+        name=base.plain_text(result.model)[:64], version=base.plain_text(result.model_version)[:64]))  # issue 12
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,
         procedure_reported=CT_OF_CHEST,
-        imaging_measurements=_measurement_groups(datasets, result, result_version, components, seg_ref),
+        imaging_measurements=_measurement_groups(datasets, result, result_version, components, seg_ref)
+        + change.groups,
         title=codes.cid7021.ImagingMeasurementReport,
     )
     report[0].ContentSequence.append(_qualitative_container(result))
@@ -351,7 +355,7 @@ def build_measurement_report(
         f"(ct-triage {__version__}); NOT FOR DIAGNOSTIC USE"
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[*datasets, segmentation] if segmentation is not None else datasets,
+        evidence=[*datasets, *([segmentation] if segmentation is not None else []), *change.evidence],
         content=report[0],
         series_instance_uid=output_uid(source_series, result_version, "sr-series"),
         series_number=series_number,

@@ -23,7 +23,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from ct_triage.errors import InvalidInput, NotApplicable
+from ct_triage.errors import CtTriageError, InvalidInput, NotApplicable
+from ct_triage.text import clean_exception
 from worker.scoring.volume import Volume
 
 HU_FLOOR = -1024
@@ -90,6 +91,16 @@ def load_series(paths: Sequence[str | Path], *, min_slices: int = 20) -> Volume:
     paths = [Path(p) for p in paths]
     if not paths:
         raise InvalidInput("paths is empty: no DICOM instances to load")
+    try:
+        return _load_series(paths, min_slices)
+    except CtTriageError:
+        raise
+    except Exception as exc:  # pydicom converts values lazily: a damaged value fails at first use
+        raise InvalidInput(f"{paths[0].parent}: unreadable attribute or pixel data "
+                           f"({clean_exception(exc)})") from exc
+
+
+def _load_series(paths: list[Path], min_slices: int) -> Volume:
     datasets = [_read_instance(p) for p in paths]
     _check_series_attributes(datasets, paths)
     frames = [frame for index, ds in enumerate(datasets) for frame in _frames(index, ds, paths[index])]

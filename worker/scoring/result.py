@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from db import priority as priority_rule
+
 Status = Literal["scored", "not_applicable", "failed"]
 CATEGORIES = ("CT-0", "CT-1", "CT-2", "CT-3", "CT-4")
 
@@ -21,8 +23,8 @@ ROUTING = {
     "CT-4": "Critical: emergency care, immediate admission, ICU",
 }
 
-# Worklist priority per design.md; a study we could not score is never lower than MEDIUM.
-PRIORITY = {"CT-0": "LOW", "CT-1": "LOW", "CT-2": "MEDIUM", "CT-3": "HIGH", "CT-4": "HIGH"}
+# Worklist priority: the one rule lives in db.priority (default shown here for readers).
+PRIORITY = {c: priority_rule.DEFAULT_RULE[c] for c in CATEGORIES}
 
 
 def category_for(percent: float, noise_floor_percent: float = 0.5) -> str:
@@ -45,9 +47,8 @@ def category_for(percent: float, noise_floor_percent: float = 0.5) -> str:
 
 
 def priority_for(status: str, category: str | None) -> str:
-    if status == "scored" and category in PRIORITY:
-        return PRIORITY[category]
-    return "MEDIUM"
+    """The default rule's priority (db.priority); a configured rule is applied by the worker."""
+    return priority_rule.priority_for(status, category)
 
 
 @dataclass(frozen=True)
@@ -89,13 +90,17 @@ class ScoreResult:
     series_instance_uid: str | None = None  # the series that was scored
     source_sop_instance_uids: list[str] = field(default_factory=list)  # sorted along the normal
     boxes: list[LesionBox] = field(default_factory=list)
+    # Set by the worker from the configured rule (CT_TRIAGE_PRIORITY_RULE); None: default rule.
+    assigned_priority: str | None = None
+    # Follow-up comparison with the patient's priors (worker.comparison.Assessment.to_json()), if any.
+    comparison: dict | None = None
     # The masks the numbers were measured on (worker.outputs.masks.ResultMasks), kept in
     # memory for the DICOM SEG builder and stored beside the result; never serialized.
     masks: Any = field(default=None, repr=False, compare=False)
 
     @property
     def priority(self) -> str:
-        return priority_for(self.status, self.category)
+        return self.assigned_priority or priority_for(self.status, self.category)
 
     def to_json(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("masks", "boxes")}

@@ -1,0 +1,553 @@
+"""UPS (Unified Procedure Step, PS3.4 Annex CC) SCP: the reading worklist, served from the database.
+
+The workers create one workitem per result (worker.worklist -> db.worklist); this module
+serves them on the node's AE and port. Supported (SOP classes Pull, Watch, Query, Push
+for N-GET/N-ACTION, Event for reports):
+
+- C-FIND (UPS Pull / Watch / Query): matching on SOP Instance UID (list), Scheduled
+  Procedure Step Priority, Procedure Step State, Scheduled Procedure Step Start DateTime
+  (single value or range), Patient ID and Patient's Name (wildcards ``*``/``?``), Study
+  Instance UID (list), Accession Number (top level or in Referenced Request Sequence),
+  Worklist Label. Matches are returned in worklist order: priority, then arrival, then
+  creation. Superseded study versions never match (except by SOP Instance UID).
+- N-GET: the requested attributes (all when none are named); never the Transaction UID.
+- N-SET: Procedure Step Progress Information Sequence and UPS Performed Procedure
+  Sequence; needs the Transaction UID once IN PROGRESS (0xC301), refused in a final state
+  (0xC300); other attributes are ignored with warning 0x0001.
+- N-ACTION 1 change state (claim SCHEDULED -> IN PROGRESS with a new Transaction UID,
+  IN PROGRESS -> COMPLETED | CANCELED with it; COMPLETED needs a UPS Performed Procedure
+  Sequence item with Performed Procedure Step End DateTime, else 0xC304);
+  2 request cancel; 3 subscribe (one workitem, or global on the well-known instance UIDs);
+  4 unsubscribe; 5 suspend global subscription. Receiving AE titles must be listed in
+  ``CT_TRIAGE_UPS_SUBSCRIBERS`` (AET@host:port), else 0xC308.
+- N-EVENT-REPORT: :class:`UpsNotifier` drains the ``ups_events`` outbox, opening an
+  association to each subscriber (UPS Event SOP class), retrying transient failures
+  (db.worklist.EVENT_RETRY_BASE_S doubling, EVENT_MAX_ATTEMPTS).
+
+Handlers are thin (dicom_node.server), never raise, and answer named statuses (below).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from datetime import datetime, timedelta, timezone
+
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import Tag
+from pynetdicom import AE
+from sqlalchemy.orm import Session, sessionmaker
+
+from ct_triage.settings import Destination, Settings, parse_destination
+from db import worklist
+from db.models import UpsWorkitem
+from db.session import session_scope
+from dicom_node import status
+from dicom_node.uids import is_valid_uid
+
+log = logging.getLogger("ct_triage.node.ups")
+
+UPS_PUSH = "1.2.840.10008.5.1.4.34.6.1"
+UPS_WATCH = "1.2.840.10008.5.1.4.34.6.2"
+UPS_PULL = "1.2.840.10008.5.1.4.34.6.3"
+UPS_EVENT = "1.2.840.10008.5.1.4.34.6.4"
+UPS_QUERY = "1.2.840.10008.5.1.4.34.6.5"
+UPS_SOP_CLASSES = (UPS_PUSH, UPS_WATCH, UPS_PULL, UPS_EVENT, UPS_QUERY)
+GLOBAL_SUBSCRIPTION = "1.2.840.10008.5.1.4.34.5"
+FILTERED_GLOBAL_SUBSCRIPTION = "1.2.840.10008.5.1.4.34.5.1"
+
+# -- statuses (PS3.4 CC.2.1-CC.2.8; pynetdicom.status UNIFIED_PROCEDURE_STEP_SERVICE_CLASS_STATUS)
+PENDING = 0xFF00
+OPTIONAL_ATTRIBUTES_NOT_SUPPORTED = 0x0001
+ALREADY_CANCELED = 0xB304
+ALREADY_COMPLETED_WARNING = 0xB306
+MAY_NO_LONGER_BE_UPDATED = 0xC300
+WRONG_TRANSACTION_UID = 0xC301
+ALREADY_IN_PROGRESS = 0xC302
+SCHEDULED_ONLY_BY_CREATE = 0xC303
+FINAL_STATE_REQUIREMENTS = 0xC304
+NO_SUCH_WORKITEM = 0xC307
+RECEIVING_AE_UNKNOWN = 0xC308
+INVALID_STATE = 0xC309  # "the provided value of UPS State was not valid"
+NOT_IN_PROGRESS = 0xC310
+ALREADY_COMPLETED = 0xC311
+NOT_APPROPRIATE = 0xC314  # action not appropriate for the instance
+IDENTIFIER_DOES_NOT_MATCH = 0xA900
+NO_SUCH_ACTION_TYPE = 0x0123
+MISSING_ATTRIBUTE = 0x0120
+INVALID_ATTRIBUTE_VALUE = 0x0106
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+
+OUTCOME_STATUS = {
+    "ok": status.SUCCESS,
+    "cancel_requested": status.SUCCESS,
+    "no_such_workitem": NO_SUCH_WORKITEM,
+    "may_no_longer_be_updated": MAY_NO_LONGER_BE_UPDATED,
+    "wrong_transaction_uid": WRONG_TRANSACTION_UID,
+    "already_in_progress": ALREADY_IN_PROGRESS,
+    "scheduled_only_by_create": SCHEDULED_ONLY_BY_CREATE,
+    "final_state_requirements": FINAL_STATE_REQUIREMENTS,
+    "invalid_state": INVALID_STATE,
+    "not_in_progress": NOT_IN_PROGRESS,
+    "already_completed": ALREADY_COMPLETED,
+    "already_canceled": ALREADY_CANCELED,
+}
+#: Change state to COMPLETED when already COMPLETED is a warning, not a failure.
+CHANGE_STATE_STATUS = {**OUTCOME_STATUS, "already_completed": ALREADY_COMPLETED_WARNING}
+
+NEVER_RETURNED = (Tag(0x0008, 0x1195),)  # Transaction UID (PS3.4 CC.2.6.1.3.1)
+SETTABLE = ("ProcedureStepProgressInformationSequence", "UnifiedProcedureStepPerformedProcedureSequence")
+INTERPRETATION = ("110005", "DCM", "Interpretation")  # CID 9231 General Purpose Workitem Definition
+
+
+# -- the workitem as a data set ---------------------------------------------------------------
+def _dt(value: datetime | None) -> str:
+    return "" if value is None else value.astimezone(timezone.utc).strftime("%Y%m%d%H%M%S+0000")
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def _from_json(text: str | None) -> DicomSequence | None:
+    if not text:
+        return None
+    try:
+        ds = Dataset.from_json(text)
+    except Exception:  # stored by us; a bad row must not break the worklist
+        log.warning("ignoring an unreadable stored UPS sequence")
+        return None
+    for element in ds:
+        return element.value
+    return None
+
+
+def _seq_json(keyword: str, value) -> str:
+    ds = Dataset()
+    setattr(ds, keyword, value)
+    return ds.to_json()
+
+
+def workitem_dataset(item: UpsWorkitem) -> Dataset:
+    """The full UPS data set of a workitem (Transaction UID excluded)."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = UPS_PUSH
+    ds.SOPInstanceUID = item.sop_instance_uid
+    # Patient and study, copied from the source
+    ds.PatientName = item.patient_name or ""
+    ds.PatientID = item.patient_id or ""
+    ds.IssuerOfPatientID = item.issuer_of_patient_id or ""
+    ds.PatientBirthDate = item.patient_birth_date or ""
+    ds.PatientSex = item.patient_sex or ""
+    ds.StudyInstanceUID = item.study_instance_uid
+    ds.AccessionNumber = item.accession_number or ""
+    request = Dataset()
+    request.StudyInstanceUID = item.study_instance_uid
+    request.AccessionNumber = item.accession_number or ""
+    request.RequestedProcedureID = item.accession_number or ""
+    request.RequestedProcedureDescription = item.study_description or ""
+    request.RequestedProcedureCodeSequence = []
+    ds.ReferencedRequestSequence = [request]
+    # Scheduled procedure step
+    ds.ScheduledProcedureStepPriority = item.priority
+    ds.WorklistLabel = item.worklist_label
+    ds.ProcedureStepLabel = item.procedure_step_label
+    ds.ScheduledProcedureStepStartDateTime = _dt(item.scheduled_at)
+    ds.ScheduledProcedureStepModificationDateTime = _dt(item.updated_at)
+    ds.ScheduledWorkitemCodeSequence = [_code(*INTERPRETATION)]
+    ds.CommentsOnTheScheduledProcedureStep = (item.comments or "")[:10240]
+    ds.InputReadinessState = "READY"
+    inputs = []
+    for ref in json.loads(item.input_json or "[]"):
+        entry = Dataset()
+        entry.TypeOfInstances = "DICOM"
+        entry.StudyInstanceUID = ref["study_instance_uid"]
+        entry.SeriesInstanceUID = ref["series_instance_uid"]
+        sops = []
+        for uid in ref["sop_instance_uids"]:
+            sop = Dataset()
+            sop.ReferencedSOPClassUID = ref["sop_class_uid"]
+            sop.ReferencedSOPInstanceUID = uid
+            sops.append(sop)
+        entry.ReferencedSOPSequence = sops
+        retrieve = Dataset()
+        retrieve.RetrieveAETitle = ref.get("retrieve_ae_title") or ""
+        entry.DICOMRetrievalSequence = [retrieve]
+        inputs.append(entry)
+    ds.InputInformationSequence = inputs
+    # State, progress, performed
+    ds.ProcedureStepState = item.state
+    progress = _from_json(item.progress_json)
+    if item.state == worklist.CANCELED:
+        if progress is None or len(progress) == 0:
+            progress = DicomSequence([Dataset()])
+        progress[0].ProcedureStepCancellationDateTime = _dt(item.canceled_at)
+        progress[0].ReasonForCancellation = (item.cancel_reason or "")[:1024]
+    ds.ProcedureStepProgressInformationSequence = progress if progress is not None else []
+    performed = _from_json(item.performed_json)
+    ds.UnifiedProcedureStepPerformedProcedureSequence = performed if performed is not None else []
+    return ds
+
+
+def select_attributes(full: Dataset, keys: Dataset | list) -> Dataset:
+    """The attributes of ``full`` named by ``keys`` (an identifier or a list of tags);
+    a named attribute we do not have is returned empty."""
+    out = Dataset()
+    tags = [elem.tag for elem in keys] if isinstance(keys, Dataset) else [Tag(t) for t in keys]
+    if "SpecificCharacterSet" in full:
+        out.SpecificCharacterSet = full.SpecificCharacterSet
+    for tag in tags:
+        if tag in NEVER_RETURNED or tag == Tag(0x0008, 0x0005):
+            continue
+        if tag in full:
+            out[tag] = full[tag]
+        elif isinstance(keys, Dataset):
+            out[tag] = keys[tag]
+    return out
+
+
+# -- matching ---------------------------------------------------------------------------------
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    return str(value).strip() or None
+
+
+def _uids(ds: Dataset, keyword: str) -> list[str]:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return []
+    values = str(value).split("\\") if isinstance(value, str) else list(value)
+    return [str(v).strip() for v in values if str(v).strip()]
+
+
+_DT = r"\d{8,14}(?:\.\d{1,6})?(?:[+]\d{4})?"
+_DT_RANGE = re.compile(f"^({_DT})?-({_DT})?$")
+
+
+def _parse_dt(text: str, end_of_period: bool = False) -> datetime:
+    """DICOM DT (UTC unless it carries +hhmm); a shorter value means the start of its
+    period, or with ``end_of_period`` its last second (a date alone: 23:59:59)."""
+    digits, _, offset = text.strip().partition("+")
+    digits = digits.split(".")[0]
+    pad = "99991231235959"[len(digits):] if end_of_period else "00000101000000"[len(digits):]
+    full = digits + pad
+    if end_of_period and len(digits) < 8:
+        full = digits + pad  # year or month only: late enough
+    try:
+        value = datetime.strptime(full[:14], "%Y%m%d%H%M%S")
+    except ValueError:  # e.g. day 31 of a short month: fall back to the period's start + 1 day
+        value = datetime.strptime(digits[:8].ljust(8, "0") if len(digits) >= 8 else digits.ljust(4, "0") + "0101",
+                                  "%Y%m%d")
+    value = value.replace(tzinfo=timezone.utc)
+    if offset:
+        value -= timedelta(hours=int(offset[0:2]), minutes=int(offset[2:4]))
+    return value
+
+
+def parse_query(identifier: Dataset) -> worklist.WorkitemQuery:
+    """A C-FIND identifier as a db query; ValueError for a value we cannot match on.
+
+    Scheduled Procedure Step Start DateTime: ``A``, ``A-B``, ``A-`` or ``-B`` (DT values,
+    UTC unless ``+hhmm`` is given; a value of less precision covers its whole period).
+    """
+    q = worklist.WorkitemQuery()
+    q.sop_instance_uids = _uids(identifier, "SOPInstanceUID")
+    q.priority = _text(identifier, "ScheduledProcedureStepPriority")
+    if q.priority and q.priority not in ("HIGH", "MEDIUM", "LOW"):
+        raise ValueError(f"Scheduled Procedure Step Priority {q.priority!r} is not HIGH, MEDIUM or LOW")
+    q.state = _text(identifier, "ProcedureStepState")
+    if q.state and q.state not in worklist.STATES:
+        raise ValueError(f"Procedure Step State {q.state!r} is not a UPS state")
+    when = _text(identifier, "ScheduledProcedureStepStartDateTime")
+    if when:
+        match = _DT_RANGE.match(when)
+        if match:
+            start, end = match.groups()
+            q.scheduled_from = _parse_dt(start) if start else None
+            q.scheduled_to = _parse_dt(end, end_of_period=True) if end else None
+        elif re.fullmatch(_DT, when):
+            q.scheduled_from, q.scheduled_to = _parse_dt(when), _parse_dt(when, end_of_period=True)
+        else:
+            raise ValueError(f"Scheduled Procedure Step Start DateTime {when!r} is not a DT value or range")
+    q.patient_id = _text(identifier, "PatientID")
+    name = identifier.get("PatientName")
+    q.patient_name = str(name).strip() if name not in (None, "") and str(name).strip() else None
+    q.study_instance_uids = _uids(identifier, "StudyInstanceUID")
+    q.accession_number = _text(identifier, "AccessionNumber")
+    for request in identifier.get("ReferencedRequestSequence", []) or []:
+        q.accession_number = q.accession_number or _text(request, "AccessionNumber")
+        q.study_instance_uids = q.study_instance_uids or _uids(request, "StudyInstanceUID")
+    q.worklist_label = _text(identifier, "WorklistLabel")
+    return q
+
+
+def completion_requirements_met(item: UpsWorkitem) -> bool:
+    """Final state requirements for COMPLETED: a performed item with an end date/time."""
+    performed = _from_json(item.performed_json)
+    return performed is not None and any(p.get("PerformedProcedureStepEndDateTime") for p in performed)
+
+
+# -- the service --------------------------------------------------------------------------------
+class UpsService:
+    """The UPS SCP's behaviour; dicom_node.server binds its methods to thin handlers."""
+
+    def __init__(self, session_factory: sessionmaker[Session], settings: Settings):
+        self.session_factory = session_factory
+        self.subscribers: dict[str, Destination] = {}
+        for entry in settings.ups_subscribers:
+            dest = parse_destination(entry, setting="UPS_SUBSCRIBERS")
+            self.subscribers[dest.ae_title] = dest
+        self.notifier: UpsNotifier | None = None
+
+    def _wake(self) -> None:
+        if self.notifier is not None:
+            self.notifier.wake()
+
+    # C-FIND ---------------------------------------------------------------------------------
+    def on_c_find(self, event):
+        sop_class = str(event.request.AffectedSOPClassUID)
+        if sop_class not in (UPS_PULL, UPS_WATCH, UPS_QUERY):
+            yield SOP_CLASS_NOT_SUPPORTED, None
+            return
+        identifier = event.identifier
+        try:
+            query = parse_query(identifier)
+        except (ValueError, TypeError, AttributeError) as exc:
+            log.warning("UPS C-FIND from %s: unusable identifier: %s", event.assoc.requestor.ae_title, exc)
+            yield IDENTIFIER_DOES_NOT_MATCH, None
+            return
+        with session_scope(self.session_factory) as session:
+            matches = [select_attributes(workitem_dataset(item), identifier)
+                       for item in worklist.find_workitems(session, query)]
+        log.info("UPS C-FIND from %s: %d match(es)", event.assoc.requestor.ae_title, len(matches))
+        for match in matches:
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            yield PENDING, match
+        yield status.SUCCESS, None
+
+    # N-GET ------------------------------------------------------------------------------------
+    def on_n_get(self, event) -> tuple[int, Dataset | None]:
+        uid = str(event.request.RequestedSOPInstanceUID)
+        requested = event.request.AttributeIdentifierList
+        tags = [] if requested is None else [requested] if isinstance(requested, int) else list(requested)
+        with session_scope(self.session_factory) as session:
+            item = worklist.get_workitem(session, uid)
+            if item is None:
+                return NO_SUCH_WORKITEM, None
+            full = workitem_dataset(item)
+        if not tags:
+            return status.SUCCESS, select_attributes(full, [elem.tag for elem in full])
+        return status.SUCCESS, select_attributes(full, tags)
+
+    # N-SET ------------------------------------------------------------------------------------
+    def on_n_set(self, event) -> tuple[int, Dataset | None]:
+        uid = str(event.request.RequestedSOPInstanceUID)
+        mods = event.modification_list
+        transaction_uid = str(mods.get("TransactionUID", "") or "") or None
+        values: dict[str, str] = {}
+        ignored = []
+        for elem in mods:
+            keyword = elem.keyword
+            if keyword in SETTABLE:
+                values[keyword] = _seq_json(keyword, elem.value)
+            elif keyword not in ("TransactionUID", "SpecificCharacterSet"):
+                ignored.append(keyword or str(elem.tag))
+        with session_scope(self.session_factory) as session:
+            outcome = worklist.update_workitem(
+                session, uid, transaction_uid,
+                progress_json=values.get("ProcedureStepProgressInformationSequence"),
+                performed_json=values.get("UnifiedProcedureStepPerformedProcedureSequence"))
+            reply = None
+            item = worklist.get_workitem(session, uid) if outcome == "ok" else None
+            if item is not None:
+                reply = select_attributes(workitem_dataset(item), mods)
+        self._wake()
+        log.info("UPS N-SET %s from %s: %s", uid, event.assoc.requestor.ae_title, outcome)
+        code = OUTCOME_STATUS[outcome]
+        if code == status.SUCCESS and ignored:
+            log.info("UPS N-SET %s: ignored %s", uid, ", ".join(ignored))
+            code = OPTIONAL_ATTRIBUTES_NOT_SUPPORTED
+        return code, reply
+
+    # N-ACTION ---------------------------------------------------------------------------------
+    def on_n_action(self, event) -> tuple[int, Dataset | None]:
+        request = event.request
+        uid = str(request.RequestedSOPInstanceUID)
+        action = request.ActionTypeID
+        info = event.action_information or Dataset()
+        caller = event.assoc.requestor.ae_title
+        if action == 1:
+            code = self._change_state(uid, info, caller)
+        elif action == 2:
+            with session_scope(self.session_factory) as session:
+                outcome = worklist.request_cancel(session, uid, requesting_ae=caller,
+                                                  reason=_text(info, "ReasonForCancellation"))
+            code = OUTCOME_STATUS[outcome]
+            log.info("UPS cancel request for %s from %s: %s", uid, caller, outcome)
+        elif action in (3, 4, 5):
+            code = self._subscription(uid, action, info, caller)
+        else:
+            return NO_SUCH_ACTION_TYPE, None
+        self._wake()
+        return code, None
+
+    def _change_state(self, uid: str, info: Dataset, caller: str) -> int:
+        target = _text(info, "ProcedureStepState")
+        transaction_uid = _text(info, "TransactionUID")
+        if target is None:
+            return MISSING_ATTRIBUTE
+        if transaction_uid is not None and not is_valid_uid(transaction_uid):
+            return INVALID_ATTRIBUTE_VALUE
+        with session_scope(self.session_factory) as session:
+            item = worklist.get_workitem(session, uid)
+            met = item is not None and completion_requirements_met(item)
+            outcome = worklist.change_state(session, uid, target, transaction_uid, performer_ae_title=caller,
+                                            final_requirements_met=met)
+        log.info("UPS change state of %s to %s from %s: %s", uid, target, caller, outcome)
+        return CHANGE_STATE_STATUS[outcome]
+
+    def _subscription(self, uid: str, action: int, info: Dataset, caller: str) -> int:
+        receiving = _text(info, "ReceivingAE")
+        if receiving is None:
+            return MISSING_ATTRIBUTE
+        if action == 3 and receiving not in self.subscribers:
+            log.warning("UPS subscription for %s refused: not in CT_TRIAGE_UPS_SUBSCRIBERS", receiving)
+            return RECEIVING_AE_UNKNOWN
+        is_global = uid in (GLOBAL_SUBSCRIPTION, FILTERED_GLOBAL_SUBSCRIPTION)
+        if action == 5 and not is_global:
+            return NOT_APPROPRIATE
+        lock = str(info.get("DeletionLock", "FALSE")).upper() == "TRUE"
+        with session_scope(self.session_factory) as session:
+            if action == 3:
+                outcome, _ = worklist.subscribe(session, receiving, None if is_global else uid, lock)
+            else:
+                outcome = worklist.unsubscribe(session, receiving, None if is_global else uid,
+                                               suspend_only=action == 5)
+        log.info("UPS %s of %s to %s (from %s): %s", {3: "subscription", 4: "unsubscription", 5: "suspension"}[action],
+                 receiving, "all workitems" if is_global else uid, caller, outcome)
+        return OUTCOME_STATUS[outcome]
+
+
+# -- event reports ----------------------------------------------------------------------------
+def event_dataset(event_type: int, payload: dict) -> Dataset:
+    ds = Dataset()
+    if event_type == worklist.EVENT_STATE_REPORT:
+        ds.ProcedureStepState = payload.get("state", "")
+        ds.InputReadinessState = "READY"
+        if payload.get("reason"):
+            ds.ReasonForCancellation = str(payload["reason"])[:1024]
+    elif event_type == worklist.EVENT_CANCEL_REQUESTED:
+        ds.RequestingAE = (payload.get("requesting_ae") or "")[:16]
+        ds.ReasonForCancellation = str(payload.get("reason") or "")[:1024]
+    elif event_type == worklist.EVENT_PROGRESS_REPORT:
+        progress = _from_json(payload.get("progress_json"))
+        ds.ProcedureStepProgressInformationSequence = progress if progress is not None else []
+    return ds
+
+
+class UpsNotifier:
+    """Sends pending ``ups_events`` rows as N-EVENT-REPORTs (a daemon thread of the node)."""
+
+    def __init__(self, session_factory: sessionmaker[Session], service: UpsService, ae_title: str,
+                 poll_interval_s: float = 1.0, timeout_s: float = 30.0):
+        self.session_factory = session_factory
+        self.service = service
+        self.ae_title = ae_title
+        self.poll_interval_s = poll_interval_s
+        self.timeout_s = timeout_s
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="ups-notifier", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=30)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.send_due()
+            except Exception:  # the notifier must outlive a bad row or a DB hiccup
+                log.exception("UPS notifier: unexpected error")
+            self._wake.wait(self.poll_interval_s)
+            self._wake.clear()
+
+    def send_due(self) -> int:
+        with session_scope(self.session_factory) as session:
+            due = [(e.id, e.ae_title, e.event_type, e.payload_json, e.workitem.sop_instance_uid)
+                   for e in worklist.due_events(session)]
+        by_ae: dict[str, list] = {}
+        for row in due:
+            by_ae.setdefault(row[1], []).append(row)
+        sent = 0
+        for ae_title, rows in by_ae.items():
+            sent += self._send_to(ae_title, rows)
+        return sent
+
+    def _finish(self, event_id: int, outcome, error: str | None = None) -> None:
+        with session_scope(self.session_factory) as session:
+            worklist.finish_event(session, event_id, outcome, error)
+
+    def _send_to(self, ae_title: str, rows: list) -> int:
+        dest = self.service.subscribers.get(ae_title)
+        if dest is None:
+            for row in rows:
+                self._finish(row[0], "failed", f"{ae_title} is not in CT_TRIAGE_UPS_SUBSCRIBERS")
+            return 0
+        ae = AE(ae_title=self.ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
+        ae.add_requested_context(UPS_EVENT)
+        try:
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        except Exception as exc:  # an unreachable subscriber is transient
+            assoc = None
+            error = f"cannot associate: {type(exc).__name__}"
+        else:
+            error = "association rejected or aborted"
+        if assoc is None or not assoc.is_established:
+            for row in rows:
+                self._finish(row[0], "transient", f"{dest}: {error}")
+            log.warning("UPS events for %s: %s (will retry)", dest, error)
+            return 0
+        sent = 0
+        try:
+            for event_id, _, event_type, payload_json, uid in rows:
+                ds = event_dataset(event_type, json.loads(payload_json or "{}"))
+                try:
+                    rsp, _ = assoc.send_n_event_report(ds, event_type, UPS_PUSH, uid, meta_uid=UPS_EVENT)
+                except Exception as exc:  # a peer that aborts mid-way is transient
+                    self._finish(event_id, "transient", f"{dest}: {type(exc).__name__}")
+                    break
+                code = getattr(rsp, "Status", None)
+                if code == status.SUCCESS:
+                    self._finish(event_id, "sent")
+                    sent += 1
+                elif code is None:
+                    self._finish(event_id, "transient", f"{dest}: no N-EVENT-REPORT response")
+                    break
+                else:
+                    self._finish(event_id, "failed", f"{dest}: N-EVENT-REPORT answered 0x{code:04X}")
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        log.info("UPS events: %d sent to %s", sent, dest)
+        return sent

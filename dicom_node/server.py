@@ -184,8 +184,25 @@ class DicomNode:
 
     def __init__(self, settings: Settings, session_factory: sessionmaker[Session], publisher: Publisher):
         self.settings = settings
-from ct_triage.settings import Settings, parse_allowed_caller, parse_destination
-from ct_triage.text import clean
+        self.spool = Spool(settings.effective_storage_dir, settings.min_free_disk_mb * 2**20,
+                           quarantine_max_bytes=settings.quarantine_max_mb * 2**20)
+        self.store = StoreService(self.spool, session_factory, on_series_stable=self._wake_tracker,
+                                  max_instance_bytes=settings.max_instance_mb * 2**20)
+        self.commitment = CommitmentService(
+            session_factory, ae_title=settings.ae_title,
+            peers=[parse_destination(p, setting="COMMITMENT_PEERS") for p in settings.commitment_peers],
+            acse_timeout_s=settings.acse_timeout_s, dimse_timeout_s=settings.dimse_timeout_s,
+            wait_indexed=lambda: self.store.indexer.flush(60))
+        self.ups = UpsService(session_factory, settings)
+        self.ups.notifier = UpsNotifier(session_factory, self.ups, settings.ae_title,
+                                        poll_interval_s=settings.poll_interval_s, timeout_s=settings.acse_timeout_s)
+        self.tracker = CompletenessTracker(session_factory, publisher, stable_age_s=settings.stable_age_s,
+                                           max_receive_s=settings.max_receive_s,
+                                           poll_interval_s=settings.poll_interval_s,
+                                           busy_study_uids=self.store.busy_or_pending_study_uids)
+        self.retention = RetentionSweeper(session_factory, settings.effective_storage_dir, settings.retention_days,
+                                          settings.retention_interval_s)
+        self.in_flight = InFlight()
         self.allowed = [parse_allowed_caller(entry) for entry in settings.allowed_calling_aes]
         self.gate = Gate(settings.max_associations, settings.max_pending_per_address, settings.max_pending_total)
         self.ae = self._build_ae()

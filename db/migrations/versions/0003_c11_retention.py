@@ -1,7 +1,7 @@
 """retention: deleted-at marks on instances and quarantined files
 
 Revision ID: 0003_c11
-Revises: 0004 (relinked after main's 0002 -> 0006 -> 0004)
+Revises: 0003 (relinked after main's chain 0002 -> 0006 -> 0004 -> 0005 -> 0003)
 """
 
 import sqlalchemy as sa
@@ -10,7 +10,7 @@ from alembic import op
 import db.types
 
 revision = '0003_c11'
-down_revision = '0004'
+down_revision = '0003'
 branch_labels = None
 depends_on = None
 

@@ -111,6 +111,7 @@ def test_disk_pressure_and_status_show_the_floor(start_node, sqlite_url, tmp_pat
     series = write_ct_series(tmp_path / "a", 3, rows=32, columns=32, seed=75)
     assert storescu(running.port, series.paths).returncode == 0
     storage = running.settings.effective_storage_dir
+    running.node.store.indexer.flush(30)  # rows are written by the indexer (dicom_node.indexer)
     ok = disk_pressure(storage, 1, running.session_factory)
     assert ok.state == "ok" and ok.instances_on_disk == 3 and ok.refusals_last_hour == 0
     assert ok.headroom_bytes == ok.free_bytes - 2**20

@@ -99,7 +99,7 @@ def test_node_sigkilled_10_times_during_4_concurrent_sends(tmp_path, postgres_ur
     by_path = {str(p): uid for s in series for p, uid in zip(s.paths, s.sop_instance_uids)}
     db = Db(postgres_url)
     storage = tmp_path / "storage"
-    acknowledged = 0
+    all_outputs: list[str] = []
     try:
         for kill in range(10):
             node = Daemon(["node"], env, tmp_path / f"node{kill}.log").start()
@@ -111,11 +111,14 @@ def test_node_sigkilled_10_times_during_4_concurrent_sends(tmp_path, postgres_ur
                 outputs = [sender.communicate(timeout=120)[0] for sender in senders]
             finally:
                 node.stop()
-            acknowledged += _assert_acknowledged_are_stored(outputs, by_path, db, storage)
-        # Restart; the scanners resend everything: duplicates answer Success, every series completes.
+            all_outputs.extend(outputs)
+        # Restart (acknowledged files spooled without a row are indexed before the first
+        # association is accepted); then the scanners resend everything: duplicates answer
+        # Success, every series completes.
         node = Daemon(["node"], env, tmp_path / "node-final.log").start()
         try:
             node.wait_dicom_ready(port)
+            acknowledged = _assert_acknowledged_are_stored(all_outputs, by_path, db, storage)
             senders = [storescu(port, s.paths, popen=True) for s in series]
             for sender in senders:
                 output = sender.communicate(timeout=300)[0]

@@ -1,6 +1,6 @@
-"""The dashboard's SQL views (migration 0006) as typed tables, and the read-only queries on them.
+"""The dashboard's SQL views (migration 0003) as typed tables, and the read-only queries on them.
 
-The views are created by ``db/migrations/versions/0006_dashboard_views.py`` with the
+The views are created by ``db/migrations/versions/0003_dashboard_views.py`` with the
 same columns on SQLite and PostgreSQL; the tables here declare those columns with
 ct-triage's types, so a timestamp read from a view is a UTC-aware ``datetime`` on
 both backends (SQLite hands views' computed hours back as text). They live in their

@@ -1,4 +1,4 @@
-"""The dashboard views (migration 0006) give the same rows on SQLite and PostgreSQL."""
+"""The dashboard views (migration 0003) give the same rows on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 

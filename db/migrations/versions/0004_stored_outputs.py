@@ -1,7 +1,7 @@
 """stored outputs: result masks and built output files (build once, send many)
 
 Revision ID: 0004
-Revises: 0006 (written against 0002; relinked after main's 0006 so the chain has one head)
+Revises: 0003
 Create Date: 2026-11-30 09:30:00
 """
 
@@ -11,7 +11,7 @@ import db.types
 
 
 revision = '0004'
-down_revision = '0006'
+down_revision = '0003'
 branch_labels = None
 depends_on = None
 
@@ -45,7 +45,7 @@ def downgrade() -> None:
     op.drop_table('output_files')
     if op.get_bind().dialect.name == 'sqlite':
         # Native DROP COLUMN (SQLite >= 3.35): batch mode would recreate the table, which
-        # breaks the views that select from it (0006).
+        # breaks the views that select from it (0003).
         op.execute('ALTER TABLE results DROP COLUMN outputs_built_at')
         op.execute('ALTER TABLE results DROP COLUMN masks_path')
     else:

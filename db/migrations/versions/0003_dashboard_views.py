@@ -1,6 +1,6 @@
 """dashboard views: worklist, turnaround, throughput_hourly, category_mix_daily, failures, queue_depth
 
-Revision ID: 0006
+Revision ID: 0003
 Revises: 0002
 Create Date: 2026-11-30 09:20:00
 
@@ -19,7 +19,7 @@ from alembic import op
 import sqlalchemy as sa
 
 
-revision = '0006'
+revision = '0003'
 down_revision = '0002'
 branch_labels = None
 depends_on = None

@@ -1,6 +1,6 @@
 """UPS worklist (workitems, subscriptions, event outbox) and the delivery channel (dicom | hl7)
 
-Revision ID: 0003
+Revision ID: 0006
 Revises: 0005
 Create Date: 2026-11-30 09:40:00
 
@@ -18,7 +18,7 @@ from alembic import op
 
 import db.types
 
-revision = '0003'
+revision = '0006'
 down_revision = '0005'
 branch_labels = None
 depends_on = None

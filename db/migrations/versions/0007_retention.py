@@ -1,7 +1,7 @@
 """retention: deleted-at marks on instances and quarantined files
 
-Revision ID: 0003_c11
-Revises: 0003 (relinked after main's chain 0002 -> 0006 -> 0004 -> 0005 -> 0003)
+Revision ID: 0007
+Revises: 0006
 """
 
 import sqlalchemy as sa
@@ -9,8 +9,8 @@ from alembic import op
 
 import db.types
 
-revision = '0003_c11'
-down_revision = '0003'
+revision = '0007'
+down_revision = '0006'
 branch_labels = None
 depends_on = None
 

@@ -18,7 +18,7 @@ from ct_triage.contract import EmbeddedPublisher
 from ct_triage_tools.followup import follow_up_copy, write_patient_phantom
 from db import followup as fdb
 from db import repository
-from db.models import Delivery, Job, Result, Study
+from db.models import Delivery, Job, Result, Study, UpsWorkitem
 from tests.support import orthanc as orthanc_support
 from tests.support.orthanc import OrthancServer
 from tests.support.scanner import require_dcmtk, storescu
@@ -211,6 +211,12 @@ def test_prior_from_orthanc_found_retrieved_scored_compared_even_after_an_outage
                 select(func.count(Delivery.id)).where(Delivery.result_fk == prior.id)) == 0
             worklist = [r.study_instance_uid for r in repository.result_status(session)]
             assert worklist == [current_uid]  # the prior is not on the worklist
+            # UPS: the comparison-only version 2 replaces version 1's workitem; the prior has none.
+            items = {w.study_version: (w.state, w.priority) for w in session.scalars(
+                select(UpsWorkitem).where(UpsWorkitem.study_instance_uid == current_uid))}
+            assert items == {1: ("CANCELED", "MEDIUM"), 2: ("SCHEDULED", "HIGH")}, items
+            assert session.scalar(select(func.count(UpsWorkitem.id))
+                                  .where(UpsWorkitem.study_instance_uid == prior_uid)) == 0
             assert comparison_summary(session, second.id)["prior_study_instance_uid"] == prior_uid
         # The PACS holds both versions' outputs for the current study, nothing for the prior.
         descriptions = sorted(s["MainDicomTags"].get("SeriesNumber", "") for s in pacs.series_of_study(current_uid))

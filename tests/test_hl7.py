@@ -89,6 +89,15 @@ def test_oru_has_category_percentages_volumes_routing_model_and_disclaimer():
     assert str(obx["CTT009"](5)) == "NOT FOR DIAGNOSTIC USE"
     assert str(obx["110180"](5)) == "1.2.826.0.1.3680043.8.498.42"
     assert all(str(s(11)) == "P" for s in parsed.segments("OBX"))
+    assert "CTT015" not in obx  # no prior compared: no change line
+
+
+def test_oru_carries_the_change_since_the_prior_escaped():
+    change = "progression: 21% -> 34% (+60%) in 36 h since 2026-11-28 | kernel B70f^FC51"
+    parsed = hl7.parse(str(observation_result(context(change_since_prior=change))))
+    obx = obx_by_code(parsed)
+    assert str(obx["CTT015"](2)) == "ST"
+    assert parsed.unescape(str(obx["CTT015"](5))) == change
 
 
 def test_an_order_without_accession_number_is_refused_with_the_reason():

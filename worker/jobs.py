@@ -152,8 +152,10 @@ def score_study(ctx: WorkerContext, job_id: int) -> str:
         repository.finish_job(session, job, scored_at, score.reason if score.status == "failed" else None)
         if chosen is not None and not followup.is_prior:  # a retrieved prior is only compared with
             delivery_ids = repository.add_deliveries(session, result, destinations, scored_at)
-        # The UPS workitem (superseding older versions') and the HL7 outbox rows, same transaction.
-        delivery_ids += add_worklist_entries(session, ctx.settings, result, score)
+        if not followup.is_prior:  # a retrieved prior never reaches a worklist
+            # The UPS workitem (superseding older versions') and the HL7 outbox rows, same transaction;
+            # an unscored study is on it too (MEDIUM, with its reason).
+            delivery_ids += add_worklist_entries(session, ctx.settings, result, score)
     log.info("study %s version %d: %s %s %s%% priority %s in %.2f s (%s)", study_uid, version, score.status,
              score.category or "-", f"{score.involvement_percent:.1f}" if score.involvement_percent is not None
              else "-", score.priority, score.seconds, score.reason or score.model)

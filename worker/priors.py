@@ -54,6 +54,7 @@ from db.session import session_scope
 from db.types import utcnow
 from worker.comparison import Assessment, ProgressionRule, Snapshot, acquisition_time, apply_assessment, assess
 from worker.scoring.result import ScoreResult
+from worker.worklist import add_worklist_entries
 
 log = logging.getLogger("ct_triage.worker.priors")
 
@@ -274,6 +275,8 @@ def recompare(ctx, study_id: int) -> int | None:
                 if result.series_fk is not None:
                     delivery_ids = repository.add_deliveries(
                         session, result, [str(parse_destination(d)) for d in settings.destinations], now)
+                # The new version's workitem replaces the old one and the RIS gets the new priority.
+                delivery_ids += add_worklist_entries(session, settings, result, score)
                 new_id, version = result.id, result.version
                 log.info("study %d: comparison updated, result version %d: %s %s priority %s", study.id, version,
                          score.category, assessment.trend if assessment else "no priors", score.priority)

@@ -20,8 +20,9 @@ drop a retried duplicate:
 2. ``ORU^R01``: PID, ORC (``RE``), OBR (result status ``P``: unverified AI output), OBX:
    Study Instance UID, category (CWE), % involved total / right / left (NM, UCUM ``%``),
    lung and lesion volume (NM, ``mL``), lesion count, routing decision (MosMedData
-   Table 2), worklist priority (HL70485), algorithm name and version, status and reason
-   when not scored, and "NOT FOR DIAGNOSTIC USE". Codes are those of the SR (99CTTRIAGE, SCT).
+   Table 2), the change since the patient's prior study when it was compared (CTT015, one
+   line from worker.priors), worklist priority (HL70485), algorithm name and version,
+   status and reason when not scored, and "NOT FOR DIAGNOSTIC USE". Codes are those of the SR (99CTTRIAGE, SCT).
 
 Sending (:func:`send_messages`): one TCP connection, each message framed by MLLP
 (python-hl7's framing bytes), then wait up to ``timeout_s`` for the whole ACK block.
@@ -51,6 +52,7 @@ from sqlalchemy.orm import Session
 from ct_triage.settings import Settings, parse_hl7_destination
 from db.models import Result
 from db.priority import hl7_priority
+from worker.priors import comparison_summary
 from worker.scoring.result import ROUTING
 
 Outcome = Literal["delivered", "transient", "permanent"]
@@ -109,11 +111,13 @@ class Hl7Context:
     sending_facility: str = ""
     receiving_application: str = ""
     receiving_facility: str = ""
+    change_since_prior: str | None = None  # one line from worker.priors (issue 12), when compared
 
     @classmethod
     def from_result(cls, session: Session, result: Result, settings: Settings) -> Hl7Context:
         study = result.study
         patient = study.patient
+        summary = comparison_summary(session, result.id)
         return cls(
             result_id=result.id, result_version=result.version, status=result.status, reason=result.reason,
             category=result.category, priority=result.priority, involvement_percent=result.involvement_percent,
@@ -128,7 +132,8 @@ class Hl7Context:
             order_message=settings.hl7_order_message, sending_application=settings.hl7_sending_application,
             sending_facility=settings.hl7_sending_facility,
             receiving_application=settings.hl7_receiving_application,
-            receiving_facility=settings.hl7_receiving_facility)
+            receiving_facility=settings.hl7_receiving_facility,
+            change_since_prior=(summary or {}).get("text"))
 
 
 class _Builder:
@@ -239,6 +244,8 @@ def observation_result(ctx: Hl7Context) -> hl7.Message:
             ("ST", ("CTT005", "Routing decision (MosMedData Table 2)", SCHEME), ROUTING.get(ctx.category or "", ""),
              None),
         ]
+        if ctx.change_since_prior:
+            obx.append(("ST", ("CTT015", "Change since prior", SCHEME), ctx.change_since_prior, None))
     else:
         obx += [("CWE", ("CTT003", "AI triage status", SCHEME), (ctx.status.upper().replace("_", "-"),
                  ctx.status.replace("_", " "), SCHEME), None),

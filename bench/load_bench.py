@@ -32,7 +32,14 @@ from ct_triage_tools.scanner import STORESCU, dcmtk_env, free_port, write_ct_ser
 
 
 class LoadNode(CtTriage):
-    """store_bench's node, logging at INFO (one line per association: what a failure needs)."""
+    """store_bench's node, logging at INFO (one line per association: what a failure needs).
+
+    All senders connect from 127.0.0.1 at the same instant: the per-address cap on
+    connections waiting for their association (CT_TRIAGE_MAX_PENDING_PER_ADDRESS, 4)
+    is raised to the number of senders, or the node refuses some of them at once.
+    """
+
+    senders = 8
 
     def start(self, workdir: Path) -> int:
         import os
@@ -40,11 +47,12 @@ class LoadNode(CtTriage):
         port = free_port()
         env = {**os.environ, "CT_TRIAGE_VAR_DIR": str(workdir / "var"), "CT_TRIAGE_PORT": str(port),
                "CT_TRIAGE_BIND_ADDRESS": "127.0.0.1", "CT_TRIAGE_MIN_FREE_DISK_MB": "64",
-               "CT_TRIAGE_STABLE_AGE_S": "3600", "CT_TRIAGE_LOG_LEVEL": "INFO"}
+               "CT_TRIAGE_STABLE_AGE_S": "3600", "CT_TRIAGE_LOG_LEVEL": "INFO",
+               "CT_TRIAGE_MAX_PENDING_PER_ADDRESS": str(self.senders)}
         if self.database_url:
             env["CT_TRIAGE_DATABASE_URL"] = self.database_url
         return self.launch([sys.executable, "-m", "ct_triage.cli", "node"], port, env,
-                           open(workdir / "node.log", "wb"))
+                           open(workdir / "node.log", "wb"), called="CTTRIAGE")
 
 
 def peak_rss_mb(pid: int) -> float | None:
@@ -65,18 +73,30 @@ def sender_script(port: int, folders: list[Path], called: str) -> list[str]:
 
 
 def run_load(port: int, plan: list[list[Path]], called: str) -> tuple[float, list[str]]:
+    """Run the senders at once; their seconds (until the last one ends) and outputs.
+
+    Each sender writes to a file, never to a pipe read after the others: ``storescu -v``
+    writes ~230 bytes per instance, so a pipe nobody drains (64 KiB) blocks its sender in
+    write() after ~270 instances; it stops sending, and the node rightly aborts the
+    association on its network timeout (60 s).
+    """
     import subprocess
 
-    started = time.perf_counter()
-    procs = [subprocess.Popen(sender_script(port, folders, called), env=dcmtk_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for folders in plan]
-    outputs = []
-    for proc in procs:
-        out, _ = proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"a sender failed ({proc.returncode}): {out[-1500:]}")
-        outputs.append(out)
-    return time.perf_counter() - started, outputs
+    with tempfile.TemporaryDirectory() as logs:
+        paths = [Path(logs) / f"sender{n}.log" for n in range(len(plan))]
+        started = time.perf_counter()
+        procs = []
+        for folders, path in zip(plan, paths):
+            with open(path, "wb") as out:
+                procs.append(subprocess.Popen(sender_script(port, folders, called), env=dcmtk_env(), stdout=out,
+                                              stderr=subprocess.STDOUT))
+        codes = [proc.wait() for proc in procs]
+        seconds = time.perf_counter() - started
+        outputs = [path.read_text(errors="replace") for path in paths]
+    for code, out in zip(codes, outputs):
+        if code != 0:
+            raise RuntimeError(f"a sender failed ({code}): {out[-1500:]}")
+    return seconds, outputs
 
 
 def check_node(database_url: str, expected: int, storage: Path) -> None:
@@ -134,6 +154,7 @@ def main() -> int:
         work.mkdir()
         database_url = args.database_url or f"sqlite:///{work / 'var' / 'ct-triage.sqlite'}"
         node = LoadNode(database_url)
+        node.senders = args.senders
         port = node.start(work)
         try:
             seconds, outputs = run_load(port, plan, "CTTRIAGE")

@@ -225,3 +225,39 @@ def test_status_prints_full_uids_with_wide_and_fits_120_columns_without(tmp_path
     assert series_uid not in compact.stdout and f"{series_uid[:7]}...{series_uid[-8:]}" in compact.stdout
     assert re.search(r"receiving \(quiet for \d+ s of 15 s\)", compact.stdout), compact.stdout
     assert compact.stderr == "", compact.stderr  # no schema revision or other chatter on stderr
+
+
+
+def test_load_bench_senders_are_drained_and_none_stalls(tmp_path, sqlite_url):
+    """bench/load_bench.py in small: 8 concurrent senders x 2 studies of 300 slices, all
+    from 127.0.0.1. storescu -v writes ~230 bytes per instance: a sender whose output
+    nobody reads blocks after ~270 instances, and the node aborts it on the network
+    timeout (5 s here). Every storescu exits 0 and every instance is indexed."""
+    from bench.load_bench import run_load
+
+    senders, studies, slices = 8, 2, 300
+    port = free_port()
+    # All 8 connect at the same instant from one address (as in the bench).
+    env = node_env(tmp_path, sqlite_url, port, stable_age_s=3600, network_timeout_s=5, http_port=0,
+                   max_pending_per_address=senders)
+    plan = [[write_ct_series(tmp_path / "data" / f"s{sender}-{study}", slices, rows=16, columns=16,
+                             seed=500 + sender * 10 + study, patient_id=f"LOAD{sender}{study}").folder
+             for study in range(studies)] for sender in range(senders)]
+    node = Daemon(["node"], env, tmp_path / "node.log").start()
+    try:
+        node.wait_dicom_ready(port)
+        try:
+            _, outputs = run_load(port, plan, "CTTRIAGE")
+        except RuntimeError as exc:
+            raise AssertionError(f"{exc}\n{node.log()[-3000:]}") from None
+        assert sum(out.count("Received Store Response (Success)") for out in outputs) == senders * studies * slices
+        engine = make_engine(sqlite_url)
+        factory = make_session_factory(engine)
+
+        def indexed():
+            with factory() as session:
+                return session.scalar(select(func.count(Instance.id))) or 0
+        wait_for(lambda: indexed() == senders * studies * slices, timeout=30, interval=0.1)
+        engine.dispose()
+    finally:
+        node.stop()

@@ -26,7 +26,9 @@ from ct_triage.text import clean
 log = logging.getLogger("ct_triage")
 
 
-def _wait_for_signal() -> None:
+def _stop_on_signal() -> threading.Event:
+    """SIGINT/SIGTERM set the returned event. Installed first thing, so that a signal during
+    start-up (the worker's imports take seconds) still means a graceful stop, not death."""
     stop = threading.Event()
 
     def on_signal(signum: int, _frame) -> None:
@@ -35,6 +37,10 @@ def _wait_for_signal() -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
+    return stop
+
+
+def _wait_for(stop: threading.Event) -> None:
     while not stop.wait(1.0):
         pass
 
@@ -56,6 +62,7 @@ def _start_dashboard(settings: Settings, session_factory):
 
 def cmd_serve(args, settings: Settings) -> int:
     """Node + embedded worker on one machine, no servers needed."""
+    stop = _stop_on_signal()
     log_effective_config(settings, "serve")
     _, session_factory = open_database(settings)
     node = _start_node(settings, session_factory)
@@ -76,7 +83,7 @@ def cmd_serve(args, settings: Settings) -> int:
         log.info("Celery worker started (pid %d) on %s", worker_process.pid, "gpu,io")
     log.info("ct-triage serve ready: DICOM %s on port %d", settings.ae_title, node.port)
     try:
-        _wait_for_signal()
+        _wait_for(stop)
     finally:
         # Graceful (SIGTERM): no new work, in-flight C-STOREs answered, running tasks requeued.
         started = time.monotonic()
@@ -127,6 +134,7 @@ def _requeue_claims(session_factory, is_ours) -> None:
 
 
 def cmd_node(args, settings: Settings) -> int:
+    stop = _stop_on_signal()
     log_effective_config(settings, "node")
     if settings.embedded_queue:
         log.warning("CT_TRIAGE_BROKER_URL is empty: jobs wait in the database for a `ct-triage serve`")
@@ -135,7 +143,7 @@ def cmd_node(args, settings: Settings) -> int:
     dashboard = _start_dashboard(settings, session_factory)
     log.info("ct-triage node ready: DICOM %s on port %d", settings.ae_title, node.port)
     try:
-        _wait_for_signal()
+        _wait_for(stop)
     finally:
         node.stop()
         if dashboard:

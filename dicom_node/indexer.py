@@ -17,7 +17,8 @@ Guarantees (issue 9 item 4):
 When a batch fails for the database (down, restarting), its records stay queued and
 are retried (0.5 s doubling to 5 s); meanwhile :attr:`healthy` is False and the
 handler answers new C-STOREs with 0xA702 instead of acknowledging more than it can
-record. A batch is at most 500 records (``MAX_BATCH``); after the first record the
+record, unless the database answers a probe (:meth:`available`, at most every 0.5 s),
+which also makes the indexer retry at once. A batch is at most 500 records (``MAX_BATCH``); after the first record the
 indexer waits at most 50 ms (``LINGER_S``) for company (rows lag files by about that).
 """
 
@@ -29,6 +30,7 @@ import threading
 import time
 from typing import Callable
 
+from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -41,6 +43,9 @@ log = logging.getLogger("ct_triage.node.indexer")
 MAX_BATCH = 500
 LINGER_S = 0.05
 RETRY_FIRST_S, RETRY_MAX_S = 0.5, 5.0
+# While indexing is paused, a C-STORE asks the database itself (at most this often) instead of
+# waiting out the retry delay: a scanner resending right after a restart is not refused for it.
+PROBE_INTERVAL_S = 0.5
 
 OutcomeCallback = Callable[[repository.InstanceRecord, repository.StoreOutcome], None]
 
@@ -56,6 +61,9 @@ class Indexer:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.healthy = True
+        self._retry_now = False
+        self._last_probe = 0.0
+        self._probe_lock = threading.Lock()
         self.batches = 0
         self.indexed = 0
 
@@ -65,6 +73,31 @@ class Indexer:
             self._queue.append(record)
             self._pending_studies[record.study_instance_uid] += 1
             self._cond.notify()
+
+    def available(self) -> bool:
+        """True when new instances can be indexed: healthy, or the database answers a probe
+        now (then the paused indexer retries at once). Probes are serialised and at least
+        ``PROBE_INTERVAL_S`` apart; a caller waits for the next one rather than being refused
+        on a stale answer, so a C-STORE is delayed at most about that long, not refused."""
+        if self.healthy:
+            return True
+        with self._probe_lock:
+            if self.healthy:
+                return True
+            wait = self._last_probe + PROBE_INTERVAL_S - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            self._last_probe = time.monotonic()
+            try:
+                with self.session_factory() as session:
+                    session.execute(text("SELECT 1"))
+            except SQLAlchemyError:
+                return False
+            self.healthy = True
+        with self._cond:
+            self._retry_now = True
+            self._cond.notify_all()
+        return True
 
     def pending_study_uids(self) -> frozenset[str]:
         with self._cond:
@@ -170,7 +203,11 @@ class Indexer:
                               clean(str(exc).splitlines()[0] if str(exc) else exc, 300))
                 self.healthy = False
                 self._requeue(batch)
-                time.sleep(delay)
+                if self._stop:
+                    return  # the spooled files are indexed at the next start
+                with self._cond:
+                    self._cond.wait_for(lambda: self._retry_now or self._stop, timeout=delay)
+                    self._retry_now = False
                 delay = min(delay * 2, RETRY_MAX_S)
                 continue
             except Exception:  # a record the repository cannot take: log it, never loop on it

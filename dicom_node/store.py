@@ -119,7 +119,7 @@ class StoreService:
                                 f"of {self.spool.min_free_bytes // 2**20} MiB", assoc, sop_class_uid,
                                 sop_instance_uid, None)
 
-        if not self.indexer.healthy:
+        if not self.indexer.available():
             stats.failed += 1
             log.error("C-STORE of %s refused with 0xA702: the database is unavailable (indexing paused)",
                       sop_instance_uid)

@@ -573,6 +573,7 @@ def test_fuzzed_data_sets_get_named_statuses_and_stay_in_storage(tmp_path_factor
     from db.migrate import upgrade
     from db.session import make_engine, make_session_factory
     from dicom_node.server import handle_store
+    from dicom_node.shutdown import InFlight
     from dicom_node.spool import Spool
     from dicom_node.store import StoreService
     from worker.scoring.load import load_series
@@ -624,7 +625,7 @@ def test_fuzzed_data_sets_get_named_statuses_and_stay_in_storage(tmp_path_factor
         path = spool.tmp_dir / f"fuzz-{next(counter)}.dcm"
         path.write_bytes(bytes(data))
         Event.dataset_path = str(path)
-        code = handle_store(Event(), store)
+        code = handle_store(Event(), store, InFlight())
         assert code in status.NAMES, hex(code)
         assert code != status.PROCESSING_FAILURE, "an unexpected exception reached the handler's last resort"
         try:

@@ -175,7 +175,10 @@ def test_a_ris_down_at_first_gets_every_message_once_after_the_backoff(site):
     def retried():
         with site.session() as session:
             rows = session.scalars(select(Delivery).where(Delivery.destination == late)).all()
-            return len(rows) == 3 and all(d.state == "retrying" and d.attempts >= 2 for d in rows)
+            # A failed attempt defers the destination's other waiting messages (worker.jobs aligns
+            # them), so the RIS is retried with backoff, not each message in turn.
+            return (len(rows) == 3 and all(d.state in ("pending", "retrying") for d in rows)
+                    and max(d.attempts for d in rows) >= 2)
     wait_for(retried, timeout=120, interval=0.5)
     site.late.start()
 
@@ -184,7 +187,7 @@ def test_a_ris_down_at_first_gets_every_message_once_after_the_backoff(site):
             rows = session.scalars(select(Delivery).where(Delivery.destination == late)).all()
             return rows if all(d.state == "delivered" for d in rows) else None
     rows = wait_for(delivered, timeout=180, interval=0.5)
-    assert all(d.attempts >= 3 and d.instances_sent == 2 for d in rows)
+    assert all(d.instances_sent == 2 for d in rows) and max(d.attempts for d in rows) >= 3
     time.sleep(2)
     ids = [str(m.segment("MSH")(10)) for m in site.late.messages]
     assert len(ids) == 6 and len(set(ids)) == 6, ids

@@ -136,6 +136,8 @@ def score_study(ctx: WorkerContext, job_id: int) -> str:
         study = job.study
         chosen = next((s for s in study.series if s.series_instance_uid == score.series_instance_uid), None)
         followup = priors.prepare(session, study, chosen.id if chosen else None, score, ctx.settings)  # issue 12
+        # A progression raises the category: the priority follows it (the same configured rule).
+        score.assigned_priority = priority_for(score.status, score.category, ctx.settings.priorities)
         result = repository.add_result(session, job, chosen.id if chosen else None, {
             "status": score.status, "reason": score.reason, "category": score.category, "priority": score.priority,
             "involvement_percent": score.involvement_percent,

@@ -48,6 +48,7 @@ from sqlalchemy.orm import Session
 from ct_triage.contract import DELIVER_OUTPUTS, FIND_PRIORS, publish_in_order
 from ct_triage.settings import parse_destination
 from db import followup as fdb
+from db.priority import priority_for
 from db import repository
 from db.models import Instance, Result, Study
 from db.session import session_scope
@@ -266,6 +267,7 @@ def recompare(ctx, study_id: int) -> int | None:
                     return None
                 assessment = assess(current, priors, ProgressionRule.from_settings(settings))
                 apply_assessment(score, assessment)
+                score.assigned_priority = priority_for(score.status, score.category, settings.priorities)
                 now = utcnow()
                 result = fdb.add_comparison_version(session, study, latest, {
                     "category": score.category, "priority": score.priority, "reason": score.reason,

@@ -84,7 +84,9 @@ class PrivatePostgres:
 
     def __init__(self) -> None:
         self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="ct-triage-pg-"))
+        # Not tempfile.tempdir: an in-process node points that at its spool (under a 0700 pytest
+        # folder the postgres user cannot enter).
+        self.dir = Path(tempfile.mkdtemp(prefix="ct-triage-pg-", dir="/tmp"))
         self.data = self.dir / "data"
         self.user = "postgres" if os.geteuid() == 0 else None
 

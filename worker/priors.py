@@ -48,9 +48,9 @@ from sqlalchemy.orm import Session
 from ct_triage.contract import DELIVER_OUTPUTS, FIND_PRIORS, publish_in_order
 from ct_triage.settings import parse_destination
 from db import followup as fdb
-from db.priority import priority_for
 from db import repository
 from db.models import Instance, Result, Study
+from db.priority import priority_for
 from db.session import session_scope
 from db.types import utcnow
 from worker.comparison import Assessment, ProgressionRule, Snapshot, acquisition_time, apply_assessment, assess

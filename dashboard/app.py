@@ -134,6 +134,7 @@ def row_json(row) -> dict:
         "scored_at": _iso(row.scored_at),
         "delivered_at": _iso(row.delivered_at),
         "waiting_s": round(row.waiting_s, 1) if row.waiting_s is not None else None,
+        "change_since_prior": row.change_since_prior,
         "thumbnail": f"/thumbnails/{uid}.png?v={row.version}.{row.result_id or 0}",
         "summary": f"/summaries/{uid}.png?v={row.version}.{row.result_id or 0}",
     }
@@ -377,6 +378,9 @@ def _row_html(row, index: int) -> str:
                     f'<span class="sub">{_e(SEVERITY.get(row.category, ""))}</span>')
     else:
         category = '<span class="cat none">&ndash;</span>'
+    if row.change_since_prior:  # issue 12: vs the patient's prior study
+        change = _e(row.change_since_prior)
+        category += f'<span class="sub change ch-{change}">{change} since prior</span>'
     if row.involvement_percent is not None:
         percent = (f'<span class="pct">{_e(_pct(row.involvement_percent))}</span>'
                    f'<span class="sub">R {_e(_pct(row.involvement_percent_right))} &middot; '

@@ -50,6 +50,7 @@ worklist = Table(
     Column("scored_at", UTCDateTime),
     Column("delivered_at", UTCDateTime),
     Column("waiting_s", Float),
+    Column("change_since_prior", String(16)),  # migration 0008: progression | worsening | stable | improvement
 )
 
 turnaround = Table(
@@ -144,6 +145,7 @@ class WorklistRow:
     scored_at: datetime | None
     delivered_at: datetime | None
     waiting_s: float | None
+    change_since_prior: str | None  # vs the patient's prior (issue 12); None when not compared
 
 
 _WORKLIST_FIELDS = tuple(WorklistRow.__dataclass_fields__)

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from ct_triage.contract import EmbeddedPublisher
 from ct_triage_tools.followup import follow_up_copy, write_patient_phantom
 from db import followup as fdb
-from db import repository
+from db import repository, views
 from db.models import Delivery, Job, Result, Study, UpsWorkitem
 from tests.support import orthanc as orthanc_support
 from tests.support.orthanc import OrthancServer
@@ -96,7 +96,9 @@ def test_20_then_32_percent_in_36_hours_is_progression(serve, database_url, phan
         summary = comparison_summary(session, after.id)
         status = repository.result_status(session)
         changes = dict(session.execute(select(Result.id, fdb.change_column(Result.id))).all())
+        listed = {row.study_instance_uid: row.change_since_prior for row in views.worklist_rows(session)}
     assert changes == {before.id: None, after.id: "progression"}
+    assert listed == {first: None, second: "progression"}  # the `worklist` view (migration 0008)
     assert len(rows) == 1 and rows[0].progression and rows[0].trend == "progression"
     assert rows[0].hours == pytest.approx(36) and rows[0].prior_result_fk == before.id
     assert rows[0].relative_percent >= 50 and rows[0].delta_points > 5 and rows[0].differences is None
@@ -211,6 +213,8 @@ def test_prior_from_orthanc_found_retrieved_scored_compared_even_after_an_outage
                 select(func.count(Delivery.id)).where(Delivery.result_fk == prior.id)) == 0
             worklist = [r.study_instance_uid for r in repository.result_status(session)]
             assert worklist == [current_uid]  # the prior is not on the worklist
+            listed = {r.study_instance_uid: r.change_since_prior for r in views.worklist_rows(session)}
+            assert listed == {current_uid: "progression"}  # nor in the `worklist` view
             # UPS: the comparison-only version 2 replaces version 1's workitem; the prior has none.
             items = {w.study_version: (w.state, w.priority) for w in session.scalars(
                 select(UpsWorkitem).where(UpsWorkitem.study_instance_uid == current_uid))}

@@ -35,8 +35,8 @@ class LoadNode(CtTriage):
     """store_bench's node, logging at INFO (one line per association: what a failure needs).
 
     All senders connect from 127.0.0.1 at the same instant: the per-address cap on
-    connections waiting for their association (CT_TRIAGE_MAX_PENDING_PER_ADDRESS, 4)
-    is raised to the number of senders, or the node refuses some of them at once.
+    connections waiting for their association (CT_TRIAGE_MAX_PENDING_PER_ADDRESS, 16)
+    is set to the number of senders, or the node would refuse some of them at once.
     """
 
     senders = 8

@@ -61,8 +61,10 @@ class Settings:
     )
     max_associations: int = _f(16, "Concurrent associations accepted; more are rejected (transient).")
     max_pending_per_address: int = _f(
-        4, "Connections from one address that may wait for their association to be accepted "
-        "(TLS handshake, A-ASSOCIATE-RQ); more are closed at once. Accepted associations do not count.")
+        16, "Connections from one address that may wait for their association to be accepted "
+        "(TLS handshake, A-ASSOCIATE-RQ); more are closed at once. Accepted associations do not count. "
+        "A scanner console, a router or a NAT opens several at once: keep it at least MAX_ASSOCIATIONS "
+        "unless every peer has its own address.")
     max_pending_total: int = _f(64, "Connections from all addresses that may wait for their association.")
     accept_any_called_ae: bool = _f(False, "Accept associations whatever called AE title they name "
                                     "(default: it must be AE_TITLE).")

@@ -3,6 +3,7 @@ checking the data set is whole (dicom_node.integrity)."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -88,9 +89,10 @@ def _open_dataset(path: Path, transfer_syntax_uid: str, scratch_dir: Path | None
     syntax = str(meta.get("TransferSyntaxUID") or transfer_syntax_uid)
     if syntax != DEFLATED:
         return path, offset, syntax, None
-    scratch = Path(tempfile.mkstemp(prefix="inflate-", dir=scratch_dir)[1])
+    handle, name = tempfile.mkstemp(prefix="inflate-", dir=scratch_dir)
+    scratch = Path(name)
     try:
-        with open(scratch, "wb") as out:
+        with os.fdopen(handle, "wb") as out:  # the descriptor mkstemp opened, closed with the file
             inflate_capped(path, offset, out, max_bytes, room_left)
     except BaseException:
         scratch.unlink(missing_ok=True)

@@ -405,6 +405,22 @@ def test_deflate_bomb_is_refused_with_a_named_status(node, tmp_path, scanner_fil
     assert scanner_gets_in(node, scanner_file) < SCANNER_WITHIN_S
 
 
+def test_deflated_instances_leave_no_open_files(node, tmp_path):
+    """Each deflated instance is inflated into a scratch file: its descriptor must be closed."""
+    paths = []
+    for index in range(20):
+        path, ds = _ct(tmp_path, f"deflated{index}", seed=100 + index)
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    assert pynetdicom_store(node.port, paths[0], DeflatedExplicitVRLittleEndian) == status.SUCCESS
+    open_before = len(os.listdir(f"/proc/{node.pid}/fd"))
+    for path in paths[1:]:
+        assert pynetdicom_store(node.port, path, DeflatedExplicitVRLittleEndian) == status.SUCCESS
+    time.sleep(1.0)  # the indexer may still hold the last file for a moment
+    assert len(os.listdir(f"/proc/{node.pid}/fd")) - open_before < 5
+
+
 def test_corrupt_data_sets_are_refused_not_acknowledged(node, tmp_path, scanner_file):
     cases = {}
     # Truncated pixel data: the file ends 1000 bytes early.

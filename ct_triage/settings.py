@@ -88,6 +88,10 @@ class Settings:
     tls_required: bool = _f(False, "When true (and TLS_CERT set) PORT speaks TLS only; plain TCP is refused.")
     tls_port: int = _f(2762, "Extra TLS port when TLS is configured but not required.")
     destinations: list[str] = _lf([], "Comma-separated PACS targets AET@host:port (append '+tls' for TLS).")
+    republish_after_s: float = _f(
+        600.0, "A job or due delivery handed to the broker this long ago and still not started is published "
+        "again (the broker lost it: Redis crashed before its append-only file was synced, or was restored "
+        "empty). A duplicate is harmless: a job or delivery is claimed once.")
     retry_base_s: float = _f(
         5.0, "First retry delay of a transient delivery failure; doubles each attempt, up to RETRY_MAX_S.")
     retry_max_s: float = _f(
@@ -240,6 +244,8 @@ class Settings:
             raise ConfigError(f"{PREFIX}TLS_KEY is required when {PREFIX}TLS_CERT is set")
         if self.tls_required and not self.tls_cert:
             raise ConfigError(f"{PREFIX}TLS_REQUIRED needs {PREFIX}TLS_CERT and {PREFIX}TLS_KEY")
+        if self.republish_after_s < 5:
+            raise ConfigError(f"{PREFIX}REPUBLISH_AFTER_S must be >= 5 (a busy worker is not a lost message)")
         if self.max_pending_per_address < 1 or self.max_pending_total < 1 or self.max_associations < 1:
             raise ConfigError(f"{PREFIX}MAX_ASSOCIATIONS, MAX_PENDING_PER_ADDRESS and MAX_PENDING_TOTAL must be >= 1")
         if self.max_instance_mb < 1 or self.max_message_s <= 0 or self.quarantine_max_mb < 0:

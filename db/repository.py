@@ -331,6 +331,27 @@ def mark_published(session: Session, job_ids: list[int], now: datetime | None = 
         session.execute(update(Job).where(Job.id.in_(job_ids)).values(published_at=now or utcnow()))
 
 
+def unpublish_lost_work(session: Session, after_s: float, now: datetime | None = None) -> tuple[int, int]:
+    """Forget the publication of work the broker seems to have lost; (jobs, deliveries) reset.
+
+    A job still queued, or a delivery pending/retrying and due, whose message went to the
+    broker more than ``after_s`` ago, is marked unpublished so the next pass publishes it
+    again. That covers a broker that lost messages it had acknowledged (a Redis crash
+    within its fsync interval, a Redis restored empty). A message that was only slow
+    becomes a duplicate, which is harmless: claiming is atomic and a finished job or
+    delivery is never claimed again.
+    """
+    cutoff = (now or utcnow()) - timedelta(seconds=after_s)
+    jobs = session.execute(update(Job).where(Job.state == JobState.QUEUED.value, Job.published_at < cutoff)
+                           .values(published_at=None))
+    deliveries = session.execute(
+        update(Delivery).where(Delivery.state.in_([s.value for s in CLAIMABLE_DELIVERY]),
+                               Delivery.published_at < cutoff,
+                               or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at < cutoff))
+        .values(published_at=None))
+    return _rowcount(jobs), _rowcount(deliveries)
+
+
 def unpublished_delivery_ids(session: Session, grace_s: float = 30.0, now: datetime | None = None) -> list[int]:
     """Deliveries committed but never handed to the broker (publish failed, process died).
 

@@ -5,12 +5,16 @@ been quiet for STABLE_AGE_S, or after MAX_RECEIVE_S (force-complete). A study ge
 one job per version when none of its series is still receiving; the job row is
 committed first and published to the broker after, and any job left unpublished
 (crash, broker down) is published on the next tick, so start-up recovers by itself.
+Work the broker accepted but lost (still queued REPUBLISH_AFTER_S after it was
+published) is published again; the check runs at most once a minute
+(``LOST_WORK_CHECK_S``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -21,11 +25,16 @@ from db.session import session_scope
 
 log = logging.getLogger("ct_triage.node.completeness")
 
+LOST_WORK_CHECK_S = 60.0
+
 
 class CompletenessTracker:
     def __init__(self, session_factory: sessionmaker[Session], publisher: Publisher, *, stable_age_s: float,
-                 max_receive_s: float, poll_interval_s: float = 1.0, busy_study_uids=lambda: frozenset()):
+                 max_receive_s: float, poll_interval_s: float = 1.0, busy_study_uids=lambda: frozenset(),
+                 republish_after_s: float = 600.0):
         self.session_factory = session_factory
+        self.republish_after_s = republish_after_s
+        self._lost_work_checked = time.monotonic()
         self.publisher = publisher
         self.stable_age_s = stable_age_s
         self.max_receive_s = max_receive_s
@@ -71,7 +80,17 @@ class CompletenessTracker:
                                                  stable_age_s=self.stable_age_s)
         for job_id in created:
             log.info("job %d queued (%s)", job_id, SCORE_STUDY)
+        if time.monotonic() - self._lost_work_checked >= min(LOST_WORK_CHECK_S, self.republish_after_s):
+            self._lost_work_checked = time.monotonic()
+            self.recover_lost_work()
         return self.publish_pending()
+
+    def recover_lost_work(self) -> None:
+        with session_scope(self.session_factory) as session:
+            jobs, deliveries = repository.unpublish_lost_work(session, self.republish_after_s)
+        if jobs or deliveries:
+            log.warning("%d job(s) and %d delivery(ies) published over %.0f s ago were never started: "
+                        "publishing them again (the broker lost them?)", jobs, deliveries, self.republish_after_s)
 
     def publish_pending(self) -> list[int]:
         """Publish unpublished jobs, then deliveries the worker could not publish after its

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import random
+import subprocess
 import time
 from pathlib import Path
 
@@ -230,6 +231,35 @@ def test_redis_restarted_mid_burst(tmp_path, postgres_url):
     assert db.scalar(select(func.count(Instance.id))) == len(by_path)
     assert db.scalar(select(func.count(Job.id))) == 3
     assert {r.status for r in db.all(select(Result))} == {"scored"}
+    db.close()
+
+
+def test_jobs_the_broker_lost_are_published_again(tmp_path, postgres_url):
+    """Redis acknowledged the job, then lost it (crash within its fsync second, restored empty)."""
+    redis_server = PrivateRedis().start()
+    files = _phantom(tmp_path / "p", 30, seed=47, slices=30)
+    port = free_port()
+    db = Db(postgres_url)
+    env = node_env(tmp_path, postgres_url, port, broker_url=redis_server.url, stable_age_s=1)
+    env["CT_TRIAGE_REPUBLISH_AFTER_S"] = "8"
+    node = Daemon(["node"], env, tmp_path / "node.log").start()
+    worker = None
+    try:
+        node.wait_dicom_ready(port)
+        result = storescu(port, files)
+        assert result.returncode == 0, result.stdout[-2000:]
+        wait_for(lambda: db.scalar(select(Job.published_at)) is not None, timeout=60, interval=0.2)
+        subprocess.run(["redis-cli", "-p", str(redis_server.port), "flushall"], check=True, capture_output=True)
+        worker = Daemon(["worker", "--queues", "gpu,io"], env, tmp_path / "worker.log").start()
+        wait_for(lambda: db.scalar(select(func.count(Result.id)).where(Result.status == "scored")) == 1,
+                 timeout=180, interval=0.5)
+    finally:
+        if worker is not None:
+            worker.stop()
+        node.stop()
+        redis_server.stop()
+    assert "publishing them again" in node.log()
+    assert db.scalar(select(func.count(Job.id))) == 1
     db.close()
 
 

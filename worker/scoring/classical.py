@@ -257,6 +257,13 @@ class ClassicalScorer:
             return _segment(volume, torch.device(device))
 
 
+def lung_segmentation(volume: Volume, device: str = "cpu") -> tuple[Segmentation, dict[str, float]]:
+    """The classical segmentation the learned scorers take the lungs (and split, grid)
+    from, and its timings named ``classical.<step>`` to start theirs with."""
+    base = ClassicalScorer().segment(volume, device)
+    return base, {f"classical.{k}": v for k, v in base.timings.items()}
+
+
 def segment_slice(hu: np.ndarray, pixel_mm: float = 0.75, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Lung and lesion masks of one axial slice (rows, cols) in HU, at its own size.
 

@@ -9,14 +9,21 @@ Determinism: scoring must give the same numbers for the same input. Every torch
 operation the scorers use is deterministic on the CPU; on CUDA we ask torch for
 deterministic algorithms (``warn_only`` so an op without a deterministic kernel
 warns instead of failing) and disable the cuDNN autotuner.
+
+A scorer loads its network on the CPU and keeps one copy per device it is asked to
+run on (:class:`ModelCopies`), made on first use from the CPU model's configuration
+and weights.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from typing import Any, Generic, TypeVar
 
 from ct_triage.errors import ConfigError
+
+M = TypeVar("M")
 
 _configured = False
 _lock = threading.Lock()
@@ -89,3 +96,22 @@ def describe_device(device: str) -> str:
         except Exception:  # pragma: no cover
             return device
     return f"cpu ({cpu_threads()} threads)"
+
+
+class ModelCopies(Generic[M]):
+    """One copy of a network per device: the loaded CPU model, and for any other device
+    a model of the same class and ``config()`` with the same weights, moved there and
+    put in eval mode on first use."""
+
+    def __init__(self, cpu_model: M):
+        self._models: dict[str, M] = {"cpu": cpu_model}
+
+    def on(self, device: str) -> M:
+        if device not in self._models:
+            import torch
+
+            cpu: Any = self._models["cpu"]
+            model = type(cpu)(**cpu.config())
+            model.load_state_dict(cpu.state_dict())
+            self._models[device] = model.to(torch.device(device)).eval()
+        return self._models[device]

@@ -37,6 +37,7 @@ scorer, so the hybrid and the classical scorer are compared on the same arithmet
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -46,8 +47,11 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from ct_triage.errors import ConfigError
+from worker.scoring import lesion_net
 from worker.scoring.base import Segmentation
-from worker.scoring.device import configure_torch
+from worker.scoring.classical import lung_segmentation
+from worker.scoring.device import ModelCopies, configure_torch
+from worker.scoring.lesion_net import LesionNet, hu_to_gray, probability
 from worker.scoring.volume import Volume
 
 NAME = "ct-triage-hybrid"
@@ -69,8 +73,6 @@ class HybridScorer:
     version = VERSION
 
     def __init__(self, weights_path: Path | None = None, threshold: float | None = None):
-        from worker.scoring import lesion_net
-
         configure_torch()
         self.weights_path = Path(weights_path) if weights_path else lesion_net.DEFAULT_WEIGHTS
         try:
@@ -79,26 +81,14 @@ class HybridScorer:
             raise ConfigError(str(exc)) from exc
         self.threshold = float(threshold if threshold is not None else self.meta.get("threshold", 0.5))
         self.version = f"{VERSION}+{lesion_net.sha256_of(self.weights_path)[:12]}"
-        self._models = {"cpu": self.model}
-
-    def _model_on(self, device: str):
-        if device not in self._models:
-            from worker.scoring.lesion_net import LesionNet
-
-            model = LesionNet(**self.model.config())
-            model.load_state_dict(self.model.state_dict())
-            self._models[device] = model.to(torch.device(device)).eval()
-        return self._models[device]
+        self._copies = ModelCopies(self.model)
 
     def segment(self, volume: Volume, device: str = "cpu") -> Segmentation:
-        from worker.scoring.classical import ClassicalScorer
-
         t = time.perf_counter()
-        base = ClassicalScorer().segment(volume, device)
-        timings = {f"classical.{k}": v for k, v in base.timings.items()}
+        base, timings = lung_segmentation(volume, device)
         t1 = time.perf_counter()
         with torch.inference_mode():
-            prob, hu_w, scored = lesion_probability(self._model_on(device), volume, base.lung, base.factor,
+            prob, hu_w, scored = lesion_probability(self._copies.on(device), volume, base.lung, base.factor,
                                                     base.spacing_mm, device)
         timings["network"] = time.perf_counter() - t1
         t2 = time.perf_counter()
@@ -111,9 +101,7 @@ class HybridScorer:
             f"ground glass {ggo * vox:.1f} ml, consolidation {cons * vox:.1f} ml "
             f"(split at {CONSOLIDATION_HU:g} HU)",
         ]
-        return Segmentation(lung=base.lung, left=base.left, lesion=lesion, factor=base.factor,
-                            original_shape=base.original_shape, spacing_mm=base.spacing_mm,
-                            timings=timings, notes=notes)
+        return dataclasses.replace(base, lesion=lesion, timings=timings, notes=notes)
 
 
 def _pooled_slices(hu: np.ndarray, zs: list[int], factor: tuple[int, int, int]) -> torch.Tensor:
@@ -157,12 +145,10 @@ def _crop_boxes(lung: np.ndarray, zs: list[int], spacing: tuple[float, float, fl
     return boxes
 
 
-def lesion_probability(model, volume: Volume, lung: np.ndarray, factor: tuple[int, int, int],
+def lesion_probability(model: LesionNet, volume: Volume, lung: np.ndarray, factor: tuple[int, int, int],
                        spacing: tuple[float, float, float], device: str
                        ) -> tuple[np.ndarray, np.ndarray, int]:
     """(probability on the working grid, working-grid HU of the lung slices, slices scored)."""
-    from worker.scoring.lesion_net import hu_to_gray, probability
-
     shape = lung.shape
     prob = np.zeros(shape, dtype=np.float32)
     hu_w = np.full(shape, -1024.0, dtype=np.float32)

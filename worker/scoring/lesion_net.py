@@ -50,7 +50,8 @@ Weights
     match; only then does it call ``torch.load(..., weights_only=True)`` (tensors and
     plain containers only, no pickled code). Nothing is ever downloaded.
 
-This module imports nothing else of the package, so offline tools can use it alone.
+This module imports nothing else of the package but the torch-only U-Net parts
+(:mod:`worker.scoring.unet_blocks`), so offline tools can use it alone.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from worker.scoring.unet_blocks import ConvBlock, unet_levels, unet_pass
 
 NAME = "ct-triage-lesion2d"
 FORMAT = "ct-triage-lesion2d/1"
@@ -89,20 +92,8 @@ def hu_to_gray(hu: torch.Tensor | np.ndarray) -> torch.Tensor:
     return ((t - WINDOW_LOW_HU) / (WINDOW_HIGH_HU - WINDOW_LOW_HU)).clamp_(0.0, 1.0)
 
 
-class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-            nn.BatchNorm2d(cout),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
-            nn.BatchNorm2d(cout),
-            nn.ReLU(inplace=True),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+def _block(cin: int, cout: int) -> ConvBlock:
+    return ConvBlock(cin, cout, 2, norm=nn.BatchNorm2d, activation=lambda: nn.ReLU(inplace=True))
 
 
 class LesionNet(nn.Module):
@@ -127,16 +118,7 @@ class LesionNet(nn.Module):
                                   nn.ReLU(inplace=True))
         self.stem = nn.Sequential(nn.Conv2d(1, base, 3, stride=2, padding=1, bias=False),
                                   nn.BatchNorm2d(base), nn.ReLU(inplace=True))
-        self.down = nn.ModuleList()
-        cin = base
-        for c in chans:
-            self.down.append(_Block(cin, c))
-            cin = c
-        self.up = nn.ModuleList()
-        self.fuse = nn.ModuleList()
-        for i in range(levels - 1, 0, -1):
-            self.up.append(nn.ConvTranspose2d(chans[i], chans[i - 1], 2, stride=2))
-            self.fuse.append(_Block(chans[i - 1] * 2, chans[i - 1]))
+        self.down, self.up, self.fuse = unet_levels(base, chans, 2, _block)
         self.to_full = nn.ConvTranspose2d(chans[0], e, 2, stride=2)
         self.refine = nn.Sequential(nn.Conv2d(2 * e, e, 3, padding=1, bias=False), nn.BatchNorm2d(e),
                                     nn.ReLU(inplace=True))
@@ -145,15 +127,7 @@ class LesionNet(nn.Module):
     def forward(self, gray: torch.Tensor) -> torch.Tensor:
         """Logits (N, 1, H, W) of gray/255 images (N, 1, H, W); H, W multiples of 2**levels."""
         x0 = (gray - GRAY_MEAN) / GRAY_STD
-        x = self.stem(x0)
-        skips = []
-        for i, block in enumerate(self.down):
-            x = block(x)
-            if i < self.levels - 1:
-                skips.append(x)
-                x = F.max_pool2d(x, 2)
-        for up, fuse in zip(self.up, self.fuse):
-            x = fuse(torch.cat([up(x), skips.pop()], dim=1))
+        x = unet_pass(self.stem(x0), self.down, self.up, self.fuse, 2)
         x = self.refine(torch.cat([self.to_full(x), self.edge(x0)], dim=1))
         return self.head(x)
 

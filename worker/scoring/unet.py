@@ -12,6 +12,7 @@ file is a ``ConfigError`` that names the path.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -22,8 +23,9 @@ import torch.nn.functional as F
 
 from ct_triage.errors import ConfigError
 from worker.scoring.base import Segmentation
-from worker.scoring.classical import ClassicalScorer, to_working_grid
-from worker.scoring.device import configure_torch
+from worker.scoring.classical import lung_segmentation, to_working_grid
+from worker.scoring.device import ModelCopies, configure_torch
+from worker.scoring.unet_blocks import ConvBlock, unet_levels, unet_pass
 from worker.scoring.volume import Volume
 
 NAME = "ct-triage-unet3d"
@@ -39,20 +41,9 @@ def normalise(hu: torch.Tensor) -> torch.Tensor:
     return (hu.clamp(lo, hi) - (lo + hi) / 2) / ((hi - lo) / 2)
 
 
-class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv3d(cin, cout, 3, padding=1, bias=False),
-            nn.GroupNorm(min(4, cout), cout),
-            nn.LeakyReLU(0.1, inplace=True),
-            nn.Conv3d(cout, cout, 3, padding=1, bias=False),
-            nn.GroupNorm(min(4, cout), cout),
-            nn.LeakyReLU(0.1, inplace=True),
-        )
-
-    def forward(self, x):
-        return self.net(x)
+def _block(cin: int, cout: int) -> ConvBlock:
+    return ConvBlock(cin, cout, 3, norm=lambda c: nn.GroupNorm(min(4, c), c),
+                     activation=lambda: nn.LeakyReLU(0.1, inplace=True))
 
 
 class UNet3D(nn.Module):
@@ -62,16 +53,7 @@ class UNet3D(nn.Module):
         super().__init__()
         self.base, self.levels = base, levels
         chans = [base * 2 ** i for i in range(levels)]
-        self.down = nn.ModuleList()
-        cin = 1
-        for c in chans:
-            self.down.append(_Block(cin, c))
-            cin = c
-        self.up = nn.ModuleList()
-        self.fuse = nn.ModuleList()
-        for i in range(levels - 1, 0, -1):
-            self.up.append(nn.ConvTranspose3d(chans[i], chans[i - 1], 2, stride=2))
-            self.fuse.append(_Block(chans[i - 1] * 2, chans[i - 1]))
+        self.down, self.up, self.fuse = unet_levels(1, chans, 3, _block)
         self.head = nn.Conv3d(chans[0], 1, 1)
 
     @property
@@ -79,16 +61,7 @@ class UNet3D(nn.Module):
         return 2 ** (self.levels - 1)
 
     def forward(self, x):
-        skips = []
-        for i, block in enumerate(self.down):
-            x = block(x)
-            if i < self.levels - 1:
-                skips.append(x)
-                x = F.max_pool3d(x, 2)
-        for up, fuse in zip(self.up, self.fuse):
-            x = up(x)
-            x = fuse(torch.cat([x, skips.pop()], dim=1))
-        return self.head(x)
+        return self.head(unet_pass(x, self.down, self.up, self.fuse, 3))
 
     def config(self) -> dict:
         return {"base": self.base, "levels": self.levels}
@@ -143,30 +116,20 @@ class UNetScorer:
         self.model, blob = load_weights(self.weights_path)
         self.threshold = threshold
         self.meta = blob.get("meta", {})
-        self._models: dict[str, UNet3D] = {"cpu": self.model}
-
-    def _model_on(self, device: str) -> UNet3D:
-        if device not in self._models:
-            model = UNet3D(**self.model.config())
-            model.load_state_dict(self.model.state_dict())
-            self._models[device] = model.to(torch.device(device)).eval()
-        return self._models[device]
+        self._copies = ModelCopies(self.model)
 
     def segment(self, volume: Volume, device: str = "cpu") -> Segmentation:
         t = time.perf_counter()
-        base = ClassicalScorer().segment(volume, device)
-        timings = {f"classical.{k}": v for k, v in base.timings.items()}
+        base, timings = lung_segmentation(volume, device)
         t1 = time.perf_counter()
         dev = torch.device(device)
         with torch.inference_mode():
             W = to_working_grid(volume.hu, base.factor, dev)
-            prob = predict(self._model_on(device), W, base.lung)
+            prob = predict(self._copies.on(device), W, base.lung)
         lesion = (prob >= self.threshold) & base.lung
         timings["unet"] = time.perf_counter() - t1
         timings["total"] = time.perf_counter() - t
-        return Segmentation(lung=base.lung, left=base.left, lesion=lesion, factor=base.factor,
-                            original_shape=base.original_shape, spacing_mm=base.spacing_mm,
-                            timings=timings, notes=base.notes)
+        return dataclasses.replace(base, lesion=lesion, timings=timings)
 
 
 def predict(model: UNet3D, W: torch.Tensor, lung: np.ndarray | None = None) -> np.ndarray:

@@ -7,6 +7,8 @@
 - :func:`contributing_equipment`: ct-triage as Processing Equipment (109102, DCM) with
   its own and the model's version.
 - :func:`series_description`: "AI COVID-19 triage <kind> v<version> - NOT FOR DIAGNOSTIC USE".
+- :func:`check_series_number`: the new series' number (default ``<kind's base> + version``),
+  an int 1..2**31-1 (SeriesNumber is IS).
 - :func:`plain_text`: ASCII text for what we author (the source's character set may be
   the default repertoire).
 
@@ -30,6 +32,17 @@ from worker.scoring.result import ScoreResult
 MANUFACTURER = "ct-triage"
 SERIES_DESCRIPTION_PREFIX = "AI COVID-19 triage"
 _HIGHDICOM_MANUFACTURER = "Highdicom open-source contributors"
+
+
+def check_series_number(series_number: int | None, default: int) -> int:
+    """``series_number``, or ``default`` when None; TypeError/ValueError naming the argument."""
+    if series_number is None:
+        series_number = default
+    if isinstance(series_number, bool) or not isinstance(series_number, int):
+        raise TypeError(f"argument 'series_number' must be an int, got {type(series_number).__name__}")
+    if not 0 < series_number < 2**31:
+        raise ValueError(f"argument 'series_number' must be 1..2147483647, got {series_number}")
+    return series_number
 
 
 def validate_inputs(source_datasets, result, result_version) -> list[Dataset]:

@@ -63,6 +63,7 @@ from ct_triage import __version__
 from worker.outputs import render
 from worker.outputs.base import (
     MANUFACTURER,
+    check_series_number,
     contributing_equipment,
     freeze_times,
     plain_text,
@@ -353,12 +354,7 @@ def build_secondary_capture_series(
     datasets = validate_inputs(source_datasets, result, result_version)
     compression = check_compression(compression)
     max_slices = check_max_slices(max_slices)
-    if series_number is None:
-        series_number = SC_SERIES_NUMBER_BASE + result_version
-    if isinstance(series_number, bool) or not isinstance(series_number, int):
-        raise TypeError(f"argument 'series_number' must be an int, got {type(series_number).__name__}")
-    if not 0 < series_number < 2**31:
-        raise ValueError(f"argument 'series_number' must be 1..2147483647, got {series_number}")
+    series_number = check_series_number(series_number, SC_SERIES_NUMBER_BASE + result_version)
     when = resolve_created_at(created_at, datasets)
     source_series = str(datasets[0].SeriesInstanceUID)
     series_uid = output_uid(source_series, result_version, "sc-series")

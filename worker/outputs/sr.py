@@ -50,6 +50,17 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from ct_triage import __version__
 from worker.outputs import base
+from worker.outputs.sr_concepts import (
+    LEFT_LUNG,
+    LUNG,
+    RIGHT_LUNG,
+    SCHEME,
+    SCHEME_NAME,
+    UNIT_ML,
+    UNIT_PERCENT,
+    measurement,
+    private,
+)
 from worker.outputs.sr_followup import change_content
 from worker.outputs.uids import derived_uid, output_uid
 from worker.scoring.masks import LesionComponent, ResultMasks
@@ -57,47 +68,34 @@ from worker.scoring.result import ROUTING, ScoreResult
 
 SR_SERIES_NUMBER_BASE = 9100
 DEFAULT_MAX_LESIONS = 20
-SCHEME = "99CTTRIAGE"
-SCHEME_NAME = "ct-triage private codes"
-
-
-def _private(value: str, meaning: str) -> hd.sr.CodedConcept:
-    return hd.sr.CodedConcept(value, SCHEME, meaning)
-
-
 # -- concepts ---------------------------------------------------------------------------
-LUNG_INVOLVEMENT = _private("CTT001", "Lung volume involved by COVID-19 lesions")
-CT_CATEGORY = _private("CTT002", "COVID-19 CT severity category")
-TRIAGE_STATUS = _private("CTT003", "AI triage status")
-WORKLIST_PRIORITY = _private("CTT004", "Worklist priority")
-ROUTING_DECISION = _private("CTT005", "Routing decision")
-STATUS_REASON = _private("CTT006", "Reason not scored")
+LUNG_INVOLVEMENT = private("CTT001", "Lung volume involved by COVID-19 lesions")
+CT_CATEGORY = private("CTT002", "COVID-19 CT severity category")
+TRIAGE_STATUS = private("CTT003", "AI triage status")
+WORKLIST_PRIORITY = private("CTT004", "Worklist priority")
+ROUTING_DECISION = private("CTT005", "Routing decision")
+STATUS_REASON = private("CTT006", "Reason not scored")
 CATEGORY_VALUES = {
-    "CT-0": _private("CT-0", "CT-0 not consistent with pneumonia"),
-    "CT-1": _private("CT-1", "CT-1 mild, up to 25% involved"),
-    "CT-2": _private("CT-2", "CT-2 moderate, 25-50% involved"),
-    "CT-3": _private("CT-3", "CT-3 severe, 50-75% involved"),
-    "CT-4": _private("CT-4", "CT-4 critical, 75% or more involved"),
+    "CT-0": private("CT-0", "CT-0 not consistent with pneumonia"),
+    "CT-1": private("CT-1", "CT-1 mild, up to 25% involved"),
+    "CT-2": private("CT-2", "CT-2 moderate, 25-50% involved"),
+    "CT-3": private("CT-3", "CT-3 severe, 50-75% involved"),
+    "CT-4": private("CT-4", "CT-4 critical, 75% or more involved"),
 }
 STATUS_VALUES = {
-    "scored": _private("SCORED", "Scored"),
-    "not_applicable": _private("NOT-APPLICABLE", "Not applicable"),
-    "failed": _private("FAILED", "Scoring failed"),
+    "scored": private("SCORED", "Scored"),
+    "not_applicable": private("NOT-APPLICABLE", "Not applicable"),
+    "failed": private("FAILED", "Scoring failed"),
 }
 PRIORITY_VALUES = {
-    "HIGH": _private("HIGH", "High priority"),
-    "MEDIUM": _private("MEDIUM", "Medium priority"),
-    "LOW": _private("LOW", "Low priority"),
+    "HIGH": private("HIGH", "High priority"),
+    "MEDIUM": private("MEDIUM", "Medium priority"),
+    "LOW": private("LOW", "Low priority"),
 }
 CT_OF_CHEST = hd.sr.CodedConcept("169069000", "SCT", "CT of chest")
-LUNG = hd.sr.CodedConcept("39607008", "SCT", "Lung")
-RIGHT_LUNG = hd.sr.CodedConcept("3341006", "SCT", "Right lung")
-LEFT_LUNG = hd.sr.CodedConcept("44029006", "SCT", "Left lung")
 LESION = hd.sr.CodedConcept("52988006", "SCT", "Lesion")
 VOLUME = hd.sr.CodedConcept("118565006", "SCT", "Volume")
 CENTER = hd.sr.CodedConcept("111010", "DCM", "Center")
-UNIT_ML = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
-UNIT_PERCENT = hd.sr.CodedConcept("%", "UCUM", "Percent")
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 
 
@@ -118,13 +116,6 @@ def _text(name: hd.sr.CodedConcept, value: str) -> hd.sr.TextContentItem:
 
 def _code(name: hd.sr.CodedConcept, value: hd.sr.CodedConcept) -> hd.sr.CodeContentItem:
     return hd.sr.CodeContentItem(name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-
-
-def _measurement(name, value: float | None, unit) -> list[hd.sr.Measurement]:
-    """One TID 300 measurement (the group carries the algorithm identification)."""
-    if value is None:
-        return []
-    return [hd.sr.Measurement(name=name, value=float(value), unit=unit)]
 
 
 def _tracking(source_series: str, version: int, label: str, index: int = 0) -> hd.sr.TrackingIdentifier:
@@ -173,7 +164,7 @@ def _lesion_group(datasets: Sequence[Dataset], result: ScoreResult, version: int
         finding_type=LESION,
         finding_sites=sites,
         algorithm_id=algorithm,
-        measurements=_measurement(VOLUME, None if component.volume_ml is None else round(component.volume_ml, 2),
+        measurements=measurement(VOLUME, None if component.volume_ml is None else round(component.volume_ml, 2),
                                   UNIT_ML),
     )
     center = patient_point(datasets, component.center)
@@ -212,8 +203,8 @@ def _measurement_groups(datasets: Sequence[Dataset], result: ScoreResult, versio
             finding_type=LUNG,
             algorithm_id=algorithm,
             measurements=[
-                *_measurement(VOLUME, result.lung_volume_ml, UNIT_ML),
-                *_measurement(LUNG_INVOLVEMENT, result.involvement_percent, UNIT_PERCENT),
+                *measurement(VOLUME, result.lung_volume_ml, UNIT_ML),
+                *measurement(LUNG_INVOLVEMENT, result.involvement_percent, UNIT_PERCENT),
             ],
             qualitative_evaluations=[
                 hd.sr.QualitativeEvaluation(CT_CATEGORY, CATEGORY_VALUES[result.category]),
@@ -226,8 +217,8 @@ def _measurement_groups(datasets: Sequence[Dataset], result: ScoreResult, versio
         ("Left lung", LEFT_LUNG, result.lung_volume_left_ml, result.involvement_percent_left),
     ):
         measurements = [
-            *_measurement(VOLUME, volume, UNIT_ML),
-            *_measurement(LUNG_INVOLVEMENT, percent, UNIT_PERCENT),
+            *measurement(VOLUME, volume, UNIT_ML),
+            *measurement(LUNG_INVOLVEMENT, percent, UNIT_PERCENT),
         ]
         if measurements:
             groups.append(
@@ -245,7 +236,7 @@ def _measurement_groups(datasets: Sequence[Dataset], result: ScoreResult, versio
                 finding_type=LESION,
                 finding_sites=[hd.sr.FindingSite(LUNG)],
                 algorithm_id=algorithm,
-                measurements=_measurement(VOLUME, result.lesion_volume_ml, UNIT_ML),
+                measurements=measurement(VOLUME, result.lesion_volume_ml, UNIT_ML),
             )
         )
     for component in components:
@@ -299,12 +290,7 @@ def build_measurement_report(
         TypeError/ValueError naming the bad argument.
     """
     datasets = base.validate_inputs(source_datasets, result, result_version)
-    if series_number is None:
-        series_number = SR_SERIES_NUMBER_BASE + result_version
-    if isinstance(series_number, bool) or not isinstance(series_number, int):
-        raise TypeError(f"argument 'series_number' must be an int, got {type(series_number).__name__}")
-    if not 0 < series_number < 2**31:
-        raise ValueError(f"argument 'series_number' must be 1..2147483647, got {series_number}")
+    series_number = base.check_series_number(series_number, SR_SERIES_NUMBER_BASE + result_version)
     if result.status == "scored" and result.category not in CATEGORY_VALUES:
         raise ValueError(f"argument 'result' has unknown category {result.category!r}")
     if result.status not in STATUS_VALUES:

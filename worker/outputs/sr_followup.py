@@ -30,32 +30,21 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 
 from worker.comparison import Assessment
+from worker.outputs.sr_concepts import LEFT_LUNG, LUNG, RIGHT_LUNG, UNIT_ML, UNIT_PERCENT, measurement, private
 from worker.outputs.uids import output_uid
 
-SCHEME = "99CTTRIAGE"
-
-
-def _private(value: str, meaning: str) -> hd.sr.CodedConcept:
-    return hd.sr.CodedConcept(value, SCHEME, meaning)
-
-
-CHANGE_POINTS = _private("CTT010", "Change in lung involvement since prior")
-CHANGE_RELATIVE = _private("CTT011", "Relative change in lung involvement since prior")
-CHANGE_LESION_VOLUME = _private("CTT012", "Change in lesion volume since prior")
-TIME_SINCE_PRIOR = _private("CTT013", "Time since prior acquisition")
-CHANGE_RATE = _private("CTT014", "Rate of change in lung involvement")
-CHANGE_SINCE_PRIOR = _private("CTT015", "Change since prior")
+CHANGE_POINTS = private("CTT010", "Change in lung involvement since prior")
+CHANGE_RELATIVE = private("CTT011", "Relative change in lung involvement since prior")
+CHANGE_LESION_VOLUME = private("CTT012", "Change in lesion volume since prior")
+TIME_SINCE_PRIOR = private("CTT013", "Time since prior acquisition")
+CHANGE_RATE = private("CTT014", "Rate of change in lung involvement")
+CHANGE_SINCE_PRIOR = private("CTT015", "Change since prior")
 TREND_VALUES = {
-    "progression": _private("PROGRESSION", "Progression (rule met)"),
-    "worsening": _private("WORSENING", "Worsening"),
-    "stable": _private("STABLE", "Stable"),
-    "improvement": _private("IMPROVEMENT", "Improvement"),
+    "progression": private("PROGRESSION", "Progression (rule met)"),
+    "worsening": private("WORSENING", "Worsening"),
+    "stable": private("STABLE", "Stable"),
+    "improvement": private("IMPROVEMENT", "Improvement"),
 }
-LUNG = hd.sr.CodedConcept("39607008", "SCT", "Lung")
-RIGHT_LUNG = hd.sr.CodedConcept("3341006", "SCT", "Right lung")
-LEFT_LUNG = hd.sr.CodedConcept("44029006", "SCT", "Left lung")
-UNIT_PERCENT = hd.sr.CodedConcept("%", "UCUM", "Percent")
-UNIT_ML = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
 UNIT_HOUR = hd.sr.CodedConcept("h", "UCUM", "hour")
 UNIT_PERCENT_PER_DAY = hd.sr.CodedConcept("%/d", "UCUM", "percent per day")
 
@@ -97,10 +86,7 @@ def change_content(result, source_series: str, version: int, algorithm: hd.sr.Al
                                                     referenced_sop_instance_uid=str(evidence.SOPInstanceUID))]
 
         def num(name, value, unit, site=None, refs=refs):
-            if value is None:
-                return []
-            return [hd.sr.Measurement(name=name, value=float(value), unit=unit, referenced_images=refs,
-                                      finding_sites=[hd.sr.FindingSite(site)] if site is not None else None)]
+            return measurement(name, value, unit, site=site, images=refs)
 
         measurements = [
             *num(CHANGE_POINTS, change.delta_points, UNIT_PERCENT, LUNG),

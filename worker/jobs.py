@@ -319,12 +319,7 @@ def deliver_outputs(ctx: WorkerContext, delivery_id: int) -> str:
     report = send_instances(destination, outputs, calling_ae_title=s.ae_title, acse_timeout=s.acse_timeout_s,
                             dimse_timeout=s.dimse_timeout_s, network_timeout=s.network_timeout_s)
     sent = len(report.delivered_sop_instance_uids)
-    if report.outcome == "delivered":
-        return _finish_delivery(ctx, delivery_id, DeliveryState.DELIVERED, None, sent)
-    if report.outcome == "transient":
-        _finish_delivery(ctx, delivery_id, DeliveryState.RETRYING, report.reason, sent)
-        raise TransientError(f"delivery {delivery_id} to {destination}: {report.reason}")
-    return _finish_delivery(ctx, delivery_id, DeliveryState.FAILED, report.reason, sent)
+    return _record_outcome(ctx, delivery_id, destination, report.outcome, report.reason, sent)
 
 
 def deliver_hl7(ctx: WorkerContext, delivery_id: int) -> str:
@@ -350,12 +345,19 @@ def deliver_hl7(ctx: WorkerContext, delivery_id: int) -> str:
         return _finish_delivery(ctx, delivery_id, DeliveryState.FAILED, reason, already)
     report = send_messages(destination, messages[already:], timeout_s=s.hl7_ack_timeout_s)
     sent = already + report.accepted
-    if report.outcome == "delivered":
+    return _record_outcome(ctx, delivery_id, destination, report.outcome, report.reason, sent)
+
+
+def _record_outcome(ctx: WorkerContext, delivery_id: int, destination: object, outcome: str,
+                    reason: str | None, sent: int) -> str:
+    """Record a send's outcome (``delivered``, ``transient``: retrying, and TransientError
+    raised so the queue retries; else failed) with what it sent so far."""
+    if outcome == "delivered":
         return _finish_delivery(ctx, delivery_id, DeliveryState.DELIVERED, None, sent)
-    if report.outcome == "transient":
-        _finish_delivery(ctx, delivery_id, DeliveryState.RETRYING, report.reason, sent)
-        raise TransientError(f"delivery {delivery_id} to {destination}: {report.reason}")
-    return _finish_delivery(ctx, delivery_id, DeliveryState.FAILED, report.reason, sent)
+    if outcome == "transient":
+        _finish_delivery(ctx, delivery_id, DeliveryState.RETRYING, reason, sent)
+        raise TransientError(f"delivery {delivery_id} to {destination}: {reason}")
+    return _finish_delivery(ctx, delivery_id, DeliveryState.FAILED, reason, sent)
 
 
 def _finish_delivery(ctx: WorkerContext, delivery_id: int, state: DeliveryState, reason: str | None,

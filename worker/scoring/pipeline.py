@@ -232,11 +232,8 @@ def score_study(series_files: Mapping[str, Sequence[Path]], settings: Settings, 
         if not headers:
             detail = f" ({'; '.join(unreadable[:3])})" if unreadable else ""
             raise InvalidInput(f"no readable DICOM headers in the study{detail}")
-    except CtTriageError as exc:
-        return _early(started, timings, "failed", exc, settings, None)
     except Exception as exc:  # any failure here is reported (status and reason), never raised
-        log.exception("reading the study failed")
-        return _early(started, timings, "failed", exc, settings, None, with_type=True)
+        return _failed(started, timings, exc, settings, None, "reading the study failed")
     return score_headers(headers, settings, scorer=scorer, timings=timings, started=started)
 
 
@@ -264,14 +261,21 @@ def score_headers(headers: Mapping[str, Sequence], settings: Settings, *, scorer
         timings["load"] = _now() - t
     except NotApplicable as exc:
         return _early(started, timings, "not_applicable", exc, settings, chosen)
-    except CtTriageError as exc:
-        return _early(started, timings, "failed", exc, settings, chosen)
     except MemoryError as exc:
         return _early(started, timings, "failed", exc, settings, chosen)
     except Exception as exc:  # any failure here is reported (status and reason), never raised
-        log.exception("loading the series failed")
-        return _early(started, timings, "failed", exc, settings, chosen, with_type=True)
+        return _failed(started, timings, exc, settings, chosen, "loading the series failed")
     return score_volume(volume, settings, scorer=scorer, timings=timings, started=started)
+
+
+def _failed(started: float, timings: dict, exc: Exception, settings: Settings, series_uid: str | None,
+            doing: str) -> ScoreResult:
+    """A failed result: our own errors with their message; anything else logged with its
+    traceback (``doing`` says what failed) and its reason prefixed with its type."""
+    if isinstance(exc, CtTriageError):
+        return _early(started, timings, "failed", exc, settings, series_uid)
+    log.exception(doing)
+    return _early(started, timings, "failed", exc, settings, series_uid, with_type=True)
 
 
 def _early(started: float, timings: dict, status: str, exc: BaseException, settings: Settings,

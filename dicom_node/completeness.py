@@ -13,13 +13,12 @@ published) is published again; the check runs at most once a minute
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ct_triage.contract import DELIVER_OUTPUTS, SCORE_STUDY, Publisher, publish_in_order
+from ct_triage.polling import Poller
 from db import repository
 from db.session import session_scope
 
@@ -28,45 +27,23 @@ log = logging.getLogger("ct_triage.node.completeness")
 LOST_WORK_CHECK_S = 60.0
 
 
-class CompletenessTracker:
+class CompletenessTracker(Poller):
+    thread_name = "completeness"
+    logger = log
+    failed = "completeness check failed"
+    db_failed = "completeness check failed (database)"
+
     def __init__(self, session_factory: sessionmaker[Session], publisher: Publisher, *, stable_age_s: float,
                  max_receive_s: float, poll_interval_s: float = 1.0, busy_study_uids=lambda: frozenset(),
                  republish_after_s: float = 600.0):
+        super().__init__(self.tick, poll_interval_s)
         self.session_factory = session_factory
         self.republish_after_s = republish_after_s
         self._lost_work_checked = time.monotonic()
         self.publisher = publisher
         self.stable_age_s = stable_age_s
         self.max_receive_s = max_receive_s
-        self.poll_interval_s = poll_interval_s
         self.busy_study_uids = busy_study_uids
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="completeness", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread:
-            self._thread.join(timeout=10)
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.tick()
-            except SQLAlchemyError as exc:
-                log.error("completeness check failed (database): %s", str(exc).splitlines()[0][:300])
-            except Exception:  # keep the tracker alive whatever happens; the next tick retries
-                log.exception("completeness check failed")
-            self._wake.wait(self.poll_interval_s)
-            self._wake.clear()
 
     def tick(self) -> list[int]:
         """One pass: settle quiet series, create due jobs, publish unpublished ones."""

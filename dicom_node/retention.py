@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import threading
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from ct_triage.polling import Poller
 from db import repository
 from db.session import session_scope
 from db.types import utcnow
@@ -86,18 +86,21 @@ def _unlink_inside(root: Path, relpath: str) -> None:
         parent = parent.parent
 
 
-class RetentionSweeper:
+class RetentionSweeper(Poller):
     """Runs :func:`sweep` periodically in a daemon thread (nothing when retention is 0)."""
+
+    thread_name = "retention"
+    logger = log
+    failed = "retention: sweep failed"
+    db_failed = "retention: database error"
+    join_timeout_s = 5.0
 
     def __init__(self, session_factory: sessionmaker[Session], storage_dir: Path, retention_days: float,
                  interval_s: float, first_delay_s: float = FIRST_SWEEP_DELAY_S):
+        super().__init__(self.sweep_once, interval_s, first_delay_s)
         self.session_factory = session_factory
         self.storage_dir = storage_dir
         self.retention_days = retention_days
-        self.interval_s = interval_s
-        self.first_delay_s = first_delay_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         if self.retention_days <= 0:
@@ -105,24 +108,10 @@ class RetentionSweeper:
             return
         log.info("retention: instances deleted %g day(s) after delivery, checked every %.0f s",
                  self.retention_days, self.interval_s)
-        self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
-        self._thread.start()
+        super().start()
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        delay = self.first_delay_s
-        while not self._stop.wait(delay):
-            delay = self.interval_s
-            try:
-                sweep(self.session_factory, self.storage_dir, self.retention_days)
-            except SQLAlchemyError as exc:
-                log.error("retention: database error: %s", str(exc).splitlines()[0][:300])
-            except Exception:
-                log.exception("retention: sweep failed")
+    def sweep_once(self) -> None:
+        sweep(self.session_factory, self.storage_dir, self.retention_days)
 
 
 @dataclass

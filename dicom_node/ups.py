@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import threading
 from datetime import datetime, timedelta, timezone
 
 from pydicom.dataset import Dataset
@@ -41,6 +40,7 @@ from pydicom.tag import Tag
 from pynetdicom import AE
 from sqlalchemy.orm import Session, sessionmaker
 
+from ct_triage.polling import Poller
 from ct_triage.settings import Destination, Settings, parse_destination
 from db import worklist
 from db.models import UpsWorkitem
@@ -455,41 +455,21 @@ def event_dataset(event_type: int, payload: dict) -> Dataset:
     return ds
 
 
-class UpsNotifier:
+class UpsNotifier(Poller):
     """Sends pending ``ups_events`` rows as N-EVENT-REPORTs (a daemon thread of the node)."""
+
+    thread_name = "ups-notifier"
+    logger = log
+    failed = "UPS notifier: unexpected error"  # a database error too: logged with its traceback
+    join_timeout_s = 30.0
 
     def __init__(self, session_factory: sessionmaker[Session], service: UpsService, ae_title: str,
                  poll_interval_s: float = 1.0, timeout_s: float = 30.0):
+        super().__init__(self.send_due, poll_interval_s)
         self.session_factory = session_factory
         self.service = service
         self.ae_title = ae_title
-        self.poll_interval_s = poll_interval_s
         self.timeout_s = timeout_s
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="ups-notifier", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread:
-            self._thread.join(timeout=30)
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.send_due()
-            except Exception:  # the notifier must outlive a bad row or a DB hiccup
-                log.exception("UPS notifier: unexpected error")
-            self._wake.wait(self.poll_interval_s)
-            self._wake.clear()
 
     def send_due(self) -> int:
         with session_scope(self.session_factory) as session:

@@ -10,10 +10,9 @@ from __future__ import annotations
 import logging
 import threading
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from ct_triage.contract import SCORE_STUDY
 from ct_triage.errors import TransientError
+from ct_triage.polling import poll_loop
 from db import repository
 from db.session import session_scope
 from worker import jobs
@@ -97,12 +96,6 @@ class EmbeddedConsumer:
         return prior_search.run_due_searches(self.ctx)
 
     def _run(self, step) -> None:
-        while not self._stop.is_set():
-            try:
-                step()
-            except SQLAlchemyError as exc:
-                log.error("embedded consumer: database error: %s", str(exc).splitlines()[0][:300])
-            except Exception:
-                log.exception("embedded consumer: task failed unexpectedly")
-            self._wake.wait(self.poll_interval_s)
-            self._wake.clear()
+        poll_loop(step, stop=self._stop, wake=self._wake, interval_s=self.poll_interval_s, logger=log,
+                  failed="embedded consumer: task failed unexpectedly",
+                  db_failed="embedded consumer: database error")

@@ -37,19 +37,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.phantoms import add_phantom_arguments, cached_phantom  # noqa: E402 (after the checkout is on sys.path)
+
 TARGET_BUILD_S = 2.0
 TARGET_MB = 40.0
 TARGET_SEND_S = 2.0
-
-
-def _phantom(out: Path, involvement: float, slices: int, rows: int, seed: int) -> Path:
-    folder = out / f"phantom_{involvement:g}_{slices}x{rows}_s{seed}"
-    if not (folder / "ground_truth.json").exists():
-        from ct_triage_tools.phantom import write_phantom
-
-        print(f"writing phantom to {folder} ...", file=sys.stderr, flush=True)
-        write_phantom(folder, involvement, slices=slices, rows=rows, seed=seed)
-    return folder
 
 
 class Clock:
@@ -201,10 +193,7 @@ def _anchor(anchor: Path, folder: Path, result, port: int | None) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--rows", type=int, default=512)
-    parser.add_argument("--involvement", type=float, default=62.0)
-    parser.add_argument("--seed", type=int, default=4)
+    add_phantom_arguments(parser, involvement=62.0, seed=4)
     parser.add_argument("--anchor", default="/work/main", help="checkout of the old code with its .venv, or 'none'")
     parser.add_argument("--compressions", action="store_true", help="also build the SC with each compression")
     parser.add_argument("--no-send", action="store_true", help="skip Orthanc")
@@ -213,7 +202,7 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
 
-    folder = _phantom(args.out, args.involvement, args.slices, args.rows, args.seed)
+    folder = cached_phantom(args.out, args.involvement, args.slices, args.rows, args.seed)
     result, scored = _score(folder, folder / "result-with-masks.pickle")
     datasets = _load(folder, result.source_sop_instance_uids)
     report: dict = {

@@ -31,20 +31,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.phantoms import add_phantom_arguments, cached_phantom  # noqa: E402 (after the checkout is on sys.path)
 
 TARGET_S = 10.0
 TARGET_MB = 2048.0
 
 
 def _phantom(out: Path, involvement: float, slices: int, rows: int, seed: int) -> tuple[Path, dict]:
-    folder = out / f"phantom_{involvement:g}_{slices}x{rows}_s{seed}"
-    truth_file = folder / "ground_truth.json"
-    if not truth_file.exists():
-        from ct_triage_tools.phantom import write_phantom
-
-        print(f"writing phantom to {folder} ...", file=sys.stderr, flush=True)
-        write_phantom(folder, involvement, slices=slices, rows=rows, seed=seed)
-    return folder, json.loads(truth_file.read_text())
+    folder = cached_phantom(out, involvement, slices, rows, seed)
+    return folder, json.loads((folder / "ground_truth.json").read_text())
 
 
 def _inner(folder: str, device: str) -> None:
@@ -96,10 +93,7 @@ def _run_measured(args: list[str], env: dict) -> tuple[float, float, subprocess.
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--rows", type=int, default=512)
-    parser.add_argument("--involvement", type=float, default=35.0)
-    parser.add_argument("--seed", type=int, default=0)
+    add_phantom_arguments(parser, involvement=35.0, seed=0)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--scorers", default="classical,hybrid",
                         help="comma-separated scorers, each timed the same way in the same run")

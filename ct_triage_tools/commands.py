@@ -16,6 +16,7 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ct_triage_tools.datasets import detect_layout
@@ -122,6 +123,11 @@ def _err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _print(args, data, human: Callable[[], str]) -> None:
+    """A command's result on stdout: ``data`` as one JSON line with --json, else ``human()``."""
+    print(json.dumps(data) if args.json else human())
+
+
 class _Progress:
     """One line per update on stderr (rewritten in place on a terminal)."""
 
@@ -178,10 +184,7 @@ def cmd_score(args, settings) -> int:
     if args.no_boxes:
         data["boxes"] = []
     data["box_count"] = len(result.boxes)
-    if args.json:
-        print(json.dumps(data))
-    else:
-        print(_human(result))
+    _print(args, data, lambda: _human(result))
     return {"scored": 0, "not_applicable": 2}.get(result.status, 1)
 
 
@@ -211,10 +214,7 @@ def cmd_eval(args, settings) -> int:
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text)
-    if args.json:
-        print(json.dumps(json.loads(text)))
-    else:
-        print(_human_eval(report))
+    _print(args, json.loads(text), lambda: _human_eval(report))
     _err(f"figure written to {figure}")
     return 0
 
@@ -258,12 +258,10 @@ def cmd_train(args, settings) -> int:
     _err(f"training the 3D U-Net on {args.data_dir} for {args.steps} steps on {device} -> {out}")
     summary = train_unet(args.data_dir, Path(out), steps=args.steps, batch=args.batch, lr=args.lr,
                          seed=args.seed, device=device, progress=_Progress("train"))
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(f"weights written to {summary['weights']} ({summary['studies']} studies, {summary['steps']} steps, "
-              f"final loss {summary['final_loss']:.4f}, {summary['seconds']:.0f} s); "
-              f"use CT_TRIAGE_SCORER=unet CT_TRIAGE_UNET_WEIGHTS={summary['weights']}")
+    _print(args, summary, lambda: (
+        f"weights written to {summary['weights']} ({summary['studies']} studies, {summary['steps']} steps, "
+        f"final loss {summary['final_loss']:.4f}, {summary['seconds']:.0f} s); "
+        f"use CT_TRIAGE_SCORER=unet CT_TRIAGE_UNET_WEIGHTS={summary['weights']}"))
     return 0
 
 
@@ -289,12 +287,10 @@ def cmd_train_lesion(args, settings) -> int:
             _err(" ".join(f"{k}={v}" for k, v in entry.items()))
 
     summary = train(args.data_dir, work, recipe, log=log, weights_out=Path(out))
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(f"weights written to {summary.get('weights')} (epoch {summary['best_epoch']} of "
-              f"{summary['epochs_run']}: val Dice {summary['val_dice']}, held-out pseudo Dice "
-              f"{summary['holdout_dice']}, threshold {summary['threshold']}); sha256 {summary.get('sha256')}")
+    _print(args, summary, lambda: (
+        f"weights written to {summary.get('weights')} (epoch {summary['best_epoch']} of "
+        f"{summary['epochs_run']}: val Dice {summary['val_dice']}, held-out pseudo Dice "
+        f"{summary['holdout_dice']}, threshold {summary['threshold']}); sha256 {summary.get('sha256')}"))
     print(f"training time: {summary['cpu_seconds']:.0f} s CPU, {summary['wall_seconds']:.0f} s wall")
     return 0
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 from pydicom.filereader import _at_pixel_data, _read_file_meta_info, read_dataset, read_preamble
@@ -18,6 +20,8 @@ from db.repository import InstanceRecord
 from dicom_node import status
 from dicom_node.integrity import DEFLATED, NATIVE_SYNTAXES, IntegrityError, check_pixel_data, inflate_capped, walk
 from dicom_node.uids import instance_relpath, is_valid_uid
+
+N = TypeVar("N", int, float)
 
 
 class RejectedInstance(InvalidInput):
@@ -37,20 +41,21 @@ def _text(ds, keyword: str, limit: int | None = None) -> str | None:
     return text[:limit] if limit else text
 
 
-def _int(ds, keyword: str) -> int | None:
+def _number(ds, keyword: str, kind: Callable[[Any], N]) -> N | None:
+    """``kind(value)`` of an element; None when it is absent, empty or not a number."""
     value = ds.get(keyword)
     try:
-        return int(value) if value not in (None, "") else None
+        return kind(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
+
+
+def _int(ds, keyword: str) -> int | None:
+    return _number(ds, keyword, int)
 
 
 def _float(ds, keyword: str) -> float | None:
-    value = ds.get(keyword)
-    try:
-        return float(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
+    return _number(ds, keyword, float)
 
 
 def slice_position(ds) -> float | None:

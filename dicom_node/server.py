@@ -66,15 +66,25 @@ def handle_store(event, store: StoreService, in_flight: InFlight) -> int:
         return status.PROCESSING_FAILURE
 
 
+def _guarded(what: str, call, *args):
+    """``call(*args)`` of a handler that answers (status, dataset): an exception is logged
+    and answered with Processing Failure instead of raised."""
+    try:
+        return call(*args)
+    except Exception:
+        log.exception("unexpected error in %s", what)
+        return status.PROCESSING_FAILURE, None
+
+
+def _n_action(event, commitment: CommitmentService, ups: UpsService):
+    if str(event.request.RequestedSOPClassUID) in UPS_SOP_CLASSES:
+        return ups.on_n_action(event)
+    return commitment.on_n_action(event)
+
+
 def handle_n_action(event, commitment: CommitmentService, ups: UpsService):
     """N-ACTION for Storage Commitment or UPS, told apart by the Requested SOP Class."""
-    try:
-        if str(event.request.RequestedSOPClassUID) in UPS_SOP_CLASSES:
-            return ups.on_n_action(event)
-        return commitment.on_n_action(event)
-    except Exception:
-        log.exception("unexpected error in N-ACTION")
-        return status.PROCESSING_FAILURE, None
+    return _guarded("N-ACTION", _n_action, event, commitment, ups)
 
 
 def handle_c_find(event, ups: UpsService):
@@ -87,19 +97,11 @@ def handle_c_find(event, ups: UpsService):
 
 
 def handle_n_get(event, ups: UpsService):
-    try:
-        return ups.on_n_get(event)
-    except Exception:
-        log.exception("unexpected error in UPS N-GET")
-        return status.PROCESSING_FAILURE, None
+    return _guarded("UPS N-GET", ups.on_n_get, event)
 
 
 def handle_n_set(event, ups: UpsService):
-    try:
-        return ups.on_n_set(event)
-    except Exception:
-        log.exception("unexpected error in UPS N-SET")
-        return status.PROCESSING_FAILURE, None
+    return _guarded("UPS N-SET", ups.on_n_set, event)
 
 
 def _reject(event, result: int, source: int, reason_code: int, why: str) -> None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -817,14 +818,16 @@ def _write_series(folder: Path, hu: np.ndarray, spacing, uids: dict, patient: di
     origin_y = -(rows - 1) / 2.0 * dy
     stored = hu.astype(np.int16) - np.int16(RESCALE_INTERCEPT)  # HU >= -1024 -> stored >= 0
     stored[hu == HU_MIN] = STORED_PADDING_VALUE  # outside the scan circle (and clipped air)
-    sharp = _is_sharp(kernel)
     for k in range(slices):
         instance_number = slices - k  # instance 1 = most superior = highest z
         z = z_top - (instance_number - 1) * dz
-        ds = _slice_dataset(uids, patient, kernel, series_number, k, instance_number, slices,
-                            rows, cols, (origin_x, origin_y, z), spacing, sharp)
+        ds = ct_slice_dataset(
+            sop_instance_uid=uids["sop_instance_uids"][k], study_instance_uid=uids["study_instance_uid"],
+            series_instance_uid=uids["series_instance_uid"], frame_of_reference_uid=uids["frame_of_reference_uid"],
+            patient=patient, kernel=kernel, series_number=series_number, instance_number=instance_number,
+            slices=slices, rows=rows, cols=cols, position=(origin_x, origin_y, z), spacing=spacing)
         ds.PixelData = stored[k].tobytes()
-        ds.file_meta = _file_meta(ds.SOPInstanceUID, ExplicitVRLittleEndian)
+        ds.file_meta = ct_file_meta(ds.SOPInstanceUID)
         if transfer_syntax in (RLELossless, JPEG2000Lossless):
             ds.compress(transfer_syntax, stored[k], generate_instance_uid=False,
                         **_encoder_options(transfer_syntax))
@@ -844,7 +847,8 @@ def _encoder_options(transfer_syntax: UID) -> dict:
     return {}
 
 
-def _file_meta(sop_instance_uid: str, transfer_syntax: UID) -> FileMetaDataset:
+def ct_file_meta(sop_instance_uid: str, transfer_syntax: UID = ExplicitVRLittleEndian) -> FileMetaDataset:
+    """File meta of a CT Image instance (ct-triage's implementation UID and version name)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
@@ -857,14 +861,25 @@ def _file_meta(sop_instance_uid: str, transfer_syntax: UID) -> FileMetaDataset:
 _STUDY_DATE, _STUDY_TIME = "20200401", "101500"
 
 
-def _slice_dataset(uids, patient, kernel, series_number, k, instance_number, slices, rows, cols,
-                   position, spacing, sharp) -> Dataset:
+def ct_slice_dataset(*, sop_instance_uid: str, study_instance_uid: str, series_instance_uid: str,
+                     frame_of_reference_uid: str, patient: Mapping[str, str], kernel: str, series_number: int,
+                     instance_number: int, slices: int, rows: int, cols: int, position: tuple[float, float, float],
+                     spacing: tuple[float, float, float], **elements: Any) -> Dataset:
+    """The header of one axial CT Image instance as the phantom writes it (no pixel data, no
+    file meta): the Patient (``patient``: PatientName, PatientID, PatientBirthDate,
+    PatientSex, PatientAge, AccessionNumber), General Study, General Series, Frame of
+    Reference, General Equipment, General Image, Image Plane (``position`` of the first
+    pixel, ``spacing`` (slice, row, column) in mm), Image Pixel (signed 16 bit, stored = HU
+    + 1024), CT Image, VOI LUT (lung window for a sharp ``kernel``, soft tissue else) and SOP
+    Common modules. ``elements`` (keyword=value) are set last: they add to the defaults or
+    replace them."""
     dz, dy, dx = spacing
+    sharp = _is_sharp(kernel)
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = uids["sop_instance_uids"][k]
+    ds.SOPInstanceUID = sop_instance_uid
     for prefix in ("Study", "Series", "Acquisition", "Content"):
         setattr(ds, f"{prefix}Date", _STUDY_DATE)
         setattr(ds, f"{prefix}Time", _STUDY_TIME)
@@ -895,15 +910,15 @@ def _slice_dataset(uids, patient, kernel, series_number, k, instance_number, sli
     ds.XRayTubeCurrent = 200
     ds.ConvolutionKernel = kernel
     ds.PatientPosition = "HFS"
-    ds.StudyInstanceUID = uids["study_instance_uid"]
-    ds.SeriesInstanceUID = uids["series_instance_uid"]
+    ds.StudyInstanceUID = study_instance_uid
+    ds.SeriesInstanceUID = series_instance_uid
     ds.StudyID = "1"
     ds.SeriesNumber = series_number
     ds.AcquisitionNumber = 1
     ds.InstanceNumber = instance_number
     ds.ImagePositionPatient = [_ds_number(v) for v in position]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.FrameOfReferenceUID = uids["frame_of_reference_uid"]
+    ds.FrameOfReferenceUID = frame_of_reference_uid
     ds.PositionReferenceIndicator = ""
     ds.SliceLocation = _ds_number(position[2])
     ds.ImagesInAcquisition = slices
@@ -923,6 +938,8 @@ def _slice_dataset(uids, patient, kernel, series_number, k, instance_number, sli
     ds.RescaleSlope = "1"
     ds.RescaleType = "HU"
     ds.LossyImageCompression = "00"
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
     return ds
 
 

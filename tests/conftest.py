@@ -126,3 +126,40 @@ def start_node(tmp_path):
     for running in started:
         running.node.stop()
         running.engine.dispose()
+
+
+@pytest.fixture
+def start_serve(start_node):
+    """start_serve(database_url, **settings) -> RunningNode with an embedded worker in this
+    process, as `ct-triage serve` composes them; both stopped at teardown."""
+    from ct_triage.contract import EmbeddedPublisher
+    from worker.embedded import EmbeddedConsumer
+    from worker.jobs import WorkerContext
+
+    consumers = []
+
+    def _start(database_url: str, **overrides) -> RunningNode:
+        running = start_node(database_url, **overrides)
+        consumer = EmbeddedConsumer(WorkerContext(running.settings, running.session_factory, EmbeddedPublisher()),
+                                    poll_interval_s=0.2)
+        consumer.start()
+        consumers.append(consumer)
+        return running
+
+    yield _start
+    for consumer in consumers:
+        consumer.stop()
+
+
+@pytest.fixture(scope="module")
+def ct(request):
+    """The module's synthetic chest CT: ``make_chest_ct(**CHEST_CT)`` with the module's ``CHEST_CT``."""
+    from tests.support.ct_datasets import make_chest_ct
+
+    return make_chest_ct(**request.module.CHEST_CT)
+
+
+@pytest.fixture(scope="module")
+def result(ct):
+    """A scored result consistent with ``ct`` (numbers from its masks)."""
+    return ct.score_result()

@@ -8,8 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.support import orthanc as orthanc_support
 from tests.support.daemon import Daemon
 from tests.support.scanner import free_port, require_dcmtk, storescu, write_ct_series
@@ -62,8 +60,7 @@ def test_serve_with_embedded_defaults_completes_a_real_size_series(tmp_path):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    if not orthanc_support.available():
-        pytest.fail("Orthanc is not installed (apt-get install orthanc); .ci/run installs it")
+    orthanc_support.require_orthanc()
     result = ct_triage("demo", "--workdir", str(tmp_path / "demo"), cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("in PACS") == 3

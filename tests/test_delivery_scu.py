@@ -18,21 +18,16 @@ from pynetdicom import AE, evt
 
 from ct_triage.settings import Destination, parse_destination
 from tests.support import orthanc as orthanc_support
-from tests.support.ct_datasets import make_chest_ct
 from tests.support.orthanc import OrthancServer, free_port
 from worker.delivery.scu import DeliveryReport, classify_rejection, classify_status, send_instances
 from worker.outputs.sc import build_secondary_capture_series
 from worker.outputs.sr import build_measurement_report
 
 CREATED = dt.datetime(2024, 5, 6, 7, 8, 9)
+CHEST_CT = dict(n_slices=5, size=96, seed=3)
 CALLING = "CTTRIAGE"
 
 needs_orthanc = pytest.mark.skipif(not orthanc_support.available(), reason="Orthanc (/usr/sbin/Orthanc) not installed")
-
-
-@pytest.fixture(scope="module")
-def ct():
-    return make_chest_ct(n_slices=5, size=96, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -143,8 +143,7 @@ def test_node_sigkilled_10_times_during_4_concurrent_sends(tmp_path, postgres_ur
 
 # -- Celery worker SIGKILL ----------------------------------------------------------------------
 def test_worker_sigkilled_during_scoring_and_during_delivery(tmp_path, postgres_url, redis_url):
-    if not orthanc_support.available():
-        pytest.fail("Orthanc is not installed; .ci/run installs it")
+    orthanc_support.require_orthanc()
     files = _phantom(tmp_path / "phantom", 40, seed=21)
     study_uid = _study_uid(files[0])
     port = free_port()
@@ -319,8 +318,7 @@ def _delivery_orders_by_priority() -> bool:
 
 
 def test_pacs_down_for_2_minutes_during_a_burst_of_10_studies(tmp_path, postgres_url):
-    if not orthanc_support.available():
-        pytest.fail("Orthanc is not installed; .ci/run installs it")
+    orthanc_support.require_orthanc()
     # 3 HIGH (CT-3, 60 %) and 7 LOW (CT-0) studies, interleaved.
     plan = [60 if i in (2, 5, 8) else 0 for i in range(10)]
     studies = [_phantom(tmp_path / f"p{i}", involvement, seed=60 + i) for i, involvement in enumerate(plan)]

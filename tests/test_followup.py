@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from ct_triage.contract import EmbeddedPublisher
 from ct_triage_tools.followup import follow_up_copy, write_patient_phantom
 from db import followup as fdb
 from db import repository, views
@@ -23,8 +22,6 @@ from tests.support import orthanc as orthanc_support
 from tests.support.orthanc import OrthancServer
 from tests.support.scanner import require_dcmtk, storescu
 from tests.test_node import wait_for
-from worker.embedded import EmbeddedConsumer
-from worker.jobs import WorkerContext
 from worker.priors import comparison_summary
 from worker.scoring.result import category_for
 
@@ -47,23 +44,6 @@ def phantoms(tmp_path_factory) -> dict[int, Path]:
     return out
 
 
-@pytest.fixture
-def serve(start_node):
-    consumers = []
-
-    def _start(database_url: str, **overrides):
-        running = start_node(database_url, **overrides)
-        consumer = EmbeddedConsumer(WorkerContext(running.settings, running.session_factory, EmbeddedPublisher()),
-                                    poll_interval_s=0.2)
-        consumer.start()
-        consumers.append(consumer)
-        return running
-
-    yield _start
-    for consumer in consumers:
-        consumer.stop()
-
-
 def result_of(running, study_uid: str, version: int | None = None) -> Result | None:
     with running.session() as session:
         query = select(Result).join(Study).where(Study.study_instance_uid == study_uid)
@@ -81,9 +61,9 @@ def scan(running, phantom: Path, folder: Path, when: dt.datetime, issuer: str | 
     return uid
 
 
-def test_20_then_32_percent_in_36_hours_is_progression(serve, database_url, phantoms, tmp_path, monkeypatch,
+def test_20_then_32_percent_in_36_hours_is_progression(start_serve, database_url, phantoms, tmp_path, monkeypatch,
                                                        capsys):
-    running = serve(database_url)
+    running = start_serve(database_url)
     first = scan(running, phantoms[20], tmp_path / "a", T0)
     second = scan(running, phantoms[32], tmp_path / "b", LATER)
     before, after = result_of(running, first), result_of(running, second)
@@ -121,8 +101,8 @@ def test_20_then_32_percent_in_36_hours_is_progression(serve, database_url, phan
     assert [line.split()[0] for line in compact if "PROGRESSION +" in line] == ["HIGH"]
 
 
-def test_20_then_22_percent_is_stable_and_stays_low(serve, sqlite_url, phantoms, tmp_path):
-    running = serve(sqlite_url)
+def test_20_then_22_percent_is_stable_and_stays_low(start_serve, sqlite_url, phantoms, tmp_path):
+    running = start_serve(sqlite_url)
     scan(running, phantoms[20], tmp_path / "a", T0)
     second = result_of(running, scan(running, phantoms[22], tmp_path / "b", LATER))
     assert (second.category, second.priority) == ("CT-1", "LOW")
@@ -131,8 +111,8 @@ def test_20_then_22_percent_is_stable_and_stays_low(serve, sqlite_url, phantoms,
         assert comparison_summary(session, second.id)["trend"] == "stable"
 
 
-def test_45_then_25_percent_is_improvement_category_from_current_share(serve, sqlite_url, phantoms, tmp_path):
-    running = serve(sqlite_url)
+def test_45_then_25_percent_is_improvement_category_from_current_share(start_serve, sqlite_url, phantoms, tmp_path):
+    running = start_serve(sqlite_url)
     scan(running, phantoms[45], tmp_path / "a", T0)
     second = result_of(running, scan(running, phantoms[25], tmp_path / "b", LATER))
     assert second.reason.startswith("improvement")
@@ -142,8 +122,8 @@ def test_45_then_25_percent_is_improvement_category_from_current_share(serve, sq
     assert summary["trend"] == "improvement" and summary["delta_points"] < -5 and not summary["progression"]
 
 
-def test_same_patient_id_with_another_issuer_is_not_a_prior(serve, sqlite_url, phantoms, tmp_path):
-    running = serve(sqlite_url)
+def test_same_patient_id_with_another_issuer_is_not_a_prior(start_serve, sqlite_url, phantoms, tmp_path):
+    running = start_serve(sqlite_url)
     scan(running, phantoms[20], tmp_path / "a", T0, issuer="HOSPITAL-A")
     second = result_of(running, scan(running, phantoms[32], tmp_path / "b", LATER, issuer="HOSPITAL-B"))
     assert second.category == category_for(second.involvement_percent) == "CT-2" and second.reason is None
@@ -153,9 +133,8 @@ def test_same_patient_id_with_another_issuer_is_not_a_prior(serve, sqlite_url, p
 
 
 def test_prior_from_orthanc_found_retrieved_scored_compared_even_after_an_outage(
-        serve, sqlite_url, phantoms, tmp_path):
-    if not orthanc_support.available():
-        pytest.fail("Orthanc is not installed (apt-get install orthanc); .ci/run installs it")
+        start_serve, sqlite_url, phantoms, tmp_path):
+    orthanc_support.require_orthanc()
     prior_files = follow_up_copy(phantoms[20], tmp_path / "prior", T0)
     current_files = follow_up_copy(phantoms[32], tmp_path / "current", LATER)
     # the same Patient ID from another issuing authority: another patient, never retrieved
@@ -172,7 +151,7 @@ def test_prior_from_orthanc_found_retrieved_scored_compared_even_after_an_outage
     with archive, OrthancServer(tmp_path / "pacs", aet="PACS") as pacs:
         assert storescu(archive.dicom_port, prior_files + stranger_files, called="ARCHIVE").returncode == 0
         archive.stop()  # the archive is down when the current study comes in
-        running = serve(sqlite_url, port=our_port, destinations=[str(pacs.destination)],
+        running = start_serve(sqlite_url, port=our_port, destinations=[str(pacs.destination)],
                         prior_sources=[str(archive.destination)], retry_base_s=1)
         assert storescu(running.port, current_files).returncode == 0
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.support.ct_datasets import make_chest_ct
 from tests.support.dciodvfy import dciodvfy_errors, unexpected_warnings
 from worker.comparison import Snapshot, apply_assessment, assess
 from worker.outputs import render, trend
@@ -17,16 +16,12 @@ from worker.outputs.sc import build_secondary_capture_series
 from worker.outputs.sr import build_measurement_report
 
 CREATED = dt.datetime(2026, 11, 28, 22, 0, 0)
+CHEST_CT = dict(n_slices=6, size=128, seed=1)
 T0 = dt.datetime(2026, 11, 27, 9, 30)
 PRIOR_STUDY = "2.25.1234567890123456789"
 PRIOR_SERIES = "2.25.1234567890123456790"
 PRIOR_SOP = "2.25.1234567890123456791"
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
-
-
-@pytest.fixture(scope="module")
-def ct():
-    return make_chest_ct(n_slices=6, size=128, seed=1)
 
 
 def _compared(ct, prior_percent: float, hours: float = 36.0, **prior_kw):

@@ -34,6 +34,18 @@ def node_env(tmp_path, database_url: str, port: int, **extra) -> dict[str, str]:
     return env
 
 
+def queued_series(factory) -> Series:
+    """The one series once it is queued; exactly one job was made for it."""
+    def queued():
+        with factory() as session:
+            row = session.scalar(select(Series))
+            return row.state == "queued" and row
+    row = wait_for(queued, timeout=30)
+    with factory() as session:
+        assert session.scalar(select(func.count(Job.id))) == 1
+    return row
+
+
 def test_sigkill_mid_series_loses_no_acknowledged_instance(tmp_path, sqlite_url):
     port = free_port()
     # A quiet period longer than the restart: the partial series is not scored on its own.
@@ -74,15 +86,8 @@ def test_sigkill_mid_series_loses_no_acknowledged_instance(tmp_path, sqlite_url)
         # Resend everything: duplicates succeed, the series completes, one job.
         result = storescu(port, series.paths)
         assert result.returncode == 0, result.stderr[-2000:]
-
-        def queued():
-            with factory() as session:
-                row = session.scalar(select(Series))
-                return row.state == "queued" and row
-        row = wait_for(queued, timeout=30)
+        row = queued_series(factory)
         assert row.instance_count == 300
-        with factory() as session:
-            assert session.scalar(select(func.count(Job.id))) == 1
     finally:
         node.stop()
         engine.dispose()
@@ -119,15 +124,8 @@ def test_sigkill_between_fsync_and_index_loses_nothing(tmp_path, sqlite_url):
         assert rows == set(series.sop_instance_uids[:40])
         assert "left without a row by the last run" in node.log()
         assert storescu(port, series.paths).returncode == 0
-
-        def queued():
-            with factory() as session:
-                row = session.scalar(select(Series))
-                return row.state == "queued" and row
-        row = wait_for(queued, timeout=30)
+        row = queued_series(factory)
         assert row.instance_count == 60 and row.duplicate_count == 40
-        with factory() as session:
-            assert session.scalar(select(func.count(Job.id))) == 1
     finally:
         node.stop()
         engine.dispose()

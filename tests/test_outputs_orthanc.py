@@ -50,8 +50,7 @@ CREATED = dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.timezone.utc)
 @pytest.fixture(autouse=True)
 def _tools():
     require_dcmtk()
-    if not orthanc_support.available():
-        pytest.fail("Orthanc is not installed (apt-get install orthanc); .ci/run installs it")
+    orthanc_support.require_orthanc()
 
 
 @pytest.fixture(scope="module")

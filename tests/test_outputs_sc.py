@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import io
 
 import numpy as np
 import pydicom
@@ -12,7 +11,7 @@ import pytest
 from pydicom.uid import SecondaryCaptureImageStorage
 
 from ct_triage import __version__
-from tests.support.ct_datasets import make_chest_ct
+from tests.support.ct_datasets import file_bytes, make_chest_ct
 from tests.support.dciodvfy import dciodvfy_errors, dciodvfy_report, unexpected_warnings
 from worker.outputs import render
 from worker.outputs.sc import build_secondary_capture_series
@@ -20,6 +19,7 @@ from worker.outputs.uids import derived_uid, output_uid
 from worker.scoring.result import LesionBox
 
 CREATED = dt.datetime(2024, 5, 6, 7, 8, 9)
+CHEST_CT = dict(n_slices=6, size=128, seed=1)
 PATIENT_STUDY_KEYWORDS = [
     "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge",
     "PatientSize", "PatientWeight", "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber",
@@ -28,24 +28,8 @@ PATIENT_STUDY_KEYWORDS = [
 
 
 @pytest.fixture(scope="module")
-def ct():
-    return make_chest_ct(n_slices=6, size=128, seed=1)
-
-
-@pytest.fixture(scope="module")
-def result(ct):
-    return ct.score_result()
-
-
-@pytest.fixture(scope="module")
 def series(ct, result):
     return build_secondary_capture_series(ct.datasets, result, 1, created_at=CREATED)
-
-
-def _bytes(ds) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 def _save(ds, path):
@@ -153,13 +137,13 @@ def test_round_trip_save_read(tmp_path, series):
 
 
 def test_deterministic_bytes(ct, result):
-    first = [_bytes(ds) for ds in build_secondary_capture_series(ct.datasets, result, 1, created_at=CREATED)]
-    second = [_bytes(ds) for ds in build_secondary_capture_series(ct.datasets, result, 1, created_at=CREATED)]
+    first = [file_bytes(ds) for ds in build_secondary_capture_series(ct.datasets, result, 1, created_at=CREATED)]
+    second = [file_bytes(ds) for ds in build_secondary_capture_series(ct.datasets, result, 1, created_at=CREATED)]
     assert first == second
     # no created_at: still deterministic (taken from the sources)
     a = build_secondary_capture_series(ct.datasets, result, 1)
     b = build_secondary_capture_series(ct.datasets, result, 1)
-    assert [_bytes(x) for x in a] == [_bytes(x) for x in b]
+    assert [file_bytes(x) for x in a] == [file_bytes(x) for x in b]
     assert a[0].ContentDate == ct.datasets[0].ContentDate
     # a new result version is a new series with new instances
     v2 = build_secondary_capture_series(ct.datasets, result, 2, created_at=CREATED)
@@ -325,7 +309,7 @@ def test_identical_bytes_in_another_process(ct, result):
     def digest(objects) -> str:
         h = hashlib.sha256()
         for ds in objects:
-            h.update(_bytes(ds))
+            h.update(file_bytes(ds))
         return h.hexdigest()
 
     here = digest(build_secondary_capture_series(ct.datasets, result, 1, created_at=CREATED))

@@ -12,29 +12,14 @@ import pydicom
 import pytest
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, SegmentationStorage
 
-from tests.support.ct_datasets import make_chest_ct
+from tests.support.ct_datasets import file_bytes
 from tests.support.dciodvfy import dciodvfy_report
 from worker.outputs.seg import build_segmentation, segment_numbers
 from worker.outputs.uids import output_uid
 from worker.scoring.masks import ResultMasks, load_masks, save_masks
 
 CREATED = dt.datetime(2024, 5, 6, 7, 8, 9)
-
-
-@pytest.fixture(scope="module")
-def ct():
-    return make_chest_ct(n_slices=8, size=128, seed=4)
-
-
-@pytest.fixture(scope="module")
-def result(ct):
-    return ct.score_result()
-
-
-def _bytes(ds) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+CHEST_CT = dict(n_slices=8, size=128, seed=4)
 
 
 def _segment_volume(seg_ds, uids, number) -> np.ndarray:
@@ -90,12 +75,12 @@ def test_valid_and_reads_back_exactly(tmp_path, ct, result, compression):
 def test_deterministic_and_versioned(ct, result):
     a = build_segmentation(ct.datasets, result, result.masks, 1, created_at=CREATED)
     b = build_segmentation(ct.datasets, result, result.masks, 1, created_at=CREATED)
-    assert _bytes(a) == _bytes(b)
+    assert file_bytes(a) == file_bytes(b)
     v2 = build_segmentation(ct.datasets, result, result.masks, 2, created_at=CREATED)
     assert v2.SOPInstanceUID != a.SOPInstanceUID and v2.SeriesInstanceUID != a.SeriesInstanceUID
     # headers suffice: the SEG never needs the source pixels
-    headers = [pydicom.dcmread(io.BytesIO(_bytes(ds)), stop_before_pixels=True) for ds in ct.datasets]
-    assert _bytes(build_segmentation(headers, result, result.masks, 1, created_at=CREATED)) == _bytes(a)
+    headers = [pydicom.dcmread(io.BytesIO(file_bytes(ds)), stop_before_pixels=True) for ds in ct.datasets]
+    assert file_bytes(build_segmentation(headers, result, result.masks, 1, created_at=CREATED)) == file_bytes(a)
 
 
 def test_working_grid_masks_map_back_by_nearest_neighbour(ct, result):

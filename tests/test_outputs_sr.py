@@ -14,7 +14,7 @@ import pytest
 from pydicom.uid import Comprehensive3DSRStorage
 
 from ct_triage import __version__
-from tests.support.ct_datasets import make_chest_ct
+from tests.support.ct_datasets import file_bytes
 from tests.support.dciodvfy import dciodvfy_report, unexpected_warnings
 from worker.outputs.seg import build_segmentation, segment_numbers
 from worker.outputs.sr import SCHEME, build_measurement_report, patient_point
@@ -22,20 +22,11 @@ from worker.outputs.uids import output_uid
 from worker.scoring.result import ROUTING
 
 CREATED = dt.datetime(2024, 5, 6, 7, 8, 9)
+CHEST_CT = dict(n_slices=6, size=128, seed=2)
 PATIENT_STUDY_KEYWORDS = [
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "StudyInstanceUID",
     "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName", "StudyID", "StudyDescription",
 ]
-
-
-@pytest.fixture(scope="module")
-def ct():
-    return make_chest_ct(n_slices=6, size=128, seed=2)
-
-
-@pytest.fixture(scope="module")
-def result(ct):
-    return ct.score_result()
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +40,6 @@ def sr_path(tmp_path_factory, ct, result, seg):
     build_measurement_report(ct.datasets, result, 1, created_at=CREATED, masks=result.masks,
                              segmentation=seg).save_as(path, enforce_file_format=True)
     return path
-
-
-def _bytes(ds) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 @pytest.mark.parametrize("status", ["scored", "failed", "not_applicable"])
@@ -175,16 +160,16 @@ def test_unscored_report_states_status_and_reason(ct, status):
 def test_round_trip_and_determinism(tmp_path, ct, result):
     a = build_measurement_report(ct.datasets, result, 1, created_at=CREATED)
     b = build_measurement_report(ct.datasets, result, 1, created_at=CREATED)
-    assert _bytes(a) == _bytes(b)
+    assert file_bytes(a) == file_bytes(b)
     path = tmp_path / "a.dcm"
     a.save_as(path, enforce_file_format=True)
     back = pydicom.dcmread(path)
-    assert _bytes(back) == _bytes(a)
+    assert file_bytes(back) == file_bytes(a)
     v2 = build_measurement_report(ct.datasets, result, 2, created_at=CREATED)
     assert v2.SOPInstanceUID != a.SOPInstanceUID and v2.SeriesInstanceUID != a.SeriesInstanceUID
     # pixel data is not needed for the SR
-    headers = [pydicom.dcmread(io.BytesIO(_bytes(ds)), stop_before_pixels=True) for ds in ct.datasets]
-    assert _bytes(build_measurement_report(headers, result, 1, created_at=CREATED)) == _bytes(a)
+    headers = [pydicom.dcmread(io.BytesIO(file_bytes(ds)), stop_before_pixels=True) for ds in ct.datasets]
+    assert file_bytes(build_measurement_report(headers, result, 1, created_at=CREATED)) == file_bytes(a)
 
 
 def test_bad_arguments_name_the_argument(ct, result):
@@ -220,7 +205,7 @@ def test_lesion_groups_limit_and_determinism(ct, result, seg):
     full = build_measurement_report(ct.datasets, result, 1, created_at=CREATED, masks=result.masks, segmentation=seg)
     again = build_measurement_report(ct.datasets, result, 1, created_at=CREATED, masks=result.masks,
                                      segmentation=seg)
-    assert _bytes(full) == _bytes(again)
+    assert file_bytes(full) == file_bytes(again)
     one = build_measurement_report(ct.datasets, result, 1, created_at=CREATED, masks=result.masks, segmentation=seg,
                                    max_lesions=1)
     groups = hd.sr.Comprehensive3DSR.from_dataset(one).content.get_volumetric_roi_measurement_groups()

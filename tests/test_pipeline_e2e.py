@@ -13,7 +13,6 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import func, select
 
-from ct_triage.contract import EmbeddedPublisher
 from db.models import Delivery, Job, Result, Series
 from tests.support import orthanc as orthanc_support
 from tests.support.daemon import Daemon
@@ -22,8 +21,7 @@ from tests.support.orthanc import OrthancServer
 from tests.support.scanner import free_port, require_dcmtk, storescu
 from tests.test_node import wait_for
 from tests.test_node_process import node_env
-from worker.embedded import EmbeddedConsumer
-from worker.jobs import WorkerContext, build_outputs
+from worker.jobs import build_outputs
 from worker.outputs.stored import encode
 
 # Small but realistic enough: 60 slices x 5 mm spans the lungs, 192x192 keeps it quick.
@@ -33,8 +31,7 @@ PHANTOM = dict(slices=60, rows=192, slice_spacing_mm=5.0)
 @pytest.fixture(autouse=True)
 def _tools():
     require_dcmtk()
-    if not orthanc_support.available():
-        pytest.fail("Orthanc is not installed (apt-get install orthanc); .ci/run installs it")
+    orthanc_support.require_orthanc()
 
 
 @pytest.fixture(scope="module")
@@ -50,22 +47,10 @@ def dicom_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*.dcm"))
 
 
-@pytest.fixture
-def start_serve(start_node):
-    """Node + embedded worker in this process, as `ct-triage serve` composes them."""
-    consumers = []
-
-    def _start(database_url: str, **overrides):
-        running = start_node(database_url, **overrides)
-        consumer = EmbeddedConsumer(WorkerContext(running.settings, running.session_factory, EmbeddedPublisher()),
-                                    poll_interval_s=0.2)
-        consumer.start()
-        consumers.append(consumer)
-        return running
-
-    yield _start
-    for consumer in consumers:
-        consumer.stop()
+def delivery_in(session_factory, state: str, *conditions) -> Delivery | None:
+    """A delivery in ``state`` (and ``conditions``), or None."""
+    with session_factory() as session:
+        return session.scalar(select(Delivery).where(Delivery.state == state, *conditions))
 
 
 def latest_result(running) -> Result | None:
@@ -108,10 +93,7 @@ def test_outputs_reach_orthanc_in_the_same_study_valid_and_boxed(start_serve, sq
         running = start_serve(sqlite_url, destinations=[str(pacs.destination)], retry_base_s=1)
         assert storescu(running.port, dicom_files(folder / "FC51")).returncode == 0
 
-        def delivered():
-            with running.session() as session:
-                return session.scalar(select(Delivery).where(Delivery.state == "delivered"))
-        delivery = wait_for(delivered, timeout=180, interval=0.5)
+        delivery = wait_for(lambda: delivery_in(running.session, "delivered"), timeout=180, interval=0.5)
         assert delivery.attempts == 1 and delivery.instances_sent >= 3
 
         studies = pacs.studies()
@@ -167,17 +149,12 @@ def test_pacs_down_then_up_is_delivered_after_recovery(start_serve, sqlite_url, 
     try:
         assert storescu(running.port, dicom_files(folder / "FC51")).returncode == 0
 
-        def retrying():
-            with running.session() as session:
-                return session.scalar(select(Delivery).where(Delivery.state == "retrying", Delivery.attempts >= 2))
-        down = wait_for(retrying, timeout=180, interval=0.3)
+        down = wait_for(lambda: delivery_in(running.session, "retrying", Delivery.attempts >= 2), timeout=180,
+                        interval=0.3)
         assert down.last_error and down.delivered_at is None
         pacs.start()
 
-        def delivered():
-            with running.session() as session:
-                return session.scalar(select(Delivery).where(Delivery.state == "delivered"))
-        up = wait_for(delivered, timeout=120, interval=0.3)
+        up = wait_for(lambda: delivery_in(running.session, "delivered"), timeout=120, interval=0.3)
         assert up.attempts >= 3
         assert len(pacs.instances()) == up.instances_sent
         with running.session() as session:
@@ -193,10 +170,7 @@ def test_pacs_rejecting_our_ae_stops_with_the_reason(start_serve, sqlite_url, ph
         running = start_serve(sqlite_url, destinations=[str(pacs.destination)], retry_base_s=0.5)
         assert storescu(running.port, dicom_files(folder / "FC51")).returncode == 0
 
-        def failed():
-            with running.session() as session:
-                return session.scalar(select(Delivery).where(Delivery.state == "failed"))
-        delivery = wait_for(failed, timeout=180, interval=0.3)
+        delivery = wait_for(lambda: delivery_in(running.session, "failed"), timeout=180, interval=0.3)
         assert "reject" in delivery.last_error.lower()
         time.sleep(3)  # well past several backoff periods: no retry happens
         with running.session() as session:
@@ -231,10 +205,7 @@ def test_redis_worker_killed_mid_task_is_redelivered_and_completes_once(tmp_path
             job = wait_for(running_job, timeout=120, interval=0.05)
             os.kill(int(job.worker.rpartition(":")[2]), signal.SIGKILL)  # the pool process scoring it
 
-            def delivered():
-                with factory() as session:
-                    return session.scalar(select(Delivery).where(Delivery.state == "delivered"))
-            wait_for(delivered, timeout=240, interval=0.5)
+            wait_for(lambda: delivery_in(factory, "delivered"), timeout=240, interval=0.5)
             with factory() as session:
                 assert session.scalar(select(func.count(Result.id))) == 1
                 job = session.get(Job, job.id)

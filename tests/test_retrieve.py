@@ -15,8 +15,7 @@ from worker.delivery.retrieve import find_studies, move_study
 @pytest.fixture(autouse=True)
 def _tools():
     require_dcmtk()
-    if not orthanc_support.available():
-        pytest.fail("Orthanc is not installed (apt-get install orthanc); .ci/run installs it")
+    orthanc_support.require_orthanc()
 
 
 def _query(patient_id: str) -> Dataset:

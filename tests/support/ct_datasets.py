@@ -1,10 +1,10 @@
 """Small, realistic synthetic chest CT series for the output and delivery tests.
 
-Independent of ``ct_triage_tools.phantom`` on purpose: these tests exercise the DICOM writers,
-not the scoring, so they only need valid CT Image instances with the full Patient,
-General Study, Patient Study, General Series, Frame of Reference, General Equipment,
-General Image, Image Plane, Image Pixel, CT Image, VOI LUT and SOP Common modules,
-plus lesions at known pixel positions (returned as :class:`LesionBox` ground truth).
+Not the phantom's anatomy (``ct_triage_tools.phantom``): these tests exercise the DICOM
+writers, not the scoring, so they need small valid CT Image instances (headers from the
+phantom's :func:`~ct_triage_tools.phantom.ct_slice_dataset`, plus the Patient module's
+optional attributes it leaves out) with lesions at known pixel positions (returned as
+:class:`LesionBox` ground truth).
 
 Geometry: axial slices (ImageOrientationPatient 1\\0\\0\\0\\1\\0), sorted by increasing
 z (the slice normal), columns increase towards the patient's left, so the patient's
@@ -14,13 +14,14 @@ RescaleIntercept -1024 / RescaleSlope 1 (stored value = HU + 1024).
 
 from __future__ import annotations
 
+import io
 import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
+from pydicom.dataset import Dataset
 
+from ct_triage_tools.phantom import ct_file_meta, ct_slice_dataset
 from worker.scoring.result import LesionBox, ScoreResult, category_for
 
 HU_AIR = -1000
@@ -197,92 +198,26 @@ def make_chest_ct(
     return SyntheticCT(datasets, boxes, hu.astype(np.float32), lung_mask, lesion_mask)
 
 
+PATIENT = {"PatientBirthDate": "19730102", "PatientSex": "F", "PatientAge": "047Y"}
+# The Patient module's optional attributes the phantom leaves out: set here so the
+# writers' copying of them is tested too.
+OPTIONAL_ELEMENTS = {"IssuerOfPatientID": "SYNTH", "PatientSize": "1.68", "PatientWeight": "64"}
+
+
 def _ct_instance(
     hu_slice: np.ndarray, z: int, n_slices: int, sop_uid: str, study_uid: str, series_uid: str, frame_uid: str,
     spacing: float, thickness: float, *, patient_name: str, patient_id: str, accession_number: str,
 ) -> Dataset:
     rows, cols = hu_slice.shape
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyDate = "20200415"
-    ds.SeriesDate = "20200415"
-    ds.AcquisitionDate = "20200415"
-    ds.ContentDate = "20200415"
-    ds.StudyTime = "101500"
-    ds.SeriesTime = "101712"
-    ds.AcquisitionTime = "101712"
-    ds.ContentTime = "101713"
-    ds.AccessionNumber = accession_number
-    ds.Modality = "CT"
-    ds.Manufacturer = "TOSHIBA"
-    ds.InstitutionName = "Synthetic Hospital"
-    ds.ReferringPhysicianName = "House^Gregory"
-    ds.StationName = "CTAWP00001"
-    ds.StudyDescription = "CT CHEST WO CONTRAST"
-    ds.SeriesDescription = "LUNG 1.0 FC51"
-    ds.ManufacturerModelName = "Aquilion"
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id
-    ds.IssuerOfPatientID = "SYNTH"
-    ds.PatientBirthDate = "19730102"
-    ds.PatientSex = "F"
-    ds.PatientAge = "047Y"
-    ds.PatientSize = "1.68"
-    ds.PatientWeight = "64"
-    ds.BodyPartExamined = "CHEST"
-    ds.SliceThickness = f"{thickness:g}"
-    ds.KVP = "120"
-    ds.DeviceSerialNumber = "SYN0001"
-    ds.SoftwareVersions = "V6.0"
-    ds.DataCollectionDiameter = "500"
-    ds.ReconstructionDiameter = f"{spacing * cols:.2f}"
-    ds.GantryDetectorTilt = "0"
-    ds.TableHeight = "120"
-    ds.RotationDirection = "CW"
-    ds.ExposureTime = "500"
-    ds.XRayTubeCurrent = "200"
-    ds.Exposure = "100"
-    ds.ConvolutionKernel = "FC51"
-    ds.PatientPosition = "HFS"
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.StudyID = "4711"
-    ds.SeriesNumber = 3
-    ds.AcquisitionNumber = 1
-    ds.InstanceNumber = z + 1
-    z_mm = -250.0 + z * thickness
-    ds.ImagePositionPatient = [f"{-spacing * cols / 2:.3f}", f"{-spacing * rows / 2:.3f}", f"{z_mm:.3f}"]
-    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-    ds.FrameOfReferenceUID = frame_uid
-    ds.PositionReferenceIndicator = ""
-    ds.SliceLocation = f"{z_mm:.3f}"
-    ds.ImagesInAcquisition = n_slices
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = rows
-    ds.Columns = cols
-    ds.PixelSpacing = [f"{spacing:.6f}", f"{spacing:.6f}"]
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
-    ds.WindowCenter = "-600"
-    ds.WindowWidth = "1500"
-    ds.RescaleIntercept = "-1024"
-    ds.RescaleSlope = "1"
-    ds.RescaleType = "HU"
-    stored = (hu_slice + 1024).astype(np.int16)
-    ds.PixelData = stored.tobytes()
+    corner = (-spacing * cols / 2, -spacing * rows / 2, -250.0 + z * thickness)
+    patient = {**PATIENT, "PatientName": patient_name, "PatientID": patient_id, "AccessionNumber": accession_number}
+    ds = ct_slice_dataset(
+        sop_instance_uid=sop_uid, study_instance_uid=study_uid, series_instance_uid=series_uid,
+        frame_of_reference_uid=frame_uid, patient=patient, kernel="FC51", series_number=3, instance_number=z + 1,
+        slices=n_slices, rows=rows, cols=cols, position=corner,
+        spacing=(thickness, spacing, spacing), **OPTIONAL_ELEMENTS)
+    ds.file_meta = ct_file_meta(sop_uid)
+    ds.PixelData = (hu_slice + 1024).astype(np.int16).tobytes()
     return ds
 
 
@@ -298,3 +233,10 @@ def write_series(ct: SyntheticCT, directory) -> list:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def file_bytes(ds: Dataset) -> bytes:
+    """``ds`` as a DICOM file (preamble, meta, data set), as it is stored and sent."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

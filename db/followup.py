@@ -35,7 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from db.models import UID, Base, Job, Patient, Result, Study
+from db.models import UID, Base, Job, Outbox, Patient, Result, Study
 from db.types import UTCDateTime, utcnow
 
 
@@ -67,7 +67,7 @@ class Comparison(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
-class PriorSearch(Base):
+class PriorSearch(Outbox, Base):
     __tablename__ = "prior_searches"
     __table_args__ = (
         UniqueConstraint("study_fk", "source", name="uq_prior_searches_study_source"),
@@ -77,15 +77,8 @@ class PriorSearch(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_fk: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
     source: Mapped[str] = mapped_column(String(128))  # AET@host:port
-    state: Mapped[str] = mapped_column(String(16), default="pending")
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    last_error: Mapped[str | None] = mapped_column(Text)
     found: Mapped[int] = mapped_column(Integer, default=0)  # candidate studies the C-FIND returned
     requested: Mapped[int] = mapped_column(Integer, default=0)  # studies asked for with C-MOVE
-    worker: Mapped[str | None] = mapped_column(String(128))
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 

@@ -269,7 +269,22 @@ class OutputFile(Base):
     result: Mapped[Result] = relationship(back_populates="output_files")
 
 
-class Delivery(Base):
+class Outbox:
+    """The columns of an outbox row that is worked on until done, retried when due with
+    backoff (deliveries, and ``db.followup.PriorSearch``): its state (starting ``pending``),
+    attempts so far, when it is next due, the last error, the worker (host:pid) working on
+    it, and when it was made and published to the queue."""
+
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Delivery(Outbox, Base):
     """The outbox: one row per (result, destination); retried until success or a permanent failure."""
 
     __tablename__ = "deliveries"
@@ -283,15 +298,8 @@ class Delivery(Base):
     destination: Mapped[str] = mapped_column(String(128))  # AET@host:port[+tls], or mllp://host:port for HL7
     # dicom: C-STORE of the SC/SR outputs to a PACS; hl7: order update + ORU^R01 over MLLP to a RIS.
     channel: Mapped[str] = mapped_column(String(8), default="dicom", server_default="dicom")
-    # pending -> sending -> delivered | retrying (-> sending ...) | failed (permanent)
-    state: Mapped[str] = mapped_column(String(16), default="pending")
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    last_error: Mapped[str | None] = mapped_column(Text)
+    # state: pending -> sending -> delivered | retrying (-> sending ...) | failed (permanent)
     instances_sent: Mapped[int] = mapped_column(Integer, default=0)
-    worker: Mapped[str | None] = mapped_column(String(128))  # host:pid while sending
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     result: Mapped[Result] = relationship(back_populates="deliveries")

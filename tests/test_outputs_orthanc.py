@@ -212,7 +212,7 @@ def _seed_results(running, tmp_path: Path, destination: str, priorities: list[st
     Returns (the CTs, the delivery ids) in that order."""
     categories = {"LOW": "CT-1", "HIGH": "CT-3", "MEDIUM": "CT-2"}
     cts = []
-    for i, priority in enumerate(priorities):
+    for i in range(len(priorities)):
         ct = make_chest_ct(n_slices=4, size=64, seed=40 + i, patient_id=f"ORDER-{i}", accession_number=f"ACC{i}")
         folder = tmp_path / f"ct{i}"
         folder.mkdir()

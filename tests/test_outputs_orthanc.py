@@ -381,11 +381,9 @@ def test_celery_worker_sends_high_first_after_an_outage(postgres_url, redis_url,
                 return {d.state for d in session.scalars(select(Delivery))} == {"delivered"}
         wait_for(delivered, timeout=90, interval=0.2)
         arrivals = _orthanc_arrivals(pacs)
-    except AssertionError:
-        print(worker.log()[-5000:])
-        raise
     finally:
         worker.stop()
         pacs.stop()
+        print(worker.log()[-5000:])  # pytest shows it when the test fails
     by_priority = sorted(range(len(order)), key=lambda i: (["HIGH", "MEDIUM", "LOW"].index(order[i]), i))
     _assert_arrived_in_order(arrivals, [cts[i].study_instance_uid for i in by_priority])

@@ -4,7 +4,9 @@
     .venv/bin/python bench/pipeline_bench.py paced [--period-s 30] [--duration-s 600] [--slices 300]
 
 For each study: the latency from the last instance acknowledged (storescu returns) to the
-SR being in Orthanc (polled over REST every 0.25 s), p50, p95 and max.
+SR of its final version being in Orthanc (polled over REST every 0.25 s), p50, p95 and max;
+the SR of a partial version scored first (a sender paused past the quiet period) does not
+count, and every study's versions are listed.
 
 - ``burst``: the studies back to back (the queue builds up); reports the order in which
   the studies' SRs reached the PACS with their priorities, HIGH first being the aim.
@@ -67,9 +69,29 @@ def stats(values: list[float]) -> dict:
             "max_s": round(max(values), 2)}
 
 
-def sr_arrived(pacs: OrthancServer, study_uid: str) -> bool:
-    return bool(pacs.post("/tools/find", {"Level": "Series", "Query": {
-        "StudyInstanceUID": study_uid, "Modality": "SR"}}))
+SR_SERIES_NUMBER_BASE = 9100  # worker.outputs.sr: the SR series is numbered 9100 + study version
+
+
+def sr_versions(pacs: OrthancServer, study_uid: str) -> set[int]:
+    """The study versions whose SR is in Orthanc."""
+    found = pacs.post("/tools/find", {"Level": "Series", "Expand": True, "Query": {
+        "StudyInstanceUID": study_uid, "Modality": "SR"}})
+    return {int(s["MainDicomTags"].get("SeriesNumber", SR_SERIES_NUMBER_BASE)) - SR_SERIES_NUMBER_BASE for s in found}
+
+
+def final_version(engine, study_uid: str, slices: int) -> int | None:
+    """The study's version once all its ``slices`` instances are indexed (no later version
+    can come), else None. Under load a sender may pause longer than the quiet period and a
+    partial version be scored first: its SR is not the study's answer."""
+    from sqlalchemy import func, select
+
+    from db.models import Series, Study
+
+    with engine.connect() as conn:
+        row = conn.execute(select(Study.version, func.sum(Series.instance_count))
+                           .join(Series, Series.study_fk == Study.id)
+                           .where(Study.study_instance_uid == study_uid).group_by(Study.id)).first()
+    return int(row[0]) if row is not None and row[1] is not None and int(row[1]) >= slices else None
 
 
 def prepare(count: int, slices: int, rows: int) -> list[tuple[Path, dict]]:
@@ -91,9 +113,14 @@ def prepare(count: int, slices: int, rows: int) -> list[tuple[Path, dict]]:
 class Poller(threading.Thread):
     """Watches Orthanc for each acknowledged study's SR; samples the load average."""
 
-    def __init__(self, pacs: OrthancServer):
+    def __init__(self, pacs: OrthancServer, database_url: str, slices: int):
+        from sqlalchemy import create_engine
+
         super().__init__(daemon=True)
         self.pacs = pacs
+        self.engine = create_engine(database_url)
+        self.slices = slices
+        self.seen: dict[tuple[str, int], float] = {}  # (study UID, version) -> wall time its SR was first seen
         self.acked: dict[str, float] = {}  # study UID -> wall time storescu returned
         self.arrived: dict[str, float] = {}
         self.loads: list[float] = []
@@ -114,11 +141,16 @@ class Poller(threading.Thread):
                 waiting = list(self.acked.keys() - self.arrived.keys())
             for uid in waiting:
                 try:
-                    if sr_arrived(self.pacs, uid):
-                        self.arrived[uid] = time.time()
-                except Exception as exc:  # Orthanc busy: try again next round
+                    now = time.time()
+                    for version in sr_versions(self.pacs, uid):
+                        self.seen.setdefault((uid, version), now)
+                    final = final_version(self.engine, uid, self.slices)
+                    if final is not None and (uid, final) in self.seen:
+                        self.arrived[uid] = self.seen[(uid, final)]
+                except Exception as exc:  # Orthanc or the database busy: try again next round
                     print(f"poll: {exc}", file=sys.stderr)
             self.stop.wait(POLL_S)
+        self.engine.dispose()
 
 
 def send(port: int, folder: Path) -> None:
@@ -151,8 +183,11 @@ def breakdown(database_url: str, poller: Poller, log_text: str) -> list[dict]:
     rows = []
     with Session(engine) as session:
         latest: dict[str, Result] = {}
+        versions: dict[str, list[str]] = {}
         for result in session.scalars(select(Result).order_by(Result.id)):
             latest[result.study.study_instance_uid] = result
+            versions.setdefault(result.study.study_instance_uid, []).append(
+                f"v{result.version} {result.status} {result.category or '-'}")
         for uid, acked in poller.acked.items():
             result = latest.get(uid)
             if result is None:
@@ -168,7 +203,8 @@ def breakdown(database_url: str, poller: Poller, log_text: str) -> list[dict]:
             def span(a, b):
                 return round(b - a, 2) if a is not None and b is not None else None
             rows.append({
-                "study": uid, "result": result.id, "priority": result.priority, "category": result.category,
+                "study": uid, "result": result.id, "versions": versions[uid], "priority": result.priority,
+                "category": result.category,
                 "latency_s": span(acked, seen), "quiet_s": span(received, ts(result.stable_at)),
                 "queue_s": span(ts(result.stable_at), ts(result.scoring_started_at)),
                 "scoring_s": span(ts(result.scoring_started_at), ts(result.scored_at)),
@@ -208,7 +244,7 @@ def main() -> int:
     log_path = work / "serve.log"
     serve = subprocess.Popen([sys.executable, "-m", "ct_triage.cli", "serve"], env=env,
                              stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"), start_new_session=True)
-    poller = Poller(pacs)
+    poller = Poller(pacs, database_url, args.slices)
     late_starts = []
     load_before = os.getloadavg()
     started = time.monotonic()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import case, delete, func, insert, or_, select, update
+from sqlalchemy import and_, case, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import (
@@ -541,6 +541,27 @@ def due_delivery_ids(session: Session, now: datetime | None = None) -> list[int]
     return list(session.scalars(
         select(Delivery.id).join(Result, Delivery.result_fk == Result.id).where(*_due(now or utcnow()))
         .order_by(rank, Delivery.created_at, Delivery.id)).all())
+
+
+def deliveries_ahead(session: Session, delivery_id: int, now: datetime | None = None) -> list[int]:
+    """Deliveries to the same destination that go before ``delivery_id`` (issue 9, Celery mode).
+
+    The order of :func:`due_delivery_ids` (priority rank, then created_at, then id);
+    candidates are the due pending/retrying ones and the ``sending`` ones (a holder that
+    died is taken over by :func:`claim_delivery`; a live one makes the claim fail).
+    """
+    own = session.get(Delivery, delivery_id)
+    if own is None:
+        return []
+    rank = case(PRIORITY_RANK, value=Result.priority, else_=1)
+    own_rank = PRIORITY_RANK.get(own.result.priority, 1)
+    own_key = (own_rank, own.created_at, own.id)
+    rows = session.execute(
+        select(Delivery.id, rank, Delivery.created_at).join(Result, Delivery.result_fk == Result.id)
+        .where(Delivery.destination == own.destination, Delivery.id != delivery_id, rank <= own_rank,
+               or_(and_(*_due(now or utcnow())), Delivery.state == DeliveryState.SENDING.value))
+        .order_by(rank, Delivery.created_at, Delivery.id)).all()
+    return [row_id for row_id, row_rank, created in rows if (row_rank, created, row_id) < own_key]
 
 
 def claim_delivery(session: Session, delivery_id: int, worker: str,

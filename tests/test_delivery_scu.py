@@ -172,6 +172,29 @@ def scp_factory():
         server.close()
 
 
+def test_reactor_is_held_in_its_checkpoint_before_each_c_store(scp_factory, outputs):
+    """The pynetdicom 3.0 race worked around by worker.delivery.scu._pause_reactor: before a
+    C-STORE the association's reactor thread must be blocked in its checkpoint, not merely
+    flagged as paused, or it may take the C-STORE response for itself."""
+    from worker.delivery.scu import _pause_reactor
+
+    scp = scp_factory()
+    ae = AE(ae_title=CALLING)
+    ae.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="TESTSCP")
+    assert assoc.is_established
+    try:
+        for ds in outputs[:3]:
+            _pause_reactor(assoc)
+            checkpoint = assoc._reactor_checkpoint
+            assert not checkpoint.is_set() and len(checkpoint._cond._waiters) == 1  # the reactor, waiting
+            assert assoc.send_c_store(ds).Status == 0x0000  # pynetdicom sets the checkpoint again
+            assert checkpoint.is_set()
+    finally:
+        assoc.release()
+    assert len(scp.received) == 3
+
+
 @pytest.mark.parametrize(
     ("status", "outcome"),
     [(0x0000, "delivered"), (0xB000, "delivered"), (0xB007, "delivered"), (0xA700, "transient"),

@@ -205,28 +205,30 @@ def _orthanc_arrivals(pacs: OrthancServer) -> list[tuple[str, str]]:
     return arrivals
 
 
-def test_queued_deliveries_after_an_outage_go_high_first_from_stored_files(start_node, sqlite_url, tmp_path):
-    pacs = OrthancServer(tmp_path / "orthanc")  # configured, not started: connection refused
-    running = start_node(sqlite_url, destinations=[str(pacs.destination)], retry_base_s=1)
-    categories = {"LOW": "CT-1", "HIGH": "CT-3", "MEDIUM": "CT-2"}  # created in this order
-    cts = {}
-    for i, priority in enumerate(categories):
+def _seed_results(running, tmp_path: Path, destination: str, priorities: list[str]) -> tuple[list, list[int]]:
+    """One small CT per priority, stored through the node, each with a scored result of that
+    priority and a pending delivery to ``destination``, created in the order given.
+    Returns (the CTs, the delivery ids) in that order."""
+    categories = {"LOW": "CT-1", "HIGH": "CT-3", "MEDIUM": "CT-2"}
+    cts = []
+    for i in range(len(priorities)):
         ct = make_chest_ct(n_slices=4, size=64, seed=40 + i, patient_id=f"ORDER-{i}", accession_number=f"ACC{i}")
         folder = tmp_path / f"ct{i}"
         folder.mkdir()
         for k, ds in enumerate(ct.datasets):
             ds.save_as(folder / f"{k}.dcm", enforce_file_format=True)
         assert storescu(running.port, sorted(folder.glob("*.dcm"))).returncode == 0
-        cts[priority] = ct
+        cts.append(ct)
 
     def indexed():
         with running.session() as session:
-            return len(session.scalars(select(Instance.id)).all()) == 12
+            return len(session.scalars(select(Instance.id)).all()) == 4 * len(cts)
     wait_for(indexed, timeout=60, interval=0.2)
 
     storage = running.settings.effective_storage_dir
+    delivery_ids = []
     with running.session() as session:
-        for priority, ct in cts.items():
+        for priority, ct in zip(priorities, cts, strict=True):
             score = ct.score_result()
             score.category = categories[priority]
             assert score.priority == priority
@@ -239,8 +241,31 @@ def test_queued_deliveries_after_an_outage_go_high_first_from_stored_files(start
                             masks_path=relpath, scored_at=CREATED)
             session.add(result)
             session.flush()
-            session.add(Delivery(result_fk=result.id, destination=str(pacs.destination), state="pending"))
+            delivery = Delivery(result_fk=result.id, destination=destination, state="pending",
+                                created_at=CREATED + dt.timedelta(seconds=len(delivery_ids)))
+            session.add(delivery)
+            session.flush()
+            delivery_ids.append(delivery.id)
         session.commit()
+    return cts, delivery_ids
+
+
+def _assert_arrived_in_order(arrivals: list[tuple[str, str]], expected_study_order: list[str]) -> None:
+    """Studies reached the PACS in ``expected_study_order``; each study's SR and SEG before its SC."""
+    study_order = list(dict.fromkeys(study for study, _ in arrivals))
+    assert study_order == expected_study_order
+    for study_uid in expected_study_order:
+        classes = [cls for study, cls in arrivals if study == study_uid]
+        assert classes[:2] == [SR_CLASS, SEG_CLASS] and set(classes[2:]) == {SC_CLASS}
+
+
+def test_queued_deliveries_after_an_outage_go_high_first_from_stored_files(start_node, sqlite_url, tmp_path):
+    pacs = OrthancServer(tmp_path / "orthanc")  # configured, not started: connection refused
+    running = start_node(sqlite_url, destinations=[str(pacs.destination)], retry_base_s=1)
+    order = ["LOW", "HIGH", "MEDIUM"]  # created in this order
+    seeded, _ = _seed_results(running, tmp_path, str(pacs.destination), order)
+    cts = dict(zip(order, seeded, strict=True))
+    storage = running.settings.effective_storage_dir
 
     consumer = EmbeddedConsumer(jobs.WorkerContext(running.settings, running.session_factory, EmbeddedPublisher()))
     # One failed attempt defers the destination's other waiting deliveries (worker.jobs aligns
@@ -278,11 +303,7 @@ def test_queued_deliveries_after_an_outage_go_high_first_from_stored_files(start
         arrivals = _orthanc_arrivals(pacs)
     finally:
         pacs.stop()
-    study_order = list(dict.fromkeys(study for study, _ in arrivals))
-    assert study_order == [cts[p].study_instance_uid for p in ("HIGH", "MEDIUM", "LOW")]
-    for ct in cts.values():
-        classes = [cls for study, cls in arrivals if study == ct.study_instance_uid]
-        assert classes[:2] == [SR_CLASS, SEG_CLASS] and set(classes[2:]) == {SC_CLASS}
+    _assert_arrived_in_order(arrivals, [cts[p].study_instance_uid for p in ("HIGH", "MEDIUM", "LOW")])
     high_folder = result_folder(cts["HIGH"].study_instance_uid, 1)
     assert any(p.startswith(high_folder + "/") for p in before)
     assert all(cts["HIGH"].study_instance_uid not in p for p in before), "paths come from hashes"
@@ -324,3 +345,44 @@ def test_stored_outputs_are_rebuilt_when_their_files_are_gone(start_node, sqlite
     second = jobs.stored_outputs(ctx, result_id)
     assert second == first and {p: p.read_bytes() for p in second} == data
     assert all(isinstance(p, Path) and p.is_file() for p in second)
+
+
+def test_celery_worker_sends_high_first_after_an_outage(postgres_url, redis_url, start_node, tmp_path):
+    """Celery mode (worker.jobs.deliver_in_order): the messages are published LOW first, and
+    each retry comes back on its own countdown; the PACS must still get HIGH first."""
+    from ct_triage.contract import DELIVER_OUTPUTS, CeleryPublisher
+    from tests.support.daemon import Daemon
+    from tests.test_node_process import node_env
+
+    pacs = OrthancServer(tmp_path / "orthanc")  # configured, not started: connection refused
+    destination = str(pacs.destination)
+    running = start_node(postgres_url, destinations=[destination], stable_age_s=3600)  # no scoring jobs
+    order = ["LOW", "MEDIUM", "HIGH", "LOW", "HIGH"]  # created, and published, in this order
+    cts, delivery_ids = _seed_results(running, tmp_path, destination, order)
+    env = node_env(tmp_path, postgres_url, running.port, broker_url=redis_url, destinations=destination,
+                   retry_base_s=1, retry_max_s=2)
+    worker = Daemon(["worker", "--queues", "io", "--concurrency", "1"], env, tmp_path / "worker.log").start()
+    publisher = CeleryPublisher(redis_url)
+    for delivery_id in delivery_ids:
+        publisher.publish(DELIVER_OUTPUTS, delivery_id)
+
+    def attempts() -> int:
+        with running.session() as session:
+            return sum(d.attempts for d in session.scalars(select(Delivery)))
+    try:
+        wait_for(lambda: attempts() >= 3, timeout=90, interval=0.2)  # the outage was met repeatedly
+        with running.session() as session:
+            assert {d.state for d in session.scalars(select(Delivery))} <= {"pending", "retrying", "sending"}
+        pacs.start()
+
+        def delivered() -> bool:
+            with running.session() as session:
+                return {d.state for d in session.scalars(select(Delivery))} == {"delivered"}
+        wait_for(delivered, timeout=90, interval=0.2)
+        arrivals = _orthanc_arrivals(pacs)
+    finally:
+        worker.stop()
+        pacs.stop()
+        print(worker.log()[-5000:])  # pytest shows it when the test fails
+    by_priority = sorted(range(len(order)), key=lambda i: (["HIGH", "MEDIUM", "LOW"].index(order[i]), i))
+    _assert_arrived_in_order(arrivals, [cts[i].study_instance_uid for i in by_priority])

@@ -5,6 +5,18 @@ factory, retry classification (only TransientError is retried, with exponential
 backoff), and a log line with the outcome and duration. Tasks take a job ID, are
 idempotent (the body claims the job atomically) and so run ``acks_late`` with
 ``reject_on_worker_lost``: a worker killed mid-task gets its message redelivered.
+
+Delivery order (issue 9): a delivery message is a turn at its destination, not an
+order to send that one delivery now. ``jobs.deliver_in_order`` first sends the due
+deliveries to the same destination that rank before it (HIGH, MEDIUM, LOW, then the
+oldest; claimed atomically in the database, the one truth), then its own; a message
+that arrives before its delivery is due, or whose destination failed, is retried at
+the time the database holds (``jobs.DeliveryDeferred``). So when deliveries queue up,
+during a PACS outage above all, HIGH results reach the PACS first whichever message
+the broker hands out first. Broker-side priorities (redis ``priority_steps`` with
+``queue_order_strategy``) were not used: they reorder only messages still waiting in
+the broker, not retries a worker holds until their countdown, nor work already
+claimed, and they would make the order depend on the transport.
 """
 
 from __future__ import annotations
@@ -73,6 +85,9 @@ class JobTask(Task):
             log.warning("%s %d: database unavailable, retry in %d s: %s", self.name, job_id, delay,
                         str(exc).splitlines()[0][:200])
             raise self.retry(exc=exc, countdown=delay) from exc
+        except jobs.DeliveryDeferred as exc:  # its delivery's next attempt, as the database says
+            log.info("%s %d: %s", self.name, job_id, exc)
+            raise self.retry(exc=exc, countdown=exc.delay_s) from exc
         except TransientError as exc:
             # One second past the body's own next-attempt time, so the retry finds it due.
             delay = jobs.backoff_s(self.request.retries + 1, settings.retry_base_s, settings.retry_max_s) + 1
@@ -89,7 +104,7 @@ def score_study_task(self: JobTask, job_id: int):
 
 @app.task(name=contract.DELIVER_OUTPUTS, base=JobTask, bind=True)
 def deliver_outputs_task(self: JobTask, delivery_id: int):
-    return self.run_body(jobs.deliver_outputs, delivery_id)
+    return self.run_body(jobs.deliver_in_order, delivery_id)  # HIGH first (issue 9)
 
 
 @app.task(name=contract.FIND_PRIORS, base=JobTask, bind=True)

@@ -26,7 +26,7 @@ from db import repository
 from db.models import Result, Series, Study
 from db.priority import priority_for
 from db.session import session_scope
-from db.states import DeliveryState, SeriesState
+from db.states import CLAIMABLE_DELIVERY, FINAL_DELIVERY, DeliveryState, SeriesState
 from db.types import utcnow
 from worker import priors
 from worker.scoring.base import Scorer
@@ -322,6 +322,90 @@ def deliver_outputs(ctx: WorkerContext, delivery_id: int) -> str:
     return _record_outcome(ctx, delivery_id, destination, report.outcome, report.reason, sent)
 
 
+class DeliveryDeferred(TransientError):
+    """The delivery is not due yet, or waits behind its destination: its message comes back
+    in ``delay_s`` seconds (Celery mode, see :func:`deliver_in_order`)."""
+
+    def __init__(self, message: str, delay_s: float):
+        super().__init__(message)
+        self.delay_s = delay_s
+
+
+# Deliveries one message may run ahead of its own before it goes back to the queue (a
+# message held for hours would outlive the broker's visibility timeout and run twice).
+MAX_AHEAD_PER_MESSAGE = 20
+# Added to a deferral so the message finds its delivery due when it comes back.
+DEFER_MARGIN_S = 0.5
+
+
+def deliver_in_order(ctx: WorkerContext, delivery_id: int) -> str:
+    """Celery mode: run the due deliveries that go before ``delivery_id``, then it (issue 9).
+
+    A message names one delivery, but the broker hands messages out in the order they
+    were published, and a retry comes back when its own backoff expires: neither is
+    the worklist order. So a message is a turn at the destination, and the database
+    decides whose: each message first sends the deliveries to the same destination
+    that rank before its own (HIGH before MEDIUM before LOW, then the oldest:
+    :func:`db.repository.deliveries_ahead`, the order of the embedded consumer), claimed
+    atomically, so whichever message fires first, HIGH results go out first. Their own
+    messages then find them done and are skipped. Within one delivery the SR and SEG
+    go before the SC series (the send order of the stored outputs).
+
+    A failure of the destination (TransientError) stops the turn: the failed delivery's
+    retry time is applied to every waiting delivery of that destination
+    (:func:`_finish_delivery`), and this message is deferred to its own delivery's time
+    (:class:`DeliveryDeferred`), as is a message that arrives before its delivery is
+    due. When the destination is back, all are due together and go in order. Every
+    unfinished delivery keeps a message: its own, or, while another message is sending
+    it, that message, which defers itself rather than finish while one ahead failed.
+    Broker priorities (redis priority_steps) were not used: they order only messages
+    waiting in the queue, not retries held by the worker until their countdown.
+    """
+    ran = 0
+    while ran < MAX_AHEAD_PER_MESSAGE:
+        with session_scope(ctx.session_factory) as session:
+            ahead = repository.deliveries_ahead(session, delivery_id)
+        progressed = False
+        for other in ahead[:MAX_AHEAD_PER_MESSAGE - ran]:
+            try:
+                outcome = deliver_outputs(ctx, other)
+            except TransientError as exc:
+                return _defer(ctx, delivery_id, f"delivery {other} ahead of it: {exc}")
+            if outcome != "skipped":
+                ran += 1
+                progressed = True
+        if not progressed:
+            break
+    if ran >= MAX_AHEAD_PER_MESSAGE:
+        raise DeliveryDeferred(f"delivery {delivery_id}: {ran} deliveries ahead of it sent, back in the queue", 0.0)
+    with session_scope(ctx.session_factory) as session:
+        delivery = repository.get_delivery(session, delivery_id)
+        state, next_at = DeliveryState(delivery.state), delivery.next_attempt_at
+    now = utcnow()
+    if state in FINAL_DELIVERY:
+        return f"already {state.value}"
+    if state in CLAIMABLE_DELIVERY and next_at is not None and next_at > now:
+        return _defer(ctx, delivery_id, "not due yet")
+    try:
+        return deliver_outputs(ctx, delivery_id)
+    except TransientError as exc:
+        return _defer(ctx, delivery_id, str(exc))
+
+
+def _defer(ctx: WorkerContext, delivery_id: int, why: str) -> str:
+    """Raise DeliveryDeferred until the delivery's next attempt; its outcome if it is final."""
+    with session_scope(ctx.session_factory) as session:
+        delivery = repository.get_delivery(session, delivery_id)
+        state, next_at = DeliveryState(delivery.state), delivery.next_attempt_at
+    if state in FINAL_DELIVERY:
+        return f"already {state.value}"
+    if next_at is None:
+        delay = ctx.settings.retry_base_s
+    else:
+        delay = max(0.0, (next_at - utcnow()).total_seconds())
+    raise DeliveryDeferred(f"delivery {delivery_id} deferred {delay:.1f} s: {why}", delay + DEFER_MARGIN_S)
+
+
 def deliver_hl7(ctx: WorkerContext, delivery_id: int) -> str:
     """Send one result's order update + ORU^R01 to one RIS over MLLP (worker.delivery.hl7).
 
@@ -369,12 +453,11 @@ def _finish_delivery(ctx: WorkerContext, delivery_id: int, state: DeliveryState,
                                                       ctx.settings.retry_max_s))
         destination = delivery.destination
         attempts = delivery.attempts
-        if state is DeliveryState.RETRYING and delivery.next_attempt_at is not None and ctx.settings.embedded_queue:
+        if state is DeliveryState.RETRYING and delivery.next_attempt_at is not None:
             # The destination is down for everyone: its other waiting deliveries retry no
             # earlier than this one, so that when it is back they are all due together and
             # go in worklist order (HIGH first), not in the order their own backoffs expire.
-            # Embedded queue only: there the consumer polls due deliveries; a Celery retry
-            # message arriving before its (moved) time would be skipped and not come back.
+            # (A Celery message arriving before its moved time is deferred, see deliver_in_order.)
             repository.align_destination_retries(session, destination, delivery.next_attempt_at)
     level = logging.INFO if state is DeliveryState.DELIVERED else logging.WARNING
     log.log(level, "delivery %d to %s: %s after %d attempt(s)%s", delivery_id, destination, state.value, attempts,

@@ -78,6 +78,8 @@ def register(subparsers) -> None:
                    help="train the hybrid scorer's 2D lesion network (reproduces the shipped weights with the "
                    "defaults); prints its CPU time")
     t.add_argument("--epochs", type=int, default=None, help="(--lesion) planned epochs of the schedule")
+    t.add_argument("--finetune-epochs", type=int, default=None,
+                   help="(--lesion) epochs of stage 2, fine-tuning from stage 1's best (0: one stage)")
     t.add_argument("--stop-after", type=int, default=None, help="(--lesion) stop after this many epochs")
     t.add_argument("--limit", type=int, default=None, help="(--lesion) use only this many training slices")
     t.add_argument("--work-dir", type=Path, default=None,
@@ -266,7 +268,7 @@ def cmd_train(args, settings) -> int:
 
 
 def cmd_train_lesion(args, settings) -> int:
-    from ct_triage_tools.train_lesion import Recipe, train  # imports torch
+    from ct_triage_tools.train_lesion import Recipe, train_staged  # imports torch
 
     settings = _settings(settings, args)
     work = args.work_dir or (Path(settings.var_dir) / "train-lesion")
@@ -274,10 +276,13 @@ def cmd_train_lesion(args, settings) -> int:
     recipe = Recipe(seed=args.seed)
     if args.epochs is not None:
         recipe.epochs = args.epochs
+    if args.finetune_epochs is not None:
+        recipe.finetune_epochs = args.finetune_epochs
     recipe.stop_after = args.stop_after
     recipe.limit = args.limit
-    _err(f"training the 2D lesion network on {args.data_dir}: {recipe.epochs} epochs planned, seed {recipe.seed}, "
-         f"CPU -> {out}")
+    stages = f" + {recipe.finetune_epochs} fine-tuning" if recipe.finetune_epochs else ""
+    _err(f"training the 2D lesion network on {args.data_dir}: {recipe.epochs}{stages} epochs planned, "
+         f"seed {recipe.seed}, CPU -> {out}")
 
     def log(entry: dict) -> None:
         if entry.get("stage") == "epoch":
@@ -286,7 +291,7 @@ def cmd_train_lesion(args, settings) -> int:
         else:
             _err(" ".join(f"{k}={v}" for k, v in entry.items()))
 
-    summary = train(args.data_dir, work, recipe, log=log, weights_out=Path(out))
+    summary = train_staged(args.data_dir, work, recipe, log=log, weights_out=Path(out))
     _print(args, summary, lambda: (
         f"weights written to {summary.get('weights')} (epoch {summary['best_epoch']} of "
         f"{summary['epochs_run']}: val Dice {summary['val_dice']}, held-out pseudo Dice "

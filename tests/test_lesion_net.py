@@ -28,9 +28,9 @@ from worker.scoring.lesion_net import (
 )
 
 # The mean per-image Dice the shipped weights reach on covid-semiseg-2d/val (24 slices) is
-# 0.6767 (model card), rounded down slightly here: a regression guard. The issue's target
+# 0.6912 (model card), rounded down slightly here: a regression guard. The issue's target
 # (0.74, Semi-Inf-Net) is NOT reached; the model card reports the figure against it.
-SHIPPED_VAL_DICE_AT_LEAST = 0.67
+SHIPPED_VAL_DICE_AT_LEAST = 0.69
 
 
 @pytest.fixture
@@ -183,10 +183,13 @@ def test_train_lesion_cli_prints_cpu_time(tmp_path):
 
     data = tmp_path / "semiseg"
     _write_semiseg(data)
-    rc, out, err = run_tool_command("train", str(data), "--lesion", "--epochs", "1", "--limit", "6",
-                                    "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "w" / "net.pt"))
+    rc, out, err = run_tool_command("train", str(data), "--lesion", "--epochs", "1", "--finetune-epochs", "1",
+                                    "--limit", "6", "--work-dir", str(tmp_path / "w"),
+                                    "--out", str(tmp_path / "w" / "net.pt"))
     assert rc == 0, err
-    assert "epoch 1: loss" in err
+    assert err.count("epoch 1: loss") == 2, err  # stage 1, then stage 2 from stage 1's weights
+    assert (tmp_path / "w" / "stage1" / "lesion_net.pt").is_file()
+    assert "stage_number=2" in err
     assert "training time:" in out and "s CPU" in out
     assert (tmp_path / "w" / "net.pt").is_file() and (tmp_path / "w" / "net.pt.sha256").is_file()
 

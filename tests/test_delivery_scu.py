@@ -173,10 +173,10 @@ def scp_factory():
 
 
 def test_reactor_is_held_in_its_checkpoint_before_each_c_store(scp_factory, outputs):
-    """The pynetdicom 3.0 race worked around by worker.delivery.scu._pause_reactor: before a
+    """The pynetdicom 3.0 race worked around by ct_triage.association.pause_reactor: before a
     C-STORE the association's reactor thread must be blocked in its checkpoint, not merely
     flagged as paused, or it may take the C-STORE response for itself."""
-    from worker.delivery.scu import _pause_reactor
+    from ct_triage.association import pause_reactor
 
     scp = scp_factory()
     ae = AE(ae_title=CALLING)
@@ -185,7 +185,7 @@ def test_reactor_is_held_in_its_checkpoint_before_each_c_store(scp_factory, outp
     assert assoc.is_established
     try:
         for ds in outputs[:3]:
-            _pause_reactor(assoc)
+            pause_reactor(assoc)
             checkpoint = assoc._reactor_checkpoint
             assert not checkpoint.is_set() and len(checkpoint._cond._waiters) == 1  # the reactor, waiting
             assert assoc.send_c_store(ds).Status == 0x0000  # pynetdicom sets the checkpoint again

@@ -33,6 +33,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from ct_triage.association import pause_reactor
 from ct_triage.settings import Destination
 from worker.delivery.scu import _check_ae_title, _connect_failure, classify_rejection
 
@@ -111,6 +112,7 @@ def find_studies(source: Destination, identifier: Dataset, *, calling_ae_title: 
     answers: list[Dataset] = []
     final = None
     try:
+        pause_reactor(assoc)
         for status, answer in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
             if status is None or "Status" not in status:
                 final = None
@@ -144,6 +146,7 @@ def move_study(source: Destination, study_instance_uid: str, move_destination: s
         return failure
     final = None
     try:
+        pause_reactor(assoc)
         for status, _ in assoc.send_c_move(identifier, move_destination, StudyRootQueryRetrieveInformationModelMove):
             if status is None or "Status" not in status:
                 final = None

@@ -65,6 +65,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 
+from ct_triage.association import pause_reactor
 from ct_triage.settings import Destination
 
 Outcome = Literal["delivered", "transient", "permanent"]
@@ -253,40 +254,11 @@ def _contexts(items: Sequence) -> list[tuple[str, list[str]]]:
     return contexts
 
 
-# How long _pause_reactor waits for the association's reactor to stop (it loops every ms).
-REACTOR_PAUSE_TIMEOUT_S = 5.0
-
-
-def _pause_reactor(assoc) -> None:
-    """Hold the association's reactor in its checkpoint before a C-STORE (pynetdicom 3.0 race).
-
-    pynetdicom pauses its reactor thread for a send_* call by clearing an Event and
-    waiting for the flag ``_is_paused``, but the reactor sets that flag just *before*
-    ``Event.wait()``: when the reactor has passed the wait (Event still set) and not yet
-    reset the flag, the sender proceeds and the reactor takes the C-STORE response off
-    the queue ("Received unexpected C-STORE service message"); the sender then waits
-    the whole DIMSE timeout and the association is aborted. Seen on this 2-core machine
-    under load (bench/pipeline_bench.py: 137 of 258 instances of a delivery failed after
-    a 60 s wait). Here the Event is cleared and we wait until the reactor thread is
-    actually blocked in ``Event.wait()`` (a waiter on its Condition), so the response is
-    left to the sender; pynetdicom's own pause then passes at once. Private attributes:
-    when they are not there (another pynetdicom), nothing is done.
-    """
-    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
-    waiters = getattr(getattr(checkpoint, "_cond", None), "_waiters", None)
-    if checkpoint is None or waiters is None:
-        return
-    checkpoint.clear()
-    deadline = time.monotonic() + REACTOR_PAUSE_TIMEOUT_S
-    while not waiters and assoc.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.0002)
-
-
 def _send(assoc, item):
     """C-STORE one item. A stored file goes as stored (chunked, undecoded) when the peer
     accepted its transfer syntax exactly; otherwise it is decoded and pynetdicom converts
     it (uncompressed and deflated files; a compressed one then has no context)."""
-    _pause_reactor(assoc)
+    pause_reactor(assoc)
     if not isinstance(item, _StoredFile):
         return assoc.send_c_store(item)
     exact = any(cx.abstract_syntax == item.SOPClassUID and cx.transfer_syntax[0] == item.transfer_syntax

@@ -82,7 +82,7 @@ def publish_in_order(publisher: Publisher, task_name: str, ids: Iterable[int],
     warning; what was not published keeps its published_at empty and is published on
     the node's next sweep.
     """
-    what = "job" if task_name == SCORE_STUDY else "delivery"
+    what = {SCORE_STUDY: "job", DELIVER_OUTPUTS: "delivery", FIND_PRIORS: "prior search"}.get(task_name, task_name)
     published = []
     for row_id in ids:
         try:

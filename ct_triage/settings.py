@@ -89,9 +89,9 @@ class Settings:
     tls_port: int = _f(2762, "Extra TLS port when TLS is configured but not required.")
     destinations: list[str] = _lf([], "Comma-separated PACS targets AET@host:port (append '+tls' for TLS).")
     republish_after_s: float = _f(
-        600.0, "A job or due delivery handed to the broker this long ago and still not started is published "
-        "again (the broker lost it: Redis crashed before its append-only file was synced, or was restored "
-        "empty). A duplicate is harmless: a job or delivery is claimed once.")
+        600.0, "A job, due delivery or prior search handed to the broker this long ago and still not started "
+        "is published again (the broker lost it: Redis crashed before its append-only file was synced, or was "
+        "restored empty). A duplicate is harmless: each is claimed once.")
     retry_base_s: float = _f(
         5.0, "First retry delay of a transient delivery failure; doubles each attempt, up to RETRY_MAX_S.")
     retry_max_s: float = _f(

@@ -17,9 +17,9 @@ import time
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from ct_triage.contract import DELIVER_OUTPUTS, SCORE_STUDY, Publisher, publish_in_order
+from ct_triage.contract import DELIVER_OUTPUTS, FIND_PRIORS, SCORE_STUDY, Publisher, publish_in_order
 from ct_triage.polling import Poller
-from db import repository
+from db import followup, repository
 from db.session import session_scope
 
 log = logging.getLogger("ct_triage.node.completeness")
@@ -65,24 +65,34 @@ class CompletenessTracker(Poller):
     def recover_lost_work(self) -> None:
         with session_scope(self.session_factory) as session:
             jobs, deliveries = repository.unpublish_lost_work(session, self.republish_after_s)
-        if jobs or deliveries:
-            log.warning("%d job(s) and %d delivery(ies) published over %.0f s ago were never started: "
-                        "publishing them again (the broker lost them?)", jobs, deliveries, self.republish_after_s)
+            searches = followup.unpublish_lost_searches(session, self.republish_after_s)
+        if jobs or deliveries or searches:
+            log.warning("%d job(s), %d delivery(ies) and %d prior search(es) published over %.0f s ago were never "
+                        "started: publishing them again (the broker lost them?)", jobs, deliveries, searches,
+                        self.republish_after_s)
 
     def publish_pending(self) -> list[int]:
-        """Publish unpublished jobs, then deliveries the worker could not publish after its
-        commit (broker down, worker died in between); returns the job IDs published."""
+        """Publish unpublished jobs, then deliveries and prior searches the worker could not
+        publish after its commit (broker down, worker died in between); returns the job IDs
+        published."""
         with session_scope(self.session_factory) as session:
             pending = repository.unpublished_job_ids(session)
         published = publish_in_order(self.publisher, SCORE_STUDY, pending, self._mark_job)
         with session_scope(self.session_factory) as session:
             deliveries = repository.unpublished_delivery_ids(session)
         publish_in_order(self.publisher, DELIVER_OUTPUTS, deliveries, self._mark_delivery)
+        with session_scope(self.session_factory) as session:
+            searches = followup.unpublished_prior_search_ids(session)
+        publish_in_order(self.publisher, FIND_PRIORS, searches, self._mark_search)
         return published
 
     def _mark_job(self, job_id: int) -> None:
         with session_scope(self.session_factory) as session:
             repository.mark_published(session, [job_id])
+
+    def _mark_search(self, search_id: int) -> None:
+        with session_scope(self.session_factory) as session:
+            followup.mark_search_published(session, search_id)
 
     def _mark_delivery(self, delivery_id: int) -> None:
         with session_scope(self.session_factory) as session:

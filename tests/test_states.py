@@ -215,3 +215,34 @@ def test_a_sending_delivery_is_taken_over_only_from_a_gone_holder(session_factor
         assert repository.claim_delivery(session, delivery_id, "host:2", lambda *_: True, now) == "host:1"
         delivery = session.get(Delivery, delivery_id)
         assert (delivery.state, delivery.worker, delivery.attempts) == ("sending", "host:2", 2)
+
+
+def test_the_node_publishes_prior_searches_the_worker_left_unpublished_or_the_broker_lost(session_factory):
+    """A prior search committed but not handed to the broker (publish failed) is published by the
+    node's sweep after the grace period; one published long ago and never started is published again."""
+    from ct_triage.contract import FIND_PRIORS
+    from db import followup
+    from db.followup import PriorSearch
+    from db.models import Study
+    from dicom_node.completeness import CompletenessTracker
+
+    _queued_job(session_factory, "31")
+    long_ago = utcnow() - timedelta(minutes=20)
+    with session_factory() as session, session.begin():
+        study = session.query(Study).one()
+        fresh, old = (followup.add_searches(session, study, ["PACS@pacs:104"])[0],
+                      followup.add_searches(session, study, ["OLD@pacs:104"], now=long_ago)[0])
+        lost = followup.add_searches(session, study, ["LOST@pacs:104"], now=long_ago)[0]
+        session.get(PriorSearch, lost).published_at = long_ago
+    publisher = FlakyPublisher(fail_on=0)
+    tracker = CompletenessTracker(session_factory, publisher, stable_age_s=15, max_receive_s=3600,
+                                  republish_after_s=600)
+    tracker.publish_pending()
+    assert (FIND_PRIORS, old) in publisher.sent and (FIND_PRIORS, fresh) not in publisher.sent  # 30 s grace
+    assert (FIND_PRIORS, lost) not in publisher.sent  # handed over already
+    tracker.recover_lost_work()
+    tracker.publish_pending()
+    assert (FIND_PRIORS, lost) in publisher.sent
+    with session_factory() as session:
+        assert session.get(PriorSearch, old).published_at is not None
+        assert session.get(PriorSearch, lost).published_at > long_ago

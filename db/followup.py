@@ -17,7 +17,7 @@ Queries here never commit (the caller owns the transaction), like db.repository.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from sqlalchemy import (
     Boolean,
@@ -218,27 +218,6 @@ def add_searches(session: Session, study: Study, sources: list[str], now: dateti
         session.flush()
         ids.append(search.id)
     return ids
-
-
-def unpublished_prior_search_ids(session: Session, grace_s: float = 30.0, now: datetime | None = None) -> list[int]:
-    """Prior searches committed but never handed to the broker (publish failed, worker died in
-    between); ``grace_s`` leaves the worker time to publish its own after its commit."""
-    cutoff = (now or utcnow()) - timedelta(seconds=grace_s)
-    return list(session.scalars(
-        select(PriorSearch.id).where(PriorSearch.published_at.is_(None), PriorSearch.state.in_(("pending", "retrying")),
-                                     PriorSearch.created_at <= cutoff)
-        .order_by(PriorSearch.id)).all())
-
-
-def unpublish_lost_searches(session: Session, after_s: float, now: datetime | None = None) -> int:
-    """Prior searches due and published over ``after_s`` ago but never started: the broker lost
-    them (see ``repository.unpublish_lost_work``); marked unpublished so they are published again."""
-    cutoff = (now or utcnow()) - timedelta(seconds=after_s)
-    reset = session.execute(
-        update(PriorSearch).where(PriorSearch.state.in_(("pending", "retrying")), PriorSearch.published_at < cutoff,
-                                  (PriorSearch.next_attempt_at.is_(None)) | (PriorSearch.next_attempt_at < cutoff))
-        .values(published_at=None))
-    return int(getattr(reset, "rowcount", 0) or 0)
 
 
 def mark_search_published(session: Session, search_id: int, now: datetime | None = None) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from sqlalchemy import and_, case, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
+from db.followup import PriorSearch
 from db.models import (
     Delivery,
     Instance,
@@ -331,38 +332,49 @@ def mark_published(session: Session, job_ids: list[int], now: datetime | None = 
         session.execute(update(Job).where(Job.id.in_(job_ids)).values(published_at=now or utcnow()))
 
 
-def unpublish_lost_work(session: Session, after_s: float, now: datetime | None = None) -> tuple[int, int]:
-    """Forget the publication of work the broker seems to have lost; (jobs, deliveries) reset.
+OUTBOX_WAITING = tuple(s.value for s in CLAIMABLE_DELIVERY)  # pending, retrying: the same in every outbox
 
-    A job still queued, or a delivery pending/retrying and due, whose message went to the
-    broker more than ``after_s`` ago, is marked unpublished so the next pass publishes it
-    again. That covers a broker that lost messages it had acknowledged (a Redis crash
-    within its fsync interval, a Redis restored empty). A message that was only slow
-    becomes a duplicate, which is harmless: claiming is atomic and a finished job or
-    delivery is never claimed again.
+
+def unpublish_lost_work(session: Session, after_s: float, now: datetime | None = None) -> tuple[int, int, int]:
+    """Forget the publication of work the broker seems to have lost; (jobs, deliveries, prior
+    searches) reset.
+
+    A job still queued, or an outbox row (delivery, prior search) pending/retrying and due,
+    whose message went to the broker more than ``after_s`` ago, is marked unpublished so
+    the next pass publishes it again. That covers a broker that lost messages it had
+    acknowledged (a Redis crash within its fsync interval, a Redis restored empty). A
+    message that was only slow (a backlog longer than ``after_s``) becomes a duplicate,
+    which is harmless: claiming is atomic and finished work is never claimed again.
     """
     cutoff = (now or utcnow()) - timedelta(seconds=after_s)
     jobs = session.execute(update(Job).where(Job.state == JobState.QUEUED.value, Job.published_at < cutoff)
                            .values(published_at=None))
-    deliveries = session.execute(
-        update(Delivery).where(Delivery.state.in_([s.value for s in CLAIMABLE_DELIVERY]),
-                               Delivery.published_at < cutoff,
-                               or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at < cutoff))
-        .values(published_at=None))
-    return _rowcount(jobs), _rowcount(deliveries)
+    return (_rowcount(jobs), _unpublish_lost_outbox(session, Delivery, cutoff),
+            _unpublish_lost_outbox(session, PriorSearch, cutoff))
+
+
+def _unpublish_lost_outbox(session: Session, model: type[Delivery] | type[PriorSearch], cutoff: datetime) -> int:
+    return _rowcount(session.execute(
+        update(model).where(model.state.in_(OUTBOX_WAITING), model.published_at < cutoff,
+                            or_(model.next_attempt_at.is_(None), model.next_attempt_at < cutoff))
+        .values(published_at=None)))
+
+
+def unpublished_outbox_ids(session: Session, model: type[Delivery] | type[PriorSearch], grace_s: float = 30.0,
+                           now: datetime | None = None) -> list[int]:
+    """Outbox rows (deliveries, prior searches) committed but never handed to the broker
+    (publish failed, process died).
+
+    ``grace_s`` leaves the worker time to publish its own rows after its commit.
+    """
+    cutoff = (now or utcnow()) - timedelta(seconds=grace_s)
+    return list(session.scalars(select(model.id).where(model.published_at.is_(None), model.state.in_(OUTBOX_WAITING),
+                                                       model.created_at <= cutoff)
+                                .order_by(model.id)).all())
 
 
 def unpublished_delivery_ids(session: Session, grace_s: float = 30.0, now: datetime | None = None) -> list[int]:
-    """Deliveries committed but never handed to the broker (publish failed, process died).
-
-    ``grace_s`` leaves the worker time to publish its own deliveries after its commit.
-    """
-    cutoff = (now or utcnow()) - timedelta(seconds=grace_s)
-    return list(session.scalars(select(Delivery.id).where(Delivery.published_at.is_(None),
-                                                          Delivery.state.in_((DeliveryState.PENDING.value,
-                                                                              DeliveryState.RETRYING.value)),
-                                                          Delivery.created_at <= cutoff)
-                                .order_by(Delivery.id)).all())
+    return unpublished_outbox_ids(session, Delivery, grace_s, now)
 
 
 # HIGH results first when deliveries queue up (issue 9), then the oldest.
@@ -534,10 +546,15 @@ def _due(now: datetime):
             or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now))
 
 
+def _priority_rank():
+    """SQL: a delivery's result priority as its rank (HIGH 0, MEDIUM 1, LOW 2; unknown as MEDIUM)."""
+    return case(PRIORITY_RANK, value=Result.priority, else_=1)
+
+
 def due_delivery_ids(session: Session, now: datetime | None = None) -> list[int]:
     """Pending or retrying deliveries whose next attempt is due: HIGH results before MEDIUM
     before LOW (issue 9: when deliveries queue up, HIGH goes first), then the oldest."""
-    rank = case(PRIORITY_RANK, value=Result.priority, else_=1)
+    rank = _priority_rank()
     return list(session.scalars(
         select(Delivery.id).join(Result, Delivery.result_fk == Result.id).where(*_due(now or utcnow()))
         .order_by(rank, Delivery.created_at, Delivery.id)).all())
@@ -553,7 +570,7 @@ def deliveries_ahead(session: Session, delivery_id: int, now: datetime | None = 
     own = session.get(Delivery, delivery_id)
     if own is None:
         return []
-    rank = case(PRIORITY_RANK, value=Result.priority, else_=1)
+    rank = _priority_rank()
     own_rank = PRIORITY_RANK.get(own.result.priority, 1)
     own_key = (own_rank, own.created_at, own.id)
     rows = session.execute(

@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from ct_triage.association import reactor_paused
 from ct_triage.settings import Destination
 from db import repository
 from db.session import session_scope
@@ -159,8 +160,9 @@ class CommitmentService:
 
     def _report_on(self, assoc, event_type: int, report: Dataset, transaction_uid: str) -> bool:
         try:
-            rsp, _ = assoc.send_n_event_report(report, event_type, STORAGE_COMMITMENT_PUSH_MODEL,
-                                            STORAGE_COMMITMENT_INSTANCE)
+            with reactor_paused(assoc):
+                rsp, _ = assoc.send_n_event_report(report, event_type, STORAGE_COMMITMENT_PUSH_MODEL,
+                                                STORAGE_COMMITMENT_INSTANCE)
         except Exception as exc:  # peer gone, no context: try a new association
             log.info("storage commitment %s: report on the open association failed: %s", transaction_uid, exc)
             return False

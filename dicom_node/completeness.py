@@ -5,8 +5,8 @@ been quiet for STABLE_AGE_S, or after MAX_RECEIVE_S (force-complete). A study ge
 one job per version when none of its series is still receiving; the job row is
 committed first and published to the broker after, and any job left unpublished
 (crash, broker down) is published on the next tick, so start-up recovers by itself.
-Work the broker accepted but lost (still queued REPUBLISH_AFTER_S after it was
-published) is published again; the check runs at most once a minute
+With a broker, work it accepted but lost (still queued REPUBLISH_AFTER_S after it
+was published) is published again; the check runs at most once a minute
 (``LOST_WORK_CHECK_S``).
 """
 
@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ct_triage.contract import DELIVER_OUTPUTS, FIND_PRIORS, SCORE_STUDY, Publisher, publish_in_order
 from ct_triage.polling import Poller
 from db import followup, repository
+from db.followup import PriorSearch
 from db.session import session_scope
 
 log = logging.getLogger("ct_triage.node.completeness")
@@ -35,7 +36,7 @@ class CompletenessTracker(Poller):
 
     def __init__(self, session_factory: sessionmaker[Session], publisher: Publisher, *, stable_age_s: float,
                  max_receive_s: float, poll_interval_s: float = 1.0, busy_study_uids=lambda: frozenset(),
-                 republish_after_s: float = 600.0):
+                 republish_after_s: float | None = 600.0):
         super().__init__(self.tick, poll_interval_s)
         self.session_factory = session_factory
         self.republish_after_s = republish_after_s
@@ -57,19 +58,23 @@ class CompletenessTracker(Poller):
                                                  stable_age_s=self.stable_age_s)
         for job_id in created:
             log.info("job %d queued (%s)", job_id, SCORE_STUDY)
-        if time.monotonic() - self._lost_work_checked >= min(LOST_WORK_CHECK_S, self.republish_after_s):
+        if self.republish_after_s is not None and \
+                time.monotonic() - self._lost_work_checked >= min(LOST_WORK_CHECK_S, self.republish_after_s):
             self._lost_work_checked = time.monotonic()
             self.recover_lost_work()
         return self.publish_pending()
 
     def recover_lost_work(self) -> None:
+        """Publish again what the broker seems to have lost (``republish_after_s``; None: no
+        broker, as in the embedded mode, where the database is the queue and nothing is lost)."""
+        if self.republish_after_s is None:
+            return
         with session_scope(self.session_factory) as session:
-            jobs, deliveries = repository.unpublish_lost_work(session, self.republish_after_s)
-            searches = followup.unpublish_lost_searches(session, self.republish_after_s)
+            jobs, deliveries, searches = repository.unpublish_lost_work(session, self.republish_after_s)
         if jobs or deliveries or searches:
             log.warning("%d job(s), %d delivery(ies) and %d prior search(es) published over %.0f s ago were never "
-                        "started: publishing them again (the broker lost them?)", jobs, deliveries, searches,
-                        self.republish_after_s)
+                        "started: publishing them again (the broker lost them, or the workers are that far "
+                        "behind)", jobs, deliveries, searches, self.republish_after_s)
 
     def publish_pending(self) -> list[int]:
         """Publish unpublished jobs, then deliveries and prior searches the worker could not
@@ -82,7 +87,7 @@ class CompletenessTracker(Poller):
             deliveries = repository.unpublished_delivery_ids(session)
         publish_in_order(self.publisher, DELIVER_OUTPUTS, deliveries, self._mark_delivery)
         with session_scope(self.session_factory) as session:
-            searches = followup.unpublished_prior_search_ids(session)
+            searches = repository.unpublished_outbox_ids(session, PriorSearch)
         publish_in_order(self.publisher, FIND_PRIORS, searches, self._mark_search)
         return published
 

@@ -202,7 +202,8 @@ class DicomNode:
                                            max_receive_s=settings.max_receive_s,
                                            poll_interval_s=settings.poll_interval_s,
                                            busy_study_uids=self.store.busy_or_pending_study_uids,
-                                           republish_after_s=settings.republish_after_s)
+                                           republish_after_s=None if settings.embedded_queue
+                                           else settings.republish_after_s)
         self.retention = RetentionSweeper(session_factory, settings.effective_storage_dir, settings.retention_days,
                                           settings.retention_interval_s)
         self.in_flight = InFlight()

@@ -40,7 +40,7 @@ from pydicom.tag import Tag
 from pynetdicom import AE
 from sqlalchemy.orm import Session, sessionmaker
 
-from ct_triage.association import pause_reactor
+from ct_triage.association import reactor_paused
 from ct_triage.polling import Poller
 from ct_triage.settings import Destination, Settings, parse_destination
 from db import worklist
@@ -514,8 +514,8 @@ class UpsNotifier(Poller):
             for event_id, _, event_type, payload_json, uid in rows:
                 ds = event_dataset(event_type, json.loads(payload_json or "{}"))
                 try:
-                    pause_reactor(assoc)
-                    rsp, _ = assoc.send_n_event_report(ds, event_type, UPS_PUSH, uid, meta_uid=UPS_EVENT)
+                    with reactor_paused(assoc):
+                        rsp, _ = assoc.send_n_event_report(ds, event_type, UPS_PUSH, uid, meta_uid=UPS_EVENT)
                 except Exception as exc:  # a peer that aborts mid-way is transient
                     self._finish(event_id, "transient", f"{dest}: {type(exc).__name__}")
                     break

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import socket
 import ssl
@@ -172,24 +173,30 @@ def scp_factory():
         server.close()
 
 
-def test_reactor_is_held_in_its_checkpoint_before_each_c_store(scp_factory, outputs):
-    """The pynetdicom 3.0 race worked around by ct_triage.association.pause_reactor: before a
-    C-STORE the association's reactor thread must be blocked in its checkpoint, not merely
-    flagged as paused, or it may take the C-STORE response for itself."""
-    from ct_triage.association import pause_reactor
+def test_reactor_is_held_in_its_checkpoint_during_each_request(scp_factory, outputs):
+    """The pynetdicom 3.0 race worked around by ct_triage.association.reactor_paused: during a
+    request the association's reactor thread must be blocked in its checkpoint, not merely
+    flagged as paused, or it may take the response for itself; and it runs again afterwards,
+    also when the send raised before pynetdicom's own pause (no presentation context)."""
+    from ct_triage.association import reactor_paused
 
     scp = scp_factory()
     ae = AE(ae_title=CALLING)
     ae.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", scp.port, ae_title="TESTSCP")
     assert assoc.is_established
+    checkpoint = assoc._reactor_checkpoint
     try:
         for ds in outputs[:3]:
-            pause_reactor(assoc)
-            checkpoint = assoc._reactor_checkpoint
-            assert not checkpoint.is_set() and len(checkpoint._cond._waiters) == 1  # the reactor, waiting
-            assert assoc.send_c_store(ds).Status == 0x0000  # pynetdicom sets the checkpoint again
+            with reactor_paused(assoc):
+                assert not checkpoint.is_set() and len(checkpoint._cond._waiters) == 1  # the reactor, waiting
+                assert assoc.send_c_store(ds).Status == 0x0000
             assert checkpoint.is_set()
+        unsupported = copy.deepcopy(outputs[0])  # the fixture is shared: never change it
+        unsupported.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR: no context for it
+        with pytest.raises(ValueError), reactor_paused(assoc):
+            assoc.send_c_store(unsupported)
+        assert checkpoint.is_set()  # the reactor is not left parked
     finally:
         assoc.release()
     assert len(scp.received) == 3

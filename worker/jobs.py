@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ct_triage.contract import CT_IMAGE_SOP_CLASSES, DELIVER_OUTPUTS, Publisher, publish_in_order
 from ct_triage.errors import TransientError
 from ct_triage.settings import Settings, parse_destination
+from ct_triage.text import clean_exception
 from db import repository
 from db.models import Result, Series, Study
 from db.priority import priority_for
@@ -371,6 +372,10 @@ def deliver_in_order(ctx: WorkerContext, delivery_id: int) -> str:
                 outcome = deliver_outputs(ctx, other)
             except TransientError as exc:
                 return _defer(ctx, delivery_id, f"delivery {other} ahead of it: {exc}")
+            except Exception as exc:  # a defect in one delivery must not take this message's turn with it
+                log.error("delivery %d (sent ahead of %d) raised %s: %s", other, delivery_id, type(exc).__name__,
+                          clean_exception(exc))
+                continue
             if outcome != "skipped":
                 ran += 1
                 progressed = True

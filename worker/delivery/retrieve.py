@@ -33,7 +33,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from ct_triage.association import pause_reactor
+from ct_triage.association import reactor_paused
 from ct_triage.settings import Destination
 from worker.delivery.scu import _check_ae_title, _connect_failure, classify_rejection
 
@@ -112,16 +112,16 @@ def find_studies(source: Destination, identifier: Dataset, *, calling_ae_title: 
     answers: list[Dataset] = []
     final = None
     try:
-        pause_reactor(assoc)
-        for status, answer in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
-            if status is None or "Status" not in status:
-                final = None
-                break
-            if int(status.Status) in (0xFF00, 0xFF01):
-                if answer is not None:
-                    answers.append(answer)
-                continue
-            final = status
+        with reactor_paused(assoc):
+            for status, answer in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
+                if status is None or "Status" not in status:
+                    final = None
+                    break
+                if int(status.Status) in (0xFF00, 0xFF01):
+                    if answer is not None:
+                        answers.append(answer)
+                    continue
+                final = status
     finally:
         if assoc.is_established:
             assoc.release()
@@ -146,14 +146,15 @@ def move_study(source: Destination, study_instance_uid: str, move_destination: s
         return failure
     final = None
     try:
-        pause_reactor(assoc)
-        for status, _ in assoc.send_c_move(identifier, move_destination, StudyRootQueryRetrieveInformationModelMove):
-            if status is None or "Status" not in status:
-                final = None
-                break
-            final = status
-            if int(status.Status) != 0xFF00:
-                break
+        with reactor_paused(assoc):
+            responses = assoc.send_c_move(identifier, move_destination, StudyRootQueryRetrieveInformationModelMove)
+            for status, _ in responses:
+                if status is None or "Status" not in status:
+                    final = None
+                    break
+                final = status
+                if int(status.Status) != 0xFF00:
+                    break
     finally:
         if assoc.is_established:
             assoc.release()

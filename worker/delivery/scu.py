@@ -65,7 +65,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 
-from ct_triage.association import pause_reactor
+from ct_triage.association import reactor_paused
 from ct_triage.settings import Destination
 
 Outcome = Literal["delivered", "transient", "permanent"]
@@ -255,10 +255,15 @@ def _contexts(items: Sequence) -> list[tuple[str, list[str]]]:
 
 
 def _send(assoc, item):
-    """C-STORE one item. A stored file goes as stored (chunked, undecoded) when the peer
-    accepted its transfer syntax exactly; otherwise it is decoded and pynetdicom converts
-    it (uncompressed and deflated files; a compressed one then has no context)."""
-    pause_reactor(assoc)
+    """C-STORE one item with the reactor held (ct_triage.association). A stored file goes as
+    stored (chunked, undecoded) when the peer accepted its transfer syntax exactly;
+    otherwise it is decoded and pynetdicom converts it (uncompressed and deflated files; a
+    compressed one then has no context)."""
+    with reactor_paused(assoc):
+        return _send_item(assoc, item)
+
+
+def _send_item(assoc, item):
     if not isinstance(item, _StoredFile):
         return assoc.send_c_store(item)
     exact = any(cx.abstract_syntax == item.SOPClassUID and cx.transfer_syntax[0] == item.transfer_syntax

@@ -35,7 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from db.models import UID, Base, Job, Outbox, Patient, Result, Study
+from db.models import UID, Base, Job, Outbox, Patient, Result, Study, bump_study_version
 from db.types import UTCDateTime, utcnow
 
 
@@ -187,17 +187,20 @@ SEARCH_STATES = ("pending", "searching", "retrying", "done", "failed")
 
 
 def add_comparison_version(session: Session, study: Study, latest: Result, values: Mapping[str, object],
-                           now: datetime | None = None) -> Result:
+                           now: datetime | None = None) -> Result | None:
     """A new result version of ``study`` that only redoes the comparison of ``latest``.
 
     Bumps ``studies.version`` (as a late instance does), copies the scores of ``latest``
     and takes ``values`` (category, priority, reason, result_json) from the new comparison.
+    None when the study has moved past ``latest`` meanwhile (a late instance: its own
+    scoring compares with the priors).
     """
     now = now or utcnow()
+    if not bump_study_version(session, study, expected=latest.version):
+        return None
     copied = ("status", "series_fk", "involvement_percent", "involvement_percent_left", "involvement_percent_right",
               "lung_volume_ml", "lesion_volume_ml", "lesion_count", "model", "model_version", "device", "seconds",
               "received_at", "stable_at", "scoring_started_at", "masks_path")
-    study.version += 1
     result = Result(study_fk=study.id, job_fk=None, version=study.version, scored_at=now, created_at=now,
                     **{k: getattr(latest, k) for k in copied}, **values)
     session.add(result)

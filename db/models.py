@@ -20,8 +20,9 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    update,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 from db.states import SeriesState
 from db.types import UTCDateTime, utcnow
@@ -75,6 +76,26 @@ class Study(Base):
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
     jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.id")
+
+
+def bump_study_version(session: Session, study: Study, expected: int | None = None) -> bool:
+    """Add one to ``study.version`` in the database, atomically; False when ``expected`` is
+    given and the study is no longer at that version (nothing changed).
+
+    Two writers bump versions (a late instance, a comparison-only result version). An ORM
+    ``study.version += 1`` writes the value it read, so two transactions bumping at once
+    would both write the same number and one version would be lost (PostgreSQL, READ
+    COMMITTED). ``version = version + 1`` waits for the other writer and counts on its
+    value; ``expected`` lets a comparison-only version give way to a late instance.
+    """
+    session.flush()
+    statement = update(Study).where(Study.id == study.id)
+    if expected is not None:
+        statement = statement.where(Study.version == expected)
+    changed = session.execute(statement.values(version=Study.version + 1)
+                              .execution_options(synchronize_session=False))
+    session.refresh(study, ["version"])
+    return int(getattr(changed, "rowcount", 0) or 0) == 1
 
 
 class Series(Base):

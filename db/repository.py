@@ -31,6 +31,7 @@ from db.models import (
     SeriesEvent,
     Study,
     UpsWorkitem,
+    bump_study_version,
 )
 from db.priority import RANK, worklist_key
 from db.states import CLAIMABLE_DELIVERY, SETTLED, DeliveryState, JobState, SeriesState, can_transition
@@ -209,7 +210,7 @@ def record_instances(session: Session, records: list[InstanceRecord],
             fixed_not_applicable = series.state == SeriesState.NOT_APPLICABLE.value and rec.not_applicable_reason
             if not fixed_not_applicable:
                 series.version += 1
-                study.version += 1
+                bump_study_version(session, study)
                 transition(session, series, SeriesState.RECEIVING, "late instance reopened the series", now)
                 reopened = True
         series_by_uid[rec.series_instance_uid] = series

@@ -246,3 +246,38 @@ def test_the_node_publishes_prior_searches_the_worker_left_unpublished_or_the_br
     with session_factory() as session:
         assert session.get(PriorSearch, old).published_at is not None
         assert session.get(PriorSearch, lost).published_at > long_ago
+
+
+def test_concurrent_version_bumps_are_not_lost_and_a_stale_comparison_gives_way(postgres_url, tmp_path):
+    """PostgreSQL, READ COMMITTED: a late instance and a comparison-only version bump the same
+    study. An ORM ``version += 1`` from a stale read would write 2 twice; each bump must count,
+    and a comparison made for version 1 must not become the current version once a late
+    instance made version 2."""
+    from ct_triage.runtime import open_database
+    from db.followup import add_comparison_version
+    from db.models import Result, Study, bump_study_version
+    from tests.conftest import make_settings
+
+    engine, factory = open_database(make_settings(tmp_path, postgres_url))
+    try:
+        _queued_job(factory, "41")
+        with factory() as session, session.begin():
+            study = session.query(Study).one()
+            session.add(Result(study_fk=study.id, version=1, status="scored", priority="LOW", result_json="{}"))
+        stale, fresh = factory(), factory()
+        stale.begin()
+        stale_study = stale.query(Study).one()  # read at version 1 and kept
+        assert stale_study.version == 1
+        with fresh.begin():  # a late instance: version 2, committed
+            assert bump_study_version(fresh, fresh.query(Study).one())
+        latest = stale.query(Result).one()
+        assert add_comparison_version(stale, stale_study, latest, {"result_json": "{}"}) is None
+        assert bump_study_version(stale, stale_study) and stale_study.version == 3
+        stale.commit()
+        stale.close()
+        fresh.close()
+        with factory() as session:
+            assert session.query(Study).one().version == 3
+            assert [r.version for r in session.query(Result).all()] == [1]
+    finally:
+        engine.dispose()

@@ -272,6 +272,8 @@ def recompare(ctx, study_id: int) -> int | None:
                 result = fdb.add_comparison_version(session, study, latest, {
                     "category": score.category, "priority": score.priority, "reason": score.reason,
                     "result_json": json.dumps(score.to_json())}, now)
+                if result is None:  # a late instance made a newer version: its scoring compares
+                    return None
                 if assessment is not None:
                     record_comparisons(session, result, assessment)
                 if result.series_fk is not None:

@@ -102,6 +102,18 @@ def transition(session: Session, series: Series, target: SeriesState, reason: st
                             to_state=target.value, reason=reason, at=now))
 
 
+def lock_study_series(session: Session, study_id: int) -> list[Series]:
+    """The study's series, re-read and locked for this transaction (FOR UPDATE on PostgreSQL).
+
+    The worker moves series states (queued -> scoring -> scored) while the indexer may
+    reopen a series with a late instance (-> receiving -> stable, version + 1). Without
+    the lock, a state read before the indexer's commit and written after it would undo
+    the reopening, and the new version would never be scored.
+    """
+    return list(session.scalars(select(Series).where(Series.study_fk == study_id).order_by(Series.id)
+                                .with_for_update().execution_options(populate_existing=True)).all())
+
+
 def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
     return session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
 

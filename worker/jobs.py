@@ -110,7 +110,7 @@ def score_study(ctx: WorkerContext, job_id: int) -> str:
         if repository.result_exists(session, study.id, version):
             repository.finish_job(session, job, utcnow())
             return "already scored"
-        for series in study.series:
+        for series in repository.lock_study_series(session, study.id):
             if series.state == SeriesState.QUEUED.value:
                 repository.transition(session, series, SeriesState.SCORING, f"job {job_id}", started_at)
         series_files = repository.series_files(session, study, storage_dir, CT_IMAGE_SOP_CLASSES)
@@ -188,7 +188,7 @@ def _store_masks(storage_dir: Path, study_uid: str, version: int, score) -> str 
 
 
 def _settle_series(session: Session, study: Study, chosen: Series | None, score, now: datetime) -> None:
-    for series in study.series:
+    for series in repository.lock_study_series(session, study.id):
         if series.state != SeriesState.SCORING.value:
             continue
         if chosen is not None and series.id == chosen.id:

@@ -785,6 +785,14 @@ def align_destination_retries(session: Session, destination: str, not_before: da
 
 
 # -- graceful shutdown: hand back what this process holds ----------------------------
+def release_job(session: Session, job_id: int, worker: str) -> bool:
+    """Hand a running job held by ``worker`` back to the queue (unpublished, so the node
+    publishes it again); False when it is not running under ``worker`` (finished, taken over)."""
+    return _rowcount(session.execute(
+        update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING.value, Job.worker == worker)
+        .values(state=JobState.QUEUED.value, worker=None, published_at=None))) == 1
+
+
 def release_claims(session: Session, is_ours, now: datetime | None = None) -> tuple[list[int], list[int]]:
     """Requeue scoring jobs and deliveries whose holder (``host:pid``) ``is_ours(holder)``.
 

@@ -281,3 +281,17 @@ def test_concurrent_version_bumps_are_not_lost_and_a_stale_comparison_gives_way(
             assert [r.version for r in session.query(Result).all()] == [1]
     finally:
         engine.dispose()
+
+
+def test_a_job_is_handed_back_only_by_the_worker_holding_it(session_factory):
+    job_id = _queued_job(session_factory, "51")
+    with session_factory() as session, session.begin():
+        assert repository.claim_job(session, job_id, "host:1")
+        repository.mark_published(session, [job_id])
+    with session_factory() as session, session.begin():
+        assert not repository.release_job(session, job_id, "host:2")  # not its job
+        assert repository.release_job(session, job_id, "host:1")
+    with session_factory() as session:
+        job = session.get(Job, job_id)
+        assert (job.state, job.worker, job.published_at) == ("queued", None, None)  # the node publishes it again
+        assert repository.unpublished_job_ids(session) == [job_id]

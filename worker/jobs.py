@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ct_triage.contract import CT_IMAGE_SOP_CLASSES, DELIVER_OUTPUTS, Publisher, publish_in_order
@@ -97,10 +98,28 @@ def claim_job(ctx: WorkerContext, job_id: int) -> bool:
 
 
 def score_study(ctx: WorkerContext, job_id: int) -> str:
-    """Score one study version; writes a Result, moves series states, queues deliveries."""
+    """Score one study version; writes a Result, moves series states, queues deliveries.
+
+    When the database fails under a claimed job (a restart, a deadlock with the indexer),
+    the job is handed back to the queue at once instead of staying claimed by this live
+    worker until its lease ends (CLAIM_LEASE_S); the error is raised for the caller's retry.
+    """
     if not claim_job(ctx, job_id):
         log.info("job %d already taken or finished: skipped", job_id)
         return "skipped"
+    try:
+        return _score_claimed(ctx, job_id)
+    except SQLAlchemyError:
+        try:
+            with session_scope(ctx.session_factory) as session:
+                if repository.release_job(session, job_id, ctx.worker_name):
+                    log.warning("job %d: database error while scoring, handed back to the queue", job_id)
+        except SQLAlchemyError:
+            log.warning("job %d: database error while scoring; it stays claimed until its lease ends", job_id)
+        raise
+
+
+def _score_claimed(ctx: WorkerContext, job_id: int) -> str:
     started_at = utcnow()
     storage_dir = ctx.settings.effective_storage_dir
     with session_scope(ctx.session_factory) as session:

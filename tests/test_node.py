@@ -81,6 +81,11 @@ def test_multi_series_study_stored_indexed_and_queued_once(start_node, database_
         return all(r.state == "queued" for r in rows) and rows
     rows = wait_for(queued)
     assert [r.instance_count for r in rows] == [300, 120]
+
+    def published():  # the job row commits first; it is published (and marked) just after
+        with running.session() as session:
+            return session.scalar(select(func.count(Job.id)).where(Job.published_at.is_not(None))) == 1
+    wait_for(published)
     with running.session() as session:
         jobs = session.scalars(select(Job)).all()
         assert len(jobs) == 1 and jobs[0].study_version == 1 and jobs[0].published_at is not None

@@ -110,8 +110,8 @@ class Settings:
     )
     sr_max_lesions: int = _f(20, "How many 3-D lesions (largest first) get their own measurement group in the SR.")
     device: str = _f("auto", "Scoring device: auto, cpu or cuda.")
-    scorer: str = _f("classical", "Scorer: classical (default, no weights), hybrid (classical lungs + the "
-                     "shipped 2D lesion network) or unet.")
+    scorer: str = _f("hybrid", "Scorer: hybrid (default: classical lungs, lesions the shipped 2D network "
+                     "confirms), classical (HU rules only, no weights) or unet.")
     unet_weights: Path | None = _f(None, "Weights file of the 3D U-Net scorer.")
     lesion_weights: Path | None = _f(None, "Weights file of the hybrid scorer's 2D lesion network (default: "
                                      "the one shipped in the package; its .sha256 must sit beside it).")

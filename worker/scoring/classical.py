@@ -257,10 +257,14 @@ class ClassicalScorer:
             return _segment(volume, torch.device(device))
 
 
-def lung_segmentation(volume: Volume, device: str = "cpu") -> tuple[Segmentation, dict[str, float]]:
+def lung_segmentation(volume: Volume, device: str = "cpu", *, with_lesions: bool = False
+                      ) -> tuple[Segmentation, dict[str, float]]:
     """The classical segmentation the learned scorers take the lungs (and split, grid)
-    from, and its timings named ``classical.<step>`` to start theirs with."""
-    base = ClassicalScorer().segment(volume, device)
+    from, and its timings named ``classical.<step>`` to start theirs with. Without
+    ``with_lesions`` the lesion step is skipped and ``lesion`` is empty."""
+    configure_torch()
+    with torch.inference_mode():
+        base = _segment(volume, torch.device(device), with_lesions=with_lesions)
     return base, {f"classical.{k}": v for k, v in base.timings.items()}
 
 
@@ -321,7 +325,8 @@ def to_working_grid(hu: np.ndarray, factors: tuple[int, int, int], device: torch
     return out
 
 
-def _segment(volume: Volume, device: torch.device, *, whole_image_is_body: bool = False) -> Segmentation:
+def _segment(volume: Volume, device: torch.device, *, whole_image_is_body: bool = False,
+             with_lesions: bool = True) -> Segmentation:
     timings: dict[str, float] = {}
     notes: list[str] = []
     t = _now()
@@ -406,7 +411,8 @@ def _segment(volume: Volume, device: torch.device, *, whole_image_is_body: bool 
 
     # 5. lesions -----------------------------------------------------------------------------
     t = _now()
-    lesion_c = _lesions(Wc, S, lung_c, spacing, device, voxel_ml, notes)
+    lesion_c = (_lesions(Wc, S, lung_c, spacing, device, voxel_ml, notes) if with_lesions
+                else np.zeros_like(lung_c))
     timings["lesions"] = _now() - t
 
     lung = np.zeros(full_shape, dtype=bool)

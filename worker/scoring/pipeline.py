@@ -109,9 +109,13 @@ def score_volume(volume: Volume, settings: Settings, *, scorer: Scorer | None = 
     return result
 
 
+_MODEL_NAMES = {"classical": "ct-triage-classical", "hybrid": "ct-triage-hybrid", "unet": "ct-triage-unet3d"}
+
+
 def _default_model(settings: Settings) -> str:
-    kind = (getattr(settings, "scorer", "classical") or "classical").lower()
-    return "ct-triage-unet3d" if kind == "unet" else "ct-triage-classical"
+    """The model name a result carries when it failed before a scorer was built."""
+    kind = (getattr(settings, "scorer", "hybrid") or "hybrid").lower()
+    return _MODEL_NAMES.get(kind, _MODEL_NAMES["hybrid"])
 
 
 def measure(volume: Volume, seg: Segmentation, settings: Settings) -> ScoreResult:

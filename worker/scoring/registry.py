@@ -1,8 +1,8 @@
 """The factory that picks a scorer: :func:`get_scorer`.
 
-``CT_TRIAGE_SCORER`` chooses: ``classical`` (default, transparent, needs no weights),
-``hybrid`` (classical lungs, lesions from the 2D network shipped with the package,
-:mod:`worker.scoring.hybrid`; ``CT_TRIAGE_LESION_WEIGHTS`` may name other weights) or
+``CT_TRIAGE_SCORER`` chooses: ``hybrid`` (default: classical lungs, lesions the 2D network
+shipped with the package confirms, :mod:`worker.scoring.hybrid`; ``CT_TRIAGE_LESION_WEIGHTS``
+may name other weights), ``classical`` (HU rules only, transparent, needs no weights) or
 ``unet`` (a small 3D U-Net whose weights come from ``CT_TRIAGE_UNET_WEIGHTS``; nothing
 is downloaded). Scorers are cached per process; a changed weights file
 (path, mtime or size) builds a new one. Importing this module does not import torch:
@@ -28,7 +28,7 @@ _cache_lock = threading.Lock()
 def get_scorer(settings: Settings) -> Scorer:
     """The scorer ``settings.scorer`` names (cached per process; a changed weights
     file is reloaded). Raises ConfigError for an unknown name or unusable weights."""
-    kind = (settings.scorer or "classical").strip().lower()
+    kind = (settings.scorer or "hybrid").strip().lower()
     weights = Path(settings.unet_weights or "")
     if kind == "classical":
         key: tuple = ("classical",)

@@ -273,9 +273,9 @@ def test_hybrid_drops_network_lesion_without_lung_above_or_below():
     hu[1:5, 10:20, 10:20] = -550.0  # ground glass through four slices
     prob = np.zeros(lung.shape, dtype=np.float32)
     prob[1:5, 10:20, 10:20] = 0.9
-    lesion, ggo, cons = lesion_mask(prob, hu, lung, (5.0, 1.4, 1.4), 0.5)
+    lesion, consolidation = lesion_mask(prob, hu, lung, (5.0, 1.4, 1.4), 0.5)
     assert not lesion[1].any() and not lesion[4].any()  # the lung's first and last slice
-    assert lesion[2:4, 11:19, 11:19].all() and cons == 0 and ggo == int(lesion.sum())
+    assert lesion[2:4, 11:19, 11:19].all() and not consolidation.any()
 
 
 def test_hybrid_takes_extent_from_confirmed_classical_candidates_only():
@@ -296,9 +296,39 @@ def test_hybrid_takes_extent_from_confirmed_classical_candidates_only():
     # the network's blur into aerated lung (below the floor) is not lesion
     prob[2:4, 18:22, 6:30] = 0.9
     assert hu[2, 19, 10] < LESION_FLOOR_HU
-    lesion, _, _ = lesion_mask(prob, hu, lung, (5.0, 1.4, 1.4), 0.5, cand)
+    lesion, _ = lesion_mask(prob, hu, lung, (5.0, 1.4, 1.4), 0.5, cand)
     assert lesion[2:4, 6:16, 6:30].all()
     assert not lesion[2:4, 18:22].any()
     assert lesion[2:4, 24:34].sum() <= 2 * 10  # only the network's own sliver, if anything
-    without, _, _ = lesion_mask(prob, hu, lung, (5.0, 1.4, 1.4), 0.5)
+    without, _ = lesion_mask(prob, hu, lung, (5.0, 1.4, 1.4), 0.5)
     assert without[2:4, 6:16, 14:30].sum() == 0  # the extent came from the candidate
+
+
+def test_hybrid_hands_on_ground_glass_and_consolidation_masks():
+    """Dense lesion voxels (>= CONSOLIDATION_HU) are consolidation, the rest ground glass;
+    the two masks partition the lesion and reach the result's masks (for the SEG and SR)."""
+    from worker.scoring.hybrid import CONSOLIDATION_HU, HybridScorer
+    from worker.scoring.masks import ResultMasks
+    from worker.scoring.volume import Volume
+
+    lung, hu = _lungs()
+    hu[2:4, 8:20, 8:20] = -550.0
+    hu[2:4, 10:18, 10:18] = 0.0  # a consolidated core (11 mm: no vessel) inside the ground glass
+    assert 0.0 >= CONSOLIDATION_HU
+    prob = np.zeros(lung.shape, dtype=np.float32)
+    prob[2:4, 8:20, 8:20] = 0.9
+    from worker.scoring.hybrid import lesion_mask
+
+    lesion, consolidation = lesion_mask(prob, hu, lung, (5.0, 1.4, 1.4), 0.5)
+    assert consolidation.any() and (consolidation <= lesion).all()
+    assert consolidation[2, 14, 14] and not consolidation[2, 9, 9] and lesion[2, 9, 9]
+    # through the scorer: a phantom with consolidation (85 %) gets both masks
+    from ct_triage_tools.phantom import make_phantom
+
+    ph = make_phantom(85, slices=40, rows=128, seed=1, slice_spacing_mm=7.5)
+    seg = HybridScorer().segment(Volume(hu=ph.volume.hu, spacing_mm=ph.volume.spacing_mm))
+    assert seg.ggo is not None and seg.consolidation is not None
+    assert not (seg.ggo & seg.consolidation).any() and np.array_equal(seg.ggo | seg.consolidation, seg.lesion)
+    assert seg.ggo.any() and seg.consolidation.any()
+    masks = ResultMasks.from_segmentation(seg)
+    assert masks.ggo is not None and masks.consolidation is not None

@@ -105,12 +105,15 @@ def test_sr_seg_and_sc_land_in_orthanc_valid_and_true(tmp_path, scored, pacs):
         by_class.setdefault(str(stored.SOPClassUID), []).append(copy)
     assert len(by_class[SR_CLASS]) == 1 and len(by_class[SEG_CLASS]) == 1 and len(by_class[SC_CLASS]) > 1
 
-    # The SEG's lesion segment against the phantom's truth masks (written by write_phantom).
+    # The SEG's lesion segments against the phantom's truth masks (written by write_phantom):
+    # one "Lesions" segment, or ground glass and consolidation when the scorer splits them
     seg = hd.seg.segread(by_class[SEG_CLASS][0])
-    number = next(s.SegmentNumber for s in seg.SegmentSequence if s.SegmentLabel == "Lesions")
+    numbers = [s.SegmentNumber for s in seg.SegmentSequence
+               if s.SegmentLabel in ("Lesions", "Ground glass opacity", "Consolidation")]
+    assert numbers
     lesion = seg.get_pixels_by_source_instance(source_sop_instance_uids=result.source_sop_instance_uids,
-                                               segment_numbers=[number],
-                                               assert_missing_frames_are_empty=True)[..., 0].astype(bool)
+                                               segment_numbers=numbers, combine_segments=True,
+                                               assert_missing_frames_are_empty=True) > 0
     truth_masks = read_truth_masks(folder)
     slice_of = {b["sop_instance_uid"]: b["slice_index"] for b in truth["lesion_boxes"]}
     for k, uid in enumerate(result.source_sop_instance_uids):  # truth slices are in the same order
@@ -128,7 +131,7 @@ def test_sr_seg_and_sc_land_in_orthanc_valid_and_true(tmp_path, scored, pacs):
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert '"Referenced Segment"' in out.stdout and "CT-3" in out.stdout
-    assert f"(SG image,,{number})" in out.stdout
+    assert any(f"(SG image,,{number})" in out.stdout for number in numbers)  # the SR's lesions refer to them
 
     # A rebuild (crash before recording, or another worker) writes identical bytes.
     again = write_outputs(tmp_path / "again", result_folder(result.study_instance_uid, 1),

@@ -41,14 +41,21 @@ class Segmentation:
     spacing_mm: tuple[float, float, float]  # of the working grid
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # when the scorer tells them apart: the lesion split into ground glass and consolidation
+    ggo: np.ndarray | None = None
+    consolidation: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        for name in ("lung", "left", "lesion"):
+        for name in ("lung", "left", "lesion", "ggo", "consolidation"):
             arr = getattr(self, name)
+            if arr is None and name in ("ggo", "consolidation"):
+                continue
             if not isinstance(arr, np.ndarray) or arr.dtype != bool or arr.ndim != 3:
                 raise ValueError(f"Segmentation.{name} must be a 3-D bool array")
             if arr.shape != self.lung.shape:
                 raise ValueError("Segmentation masks must share one shape")
+        if (self.ggo is None) != (self.consolidation is None):
+            raise ValueError("Segmentation.ggo and .consolidation come together")
 
     @property
     def voxel_volume_ml(self) -> float:

@@ -49,7 +49,9 @@ What
        (working-grid HU, 3x3 mean) are consolidation, the rest ground glass; reported in
        ``Segmentation.notes`` as volumes. The HU band is the Fleischner glossary's
        (ground glass: hazy increase that does not obscure vessels, ~-700..-300 HU;
-       consolidation: obscures them, soft-tissue density).
+       consolidation: obscures them, soft-tissue density). Both masks go on with the
+       segmentation: the SEG then carries "Ground glass opacity" and "Consolidation"
+       segments instead of one "Lesions" segment, and the SR's lesions refer to them.
 
 Everything after (volumes, %, category, boxes) is ``pipeline.measure``'s, as for every
 scorer, so the hybrid and the classical scorer are compared on the same arithmetic.
@@ -115,7 +117,9 @@ class HybridScorer:
                                                     base.spacing_mm, device, self.window)
         timings["network"] = time.perf_counter() - t1
         t2 = time.perf_counter()
-        lesion, ggo, cons = lesion_mask(prob, hu_w, base.lung, base.spacing_mm, self.threshold, base.lesion)
+        lesion, consolidation = lesion_mask(prob, hu_w, base.lung, base.spacing_mm, self.threshold, base.lesion)
+        cons = int(consolidation.sum())
+        ggo = int(lesion.sum()) - cons
         timings["lesion_mask"] = time.perf_counter() - t2
         timings["total"] = time.perf_counter() - t
         vox = base.voxel_volume_ml
@@ -124,7 +128,8 @@ class HybridScorer:
             f"ground glass {ggo * vox:.1f} ml, consolidation {cons * vox:.1f} ml "
             f"(split at {CONSOLIDATION_HU:g} HU)",
         ]
-        return dataclasses.replace(base, lesion=lesion, timings=timings, notes=notes)
+        return dataclasses.replace(base, lesion=lesion, timings=timings, notes=notes,
+                                   ggo=lesion & ~consolidation, consolidation=consolidation)
 
 
 def _pooled_slices(hu: np.ndarray, zs: list[int], factor: tuple[int, int, int]) -> torch.Tensor:
@@ -220,31 +225,33 @@ def lesion_probability(model: LesionNet, volume: Volume, lung: np.ndarray, facto
 
 
 def lesion_mask(prob: np.ndarray, hu_w: np.ndarray, lung: np.ndarray, spacing: tuple[float, float, float],
-                threshold: float, candidates: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
-    """(lesion mask, ground-glass voxels, consolidation voxels) from the network's
-    probability and the classical ``candidates`` (extent); see the module docstring.
+                threshold: float, candidates: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(lesion mask, its consolidation part) from the network's probability and the
+    classical ``candidates`` (extent); see the module docstring.
 
     Computed on the lungs' bounding box with a margin (one slice; the vessel opening's
     width in-plane), which gives the same mask as the whole volume at about half the cost."""
     lesion = np.zeros(lung.shape, dtype=bool)
+    consolidation = np.zeros(lung.shape, dtype=bool)
     if not lung.any():
-        return lesion, 0, 0
+        return lesion, consolidation
     k = max(1, int(round(VESSEL_OPEN_MM / spacing[1])))
     box = []
     for axis, margin in enumerate((1, k + 2, k + 2)):
         idx = np.flatnonzero(lung.any(axis=tuple(a for a in range(3) if a != axis)))
         box.append(slice(max(0, int(idx[0]) - margin), min(lung.shape[axis], int(idx[-1]) + margin + 1)))
     b = tuple(box)
-    inner, ggo, cons = _lesion_mask_in_box(prob[b], hu_w[b], lung[b], spacing, threshold,
+    inner, inner_cons = _lesion_mask_in_box(prob[b], hu_w[b], lung[b], spacing, threshold,
                                           None if candidates is None else candidates[b],
                                           first_slice=b[0].start == 0, last_slice=b[0].stop == lung.shape[0])
     lesion[b] = inner
-    return lesion, ggo, cons
+    consolidation[b] = inner_cons
+    return lesion, consolidation
 
 
 def _lesion_mask_in_box(prob: np.ndarray, hu_w: np.ndarray, lung: np.ndarray, spacing: tuple[float, float, float],
                         threshold: float, candidates: np.ndarray | None, *, first_slice: bool, last_slice: bool
-                        ) -> tuple[np.ndarray, int, int]:
+                        ) -> tuple[np.ndarray, np.ndarray]:
     lesion = (prob >= threshold) & lung
     # 4a: lung above and below (outside the volume counts as lung: nothing is known there)
     lesion[1:] &= lung[:-1]
@@ -254,7 +261,7 @@ def _lesion_mask_in_box(prob: np.ndarray, hu_w: np.ndarray, lung: np.ndarray, sp
     if not last_slice:
         lesion[-1] = False
     if not lesion.any():
-        return lesion, 0, 0
+        return lesion, lesion.copy()
     S = ndimage.uniform_filter(hu_w, size=(1, 3, 3), mode="nearest")
     lesion &= S >= LESION_FLOOR_HU
     dense = lesion & (S >= VESSEL_HU)
@@ -276,5 +283,4 @@ def _lesion_mask_in_box(prob: np.ndarray, hu_w: np.ndarray, lung: np.ndarray, sp
         small = sizes * voxel_ml < MIN_LESION_ML
         small[0] = False
         lesion[small[lab]] = False
-    cons = int((lesion & (S >= CONSOLIDATION_HU)).sum())
-    return lesion, int(lesion.sum()) - cons, cons
+    return lesion, lesion & (S >= CONSOLIDATION_HU)

@@ -156,6 +156,11 @@ def read_mask(path: Path) -> np.ndarray:
     return read_gray(path) >= 128
 
 
+def network_image(sample: Sample) -> np.ndarray:
+    """A sample's image as the network sees it: re-windowed from its source's window (float 0..255)."""
+    return network_gray(read_gray(sample.img), source_of(sample.name))
+
+
 def _resized(arr: np.ndarray, size: int) -> torch.Tensor:
     t = torch.from_numpy(arr.astype(np.float32))[None, None]
     return F.interpolate(t, size=(size, size), mode="area")[0, 0]
@@ -166,8 +171,7 @@ def load_training_arrays(samples: list[Sample], size: int) -> tuple[torch.Tensor
     imgs = torch.empty((len(samples), size, size), dtype=torch.uint8)
     masks = torch.empty((len(samples), size, size), dtype=torch.uint8)
     for i, s in enumerate(samples):
-        gray = network_gray(read_gray(s.img), source_of(s.name))
-        imgs[i] = _resized(gray, size).round().clamp(0, 255).to(torch.uint8)
+        imgs[i] = _resized(network_image(s), size).round().clamp(0, 255).to(torch.uint8)
         masks[i] = (_resized(read_mask(s.gt).astype(np.float32), size) * 255).round().to(torch.uint8)
     return imgs, masks
 
@@ -252,7 +256,7 @@ def probabilities(model: LesionNet, samples: list[Sample], *, flip: bool = True
     with torch.inference_mode():
         for i in range(0, len(samples), 16):
             chunk = samples[i:i + 16]
-            grays = [torch.from_numpy(network_gray(read_gray(s.img), source_of(s.name)) / 255.0) for s in chunk]
+            grays = [torch.from_numpy(network_image(s) / 255.0) for s in chunk]
             probs = predict_images(model, grays, flip=flip)
             for s, p in zip(chunk, probs):
                 out.append((p.numpy(), read_mask(s.gt)))

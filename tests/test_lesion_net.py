@@ -332,3 +332,22 @@ def test_hybrid_hands_on_ground_glass_and_consolidation_masks():
     assert seg.ggo.any() and seg.consolidation.any()
     masks = ResultMasks.from_segmentation(seg)
     assert masks.ggo is not None and masks.consolidation is not None
+
+
+def test_hybrid_builds_folded_copies_for_any_device_from_the_loaded_weights():
+    """BatchNorm is folded into the convolutions of each device's copy; the copies are made
+    from the untouched loaded model (a folded model's weights no longer fit a fresh network:
+    copying one for CUDA failed). ``meta`` stands in for a second device."""
+    from worker.scoring.hybrid import HybridScorer
+
+    scorer = HybridScorer()
+    cpu = scorer._copies.on("cpu")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in cpu.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in scorer.model.modules())  # the loaded model is kept
+    x = torch.rand(2, 1, 128, 128)
+    with torch.inference_mode():
+        assert torch.allclose(cpu(x), scorer.model(x), atol=1e-4)
+    other = scorer._copies.on("meta")
+    assert next(other.parameters()).device.type == "meta"
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in other.modules())
+    assert scorer._copies.on("cpu") is cpu

@@ -24,7 +24,6 @@ from worker.scoring.volume import Volume
 
 ROWS, SLICES = 256, 60
 SPACING = 300.0 / SLICES  # the phantom's anatomy spans 300 mm of z
-BOUNDARIES = (25.0, 50.0, 75.0)
 
 
 def settings(**overrides) -> Settings:
@@ -46,10 +45,6 @@ def phantom(involvement, seed, rows=ROWS, slices=SLICES):
         _cache[key] = make_phantom(involvement, slices=slices, rows=rows, seed=seed,
                                    slice_spacing_mm=300.0 / slices)
     return _cache[key]
-
-
-def away_from_boundaries(percent: float, margin: float = 3.0) -> bool:
-    return all(abs(percent - b) > margin for b in BOUNDARIES) and percent > 0.5 + margin
 
 
 # -- accuracy matrix ----------------------------------------------------------------------

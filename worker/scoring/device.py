@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 from ct_triage.errors import ConfigError
 
@@ -104,17 +104,25 @@ def describe_device(device: str) -> str:
 class ModelCopies(Generic[M]):
     """One copy of a network per device: the loaded CPU model, and for any other device
     a model of the same class and ``config()`` with the same weights, moved there and
-    put in eval mode on first use."""
+    put in eval mode on first use.
 
-    def __init__(self, cpu_model: M):
-        self._models: dict[str, M] = {"cpu": cpu_model}
+    With ``prepare`` (an in-place inference rewrite, e.g. folding BatchNorm into the
+    convolutions), every copy, the CPU one included, is built from the untouched loaded
+    model and then prepared: a prepared model's weights no longer fit a fresh model of
+    its class, so copies are never made from one."""
+
+    def __init__(self, cpu_model: M, prepare: Callable[[M], M] | None = None):
+        self._source = cpu_model
+        self._prepare = prepare
+        self._models: dict[str, M] = {} if prepare else {"cpu": cpu_model}
 
     def on(self, device: str) -> M:
         if device not in self._models:
             import torch
 
-            cpu: Any = self._models["cpu"]
-            model = type(cpu)(**cpu.config())
-            model.load_state_dict(cpu.state_dict())
-            self._models[device] = model.to(torch.device(device)).eval()
+            source: Any = self._source
+            model = type(source)(**source.config())
+            model.load_state_dict(source.state_dict())
+            model = model.to(torch.device(device)).eval()
+            self._models[device] = self._prepare(model) if self._prepare else model
         return self._models[device]

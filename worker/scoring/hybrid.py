@@ -106,7 +106,7 @@ class HybridScorer:
         self.threshold = float(threshold if threshold is not None else self.meta.get("threshold", 0.5))
         self.window = lesion_net.window_of(self.meta, self.weights_path)
         self.version = f"{VERSION}+{lesion_net.sha256_of(self.weights_path)[:12]}"
-        self._copies = ModelCopies(lesion_net.fold_batch_norm(self.model))
+        self._copies = ModelCopies(self.model, prepare=lesion_net.fold_batch_norm)
 
     def segment(self, volume: Volume, device: str = "cpu") -> Segmentation:
         t = time.perf_counter()
@@ -229,45 +229,40 @@ def lesion_mask(prob: np.ndarray, hu_w: np.ndarray, lung: np.ndarray, spacing: t
     """(lesion mask, its consolidation part) from the network's probability and the
     classical ``candidates`` (extent); see the module docstring.
 
-    Computed on the lungs' bounding box with a margin (one slice; the vessel opening's
-    width in-plane), which gives the same mask as the whole volume at about half the cost."""
+    Computed on the lungs' bounding box with a margin (one slice, so the z rule sees the
+    lung end; the vessel opening's width in-plane), which gives the same mask as the whole
+    volume at about half the cost."""
     lesion = np.zeros(lung.shape, dtype=bool)
     consolidation = np.zeros(lung.shape, dtype=bool)
     if not lung.any():
         return lesion, consolidation
-    k = max(1, int(round(VESSEL_OPEN_MM / spacing[1])))
+    open_px = max(1, int(round(VESSEL_OPEN_MM / spacing[1])))
     box = []
-    for axis, margin in enumerate((1, k + 2, k + 2)):
+    for axis, margin in enumerate((1, open_px + 2, open_px + 2)):
         idx = np.flatnonzero(lung.any(axis=tuple(a for a in range(3) if a != axis)))
         box.append(slice(max(0, int(idx[0]) - margin), min(lung.shape[axis], int(idx[-1]) + margin + 1)))
     b = tuple(box)
-    inner, inner_cons = _lesion_mask_in_box(prob[b], hu_w[b], lung[b], spacing, threshold,
-                                          None if candidates is None else candidates[b],
-                                          first_slice=b[0].start == 0, last_slice=b[0].stop == lung.shape[0])
+    inner, inner_cons = _lesion_mask_in_box(prob[b], hu_w[b], lung[b], threshold, open_px, spacing,
+                                          None if candidates is None else candidates[b])
     lesion[b] = inner
     consolidation[b] = inner_cons
     return lesion, consolidation
 
 
-def _lesion_mask_in_box(prob: np.ndarray, hu_w: np.ndarray, lung: np.ndarray, spacing: tuple[float, float, float],
-                        threshold: float, candidates: np.ndarray | None, *, first_slice: bool, last_slice: bool
+def _lesion_mask_in_box(prob: np.ndarray, hu_w: np.ndarray, lung: np.ndarray, threshold: float, open_px: int,
+                        spacing: tuple[float, float, float], candidates: np.ndarray | None
                         ) -> tuple[np.ndarray, np.ndarray]:
     lesion = (prob >= threshold) & lung
     # 4a: lung above and below (outside the volume counts as lung: nothing is known there)
     lesion[1:] &= lung[:-1]
     lesion[:-1] &= lung[1:]
-    if not first_slice:  # the box's first slice is a margin slice: no lung there
-        lesion[0] = False
-    if not last_slice:
-        lesion[-1] = False
     if not lesion.any():
         return lesion, lesion.copy()
     S = ndimage.uniform_filter(hu_w, size=(1, 3, 3), mode="nearest")
     lesion &= S >= LESION_FLOOR_HU
     dense = lesion & (S >= VESSEL_HU)
     if dense.any():
-        k = max(1, int(round(VESSEL_OPEN_MM / spacing[1])))
-        wide = ndimage.binary_opening(dense, structure=np.ones((1, k, k), dtype=bool))
+        wide = ndimage.binary_opening(dense, structure=np.ones((1, open_px, open_px), dtype=bool))
         lesion &= ~(dense & ~wide)
     if candidates is not None and candidates.any() and lesion.any():
         lab, n = ndimage.label(candidates & lung, structure=np.ones((3, 3, 3), dtype=bool))

@@ -51,7 +51,7 @@ class LoadNode(CtTriage):
                "CT_TRIAGE_MAX_PENDING_PER_ADDRESS": str(self.senders)}
         if self.database_url:
             env["CT_TRIAGE_DATABASE_URL"] = self.database_url
-        return self.launch([sys.executable, "-m", "ct_triage.cli", "node"], port, env,
+        return self.launch([sys.executable, "-m", "ct_triage_app.cli", "node"], port, env,
                            open(workdir / "node.log", "wb"), called="CTTRIAGE")
 
 

@@ -119,7 +119,7 @@ def _bench_one(folder: Path, truth: dict, scorer: str, args) -> dict:
     env["CT_TRIAGE_DEVICE"] = args.device
     env["CT_TRIAGE_SCORER"] = scorer
     cold_wall, cold_mb, proc, cold_cpu = _run_measured(
-        [sys.executable, "-m", "ct_triage.cli", "score", str(folder / "FC51"), "--json", "--no-boxes"], env)
+        [sys.executable, "-m", "ct_triage_app.cli", "score", str(folder / "FC51"), "--json", "--no-boxes"], env)
     if proc.returncode not in (0, 2):
         print(proc.stderr[-3000:], file=sys.stderr)
         return {"scorer": scorer, "error": proc.stderr[-500:], "within_targets": False}

@@ -65,7 +65,7 @@ class CtTriage(Target):
                "CT_TRIAGE_STABLE_AGE_S": "3600", "CT_TRIAGE_LOG_LEVEL": "WARNING"}
         if self.database_url:
             env["CT_TRIAGE_DATABASE_URL"] = self.database_url
-        return self.launch([sys.executable, "-m", "ct_triage.cli", "node"], port, env,
+        return self.launch([sys.executable, "-m", "ct_triage_app.cli", "node"], port, env,
                            open(workdir / "node.log", "wb"), called="CTTRIAGE")
 
 

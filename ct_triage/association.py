@@ -7,14 +7,23 @@ association is aborted. Every SCU loop of ours (C-STORE delivery, C-FIND/C-MOVE 
 priors, N-EVENT-REPORT to UPS subscribers and of storage commitment) sends each request
 inside :func:`reactor_paused`. Thread-only; imports nothing of ours, so the node and the
 worker may use it.
+
+The checks every requestor of ours shares live here too: :func:`check_ae_title` (an
+argument naming an AE title), :func:`classify_rejection` (A-ASSOCIATE-RJ, PS3.8 9.3.4:
+retry or not) and :func:`connect_failure` (why a TCP/TLS connect failed, probed once).
 """
 
 from __future__ import annotations
 
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Literal
+
+Outcome = Literal["delivered", "transient", "permanent"]
 
 # How long reactor_paused waits for the association's reactor to stop (it loops every ms).
 REACTOR_PAUSE_TIMEOUT_S = 5.0
@@ -53,3 +62,46 @@ def reactor_paused(assoc) -> Iterator[None]:
         yield
     finally:
         checkpoint.set()
+
+
+def classify_rejection(result: int, source: int, diagnostic: int) -> Outcome:
+    """Outcome of an A-ASSOCIATE-RJ (PS3.8 9.3.4)."""
+    if source == 0x01 and diagnostic in (0x03, 0x07):
+        return "permanent"  # calling / called AE title not recognized: configuration
+    if source == 0x03:
+        return "transient"  # presentation layer: temporary congestion, local limit exceeded
+    return "transient" if result == 0x02 else "permanent"
+
+
+def check_ae_title(value, name: str) -> str:
+    """``value`` stripped, when it is a valid AE title (1..16 printable ASCII, no backslash);
+    else TypeError/ValueError naming the argument ``name``."""
+    if not isinstance(value, str):
+        raise TypeError(f"argument '{name}' must be a str, got {type(value).__name__}")
+    text = value.strip()
+    if not 1 <= len(text) <= 16 or "\\" in text or not all(32 <= ord(c) < 127 for c in text):
+        raise ValueError(f"argument '{name}' must be 1..16 printable ASCII characters without '\\', got {value!r}")
+    return text
+
+
+def connect_failure(host: str, port: int, tls: ssl.SSLContext | None, timeout: float) -> tuple[Outcome, str]:
+    """Why the TCP (or TLS) connection failed: probe once to get the OS/TLS error."""
+    where = f"{host}:{port}"
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except TimeoutError:
+        return "transient", f"cannot connect to {where}: connect timed out"
+    except OSError as exc:
+        return "transient", f"cannot connect to {where}: {exc.strerror or exc}"
+    try:
+        if tls is not None:
+            try:
+                with tls.wrap_socket(sock, server_hostname=host):
+                    pass
+            except ssl.SSLCertVerificationError as exc:
+                return "permanent", f"TLS certificate of {where} rejected: {exc.verify_message or exc}"
+            except (ssl.SSLError, OSError) as exc:
+                return "transient", f"TLS handshake with {where} failed: {exc}"
+        return "transient", f"connection to {where} failed while opening the association (it accepts TCP now)"
+    finally:
+        sock.close()

@@ -1,6 +1,6 @@
 """The offline sub-commands of ``ct-triage``: ``phantom``, ``score``, ``eval``, ``train``, ``demo``.
 
-``ct_triage.cli`` calls :func:`register` with its sub-parsers (only when one of these
+``ct_triage_app.cli`` calls :func:`register` with its sub-parsers (only when one of these
 commands, help or an unknown command is asked for, so the daemon's commands never import
 this package). Every handler, here as in the CLI, is ``func(args, settings) -> exit code``.
 Results go to stdout (``--json``: exactly one JSON object), progress and messages to stderr.

@@ -27,9 +27,10 @@ from db.models import Delivery, Result, Study
 from db.session import session_scope
 from dicom_node import DicomNode
 from worker.delivery.scu import send_instances
-from worker.embedded import EmbeddedConsumer
-from worker.jobs import WorkerContext, load_result, source_datasets
 from worker.outputs.render import render_summary_png
+from worker.tasks.context import WorkerContext
+from worker.tasks.embedded import EmbeddedConsumer
+from worker.tasks.outputs import load_result, source_datasets
 
 log = logging.getLogger("ct_triage.demo")
 

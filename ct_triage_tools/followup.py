@@ -52,7 +52,7 @@ def follow_up_copy(src: Path, dst: Path, acquired_at: dt.datetime, *, issuer: st
 def make_summary_png(out_png: Path, workdir: Path, *, sizes: dict | None = None) -> str:
     """Score three scans of one phantom patient and render the last one's summary with its trend."""
     from ct_triage.settings import Settings
-    from worker.comparison import Snapshot, acquisition_time, apply_assessment, assess
+    from worker.followup.comparison import Snapshot, acquisition_time, apply_assessment, assess
     from worker.outputs.trend import render_summary_png
     from worker.scoring.pipeline import score_study
 

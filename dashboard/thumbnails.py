@@ -111,7 +111,7 @@ class Thumbnails:
         import numpy as np
         from pydicom import dcmread
 
-        from worker.outputs.render import _orientation_markers, coronal_overview, render_summary
+        from worker.outputs.render import coronal_overview, orientation_markers, render_summary
         from worker.scoring.result import ScoreResult
 
         result = ScoreResult.from_json(data)
@@ -124,7 +124,7 @@ class Thumbnails:
         if kind == "summary":
             return _png(Image.fromarray(render_summary(datasets, result), mode="RGB"))
         boxes = result.boxes if result.status == "scored" else []
-        overview = _orientation_markers(coronal_overview(datasets, boxes), datasets)
+        overview = orientation_markers(coronal_overview(datasets, boxes), datasets)
         image = Image.fromarray(np.asarray(overview), mode="RGB")
         image.thumbnail((THUMBNAIL_PX * 2, THUMBNAIL_PX), Image.Resampling.LANCZOS)
         return _png(image)

@@ -18,7 +18,7 @@ but never lower it (:func:`parse_rule` refuses). Ties are broken by arrival: the
 the study's first instance was received (oldest first), then the database id.
 
 A re-scored study version gets its priority from its own result; the superseded
-version's workitem is cancelled and its HL7 order updated (db.repository, worker.jobs),
+version's workitem is cancelled and its HL7 order updated (db.repository, worker.tasks.score),
 so the rule is applied once per result and read everywhere else from the database.
 
 Pure Python, imports nothing of ours: the node, the workers and the dashboard views

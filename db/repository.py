@@ -775,7 +775,7 @@ SETTLED_STATES = frozenset(s.value for s in SETTLED)
 
 def align_destination_retries(session: Session, destination: str, not_before: datetime) -> int:
     """Waiting deliveries to ``destination`` (pending or retrying) get their next attempt no
-    earlier than ``not_before``; returns how many moved. See worker.jobs._finish_delivery."""
+    earlier than ``not_before``; returns how many moved. See worker.tasks.deliver._finish_delivery."""
     moved = session.execute(
         update(Delivery).where(Delivery.destination == destination,
                                Delivery.state.in_((DeliveryState.PENDING.value, DeliveryState.RETRYING.value)),

@@ -133,8 +133,8 @@ def start_serve(start_node):
     """start_serve(database_url, **settings) -> RunningNode with an embedded worker in this
     process, as `ct-triage serve` composes them; both stopped at teardown."""
     from ct_triage.contract import EmbeddedPublisher
-    from worker.embedded import EmbeddedConsumer
-    from worker.jobs import WorkerContext
+    from worker.tasks.context import WorkerContext
+    from worker.tasks.embedded import EmbeddedConsumer
 
     consumers = []
 

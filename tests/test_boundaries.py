@@ -4,9 +4,15 @@ including those inside functions and under ``TYPE_CHECKING``):
 - no import cycle among the project's modules;
 - ``db`` imports nothing of ours; ``dicom_node`` imports only ``db`` and the task
   contract, settings and errors of ``ct_triage``;
-- the daemon's packages (``ct_triage``, ``db``, ``dicom_node``, ``worker``) never import
-  the offline tools (``ct_triage_tools``), except the command line, which imports them
-  inside a function, only for the offline commands;
+- the entry point (``ct_triage_app``) sits alone on top: nothing of ours imports it, and
+  ``ct_triage`` (what every process shares) imports no node, worker, page, tools or entry
+  point;
+- the daemon's packages never import the offline tools (``ct_triage_tools``), except the
+  command line, which imports them inside a function, only for the offline commands;
+- the worker's packages import only downwards, in this order: ``scoring`` <
+  ``followup`` < ``outputs`` < ``worklist`` < ``delivery`` < ``tasks`` (the leaves
+  ``worker.retry`` and ``worker.durable`` below all);
+- torch is imported only by the model code, ``worker.scoring``;
 - the interfaces (``worker.scoring.base``, ``worker.outputs.base``) import nothing of
   their implementations; ``bench/`` does not import ``tests``;
 
@@ -25,8 +31,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("ct_triage", "ct_triage_tools", "dashboard", "db", "dicom_node", "worker")
-DAEMON = ("ct_triage", "dashboard", "db", "dicom_node", "worker")
+PACKAGES = ("ct_triage", "ct_triage_app", "ct_triage_tools", "dashboard", "db", "dicom_node", "worker")
+DAEMON = ("ct_triage", "ct_triage_app", "dashboard", "db", "dicom_node", "worker")
+# The worker's layers, bottom first: a module may import its own layer and those below.
+WORKER_LAYERS = ("worker.retry", "worker.durable", "worker.scoring", "worker.followup", "worker.outputs",
+                 "worker.worklist", "worker.delivery", "worker.tasks")
 
 
 @dataclass(frozen=True)
@@ -225,17 +234,61 @@ def test_dicom_node_imports_only_db_and_the_contract(edges):
 
 def test_the_daemon_never_imports_the_tools(edges):
     bad = [e for e in edges if _in(e.source, DAEMON) and _in(e.target, ("ct_triage_tools",))
-           and not (e.source == "ct_triage.cli" and e.in_function)]
+           and not (e.source == "ct_triage_app.cli" and e.in_function)]
     assert not bad, _show(bad)
 
 
-def test_ct_triage_core_imports_no_node_worker_or_tools(edges):
-    """``ct_triage`` (settings, contract, errors, runtime) is what the node and the worker
-    share; only the command line (the composition root) imports them, inside functions."""
-    bad = [e for e in edges if _in(e.source, ("ct_triage",)) and _in(e.target, ("dicom_node", "worker",
-                                                                                 "ct_triage_tools"))
-           and not (e.source == "ct_triage.cli" and e.in_function)]
+def test_the_entry_point_is_on_top(edges):
+    """Nothing of ours imports ``ct_triage_app`` (the command line and process wiring)."""
+    bad = [e for e in edges if _in(e.target, ("ct_triage_app",)) and not _in(e.source, ("ct_triage_app",))]
     assert not bad, _show(bad)
+
+
+def test_ct_triage_core_imports_nothing_above_it(edges):
+    """``ct_triage`` (settings, contract, errors, text, runtime) is what every process shares:
+    it imports no node, worker, page, tools or entry point, not even inside a function."""
+    above = ("dicom_node", "worker", "dashboard", "ct_triage_tools", "ct_triage_app")
+    bad = [e for e in edges if _in(e.source, ("ct_triage",)) and _in(e.target, above)]
+    assert not bad, _show(bad)
+
+
+def _worker_layer(module: str) -> int | None:
+    for rank, layer in enumerate(WORKER_LAYERS):
+        if _in(module, (layer,)):
+            return rank
+    return None
+
+
+def test_every_worker_module_has_a_layer(modules):
+    loose = [m for m in modules if _in(m, ("worker",)) and m != "worker" and _worker_layer(m) is None]
+    assert not loose, f"worker modules outside WORKER_LAYERS: {loose}"
+
+
+def test_the_worker_imports_only_downwards(edges):
+    bad = [e for e in edges if _in(e.source, ("worker",)) and _in(e.target, ("worker",))
+           and (_worker_layer(e.target) or 0) > (_worker_layer(e.source) or 0)]
+    assert not bad, _show(bad)
+
+
+def test_the_layer_rule_can_fail():
+    assert _worker_layer("worker.tasks.score") > _worker_layer("worker.followup.priors")
+    assert _worker_layer("worker.retry") < _worker_layer("worker.scoring.pipeline")
+
+
+def _imports_torch(path: Path) -> bool:
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "torch" for a in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "torch":
+            return True
+    return False
+
+
+def test_torch_only_in_the_model_code(modules):
+    bad = [m for m, path in modules.items() if _in(m, DAEMON) and not _in(m, ("worker.scoring",))
+           and _imports_torch(path)]
+    assert not bad, f"torch imported outside worker.scoring: {bad}"
+    assert _imports_torch(modules["worker.scoring.lesion_net"])  # the check sees torch where it is
 
 
 def test_interfaces_import_no_implementation(edges):
@@ -270,7 +323,7 @@ def test_importing_dicom_node_leaves_torch_out():
 
 
 def test_the_cli_loads_the_tools_only_for_their_commands():
-    code = ("import sys\nfrom ct_triage.cli import build_parser\n"
+    code = ("import sys\nfrom ct_triage_app.cli import build_parser\n"
             "names = lambda p: sorted(p._subparsers._group_actions[0].choices)\n"
             "daemon = names(build_parser(['serve']))\n"
             "print('ct_triage_tools' in sys.modules, 'torch' in sys.modules, 'phantom' in daemon)\n"

@@ -16,7 +16,7 @@ from tests.support.scanner import free_port, require_dcmtk, storescu, write_ct_s
 def ct_triage(*args: str, cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("CT_TRIAGE_")}
     environment.update(env or {})
-    return subprocess.run([sys.executable, "-m", "ct_triage.cli", *args], cwd=cwd, env=environment,
+    return subprocess.run([sys.executable, "-m", "ct_triage_app.cli", *args], cwd=cwd, env=environment,
                           capture_output=True, text=True, timeout=timeout)
 
 

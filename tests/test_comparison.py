@@ -1,4 +1,4 @@
-"""worker.comparison: deltas, the progression rule, trends, acquisition time (pure, fast)."""
+"""worker.followup.comparison: deltas, the progression rule, trends, acquisition time (pure, fast)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 from pydicom.dataset import Dataset
 
-from worker.comparison import (
+from worker.followup.comparison import (
     Assessment,
     ProgressionRule,
     Snapshot,

@@ -105,7 +105,7 @@ def test_compose_stack_scores_a_study_and_delivers_to_orthanc(docker_ready, tmp_
     try:
         phase = time.monotonic()
         _run([*COMPOSE, "up", "-d", "--no-build"], env=env, timeout=600)
-        subprocess.run([sys.executable, "-m", "ct_triage.cli", "phantom", str(phantom), "--involvement", "30",
+        subprocess.run([sys.executable, "-m", "ct_triage_app.cli", "phantom", str(phantom), "--involvement", "30",
                         "--slices", "40", "--rows", "128", "--seed", "3"], check=True, capture_output=True,
                        cwd=REPO, timeout=300)
 

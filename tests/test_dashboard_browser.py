@@ -34,8 +34,8 @@ from dashboard.server import DashboardServer
 from db.models import Result
 from tests.support.scanner import free_port, require_dcmtk, storescu
 from tests.test_node import wait_for
-from worker.embedded import EmbeddedConsumer
-from worker.jobs import WorkerContext
+from worker.tasks.context import WorkerContext
+from worker.tasks.embedded import EmbeddedConsumer
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

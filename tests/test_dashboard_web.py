@@ -210,7 +210,7 @@ def test_serve_and_node_processes_serve_the_page_and_refuse_an_open_bind(tmp_pat
         assert "worklist page on http://127.0.0.1" in daemon.log()
 
     open_bind = node_env(tmp_path, sqlite_url, free_port(), http_host="0.0.0.0")
-    refused = subprocess.run([sys.executable, "-m", "ct_triage.cli", "node"], capture_output=True, text=True,
+    refused = subprocess.run([sys.executable, "-m", "ct_triage_app.cli", "node"], capture_output=True, text=True,
                              timeout=60, env={**os.environ, **open_bind})
     assert refused.returncode == 2 and "CT_TRIAGE_HTTP_TOKEN" in refused.stderr
 
@@ -222,7 +222,7 @@ def test_the_dashboard_imports_only_the_database_settings_and_the_renderer():
     edges = import_edges(project_modules())
     bad = [e for e in edges if _in(e.source, ("dashboard",)) and not _in(e.target, allowed)]
     bad += [e for e in edges if _in(e.target, ("dashboard",)) and not _in(e.source, ("dashboard",))
-            and not (e.source == "ct_triage.cli" and e.in_function)]
+            and not (e.source == "ct_triage_app.cli" and e.in_function)]
     assert not bad, _show(bad)
     code = "import sys, dashboard.app, dashboard.server; print('torch' in sys.modules, 'pynetdicom' in sys.modules)"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)

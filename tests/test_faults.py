@@ -190,7 +190,7 @@ def test_worker_sigkilled_during_scoring_and_during_delivery(tmp_path, postgres_
         assert db.scalar(select(func.count(Delivery.id))) == 1
         assert db.scalar(select(func.count(Job.id))) == 1
         # Identical UIDs: what Orthanc holds is exactly what the stored result builds.
-        from worker.jobs import build_outputs
+        from worker.tasks.outputs import build_outputs
 
         with db.factory() as session:
             result = session.scalar(select(Result))

@@ -22,7 +22,7 @@ from tests.support import orthanc as orthanc_support
 from tests.support.orthanc import OrthancServer
 from tests.support.scanner import require_dcmtk, storescu
 from tests.test_node import wait_for
-from worker.priors import comparison_summary
+from worker.followup.priors import comparison_summary
 from worker.scoring.result import category_for
 
 T0 = dt.datetime(2026, 11, 27, 9, 30)
@@ -86,7 +86,7 @@ def test_20_then_32_percent_in_36_hours_is_progression(start_serve, database_url
     assert summary["prior_date"].startswith("2026-11-27") and summary["hours"] == pytest.approx(36)
     assert status[0].study_instance_uid == second and status[0].priority == "HIGH"
     # `ct-triage status` marks the progression
-    from ct_triage.cli import main
+    from ct_triage_app.cli import main
 
     monkeypatch.setenv("CT_TRIAGE_DATABASE_URL", database_url)
     monkeypatch.setenv("CT_TRIAGE_VAR_DIR", str(tmp_path / "var"))

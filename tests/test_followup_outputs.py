@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from tests.support.dciodvfy import dciodvfy_errors, unexpected_warnings
-from worker.comparison import Snapshot, apply_assessment, assess
+from worker.followup.comparison import Snapshot, apply_assessment, assess
 from worker.outputs import render, trend
 from worker.outputs.sc import build_secondary_capture_series
 from worker.outputs.sr import build_measurement_report

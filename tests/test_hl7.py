@@ -9,7 +9,7 @@ import pytest
 
 from tests.support.mllp import MllpListener
 from tests.support.scanner import free_port
-from worker.delivery.hl7 import Hl7Context, build_messages, observation_result, order_update, send_messages, text
+from worker.worklist.hl7 import Hl7Context, build_messages, observation_result, order_update, send_messages, text
 
 NASTY_NAME = "O|BRIEN^ANNE~MARIE&CO\\X^^DR"  # every HL7 delimiter in a DICOM PN
 
@@ -123,7 +123,7 @@ def test_send_waits_for_each_ack_and_classifies_the_answer():
         listener.stop()
 
 
-# -- through the outbox (worker.jobs), on SQLite and PostgreSQL ------------------------------------
+# -- through the outbox (worker.tasks.deliver), on SQLite and PostgreSQL ------------------------------------
 def test_hl7_outbox_delivers_stops_and_retries_once(start_node, database_url):
     from sqlalchemy import select
 
@@ -131,7 +131,8 @@ def test_hl7_outbox_delivers_stops_and_retries_once(start_node, database_url):
     from ct_triage.errors import TransientError
     from db.models import Delivery
     from tests.test_ups import T0, seed
-    from worker.jobs import WorkerContext, deliver_outputs
+    from worker.tasks.context import WorkerContext
+    from worker.tasks.deliver import deliver_outputs
 
     ok_port, refusing_port, late_port = free_port(), free_port(), free_port()
     running = start_node(database_url, retry_base_s=0.2, hl7_ack_timeout_s=5,

@@ -211,12 +211,12 @@ def test_status_prints_full_uids_with_wide_and_fits_120_columns_without(tmp_path
             transfer_syntax_uid="1.2.840.10008.1.2.1", path="x", size_bytes=1, modality="CT"))
     engine.dispose()
     env = {**node_env(tmp_path, sqlite_url, 11112), "CT_TRIAGE_STABLE_AGE_S": "15"}
-    result = subprocess.run([sys.executable, "-m", "ct_triage.cli", "status", "--wide"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "ct_triage_app.cli", "status", "--wide"], capture_output=True,
                             text=True, env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     assert study_uid in result.stdout and series_uid in result.stdout
     assert "receiving" in result.stdout
-    compact = subprocess.run([sys.executable, "-m", "ct_triage.cli", "status"], capture_output=True, text=True,
+    compact = subprocess.run([sys.executable, "-m", "ct_triage_app.cli", "status"], capture_output=True, text=True,
                              env=env, timeout=60)
     assert compact.returncode == 0, compact.stderr
     assert max(len(line) for line in compact.stdout.splitlines()) <= 120, compact.stdout

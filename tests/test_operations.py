@@ -128,7 +128,7 @@ def test_disk_pressure_and_status_show_the_floor(start_node, sqlite_url, tmp_pat
     for key, value in {"DATABASE_URL": sqlite_url, "VAR_DIR": str(tmp_path / "var"),
                        "STORAGE_DIR": str(storage), "MIN_FREE_DISK_MB": str(floor_mb)}.items():
         monkeypatch.setenv(f"CT_TRIAGE_{key}", value)
-    from ct_triage.cli import main
+    from ct_triage_app.cli import main
 
     assert main(["status"]) == 0
     out = capsys.readouterr().out

@@ -29,13 +29,14 @@ from tests.support.dciodvfy import dciodvfy_errors
 from tests.support.orthanc import OrthancServer
 from tests.support.scanner import require_dcmtk, storescu
 from tests.test_node import wait_for
-from worker import jobs
 from worker.delivery.scu import send_instances
-from worker.embedded import EmbeddedConsumer
 from worker.outputs import render
 from worker.outputs.sc import build_secondary_capture_series
 from worker.outputs.stored import build_output_datasets, masks_relpath, result_folder, write_outputs
 from worker.scoring.masks import save_masks
+from worker.tasks.context import WorkerContext
+from worker.tasks.embedded import EmbeddedConsumer
+from worker.tasks.outputs import stored_outputs
 
 # A CT-3 phantom fine enough for the classical scorer's lesions to match the truth
 # (Dice about 0.91 here); 80 slices x 3.75 mm span the lungs.
@@ -270,8 +271,8 @@ def test_queued_deliveries_after_an_outage_go_high_first_from_stored_files(start
     cts = dict(zip(order, seeded, strict=True))
     storage = running.settings.effective_storage_dir
 
-    consumer = EmbeddedConsumer(jobs.WorkerContext(running.settings, running.session_factory, EmbeddedPublisher()))
-    # One failed attempt defers the destination's other waiting deliveries (worker.jobs aligns
+    consumer = EmbeddedConsumer(WorkerContext(running.settings, running.session_factory, EmbeddedPublisher()))
+    # One failed attempt defers the destination's other waiting deliveries (worker.tasks.deliver aligns
     # them): make each delivery due again until each has been tried once against the dead PACS.
     for _ in range(3):
         consumer.run_deliveries()
@@ -340,18 +341,18 @@ def test_stored_outputs_are_rebuilt_when_their_files_are_gone(start_node, sqlite
         session.add(result)
         session.commit()
         result_id = result.id
-    ctx = jobs.WorkerContext(running.settings, running.session_factory, EmbeddedPublisher())
-    first = jobs.stored_outputs(ctx, result_id)
-    assert first == jobs.stored_outputs(ctx, result_id)  # recorded: the same files again
+    ctx = WorkerContext(running.settings, running.session_factory, EmbeddedPublisher())
+    first = stored_outputs(ctx, result_id)
+    assert first == stored_outputs(ctx, result_id)  # recorded: the same files again
     data = {p: p.read_bytes() for p in first}
     first[0].unlink()
-    second = jobs.stored_outputs(ctx, result_id)
+    second = stored_outputs(ctx, result_id)
     assert second == first and {p: p.read_bytes() for p in second} == data
     assert all(isinstance(p, Path) and p.is_file() for p in second)
 
 
 def test_celery_worker_sends_high_first_after_an_outage(postgres_url, redis_url, start_node, tmp_path):
-    """Celery mode (worker.jobs.deliver_in_order): the messages are published LOW first, and
+    """Celery mode (worker.tasks.deliver.deliver_in_order): the messages are published LOW first, and
     each retry comes back on its own countdown; the PACS must still get HIGH first."""
     from ct_triage.contract import DELIVER_OUTPUTS, CeleryPublisher
     from tests.support.daemon import Daemon

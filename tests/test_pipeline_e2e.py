@@ -21,8 +21,8 @@ from tests.support.orthanc import OrthancServer
 from tests.support.scanner import free_port, require_dcmtk, storescu
 from tests.test_node import wait_for
 from tests.test_node_process import node_env
-from worker.jobs import build_outputs
 from worker.outputs.stored import encode
+from worker.tasks.outputs import build_outputs
 
 # Small but realistic enough: 60 slices x 5 mm spans the lungs, 192x192 keeps it quick.
 PHANTOM = dict(slices=60, rows=192, slice_spacing_mm=5.0)

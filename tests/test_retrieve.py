@@ -9,7 +9,7 @@ from ct_triage.settings import Destination
 from tests.support import orthanc as orthanc_support
 from tests.support.orthanc import OrthancServer
 from tests.support.scanner import free_port, require_dcmtk, storescu, write_ct_series
-from worker.delivery.retrieve import find_studies, move_study
+from worker.followup.retrieve import find_studies, move_study
 
 
 @pytest.fixture(autouse=True)

@@ -488,7 +488,7 @@ def test_attribute_text_cannot_forge_log_lines_or_status_rows(node, tmp_path):
     ds.save_as(path, enforce_file_format=True)
     assert pynetdicom_store(node.port, path, "1.2.840.10008.1.2.1") == status.SUCCESS
     log = node.wait_log("modality CT\\x0d\\x0a2026")  # the escaped CR/LF, on the series' log line
-    status_out = subprocess.run([sys.executable, "-m", "ct_triage.cli", "status"], capture_output=True, text=True,
+    status_out = subprocess.run([sys.executable, "-m", "ct_triage_app.cli", "status"], capture_output=True, text=True,
                                 env={**os.environ, **node.env}, timeout=120)
     assert status_out.returncode == 0, status_out.stderr
     for text in (log, status_out.stdout):

@@ -21,7 +21,7 @@ from db.states import (
     can_transition,
 )
 from db.types import utcnow
-from worker.jobs import BACKOFF_MAX_S, backoff_s
+from worker.retry import BACKOFF_MAX_S, backoff_s
 
 # -- the tables ----------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from tests.support.scanner import free_port
 from tests.support.ups import UpsClient, UpsWatcher
 from tests.test_node import wait_for
 from worker.scoring.result import ScoreResult
-from worker.worklist import add_worklist_entries
+from worker.worklist.entries import add_worklist_entries
 
 T0 = datetime(2026, 11, 30, 8, 0, tzinfo=timezone.utc)
 

@@ -163,7 +163,7 @@ def test_a_ris_answering_ae_stops_the_delivery_with_the_reason_in_status(site):
     rows = wait_for(failed, timeout=120, interval=0.5)
     assert all(d.attempts == 1 and "unknown accession" in d.last_error for d in rows)
     assert len(site.refusing.messages) == 3  # one order update each, then it stopped
-    status = subprocess.run([sys.executable, "-m", "ct_triage.cli", "status"], env=site.daemon.env,
+    status = subprocess.run([sys.executable, "-m", "ct_triage_app.cli", "status"], env=site.daemon.env,
                             capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stderr
     assert "RIS answered AE" in status.stdout and "unknown accession" in status.stdout
@@ -175,7 +175,7 @@ def test_a_ris_down_at_first_gets_every_message_once_after_the_backoff(site):
     def retried():
         with site.session() as session:
             rows = session.scalars(select(Delivery).where(Delivery.destination == late)).all()
-            # A failed attempt defers the destination's other waiting messages (worker.jobs aligns
+            # A failed attempt defers the destination's other waiting messages (worker.tasks.deliver aligns
             # them), so the RIS is retried with backoff, not each message in turn.
             return (len(rows) == 3 and all(d.state in ("pending", "retrying") for d in rows)
                     and max(d.attempts for d in rows) >= 2)

@@ -21,7 +21,7 @@ class Daemon:
 
     def start(self) -> Daemon:
         log = open(self.log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "ct_triage.cli", *self.args], env=self.env,
+        self.process = subprocess.Popen([sys.executable, "-m", "ct_triage_app.cli", *self.args], env=self.env,
                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         return self

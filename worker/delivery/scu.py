@@ -49,14 +49,12 @@ warning) status from the peer.
 from __future__ import annotations
 
 import os
-import socket
 import ssl
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -65,10 +63,8 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 
-from ct_triage.association import reactor_paused
+from ct_triage.association import Outcome, check_ae_title, classify_rejection, connect_failure, reactor_paused
 from ct_triage.settings import Destination
-
-Outcome = Literal["delivered", "transient", "permanent"]
 
 WARNING_STATUSES = {0x0001, 0xB000, 0xB006, 0xB007}
 TRANSIENT_FAILURES = {0x0210, 0x0213, 0xFE00}
@@ -164,25 +160,9 @@ def classify_status(status: int) -> tuple[Outcome, str]:
     return "permanent", f"failure {label}"
 
 
-def classify_rejection(result: int, source: int, diagnostic: int) -> Outcome:
-    """Outcome of an A-ASSOCIATE-RJ (PS3.8 9.3.4)."""
-    if source == 0x01 and diagnostic in (0x03, 0x07):
-        return "permanent"  # calling / called AE title not recognized: configuration
-    if source == 0x03:
-        return "transient"  # presentation layer: temporary congestion, local limit exceeded
-    return "transient" if result == 0x02 else "permanent"
 
 
 # -- argument checks --------------------------------------------------------------------
-def _check_ae_title(value, name: str) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"argument '{name}' must be a str, got {type(value).__name__}")
-    text = value.strip()
-    if not 1 <= len(text) <= 16 or "\\" in text or not all(32 <= ord(c) < 127 for c in text):
-        raise ValueError(f"argument '{name}' must be 1..16 printable ASCII characters without '\\', got {value!r}")
-    return text
-
-
 def _check_timeout(value, name: str, *, allow_none: bool = False) -> float | None:
     if value is None and allow_none:
         return None
@@ -282,29 +262,6 @@ def _sop_name(uid: str) -> str:
 
 
 # -- connection diagnostics ------------------------------------------------------------
-def _connect_failure(destination: Destination, tls: ssl.SSLContext | None, timeout: float) -> tuple[Outcome, str]:
-    """Why the TCP (or TLS) connection failed: probe once to get the OS/TLS error."""
-    where = f"{destination.host}:{destination.port}"
-    try:
-        sock = socket.create_connection((destination.host, destination.port), timeout=timeout)
-    except TimeoutError:
-        return "transient", f"cannot connect to {where}: connect timed out"
-    except OSError as exc:
-        return "transient", f"cannot connect to {where}: {exc.strerror or exc}"
-    try:
-        if tls is not None:
-            try:
-                with tls.wrap_socket(sock, server_hostname=destination.host):
-                    pass
-            except ssl.SSLCertVerificationError as exc:
-                return "permanent", f"TLS certificate of {where} rejected: {exc.verify_message or exc}"
-            except (ssl.SSLError, OSError) as exc:
-                return "transient", f"TLS handshake with {where} failed: {exc}"
-        return "transient", f"connection to {where} failed while opening the association (it accepts TCP now)"
-    finally:
-        sock.close()
-
-
 def send_instances(
     destination: Destination,
     datasets_or_paths: Sequence[Dataset | str | os.PathLike],
@@ -335,10 +292,10 @@ def send_instances(
     """
     if not isinstance(destination, Destination):
         raise TypeError(f"argument 'destination' must be a Destination, got {type(destination).__name__}")
-    _check_ae_title(destination.ae_title, "destination")
+    check_ae_title(destination.ae_title, "destination")
     if not destination.host or not isinstance(destination.port, int) or not 0 < destination.port < 65536:
         raise ValueError(f"argument 'destination' has an invalid host/port: {destination}")
-    calling = _check_ae_title(calling_ae_title, "calling_ae_title")
+    calling = check_ae_title(calling_ae_title, "calling_ae_title")
     acse = _check_timeout(acse_timeout, "acse_timeout")
     dimse = _check_timeout(dimse_timeout, "dimse_timeout")
     network = _check_timeout(network_timeout, "network_timeout")
@@ -389,7 +346,7 @@ def send_instances(
             )
             return report(outcome, reason, "rejected", all_unsent(outcome, reason))
         if not opened.is_set():
-            outcome, reason = _connect_failure(destination, tls_context, min(connect, 5.0))
+            outcome, reason = connect_failure(destination.host, destination.port, tls_context, min(connect, 5.0))
             return report(outcome, reason, "refused", all_unsent(outcome, reason))
         if primitive is not None and getattr(primitive, "result", None) == 0x00:
             offered = ", ".join(dict.fromkeys(_sop_name(uid) for uid, _ in contexts))

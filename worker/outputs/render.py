@@ -75,22 +75,22 @@ def gray_to_rgb(gray: np.ndarray) -> np.ndarray:
     return np.repeat(np.asarray(gray, dtype=np.uint8)[:, :, None], 3, axis=2)
 
 
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+def load_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=max(6, int(size)))
 
 
-def _text_width(draw: ImageDraw.ImageDraw, text: str, font) -> int:
+def measure_text(draw: ImageDraw.ImageDraw, text: str, font) -> int:
     left, _top, right, _bottom = draw.textbbox((0, 0), text, font=font)
     return int(math.ceil(right - left))
 
 
-def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+def wrap_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
     words = text.split()
     lines: list[str] = []
     current = ""
     for word in words:
         trial = f"{current} {word}".strip()
-        if current and _text_width(draw, trial, font) > width:
+        if current and measure_text(draw, trial, font) > width:
             lines.append(current)
             current = word
         else:
@@ -158,14 +158,14 @@ def _draw_caption(image: Image.Image, text: str) -> None:
     cols = image.width
     margin = max(2, cols // 128)
     size = max(8, round(cols / 36))
-    font = _font(size)
-    while size > 8 and _text_width(draw, text, font) > cols - 2 * margin:
+    font = load_font(size)
+    while size > 8 and measure_text(draw, text, font) > cols - 2 * margin:
         size -= 1
-        font = _font(size)
+        font = load_font(size)
     lines = [text]
-    if _text_width(draw, text, font) > cols - 2 * margin:
+    if measure_text(draw, text, font) > cols - 2 * margin:
         head, _, tail = text.rpartition(" · ")
-        lines = _wrap(draw, head, font, cols - 2 * margin) + [tail]
+        lines = wrap_text(draw, head, font, cols - 2 * margin) + [tail]
     y = margin
     for line in lines:
         draw.text((margin, y), line, font=font, fill=CAPTION_COLOR, stroke_width=1, stroke_fill=(0, 0, 0))
@@ -342,9 +342,9 @@ def summary_lines(result: ScoreResult) -> list[tuple[str, tuple[int, int, int]]]
 def _placeholder(size: int, text: str) -> np.ndarray:
     image = Image.new("RGB", (size, size), (0, 0, 0))
     draw = ImageDraw.Draw(image)
-    font = _font(16)
+    font = load_font(16)
     y = size // 2 - 20
-    for line in _wrap(draw, text, font, size - 20):
+    for line in wrap_text(draw, text, font, size - 20):
         draw.text((10, y), line, font=font, fill=TEXT_COLOR)
         y += 20
     return np.asarray(image, dtype=np.uint8).copy()
@@ -361,7 +361,7 @@ def _row_direction(datasets: Sequence[Dataset]) -> str | None:
     return "L" if x > 0 else "R"
 
 
-def _orientation_markers(overview: np.ndarray, datasets: Sequence[Dataset]) -> np.ndarray:
+def orientation_markers(overview: np.ndarray, datasets: Sequence[Dataset]) -> np.ndarray:
     """Patient side letters on the overview's left and right edges (radiological view)."""
     right_edge = _row_direction(datasets) if datasets else None
     if right_edge is None:
@@ -369,8 +369,8 @@ def _orientation_markers(overview: np.ndarray, datasets: Sequence[Dataset]) -> n
     left_edge = "R" if right_edge == "L" else "L"
     image = Image.fromarray(overview, mode="RGB")
     draw = ImageDraw.Draw(image)
-    font = _font(18)
-    width = _text_width(draw, right_edge, font)
+    font = load_font(18)
+    width = measure_text(draw, right_edge, font)
     for x, letter in ((6, left_edge), (image.width - width - 6, right_edge)):
         draw.text((x, 4), letter, font=font, fill=CAPTION_COLOR, stroke_width=1, stroke_fill=(0, 0, 0))
     return np.asarray(image, dtype=np.uint8).copy()
@@ -387,17 +387,17 @@ def render_summary(source_datasets: Sequence[Dataset], result: ScoreResult) -> n
             overview = coronal_overview(source_datasets, [])
         except Exception as exc:  # documented fallback, the reason is displayed
             overview = _placeholder(SUMMARY_SIZE, f"No overview: {exc}")
-    overview = _orientation_markers(overview, source_datasets)
+    overview = orientation_markers(overview, source_datasets)
     oh, ow = overview.shape[:2]
 
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    title_font, body_font = _font(24), _font(15)
+    title_font, body_font = load_font(24), load_font(15)
     pad = 14
     wrap_width = PANEL_WIDTH - 2 * pad
     drawn: list[tuple[str, tuple[int, int, int], object, int]] = [(TITLE, WARNING_COLOR, title_font, 32)]
     for text, color in summary_lines(result):
         indent = "  " if text.startswith("  ") else ""
-        for i, part in enumerate(_wrap(probe, text, body_font, wrap_width)):
+        for i, part in enumerate(wrap_text(probe, text, body_font, wrap_width)):
             drawn.append(((indent if i == 0 else indent + "  ") + part, color, body_font, 21))
         drawn.append(("", color, body_font, 4))
     panel_h = pad * 2 + sum(step for *_, step in drawn)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import highdicom as hd
 from pydicom.dataset import Dataset
 
-from worker.comparison import Assessment
+from worker.followup.comparison import Assessment
 from worker.outputs.sr_concepts import LEFT_LUNG, LUNG, RIGHT_LUNG, UNIT_ML, UNIT_PERCENT, measurement, private
 from worker.outputs.uids import output_uid
 

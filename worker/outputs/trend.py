@@ -3,7 +3,7 @@
 :func:`with_comparison` appends a band below the summary (``render.render_summary``; called by
 ``sc.py`` on the summary it stores, and by :func:`render_summary_png` for files)
 when the result carries a comparison with priors (``ScoreResult.comparison``, written by
-``worker.comparison.apply_assessment``); without one the summary is returned unchanged.
+``worker.followup.comparison.apply_assessment``); without one the summary is returned unchanged.
 
 - Left: the text block: the headline prior's date and the interval, total and per-lung
   involvement then -> now (points and relative change), lesion volume change, rate in
@@ -27,8 +27,8 @@ import datetime as dt
 import numpy as np
 from PIL import Image, ImageDraw
 
-from worker.comparison import Assessment, trend_points
-from worker.outputs.render import PANEL_BACKGROUND, TEXT_COLOR, WARNING_COLOR, _font, _text_width, _wrap
+from worker.followup.comparison import Assessment, trend_points
+from worker.outputs.render import PANEL_BACKGROUND, TEXT_COLOR, WARNING_COLOR, load_font, measure_text, wrap_text
 
 BAND_HEIGHT = 312
 PLOT_WIDTH = 440
@@ -47,11 +47,11 @@ BODY_SIZE = 14
 
 def label_font():
     """The font of the date labels (tests render the expected text with it)."""
-    return _font(LABEL_SIZE)
+    return load_font(LABEL_SIZE)
 
 
 def title_font():
-    return _font(TITLE_SIZE)
+    return load_font(TITLE_SIZE)
 
 
 def _pct(value: float | None) -> str:
@@ -110,7 +110,7 @@ def draw_trend_plot(points: list[dict], width: int = PLOT_WIDTH, height: int = B
     draw = ImageDraw.Draw(image)
     m = PLOT_MARGIN
     x0, x1, y0, y1 = m["left"], width - m["right"], m["top"], height - m["bottom"]
-    draw.text((x0, 6), "Involvement over time (%)", font=_font(BODY_SIZE), fill=TEXT_COLOR)
+    draw.text((x0, 6), "Involvement over time (%)", font=load_font(BODY_SIZE), fill=TEXT_COLOR)
     timed: list[tuple[dict, dt.datetime]] = []
     for point in points:
         when = _parse(point["acquired_at"])
@@ -137,7 +137,8 @@ def draw_trend_plot(points: list[dict], width: int = PLOT_WIDTH, height: int = B
     for tick in range(0, int(top) + 1, 25 if top > 50 else 10):
         y = xy(start, tick)[1]
         label = f"{tick}"
-        draw.text((x0 - 6 - _text_width(draw, label, font), y - LABEL_SIZE // 2 - 1), label, font=font, fill=AXIS_COLOR)
+        x = x0 - 6 - measure_text(draw, label, font)
+        draw.text((x, y - LABEL_SIZE // 2 - 1), label, font=font, fill=AXIS_COLOR)
     draw.line([(x0, y0), (x0, y1), (x1, y1)], fill=AXIS_COLOR, width=1)
     for key, color in (("right", RIGHT_COLOR), ("left", LEFT_COLOR), ("total", TOTAL_COLOR)):
         series = [xy(t, p[key]) for p, t in timed if p[key] is not None]
@@ -152,7 +153,7 @@ def draw_trend_plot(points: list[dict], width: int = PLOT_WIDTH, height: int = B
     for i in order:
         p, t = timed[i]
         text = t.strftime(DATE_FORMAT)
-        w = _text_width(draw, text, font)
+        w = measure_text(draw, text, font)
         x = min(max(xy(t, 0)[0] - w // 2, 2), width - w - 2)
         if any(not (x + w + 4 < a or x > b + 4) for a, b in placed):
             continue
@@ -163,7 +164,7 @@ def draw_trend_plot(points: list[dict], width: int = PLOT_WIDTH, height: int = B
     for name, color in (("total", TOTAL_COLOR), ("right lung", RIGHT_COLOR), ("left lung", LEFT_COLOR)):
         draw.rectangle([x, legend_y + 3, x + 10, legend_y + 9], fill=color)
         draw.text((x + 14, legend_y), name, font=font, fill=AXIS_COLOR)
-        x += 24 + _text_width(draw, name, font)
+        x += 24 + measure_text(draw, name, font)
     return image
 
 
@@ -182,9 +183,9 @@ def with_comparison(summary: np.ndarray, comparison: dict | None) -> np.ndarray:
     title_color = PROGRESSION_COLOR if assessment.progression else WARNING_COLOR
     draw.text((pad, y), title_text(assessment), font=title_font(), fill=title_color)
     y += TITLE_SIZE + 10
-    body = _font(BODY_SIZE)
+    body = load_font(BODY_SIZE)
     for text, color in change_lines(assessment):
-        for part in _wrap(draw, text, body, text_width):
+        for part in wrap_text(draw, text, body, text_width):
             if y + BODY_SIZE > BAND_HEIGHT - 4:
                 break
             draw.text((pad, y), part, font=body, fill=color)

@@ -92,7 +92,7 @@ class ScoreResult:
     boxes: list[LesionBox] = field(default_factory=list)
     # Set by the worker from the configured rule (CT_TRIAGE_PRIORITY_RULE); None: default rule.
     assigned_priority: str | None = None
-    # Follow-up comparison with the patient's priors (worker.comparison.Assessment.to_json()), if any.
+    # Follow-up comparison with the patient's priors (worker.followup.comparison.Assessment.to_json()), if any.
     comparison: dict | None = None
     # The masks the numbers were measured on (worker.outputs.masks.ResultMasks), kept in
     # memory for the DICOM SEG builder and stored beside the result; never serialized.

@@ -71,15 +71,15 @@ def cmd_serve(args, settings: Settings) -> int:
     worker_process = None
     if settings.embedded_queue:
         from ct_triage.contract import make_publisher
-        from worker.embedded import EmbeddedConsumer
-        from worker.jobs import WorkerContext
+        from worker.tasks.context import WorkerContext
+        from worker.tasks.embedded import EmbeddedConsumer
 
         consumer = EmbeddedConsumer(WorkerContext(settings, session_factory, make_publisher("")),
                                     poll_interval_s=settings.poll_interval_s)
         consumer.start()
         log.info("embedded worker consuming jobs from the database")
     else:
-        worker_process = subprocess.Popen([sys.executable, "-m", "ct_triage.cli", "worker"])
+        worker_process = subprocess.Popen([sys.executable, "-m", "ct_triage_app.cli", "worker"])
         log.info("Celery worker started (pid %d) on %s", worker_process.pid, "gpu,io")
     log.info("ct-triage serve ready: DICOM %s on port %d", settings.ae_title, node.port)
     try:
@@ -111,9 +111,9 @@ def cmd_serve(args, settings: Settings) -> int:
 
 def _dead_holder_of_this_host(holder: str | None) -> bool:
     """A claim (``host:pid``) by a process of this host that is no longer running."""
-    from worker.jobs import _holder_is_dead
+    from worker.tasks.context import holder_is_dead
 
-    return _holder_is_dead(holder)
+    return holder_is_dead(holder)
 
 
 def _requeue_claims(session_factory, is_ours) -> None:
@@ -165,7 +165,7 @@ def cmd_worker(args, settings: Settings) -> int:
 
     from celery.signals import worker_shutting_down
 
-    from worker.celery_app import app
+    from worker.tasks.celery_app import app
 
     def escalate(sig=None, how=None, exitcode=None, **_):
         # SIGTERM is Celery's warm shutdown, which waits for running tasks however long they
@@ -247,7 +247,7 @@ def cmd_status(args, settings: Settings) -> int:
     with session_scope(session_factory) as session:
         rows = repository.series_status(session, limit=args.limit)
         results = repository.result_status(session, limit=args.limit)
-        from worker.priors import change_label, changes_by_study  # issue 12: comparison with priors
+        from worker.followup.priors import change_label, changes_by_study  # issue 12: comparison with priors
 
         changes = changes_by_study(session, [r.study_instance_uid for r in results])
     now = utcnow()

@@ -1,7 +1,7 @@
 """Prior searches at a PACS (issue 12): C-FIND the patient's earlier CT studies, C-MOVE them to us.
 
 One row of ``prior_searches`` per (current study, PACS), created by
-:func:`worker.priors.after_result` once the current result is committed and its
+:func:`worker.tasks.followup.after_result` once the current result is committed and its
 deliveries published. The task body :func:`find_priors` (Celery task
 ``ct_triage.find_priors`` on the io queue; in embedded mode :func:`run_due_searches` in its own
 loop) claims the row, asks the PACS with C-FIND (Study Root, STUDY level: Patient ID,
@@ -33,10 +33,10 @@ from db import followup as fdb
 from db.models import Result, Study
 from db.session import session_scope
 from db.types import utcnow
-from worker.jobs import backoff_s
-from worker.priors import result_snapshot
+from worker.followup.priors import result_snapshot
+from worker.retry import backoff_s
 
-log = logging.getLogger("ct_triage.worker.priors")
+log = logging.getLogger("ct_triage.worker.followup.priors")
 
 
 def _claim_search(ctx, search_id: int, now: dt.datetime) -> bool:
@@ -74,14 +74,14 @@ def _query_identifier(patient_id: str, first: dt.date, last: dt.date) -> Dataset
 
 
 def _answer_time(answer: Dataset) -> dt.datetime | None:
-    from worker.comparison import _parse_da_tm
+    from worker.followup.comparison import parse_da_tm
 
-    return _parse_da_tm(str(answer.get("StudyDate") or ""), str(answer.get("StudyTime") or ""))
+    return parse_da_tm(str(answer.get("StudyDate") or ""), str(answer.get("StudyTime") or ""))
 
 
 def find_priors(ctx, search_id: int) -> str:
     """Task body: C-FIND the patient's earlier CT studies at one PACS and C-MOVE the newest to us."""
-    from worker.delivery.retrieve import find_studies, move_study
+    from worker.followup.retrieve import find_studies, move_study
 
     now = utcnow()
     if not _claim_search(ctx, search_id, now):

@@ -13,7 +13,7 @@ commit together or not at all:
   configured, the SC and SR series we send it (their UIDs are deterministic: worker.outputs.uids).
   Older versions' workitems are superseded in the same transaction.
 - one ``deliveries`` row per ``CT_TRIAGE_HL7_DESTINATIONS`` entry (channel ``hl7``),
-  sent by the same outbox, retries and backoff as DICOM delivery (worker.jobs).
+  sent by the same outbox, retries and backoff as DICOM delivery (worker.tasks.deliver).
 """
 
 from __future__ import annotations

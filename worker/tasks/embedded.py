@@ -2,7 +2,7 @@
 
 The database is the queue: this thread runs the oldest queued scoring job and every
 delivery that is due, calling the same task bodies a Celery worker would. Jobs and
-deliveries left in flight by a process that died are taken over (see worker.jobs).
+deliveries left in flight by a process that died are taken over (see worker.tasks.context).
 """
 
 from __future__ import annotations
@@ -15,13 +15,15 @@ from ct_triage.errors import TransientError
 from ct_triage.polling import poll_loop
 from db import repository
 from db.session import session_scope
-from worker import jobs
+from worker.tasks.context import WorkerContext
+from worker.tasks.deliver import deliver_outputs
+from worker.tasks.score import score_study
 
-log = logging.getLogger("ct_triage.worker.embedded")
+log = logging.getLogger("ct_triage.worker.tasks.embedded")
 
 
 class EmbeddedConsumer:
-    def __init__(self, ctx: jobs.WorkerContext, poll_interval_s: float = 1.0):
+    def __init__(self, ctx: WorkerContext, poll_interval_s: float = 1.0):
         self.ctx = ctx
         self.poll_interval_s = poll_interval_s
         self._stop = threading.Event()
@@ -71,7 +73,7 @@ class EmbeddedConsumer:
                 job_id = repository.next_queued_job_id(session, SCORE_STUDY)
             if job_id is None:
                 break
-            jobs.score_study(self.ctx, job_id)
+            score_study(self.ctx, job_id)
             ran += 1
         return ran
 
@@ -88,7 +90,7 @@ class EmbeddedConsumer:
                 break
             tried.add(due[0])
             try:
-                jobs.deliver_outputs(self.ctx, due[0])
+                deliver_outputs(self.ctx, due[0])
             except TransientError:
                 pass  # recorded with its next attempt time; picked up again when due
             ran += 1
@@ -96,9 +98,9 @@ class EmbeddedConsumer:
 
     def run_prior_searches(self) -> int:
         """Due C-FIND/C-MOVE prior searches (issue 12), in their own loop: a slow PACS never delays results."""
-        from worker import prior_search
+        from worker.followup import search
 
-        return prior_search.run_due_searches(self.ctx)
+        return search.run_due_searches(self.ctx)
 
     def _run(self, step) -> None:
         poll_loop(step, stop=self._stop, wake=self._wake, interval_s=self.poll_interval_s, logger=log,

@@ -196,7 +196,7 @@ class Assessment:
 
 
 # -- acquisition time ----------------------------------------------------------------------
-def _parse_da_tm(date: str, time: str | None) -> dt.datetime | None:
+def parse_da_tm(date: str, time: str | None) -> dt.datetime | None:
     date = (date or "").strip()
     if len(date) != 8 or not date.isdigit():
         return None
@@ -216,7 +216,7 @@ def _parse_dt(value: str) -> dt.datetime | None:
     for sign in ("+", "-"):  # a UTC offset suffix: both studies come from one site, ignore it
         if sign in text[8:]:
             text = text[: 8 + text[8:].index(sign)]
-    return _parse_da_tm(text[:8], text[8:] or None)
+    return parse_da_tm(text[:8], text[8:] or None)
 
 
 def acquisition_time(ds) -> tuple[dt.datetime | None, str]:
@@ -229,7 +229,7 @@ def acquisition_time(ds) -> tuple[dt.datetime | None, str]:
             when = _parse_dt(str(value))
             label = date_kw
         else:
-            when = _parse_da_tm(str(value), str(ds.get(time_kw) or ""))
+            when = parse_da_tm(str(value), str(ds.get(time_kw) or ""))
             label = f"{date_kw}/{time_kw}"
         if when is not None:
             return when, label

@@ -21,7 +21,7 @@ drop a retried duplicate:
    Study Instance UID, category (CWE), % involved total / right / left (NM, UCUM ``%``),
    lung and lesion volume (NM, ``mL``), lesion count, routing decision (MosMedData
    Table 2), the change since the patient's prior study when it was compared (CTT015, one
-   line from worker.priors), worklist priority (HL70485), algorithm name and version,
+   line from worker.followup.priors), worklist priority (HL70485), algorithm name and version,
    status and reason when not scored, and "NOT FOR DIAGNOSTIC USE". Codes are those of the SR (99CTTRIAGE, SCT).
 
 Sending (:func:`send_messages`): one TCP connection, each message framed by MLLP
@@ -52,7 +52,7 @@ from sqlalchemy.orm import Session
 from ct_triage.settings import Settings, parse_hl7_destination
 from db.models import Result
 from db.priority import hl7_priority
-from worker.priors import comparison_summary
+from worker.followup.priors import comparison_summary
 from worker.scoring.result import ROUTING
 
 Outcome = Literal["delivered", "transient", "permanent"]
@@ -111,7 +111,7 @@ class Hl7Context:
     sending_facility: str = ""
     receiving_application: str = ""
     receiving_facility: str = ""
-    change_since_prior: str | None = None  # one line from worker.priors (issue 12), when compared
+    change_since_prior: str | None = None  # one line from worker.followup.priors (issue 12), when compared
 
     @classmethod
     def from_result(cls, session: Session, result: Result, settings: Settings) -> Hl7Context:

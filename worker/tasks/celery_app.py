@@ -1,4 +1,4 @@
-"""The Celery app: thin tasks over the plain bodies in ``worker.jobs``.
+"""The Celery app: thin tasks over the plain bodies in ``worker.tasks``.
 
 One base task class owns what every task needs: a per-process database session
 factory, retry classification (only TransientError is retried, with exponential
@@ -7,11 +7,11 @@ idempotent (the body claims the job atomically) and so run ``acks_late`` with
 ``reject_on_worker_lost``: a worker killed mid-task gets its message redelivered.
 
 Delivery order (issue 9): a delivery message is a turn at its destination, not an
-order to send that one delivery now. ``jobs.deliver_in_order`` first sends the due
+order to send that one delivery now. ``deliver.deliver_in_order`` first sends the due
 deliveries to the same destination that rank before it (HIGH, MEDIUM, LOW, then the
 oldest; claimed atomically in the database, the one truth), then its own; a message
 that arrives before its delivery is due, or whose destination failed, is retried at
-the time the database holds (``jobs.DeliveryDeferred``). So when deliveries queue up,
+the time the database holds (``deliver.DeliveryDeferred``). So when deliveries queue up,
 during a PACS outage above all, HIGH results reach the PACS first whichever message
 the broker hands out first. Broker-side priorities (redis ``priority_steps`` with
 ``queue_order_strategy``) were not used: they reorder only messages still waiting in
@@ -30,7 +30,9 @@ from celery import Celery, Task
 from ct_triage import contract
 from ct_triage.errors import TransientError
 from ct_triage.settings import Settings
-from worker import jobs
+from worker.retry import backoff_s
+from worker.tasks import deliver, score
+from worker.tasks.context import WorkerContext
 
 log = logging.getLogger("ct_triage.worker.celery")
 
@@ -70,7 +72,7 @@ class JobTask(Task):
             from ct_triage.runtime import open_database
 
             _, session_factory = open_database(settings, upgrade=False)
-            JobTask._ctx = jobs.WorkerContext(settings, session_factory, contract.make_publisher(settings.broker_url))
+            JobTask._ctx = WorkerContext(settings, session_factory, contract.make_publisher(settings.broker_url))
             JobTask._ctx_pid = os.getpid()
         return self._ctx
 
@@ -81,16 +83,16 @@ class JobTask(Task):
         try:
             outcome = body(self.ctx, job_id)
         except (OperationalError, InterfaceError) as exc:  # database unreachable: worth retrying
-            delay = jobs.backoff_s(self.request.retries + 1)
+            delay = backoff_s(self.request.retries + 1)
             log.warning("%s %d: database unavailable, retry in %d s: %s", self.name, job_id, delay,
                         str(exc).splitlines()[0][:200])
             raise self.retry(exc=exc, countdown=delay) from exc
-        except jobs.DeliveryDeferred as exc:  # its delivery's next attempt, as the database says
+        except deliver.DeliveryDeferred as exc:  # its delivery's next attempt, as the database says
             log.info("%s %d: %s", self.name, job_id, exc)
             raise self.retry(exc=exc, countdown=exc.delay_s) from exc
         except TransientError as exc:
             # One second past the body's own next-attempt time, so the retry finds it due.
-            delay = jobs.backoff_s(self.request.retries + 1, settings.retry_base_s, settings.retry_max_s) + 1
+            delay = backoff_s(self.request.retries + 1, settings.retry_base_s, settings.retry_max_s) + 1
             log.warning("%s job %d: transient failure, retry in %d s: %s", self.name, job_id, delay, exc)
             raise self.retry(exc=exc, countdown=delay) from exc
         log.info("%s job %d: %s in %.2f s", self.name, job_id, outcome, time.monotonic() - started)
@@ -99,16 +101,16 @@ class JobTask(Task):
 
 @app.task(name=contract.SCORE_STUDY, base=JobTask, bind=True)
 def score_study_task(self: JobTask, job_id: int):
-    return self.run_body(jobs.score_study, job_id)
+    return self.run_body(score.score_study, job_id)
 
 
 @app.task(name=contract.DELIVER_OUTPUTS, base=JobTask, bind=True)
 def deliver_outputs_task(self: JobTask, delivery_id: int):
-    return self.run_body(jobs.deliver_in_order, delivery_id)  # HIGH first (issue 9)
+    return self.run_body(deliver.deliver_in_order, delivery_id)  # HIGH first (issue 9)
 
 
 @app.task(name=contract.FIND_PRIORS, base=JobTask, bind=True)
 def find_priors_task(self: JobTask, search_id: int):
-    from worker import prior_search
+    from worker.followup import search
 
-    return self.run_body(prior_search.find_priors, search_id)
+    return self.run_body(search.find_priors, search_id)

@@ -9,7 +9,7 @@ Neither raises for peer problems: each returns a :class:`QueryReport` whose outc
   sub-operations failed; what arrived is scored);
 - ``transient``: connection refused/unreachable, no association response, association
   aborted or dropped, no final response (DIMSE timeout), A-ASSOCIATE-RJ that
-  :func:`worker.delivery.scu.classify_rejection` calls transient, C-MOVE 0xA701/0xA702
+  :func:`ct_triage.association.classify_rejection` calls transient, C-MOVE 0xA701/0xA702
   (out of resources), 0xFE00 (cancel);
 - ``permanent``: association rejected permanently (e.g. our AE title unknown to the
   PACS), no presentation context accepted, any other failure status (0xA801 move
@@ -33,9 +33,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from ct_triage.association import reactor_paused
+from ct_triage.association import check_ae_title, classify_rejection, connect_failure, reactor_paused
 from ct_triage.settings import Destination
-from worker.delivery.scu import _check_ae_title, _connect_failure, classify_rejection
 
 Outcome = Literal["ok", "transient", "permanent"]
 TRANSIENT_STATUSES = {0xA701, 0xA702, 0xFE00}
@@ -53,7 +52,7 @@ class QueryReport:
 
 def _associate(source: Destination, calling_ae_title: str, sop_class, acse_timeout: float, dimse_timeout: float,
                network_timeout: float):
-    ae = AE(ae_title=_check_ae_title(calling_ae_title, "calling_ae_title"))
+    ae = AE(ae_title=check_ae_title(calling_ae_title, "calling_ae_title"))
     ae.acse_timeout = acse_timeout
     ae.dimse_timeout = dimse_timeout
     ae.network_timeout = network_timeout
@@ -76,7 +75,7 @@ def _associate(source: Destination, calling_ae_title: str, sop_class, acse_timeo
         return None, QueryReport(outcome, f"association rejected by {where}: {primitive.result_str}, "
                                           f"source {primitive.source_str}, reason {primitive.reason_str}")
     if not opened.is_set():
-        connect_outcome, reason = _connect_failure(source, None, min(acse_timeout, 5.0))
+        connect_outcome, reason = connect_failure(source.host, source.port, None, min(acse_timeout, 5.0))
         return None, QueryReport("transient" if connect_outcome == "transient" else "permanent", reason)
     if primitive is not None and getattr(primitive, "result", None) == 0x00:
         return None, QueryReport("permanent", f"{where} accepted the association but not {sop_class.name}")
@@ -136,7 +135,7 @@ def move_study(source: Destination, study_instance_uid: str, move_destination: s
         raise TypeError(f"argument 'source' must be a Destination, got {type(source).__name__}")
     if not isinstance(study_instance_uid, str) or not study_instance_uid:
         raise ValueError("argument 'study_instance_uid' must be a non-empty UID string")
-    move_destination = _check_ae_title(move_destination, "move_destination")
+    move_destination = check_ae_title(move_destination, "move_destination")
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "STUDY"
     identifier.StudyInstanceUID = study_instance_uid

@@ -88,3 +88,7 @@ def can_transition(current: str, target: SeriesState | JobState | DeliveryState)
     """Whether ``current`` (a state of ``target``'s kind, or its value) may become ``target``."""
     kind = type(target)
     return target in _TABLES[kind][kind(current)]
+
+
+class InvalidStateChange(Exception):
+    """A series, job or delivery was asked for a state change its state machine does not allow."""

@@ -1,0 +1,165 @@
+"""Scoring jobs: queued for a settled study version, published after the commit, claimed by one
+worker (``queued`` -> ``running`` -> ``done``; :data:`db.states.JOB_ALLOWED`), taken over from a
+dead holder, handed back on shutdown; and the files a job reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from db.models import (
+    Instance,
+    Job,
+    Series,
+    Study,
+)
+from db.repository.base import rowcount
+from db.repository.ingest import transition
+from db.states import (
+    InvalidStateChange,
+    JobState,
+    SeriesState,
+    can_transition,
+)
+from db.types import utcnow
+
+
+def create_due_jobs(session: Session, task_name: str, *, busy_study_uids: frozenset[str] = frozenset(),
+                    stable_age_s: float = 15.0, now: datetime | None = None) -> list[int]:
+    """One job per study version whose series have all settled and some are stable.
+
+    A study that an open association is still sending is left alone until that
+    association ends or the study has been quiet for ``stable_age_s``, so a second
+    series that follows a complete first one lands in the same version.
+    """
+    now = now or utcnow()
+    study_ids = session.scalars(
+        select(Series.study_fk).where(Series.state == SeriesState.STABLE.value).distinct()
+    ).all()
+    job_ids = []
+    for study_id in study_ids:
+        study = session.get_one(Study, study_id)
+        states = {s.state for s in study.series}
+        if SeriesState.RECEIVING.value in states:
+            continue
+        quiet = study.last_received_at <= now - timedelta(seconds=stable_age_s)
+        if study.study_instance_uid in busy_study_uids and not quiet:
+            continue
+        job = session.scalar(select(Job).where(Job.task_name == task_name, Job.study_fk == study.id,
+                                               Job.study_version == study.version))
+        if job is None:
+            job = Job(task_name=task_name, study_fk=study.id, study_version=study.version, state=JobState.QUEUED.value,
+                      attempts=0, created_at=now)
+            session.add(job)
+            session.flush()
+            job_ids.append(job.id)
+        for series in study.series:
+            if series.state == SeriesState.STABLE.value:
+                transition(session, series, SeriesState.QUEUED, f"job {job.id} (study version {study.version})",
+                           now)
+    return job_ids
+
+
+def unpublished_job_ids(session: Session) -> list[int]:
+    return list(session.scalars(select(Job.id).where(Job.published_at.is_(None), Job.state == JobState.QUEUED.value)
+                                .order_by(Job.id)).all())
+
+
+def mark_published(session: Session, job_ids: list[int], now: datetime | None = None) -> None:
+    if job_ids:
+        session.execute(update(Job).where(Job.id.in_(job_ids)).values(published_at=now or utcnow()))
+
+
+def _set_job_state(job: Job, target: JobState) -> None:
+    if not can_transition(job.state, target):
+        raise InvalidStateChange(f"job {job.id}: {job.state} -> {target.value}")
+    job.state = target.value
+
+
+def claim_job(session: Session, job_id: int, worker: str, now: datetime | None = None) -> bool:
+    """Atomically move a queued job to running; False if someone else has it or it is done."""
+    result = session.execute(update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED.value)
+                             .values(state=JobState.RUNNING.value, worker=worker, started_at=now or utcnow(),
+                                     attempts=Job.attempts + 1))
+    return rowcount(result) == 1
+
+
+def take_over_job(session: Session, job_id: int, worker: str,
+                  may_take: Callable[[datetime | None, str | None], bool], now: datetime | None = None) -> str | None:
+    """A running job whose holder is gone, taken by ``worker``: returns the previous holder,
+    None when the job is not running or ``may_take(started_at, holder)`` says no.
+
+    A job already held by ``worker`` (a redelivered message in the same process) counts
+    as taken over. The update re-checks the holder, so two workers cannot both win.
+    """
+    now = now or utcnow()
+    job = session.get(Job, job_id)
+    if job is None or job.state != JobState.RUNNING.value:
+        return None
+    holder = job.worker
+    if holder != worker and not may_take(job.started_at, holder):
+        return None
+    taken = session.execute(update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING.value,
+                                              Job.worker == holder)
+                            .values(worker=worker, started_at=now, attempts=Job.attempts + 1))
+    return (holder or "") if rowcount(taken) == 1 else None
+
+
+def get_job(session: Session, job_id: int) -> Job:
+    return session.get_one(Job, job_id)
+
+
+def finish_job(session: Session, job: Job, now: datetime | None = None, error: str | None = None) -> None:
+    """running -> done."""
+    _set_job_state(job, JobState.DONE)
+    job.finished_at = now or utcnow()
+    job.error = error
+
+
+def next_queued_job_id(session: Session, task_name: str) -> int | None:
+    return session.scalar(select(Job.id).where(Job.task_name == task_name, Job.state == JobState.QUEUED.value)
+                          .order_by(Job.id).limit(1))
+
+
+def requeue_abandoned_jobs(session: Session, task_name: str) -> list[int]:
+    """Jobs left ``running`` by a process that died (embedded mode, at start)."""
+    ids = list(session.scalars(select(Job.id).where(Job.task_name == task_name,
+                                                    Job.state == JobState.RUNNING.value)).all())
+    if ids:
+        session.execute(update(Job).where(Job.id.in_(ids)).values(state=JobState.QUEUED.value, worker=None))
+    return ids
+
+
+def series_files(session: Session, study: Study, storage_dir: Path,
+                 sop_class_uids: Iterable[str]) -> dict[str, list[Path]]:
+    """{SeriesInstanceUID: stored files in arrival order} of the study's series of those SOP classes."""
+    classes = frozenset(sop_class_uids)
+    files: dict[str, list[Path]] = {}
+    for series in study.series:
+        if series.sop_class_uid not in classes:
+            continue
+        paths = session.scalars(select(Instance.path).where(Instance.series_fk == series.id,
+                                                            Instance.deleted_at.is_(None))
+                                .order_by(Instance.id)).all()
+        files[series.series_instance_uid] = [storage_dir / p for p in paths]
+    return files
+
+
+def instance_paths(session: Session, series_id: int | None) -> dict[str, str]:
+    """{SOPInstanceUID: path relative to the storage folder} of one series (none for None)."""
+    rows = session.execute(select(Instance.sop_instance_uid, Instance.path)
+                           .where(Instance.series_fk == series_id, Instance.deleted_at.is_(None))).all()
+    return {uid: path for uid, path in rows}
+
+
+def release_job(session: Session, job_id: int, worker: str) -> bool:
+    """Hand a running job held by ``worker`` back to the queue (unpublished, so the node
+    publishes it again); False when it is not running under ``worker`` (finished, taken over)."""
+    return rowcount(session.execute(
+        update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING.value, Job.worker == worker)
+        .values(state=JobState.QUEUED.value, worker=None, published_at=None))) == 1

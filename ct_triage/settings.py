@@ -5,7 +5,7 @@ Defaults need no servers: SQLite under ``./var``, storage under ``./var/storage`
 the embedded queue (the database itself) instead of a broker.
 
 Every field documents itself (``help``); ``ct-triage config`` prints the table that
-the README carries, and :meth:`Settings.effective` is logged at start with secrets masked.
+docs/settings.md carries, and :meth:`Settings.effective` is logged at start with secrets masked.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class Settings:
         600.0, "Longest delay between two delivery attempts (a PACS back up is found within this).")
     sc_compression: str = _f(
         "jpeg-baseline", "Pixel encoding of the Secondary Capture images: none, rle or jpeg-baseline (lossy, "
-        "about 90 KB a slice instead of 768 KB; see README, Outputs and delivery)."
+        "about 90 KB a slice instead of 768 KB; see docs/outputs.md)."
     )
     sc_slices: str = _f(
         "all", "Which slices get a Secondary Capture image: all (every slice with a lesion box) or N "
@@ -326,7 +326,7 @@ class Settings:
 
     @classmethod
     def documentation(cls) -> list[tuple[str, str, str]]:
-        """(variable, default, help) rows for the README's settings table."""
+        """(variable, default, help) rows for the settings table of docs/settings.md."""
         rows = []
         for f in dataclasses.fields(cls):
             default = f.default

@@ -371,7 +371,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     status.add_argument("--wide", action="store_true", help="full UIDs and every time stamp (wider than 120 columns)")
     status.set_defaults(func=cmd_status)
     config = sub.add_parser("config", help="print the effective settings")
-    config.add_argument("--markdown", action="store_true", help="the settings table for the README")
+    config.add_argument("--markdown", action="store_true", help="the settings table of docs/settings.md")
     config.set_defaults(func=cmd_config)
     if _wants_tools(argv):
         from ct_triage_tools import commands as tool_commands  # the offline tools, only when asked for

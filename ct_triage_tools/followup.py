@@ -1,6 +1,6 @@
-"""Follow-up phantoms: one patient scanned several times (issue 12 tests and the README picture).
+"""Follow-up phantoms: one patient scanned several times (issue 12 tests and the picture in docs/followup.md).
 
-``python -m ct_triage_tools.followup docs/followup-summary-progression.png`` makes the README's
+``python -m ct_triage_tools.followup docs/followup-summary-progression.png`` makes docs/followup.md's
 picture: one phantom patient at 12 %, 20 % (50 h later) and 32 % (36 h after that), each scored,
 the last compared with the two before, its SC summary written as PNG.
 

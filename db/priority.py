@@ -1,6 +1,6 @@
 """The one worklist priority rule: every place that orders or announces a study uses it.
 
-Default rule (shared/design.md, "Priority"; configurable with ``CT_TRIAGE_PRIORITY_RULE``):
+Default rule (docs/worklist.md, "The priority rule"; configurable with ``CT_TRIAGE_PRIORITY_RULE``):
 
 =========================================  ========  ================  ===============
 Result                                     Priority  UPS (0074,1200)   HL7 table 0485

@@ -1,4 +1,4 @@
-"""The state machines of series, jobs and deliveries (shared/design.md, "State of a series").
+"""The state machines of series, jobs and deliveries.
 
 Series: receiving -> stable -> queued -> scoring -> scored -> delivering -> delivered,
 or not_applicable(reason) / failed(reason). A late instance reopens any state but

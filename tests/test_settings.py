@@ -9,7 +9,8 @@ import pytest
 from ct_triage.errors import ConfigError
 from ct_triage.settings import Settings, parse_destination
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS_DOC = ROOT / "docs" / "settings.md"
 
 
 def test_defaults_need_no_servers():
@@ -65,10 +66,27 @@ def test_effective_config_masks_secrets():
     assert "postgresql://ct:***@db/ct" in text
 
 
-def test_readme_documents_every_setting_with_its_default():
-    readme = README.read_text()
+def test_the_settings_doc_documents_every_setting_with_its_default():
+    doc = SETTINGS_DOC.read_text()
+    rows = [line for line in doc.splitlines() if line.startswith("| `CT_TRIAGE_")]
+    documented = {row.split("`")[1] for row in rows}
+    known = {name for name, _, _ in Settings.documentation()}
+    assert not documented - known, f"docs/settings.md names settings the code does not have: {documented - known}"
     for name, default, _ in Settings.documentation():
-        row = next((line for line in readme.splitlines() if line.startswith(f"| `{name}` |")), None)
-        assert row is not None, f"{name} missing from the README's settings table"
+        row = next((line for line in rows if line.startswith(f"| `{name}` |")), None)
+        assert row is not None, f"{name} missing from the settings table of docs/settings.md"
         if default:
-            assert f"`{default}`" in row, f"{name}: README default differs from the code's {default!r}"
+            assert f"`{default}`" in row, f"{name}: docs/settings.md default differs from the code's {default!r}"
+
+
+def test_readme_and_docs_links_resolve():
+    """Every relative link of the README and docs/*.md names a file that exists."""
+    import re
+
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target:
+                continue
+            assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to a missing {target}"
+
+

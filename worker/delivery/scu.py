@@ -1,4 +1,4 @@
-"""C-STORE our outputs to a PACS (design.md, "Delivery") and classify what happened.
+"""C-STORE our outputs to a PACS and classify what happened.
 
 :func:`send_instances` opens one association (pynetdicom as SCU), proposes one
 presentation context per SOP class present (Explicit VR Little Endian first, then

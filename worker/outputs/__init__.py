@@ -1,4 +1,4 @@
-"""DICOM objects ct-triage writes back to the PACS (design.md, "Outputs written back").
+"""DICOM objects ct-triage writes back to the PACS.
 
 - :mod:`worker.outputs.uids`: deterministic UIDs (a retry sends identical objects).
 - :mod:`worker.outputs.base`: what every object shares (input validation, frozen

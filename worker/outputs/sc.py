@@ -1,4 +1,4 @@
-"""Secondary Capture series with the burned-in pictures (design.md, "Outputs written back").
+"""Secondary Capture series with the burned-in pictures.
 
 One RGB 8-bit Secondary Capture Image (1.2.840.10008.5.1.4.1.1.7) per source slice that
 has lesion boxes, plus one summary image (coronal overview + text panel). Built with
@@ -27,7 +27,7 @@ highdicom's :class:`highdicom.sc.SCImage` from the source instance, then complet
   (Explicit VR Little Endian, RGB), ``rle`` (RLE Lossless, RGB; lossless) or
   ``jpeg-baseline`` (JPEG Baseline 8-bit, YBR_FULL_422, quality :data:`JPEG_QUALITY`;
   LossyImageCompression 01 with its ratio and method ISO_10918_1). Measured on a
-  300-slice CT-3 phantom (bench/outputs_bench.py): see the README for the numbers that
+  300-slice CT-3 phantom (bench/outputs_bench.py): see docs/outputs.md for the numbers that
   chose the default (jpeg-baseline: 24 MB instead of 210 MB, rendered by Orthanc).
 - Which slices (``CT_TRIAGE_SC_SLICES``): every slice with a lesion box, or the N slices
   with the largest boxed lesion area (ties: lower slice index), always plus the summary.

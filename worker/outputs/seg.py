@@ -1,4 +1,4 @@
-"""DICOM Segmentation of a result: the masks viewers overlay (design.md, "Outputs written back").
+"""DICOM Segmentation of a result: the masks viewers overlay.
 
 One Segmentation instance (1.2.840.10008.5.1.4.1.1.66.4, highdicom ``Segmentation``),
 BINARY (bit-packed, one bit per voxel), on the source series' grid, referencing every

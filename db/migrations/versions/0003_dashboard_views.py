@@ -5,7 +5,7 @@ Revises: 0002
 Create Date: 2026-11-30 09:20:00
 
 Read-only SQL views the worklist page, /metrics and the Grafana dashboard read
-(README, "Putting ct-triage into the reading workflow", lists every column).
+(docs/worklist.md lists every column).
 The same columns and meaning on SQLite and PostgreSQL; only three expressions
 differ per dialect and are generated here: seconds between two timestamps,
 "now" in UTC, and truncation to the hour or the day. Timestamps in the tables

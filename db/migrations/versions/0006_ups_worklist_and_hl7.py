@@ -4,7 +4,7 @@ Revision ID: 0006
 Revises: 0005
 Create Date: 2026-11-30 09:40:00
 
-Tables (documented in README, "Putting ct-triage into the reading workflow"):
+Tables (documented in docs/worklist.md):
 - ups_workitems: one UPS workitem per result (study version); state SCHEDULED, IN PROGRESS,
   COMPLETED, CANCELED; priority/priority_rank/scheduled_at order the worklist;
   superseded_at is set when a newer study version replaced it.

@@ -171,6 +171,10 @@ class Settings:
         "Required when HTTP_HOST is not a loopback address; at least 16 characters.", secret=True,
     )
     http_refresh_s: float = _f(15.0, "How often the worklist page refreshes itself.")
+    http_connections_per_address: int = _f(
+        16, "Connections one peer address (an IPv6 /64) may hold open to the page at once; more are closed at "
+        "once. Behind a reverse proxy every client shares its address.",
+    )
     http_worklist_hours: float = _f(
         72.0, "Studies that arrived longer ago than this leave the page and /api/worklist (the SQL view keeps them).",
     )
@@ -280,6 +284,9 @@ class Settings:
                               f"(at least 16 characters) or bind the page to 127.0.0.1")
         if self.http_token and len(self.http_token) < 16:
             raise ConfigError(f"{PREFIX}HTTP_TOKEN must be at least 16 characters")
+        if not 1 <= self.http_connections_per_address <= 1024:
+            raise ConfigError(f"{PREFIX}HTTP_CONNECTIONS_PER_ADDRESS must be 1..1024, got "
+                              f"{self.http_connections_per_address}")
         if self.http_refresh_s < 1 or self.http_worklist_hours <= 0:
             raise ConfigError(f"{PREFIX}HTTP_REFRESH_S must be >= 1 and {PREFIX}HTTP_WORKLIST_HOURS > 0")
         for entry in self.allowed_calling_aes:

@@ -8,8 +8,10 @@ node keeps receiving (images matter more than the page).
 Binding: ``HTTP_HOST`` (default 127.0.0.1). Settings validation refuses a
 non-loopback host without ``HTTP_TOKEN``, and :class:`DashboardServer` checks again,
 so the page is never reachable from the network without the token.
-At most ``LIMIT_CONCURRENCY`` requests are served at once (more get 503); idle
-keep-alive connections close after ``KEEP_ALIVE_S``.
+Slow and idle clients cannot starve the page (:mod:`dashboard.connections`): a request
+must arrive within ``HEAD_TIMEOUT_S`` of connecting, idle keep-alive connections close
+after ``IDLE_TIMEOUT_S``, and connections are capped per peer address
+(``HTTP_CONNECTIONS_PER_ADDRESS``) and in all (``MAX_CONNECTIONS``), never per request.
 """
 
 from __future__ import annotations
@@ -22,16 +24,18 @@ from typing import Any
 
 from ct_triage.errors import ConfigError
 from ct_triage.settings import Settings, is_loopback
+from dashboard.connections import ConnectionTable, HttpLimits, protocol_class
 
 log = logging.getLogger("ct_triage.dashboard")
 
-LIMIT_CONCURRENCY = 32
-KEEP_ALIVE_S = 5
 START_TIMEOUT_S = 10.0
+BACKLOG = 1024  # connections the kernel queues before the server accepts them (capped by somaxconn)
 
 
 class DashboardServer:
-    def __init__(self, settings: Settings, session_factory):
+    """The page's uvicorn server in a thread; ``limits`` (tests) replaces the defaults and the setting."""
+
+    def __init__(self, settings: Settings, session_factory, limits: HttpLimits | None = None):
         if settings.http_port and not is_loopback(settings.http_host) and not settings.http_token:
             raise ConfigError("the worklist page is bound off localhost without CT_TRIAGE_HTTP_TOKEN: refusing")
         self.settings = settings
@@ -39,6 +43,7 @@ class DashboardServer:
         self._server: Any = None  # uvicorn.Server, imported when started
         self._thread: threading.Thread | None = None
         self.port: int | None = None
+        self.connections = ConnectionTable(limits or HttpLimits(per_address=settings.http_connections_per_address))
 
     def start(self) -> bool:
         """Start serving; False (logged) when the port cannot be bound or the server does not come up."""
@@ -52,16 +57,18 @@ class DashboardServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((s.http_host, s.http_port))
-            sock.listen(128)
+            sock.listen(BACKLOG)
         except OSError as exc:
             sock.close()
             log.error("worklist page not started: cannot listen on %s:%d: %s (set CT_TRIAGE_HTTP_PORT; 0 turns "
                       "the page off)", s.http_host, s.http_port, exc.strerror or exc)
             return False
         self.port = sock.getsockname()[1]
+        # No limit_concurrency: uvicorn counts open connections toward it, so idle sockets made it answer 503.
         config = uvicorn.Config(create_app(s, self.session_factory), log_level="warning", access_log=False,
-                                lifespan="off", server_header=False, limit_concurrency=LIMIT_CONCURRENCY,
-                                timeout_keep_alive=KEEP_ALIVE_S, proxy_headers=False)
+                                lifespan="off", server_header=False, http=protocol_class(self.connections),
+                                ws="none", timeout_keep_alive=self.connections.limits.idle_timeout_s,
+                                proxy_headers=False)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, args=(sock,), name="dashboard-http", daemon=True)
         self._thread.start()

@@ -15,6 +15,7 @@ import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -56,9 +57,19 @@ class Settings:
     bind_address: str = _f("0.0.0.0", "Address the DICOM node listens on.")
     port: int = _f(11112, "DICOM port (TLS-only when TLS_REQUIRED).")
     allowed_calling_aes: list[str] = _lf(
-        [], "Comma-separated calling AE titles allowed to associate, each optionally AET@address. "
-        "Empty: any caller (a warning is logged)."
-    )
+        [], "Senders (scanners, PACS) allowed to store to AE_TITLE: comma-separated AET, AET@address or "
+        "AET@network/prefix. Empty: any caller may store (a warning is logged and shown by status).")
+    worklist_ae_title: str = _f("CTTRIAGE_WL", "AE title of the reading worklist (UPS Pull, Watch, Query, Push; "
+                                "Verification), on the same port; also the calling AE title of our UPS event reports.")
+    worklist_aes: list[str] = _lf(
+        [], "Readers of the worklist (viewers, RIS, worklist clients): AET, AET@address or AET@network/prefix. "
+        "They may query, read and claim workitems and manage their own subscriptions. Empty: only callers "
+        "from 127.0.0.1 and ::1.")
+    worklist_admin_aes: list[str] = _lf(
+        [], "Worklist administrators, same forms: also cancel and update SCHEDULED workitems and manage "
+        "other AEs' subscriptions. Empty: nobody.")
+    tls_cert_ae_title: bool = _f(False, "With TLS client certificates (TLS_CA): the certificate's subject CN or a "
+                                 "subject alternative name must equal the calling AE title.")
     max_associations: int = _f(16, "Concurrent associations accepted; more are rejected (transient).")
     max_pending_per_address: int = _f(
         16, "Connections from one address that may wait for their association to be accepted "
@@ -289,8 +300,18 @@ class Settings:
                               f"{self.http_connections_per_address}")
         if self.http_refresh_s < 1 or self.http_worklist_hours <= 0:
             raise ConfigError(f"{PREFIX}HTTP_REFRESH_S must be >= 1 and {PREFIX}HTTP_WORKLIST_HOURS > 0")
-        for entry in self.allowed_calling_aes:
-            parse_allowed_caller(entry)
+        for setting, entries in (("ALLOWED_CALLING_AES", self.allowed_calling_aes),
+                                 ("WORKLIST_AES", self.worklist_aes),
+                                 ("WORKLIST_ADMIN_AES", self.worklist_admin_aes)):
+            for entry in entries:
+                parse_allowed_caller(entry, setting)
+        if not 1 <= len(self.worklist_ae_title) <= 16:
+            raise ConfigError(f"{PREFIX}WORKLIST_AE_TITLE must be 1..16 characters")
+        if self.worklist_ae_title == self.ae_title:
+            raise ConfigError(f"{PREFIX}WORKLIST_AE_TITLE must differ from AE_TITLE: senders and worklist "
+                              "readers are told apart by the title they call")
+        if self.tls_cert_ae_title and not self.tls_ca:
+            raise ConfigError(f"{PREFIX}TLS_CERT_AE_TITLE needs TLS_CA (client certificates)")
         for entry in self.commitment_peers:
             parse_destination(entry, setting="COMMITMENT_PEERS")
         if self.retention_days < 0 or self.retention_interval_s <= 0:
@@ -453,12 +474,44 @@ def parse_hl7_destination(text: str) -> Hl7Destination:
 
 @dataclass(frozen=True)
 class AllowedCaller:
+    """An allowlist entry: an AE title, bound to an address or a network, or to any address
+    (``network`` None: a bare title, which any host can present)."""
+
     ae_title: str
-    address: str | None = None
+    network: IPv4Network | IPv6Network | None = None
+
+    @property
+    def address(self) -> str | None:
+        """The single address an entry is bound to (a /32 or /128), else None."""
+        if self.network is not None and self.network.num_addresses == 1:
+            return str(self.network.network_address)
+        return None
+
+    def matches(self, ae_title: str, address: str | None) -> bool:
+        if ae_title != self.ae_title:
+            return False
+        if self.network is None:
+            return True
+        try:
+            ip = ip_address((address or "").split("%")[0])
+        except ValueError:
+            return False
+        if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return ip in self.network
 
 
-def parse_allowed_caller(text: str) -> AllowedCaller:
-    aet, _, address = text.strip().partition("@")
-    if not aet or len(aet) > 16:
-        raise ConfigError(f"{PREFIX}ALLOWED_CALLING_AES entry {text!r} is not AET or AET@address")
-    return AllowedCaller(aet, address or None)
+def parse_allowed_caller(text: str, setting: str = "ALLOWED_CALLING_AES") -> AllowedCaller:
+    """``AET``, ``AET@address`` or ``AET@network/prefix`` (IPv4 or IPv6); ConfigError naming the entry."""
+    aet, _, where = text.strip().partition("@")
+    aet = aet.strip()
+    if not aet or len(aet) > 16 or "\\" in aet or not all(32 <= ord(c) < 127 for c in aet):
+        raise ConfigError(f"{PREFIX}{setting} entry {text!r} is not AET, AET@address or AET@network/prefix")
+    if not where.strip():
+        return AllowedCaller(aet)
+    try:
+        network = ip_network(where.strip().strip("[]"), strict=False)
+    except ValueError:
+        raise ConfigError(f"{PREFIX}{setting} entry {text!r}: {where!r} is not an IP address or network "
+                          "(host names are not accepted: a name can be made to point anywhere)") from None
+    return AllowedCaller(aet, network)

@@ -21,7 +21,8 @@ Outcomes are names (``Outcome``); the node maps them to the statuses of PS3.4 CC
 (0xC300 may no longer be updated, 0xC301 wrong Transaction UID, 0xC302 already IN
 PROGRESS, 0xC303 only N-CREATE makes SCHEDULED, 0xC304 final state requirements,
 0xC307 no such workitem, 0xC310 not IN PROGRESS, 0xC311 already COMPLETED, warnings
-0xB304/0xB306 already CANCELED/COMPLETED).
+0xB304/0xB306 already CANCELED/COMPLETED, 0x0124 not authorized: a SCHEDULED workitem
+changed by a caller who is no worklist admin).
 
 Superseding: when study version N+1 is scored, the SCHEDULED workitems of older
 versions become CANCELED ("superseded by study version N+1"); one IN PROGRESS stays with
@@ -62,7 +63,7 @@ EVENT_MAX_ATTEMPTS = 8
 Outcome = Literal[
     "ok", "no_such_workitem", "may_no_longer_be_updated", "wrong_transaction_uid", "already_in_progress",
     "scheduled_only_by_create", "final_state_requirements", "invalid_state", "not_in_progress",
-    "already_completed", "already_canceled", "cancel_requested",
+    "already_completed", "already_canceled", "cancel_requested", "not_authorized",
 ]
 
 
@@ -248,11 +249,13 @@ def change_state(session: Session, sop_instance_uid: str, target: str, transacti
 
 
 def request_cancel(session: Session, sop_instance_uid: str, *, requesting_ae: str | None, reason: str | None,
-                   now: datetime | None = None) -> Outcome:
+                   scheduled_allowed: bool = True, now: datetime | None = None) -> Outcome:
     """N-ACTION "Request UPS Cancel" (action type 2).
 
-    SCHEDULED: we are the only owner, so it is cancelled at once (``ok``). IN PROGRESS:
-    the performer decides; subscribers get a cancel request (``cancel_requested``).
+    SCHEDULED: we are the only owner, so it is cancelled at once (``ok``) when the caller
+    may (``scheduled_allowed``: a worklist admin), else ``not_authorized`` and nothing
+    changes. IN PROGRESS: the performer decides; subscribers get a cancel request
+    (``cancel_requested``).
     """
     now = now or utcnow()
     item = get_workitem(session, sop_instance_uid, lock=True)
@@ -263,6 +266,8 @@ def request_cancel(session: Session, sop_instance_uid: str, *, requesting_ae: st
     if item.state == CANCELED:
         return "already_canceled"
     if item.state == SCHEDULED:
+        if not scheduled_allowed:
+            return "not_authorized"
         _cancel(session, item, reason or f"cancel requested by {requesting_ae or 'a peer'}", now)
         return "ok"
     emit(session, item, EVENT_CANCEL_REQUESTED, {"reason": reason, "requesting_ae": requesting_ae}, now)
@@ -271,11 +276,12 @@ def request_cancel(session: Session, sop_instance_uid: str, *, requesting_ae: st
 
 def update_workitem(session: Session, sop_instance_uid: str, transaction_uid: str | None, *,
                     progress_json: str | None = None, performed_json: str | None = None,
-                    now: datetime | None = None) -> Outcome:
+                    scheduled_allowed: bool = True, now: datetime | None = None) -> Outcome:
     """N-SET of progress and completion information (not allowed in a final state).
 
     IN PROGRESS needs the item's Transaction UID; a SCHEDULED item may be updated
-    without one (PS3.4 CC.2.6.3).
+    without one (PS3.4 CC.2.6.3), by a caller allowed to (``scheduled_allowed``: a worklist
+    admin), else ``not_authorized`` and nothing changes.
     """
     now = now or utcnow()
     item = get_workitem(session, sop_instance_uid, lock=True)
@@ -285,6 +291,8 @@ def update_workitem(session: Session, sop_instance_uid: str, transaction_uid: st
         return "may_no_longer_be_updated"
     if item.state == IN_PROGRESS and transaction_uid != item.transaction_uid:
         return "wrong_transaction_uid"
+    if item.state == SCHEDULED and not scheduled_allowed:
+        return "not_authorized"
     if progress_json is not None:
         item.progress_json = progress_json
     if performed_json is not None:

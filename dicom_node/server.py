@@ -15,9 +15,20 @@ from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from sqlalchemy.orm import Session, sessionmaker
 
 from ct_triage.contract import Publisher
-from ct_triage.settings import Settings, parse_allowed_caller, parse_destination
+from ct_triage.settings import Settings, parse_destination
 from ct_triage.text import clean
 from dicom_node import status
+from dicom_node.access import (
+    UPS_PULL,
+    UPS_PUSH,
+    UPS_QUERY,
+    UPS_SOP_CLASSES,
+    UPS_WATCH,
+    AccessPolicy,
+    Refusal,
+    narrow_contexts,
+    peer_certificate,
+)
 from dicom_node.commitment import CommitmentService
 from dicom_node.completeness import CompletenessTracker
 from dicom_node.retention import RetentionSweeper
@@ -25,7 +36,7 @@ from dicom_node.shutdown import InFlight, drain
 from dicom_node.spool import Spool
 from dicom_node.store import StoreService
 from dicom_node.transport import BoundedAssociationServer, Gate, install_bounded_receive, peer_of, tune_association
-from dicom_node.ups import UPS_PULL, UPS_PUSH, UPS_QUERY, UPS_SOP_CLASSES, UPS_WATCH, UpsNotifier, UpsService
+from dicom_node.ups import UpsNotifier, UpsService
 
 log = logging.getLogger("ct_triage.node")
 
@@ -115,26 +126,27 @@ def _reject(event, result: int, source: int, reason_code: int, why: str) -> None
     assoc.kill()
 
 
-def handle_requested(event, allowed: list, ae_title: str, accept_any_called: bool) -> None:
-    """Admit or reject at A-ASSOCIATE-RQ: called AE, calling AE allowlist, association cap."""
+def handle_requested(event, policy: AccessPolicy) -> None:
+    """Admit or reject at A-ASSOCIATE-RQ: the role of the called AE title and its allowlist
+    (dicom_node.access), then the association cap. An admitted association keeps its role
+    and only the presentation contexts of that role."""
     assoc = event.assoc
     primitive = assoc.requestor.primitive
     calling = primitive.calling_ae_title.strip()
     called = primitive.called_ae_title.strip()
-    address = assoc.requestor.address
-    if not accept_any_called and called != ae_title:
-        _reject(event, REJECT_PERMANENT, SOURCE_SERVICE_USER, CALLED_AE_NOT_RECOGNIZED,
-                f"called AE title is not {ae_title} (CT_TRIAGE_ACCEPT_ANY_CALLED_AE is off)")
-        return
-    if allowed and not any(rule.ae_title == calling and (rule.address is None or rule.address == address)
-                           for rule in allowed):
-        _reject(event, REJECT_PERMANENT, SOURCE_SERVICE_USER, CALLING_AE_NOT_RECOGNIZED,
-                "calling AE title not allowed")
+    decision = policy.decide(called, calling, assoc.requestor.address, peer_certificate(assoc))
+    if decision.role is None:
+        reason = CALLED_AE_NOT_RECOGNIZED if decision.refusal is Refusal.CALLED_AE_UNKNOWN \
+            else CALLING_AE_NOT_RECOGNIZED
+        _reject(event, REJECT_PERMANENT, SOURCE_SERVICE_USER, reason, decision.why)
         return
     gate = getattr(assoc, "ct_gate", None)
     if gate is not None and not gate.admit(assoc.ct_gate_key):
         _reject(event, REJECT_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, LOCAL_LIMIT_EXCEEDED,
                 f"{gate.max_associations} associations already open (CT_TRIAGE_MAX_ASSOCIATIONS)")
+        return
+    assoc.ct_role = decision.role
+    narrow_contexts(assoc, decision.role)
 
 
 def handle_rejected(event) -> None:
@@ -196,7 +208,7 @@ class DicomNode:
             acse_timeout_s=settings.acse_timeout_s, dimse_timeout_s=settings.dimse_timeout_s,
             wait_indexed=lambda: self.store.indexer.flush(60))
         self.ups = UpsService(session_factory, settings)
-        self.ups.notifier = UpsNotifier(session_factory, self.ups, settings.ae_title,
+        self.ups.notifier = UpsNotifier(session_factory, self.ups, settings.worklist_ae_title,
                                         poll_interval_s=settings.poll_interval_s, timeout_s=settings.acse_timeout_s)
         self.tracker = CompletenessTracker(session_factory, publisher, stable_age_s=settings.stable_age_s,
                                            max_receive_s=settings.max_receive_s,
@@ -207,7 +219,7 @@ class DicomNode:
         self.retention = RetentionSweeper(session_factory, settings.effective_storage_dir, settings.retention_days,
                                           settings.retention_interval_s)
         self.in_flight = InFlight()
-        self.allowed = [parse_allowed_caller(entry) for entry in settings.allowed_calling_aes]
+        self.policy = AccessPolicy(settings)
         self.gate = Gate(settings.max_associations, settings.max_pending_per_address, settings.max_pending_total)
         self.ae = self._build_ae()
         self.servers = []
@@ -242,8 +254,7 @@ class DicomNode:
             (evt.EVT_C_FIND, handle_c_find, [self.ups]),
             (evt.EVT_N_GET, handle_n_get, [self.ups]),
             (evt.EVT_N_SET, handle_n_set, [self.ups]),
-            (evt.EVT_REQUESTED, handle_requested, [self.allowed, self.settings.ae_title,
-                                                   self.settings.accept_any_called_ae]),
+            (evt.EVT_REQUESTED, handle_requested, [self.policy]),
             (evt.EVT_REJECTED, handle_rejected),
             (evt.EVT_ESTABLISHED, handle_established, [self.store]),
             (evt.EVT_RELEASED, handle_released, [self.store]),
@@ -262,8 +273,8 @@ class DicomNode:
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         tempfile.tempdir = str(self.spool.tmp_dir)
         self._clean_tmp()
-        if not self.allowed:
-            log.warning("CT_TRIAGE_ALLOWED_CALLING_AES is empty: any calling AE may store")
+        for warning in self.policy.warnings():
+            log.warning("%s", warning)
         # The indexer first, then what the last run left on disk without a row: all of it
         # is indexed before the first association is accepted.
         self.store.indexer.start()
@@ -289,7 +300,7 @@ class DicomNode:
         thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{port}", daemon=True)
         thread.start()
         self.ae._servers.append(server)
-        log.info("DICOM node %s listening on %s:%d%s", s.ae_title, s.bind_address,
+        log.info("DICOM node %s (worklist %s) listening on %s:%d%s", s.ae_title, s.worklist_ae_title, s.bind_address,
                  server.server_address[1], " (TLS)" if tls else "")
         return server
 

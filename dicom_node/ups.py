@@ -24,6 +24,25 @@ for N-GET/N-ACTION, Event for reports):
   association to each subscriber (UPS Event SOP class), retrying transient failures
   (db.worklist.EVENT_RETRY_BASE_S doubling, EVENT_MAX_ATTEMPTS).
 
+Who may do what (PS3.4 Annex CC; the association's role from :mod:`dicom_node.access`):
+
+=====================================  ==========================================================
+operation                              allowed
+=====================================  ==========================================================
+C-FIND, N-GET                          readers and admins
+claim (SCHEDULED -> IN PROGRESS)       readers and admins
+N-SET of a SCHEDULED workitem          admins
+N-SET, complete, cancel IN PROGRESS    whoever holds the workitem's Transaction UID (admins too)
+request cancel of a SCHEDULED item     admins; others are refused and the item does not change
+request cancel of an IN PROGRESS item  readers and admins: passed to the performer (event report)
+subscribe, unsubscribe, suspend        Receiving AE = the calling AE; admins for any Receiving AE
+=====================================  ==========================================================
+
+A refusal answers 0x0124 (Refused: Not Authorized) for N-operations and 0xC000 for
+C-FIND (a reader-less association cannot exist: the node refuses it at A-ASSOCIATE-RQ),
+logs one line, and changes nothing. :attr:`UpsService.on_refusal` is called with each
+refusal (the audit trail).
+
 Handlers are thin (dicom_node.server), never raise, and answer named statuses (below).
 """
 
@@ -32,6 +51,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 from pydicom.dataset import Dataset
@@ -43,20 +63,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from ct_triage.association import reactor_paused
 from ct_triage.polling import Poller
 from ct_triage.settings import Destination, Settings, parse_destination
+from ct_triage.text import clean
 from db import worklist
 from db.models import UpsWorkitem
 from db.session import session_scope
 from dicom_node import status
+from dicom_node.access import UPS_EVENT, UPS_PULL, UPS_PUSH, UPS_QUERY, UPS_WATCH, Role, role_of
 from dicom_node.uids import is_valid_uid
 
 log = logging.getLogger("ct_triage.node.ups")
 
-UPS_PUSH = "1.2.840.10008.5.1.4.34.6.1"
-UPS_WATCH = "1.2.840.10008.5.1.4.34.6.2"
-UPS_PULL = "1.2.840.10008.5.1.4.34.6.3"
-UPS_EVENT = "1.2.840.10008.5.1.4.34.6.4"
-UPS_QUERY = "1.2.840.10008.5.1.4.34.6.5"
-UPS_SOP_CLASSES = (UPS_PUSH, UPS_WATCH, UPS_PULL, UPS_EVENT, UPS_QUERY)
 GLOBAL_SUBSCRIPTION = "1.2.840.10008.5.1.4.34.5"
 FILTERED_GLOBAL_SUBSCRIPTION = "1.2.840.10008.5.1.4.34.5.1"
 
@@ -81,6 +97,9 @@ NO_SUCH_ACTION_TYPE = 0x0123
 MISSING_ATTRIBUTE = 0x0120
 INVALID_ATTRIBUTE_VALUE = 0x0106
 SOP_CLASS_NOT_SUPPORTED = 0x0122
+NOT_AUTHORIZED = 0x0124  # Refused: Not Authorized (PS3.7 C.4.2)
+FIND_REFUSED = 0xC000  # C-FIND: unable to process (no UPS C-FIND status names authorization)
+WORKLIST_ROLES = (Role.READER, Role.ADMIN)
 
 OUTCOME_STATUS = {
     "ok": status.SUCCESS,
@@ -95,6 +114,7 @@ OUTCOME_STATUS = {
     "not_in_progress": NOT_IN_PROGRESS,
     "already_completed": ALREADY_COMPLETED,
     "already_canceled": ALREADY_CANCELED,
+    "not_authorized": NOT_AUTHORIZED,
 }
 #: Change state to COMPLETED when already COMPLETED is a warning, not a failure.
 CHANGE_STATE_STATUS = {**OUTCOME_STATUS, "already_completed": ALREADY_COMPLETED_WARNING}
@@ -307,6 +327,20 @@ class UpsService:
             dest = parse_destination(entry, setting="UPS_SUBSCRIBERS")
             self.subscribers[dest.ae_title] = dest
         self.notifier: UpsNotifier | None = None
+        # Called with (association, operation, workitem UID or None, why) for every refusal.
+        self.on_refusal: Callable[[object, str, str | None, str], None] = lambda *refusal: None
+
+    def _refuse(self, event, operation: str, uid: str | None, why: str) -> None:
+        assoc = event.assoc
+        log.warning("UPS %s%s from %s refused: %s", operation, f" {uid}" if uid else "",
+                    clean(str(assoc.requestor.ae_title), 16), why)
+        try:
+            self.on_refusal(assoc, operation, uid, why)
+        except Exception:  # the audit trail must never turn a refusal into a crash
+            log.exception("UPS refusal could not be recorded")
+
+    def _is_admin(self, event) -> bool:
+        return role_of(event.assoc) is Role.ADMIN
 
     def _wake(self) -> None:
         if self.notifier is not None:
@@ -317,6 +351,10 @@ class UpsService:
         sop_class = str(event.request.AffectedSOPClassUID)
         if sop_class not in (UPS_PULL, UPS_WATCH, UPS_QUERY):
             yield SOP_CLASS_NOT_SUPPORTED, None
+            return
+        if role_of(event.assoc) not in WORKLIST_ROLES:
+            self._refuse(event, "C-FIND", None, "not a worklist reader")
+            yield FIND_REFUSED, None
             return
         identifier = event.identifier
         try:
@@ -339,6 +377,9 @@ class UpsService:
     # N-GET ------------------------------------------------------------------------------------
     def on_n_get(self, event) -> tuple[int, Dataset | None]:
         uid = str(event.request.RequestedSOPInstanceUID)
+        if role_of(event.assoc) not in WORKLIST_ROLES:
+            self._refuse(event, "N-GET", uid, "not a worklist reader")
+            return NOT_AUTHORIZED, None
         requested = event.request.AttributeIdentifierList
         tags = [] if requested is None else [requested] if isinstance(requested, int) else list(requested)
         with session_scope(self.session_factory) as session:
@@ -365,7 +406,7 @@ class UpsService:
                 ignored.append(keyword or str(elem.tag))
         with session_scope(self.session_factory) as session:
             outcome = worklist.update_workitem(
-                session, uid, transaction_uid,
+                session, uid, transaction_uid, scheduled_allowed=self._is_admin(event),
                 progress_json=values.get("ProcedureStepProgressInformationSequence"),
                 performed_json=values.get("UnifiedProcedureStepPerformedProcedureSequence"))
             reply = None
@@ -373,6 +414,8 @@ class UpsService:
             if item is not None:
                 reply = select_attributes(workitem_dataset(item), mods)
         self._wake()
+        if outcome == "not_authorized":
+            self._refuse(event, "N-SET", uid, "a SCHEDULED workitem is updated by worklist admins only")
         log.info("UPS N-SET %s from %s: %s", uid, event.assoc.requestor.ae_title, outcome)
         code = OUTCOME_STATUS[outcome]
         if code == status.SUCCESS and ignored:
@@ -386,17 +429,23 @@ class UpsService:
         uid = str(request.RequestedSOPInstanceUID)
         action = request.ActionTypeID
         info = event.action_information or Dataset()
-        caller = event.assoc.requestor.ae_title
+        caller = str(event.assoc.requestor.ae_title).strip()
+        if role_of(event.assoc) not in WORKLIST_ROLES:
+            self._refuse(event, f"N-ACTION {action}", uid, "not a worklist reader")
+            return NOT_AUTHORIZED, None
         if action == 1:
             code = self._change_state(uid, info, caller)
         elif action == 2:
             with session_scope(self.session_factory) as session:
                 outcome = worklist.request_cancel(session, uid, requesting_ae=caller,
-                                                  reason=_text(info, "ReasonForCancellation"))
+                                                  reason=_text(info, "ReasonForCancellation"),
+                                                  scheduled_allowed=self._is_admin(event))
             code = OUTCOME_STATUS[outcome]
+            if outcome == "not_authorized":
+                self._refuse(event, "request cancel", uid, "a SCHEDULED workitem is cancelled by worklist admins only")
             log.info("UPS cancel request for %s from %s: %s", uid, caller, outcome)
         elif action in (3, 4, 5):
-            code = self._subscription(uid, action, info, caller)
+            code = self._subscription(event, uid, action, info, caller)
         else:
             return NO_SUCH_ACTION_TYPE, None
         self._wake()
@@ -417,10 +466,14 @@ class UpsService:
         log.info("UPS change state of %s to %s from %s: %s", uid, target, caller, outcome)
         return CHANGE_STATE_STATUS[outcome]
 
-    def _subscription(self, uid: str, action: int, info: Dataset, caller: str) -> int:
+    def _subscription(self, event, uid: str, action: int, info: Dataset, caller: str) -> int:
         receiving = _text(info, "ReceivingAE")
         if receiving is None:
             return MISSING_ATTRIBUTE
+        if receiving != caller and not self._is_admin(event):
+            self._refuse(event, {3: "subscribe", 4: "unsubscribe", 5: "suspend"}[action], uid,
+                         f"Receiving AE {clean(receiving, 16)} is not the calling AE (worklist admins only)")
+            return NOT_AUTHORIZED
         if action == 3 and receiving not in self.subscribers:
             log.warning("UPS subscription for %s refused: not in CT_TRIAGE_UPS_SUBSCRIBERS", receiving)
             return RECEIVING_AE_UNKNOWN

@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from db import repository
-from db.models import Result, UpsEvent, UpsWorkitem
+from db.models import Result, Study, UpsEvent, UpsWorkitem
 from db.repository import InstanceRecord
 from dicom_node import ups as ups_scp
 from tests.support.scanner import free_port
@@ -42,7 +42,7 @@ def seed(running, study_uid: str, *, category: str | None, percent: float | None
                                  patient_id="PID-" + study_uid[-1], patient_name=patient_name,
                                  accession_number=accession, modality="CT")
             repository.record_instance(session, rec, now=arrived)
-        study = session.scalar(select(repository.Study).where(repository.Study.study_instance_uid == study_uid))
+        study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
         study.version = version
         series = study.series[0]
         result = Result(study_fk=study.id, version=version, series_fk=series.id, status=status, reason=reason,
@@ -57,7 +57,7 @@ def seed(running, study_uid: str, *, category: str | None, percent: float | None
 
 @pytest.fixture
 def worklist_node(start_node, database_url):
-    running = start_node(database_url)
+    running = start_node(database_url, worklist_admin_aes=["ADMIN@127.0.0.1"])
     uids = {
         "low": seed(running, "1.2.826.0.1.3680043.8.498.1", category="CT-1", percent=10.0, arrived=T0),
         "high": seed(running, "1.2.826.0.1.3680043.8.498.2", category="CT-3", percent=60.0,
@@ -135,9 +135,13 @@ def test_claim_progress_complete_follow_the_state_machine(worklist_node):
         assert ds.ProcedureStepProgressInformationSequence[0].ProcedureStepProgress == 50
         assert [str(d.SOPInstanceUID) for d in client.find(ProcedureStepState="COMPLETED")] == [uid]
         assert client.get("1.2.3.999")[0] == ups_scp.NO_SUCH_WORKITEM
-        # Request cancel of a SCHEDULED item: nobody performs it, so it is cancelled at once.
-        assert client.request_cancel(uids["low"]) == 0
-        assert client.request_cancel(uids["low"]) == ups_scp.ALREADY_CANCELED
+        # Request cancel of a SCHEDULED item: nobody performs it, so an admin's cancels it at once;
+        # a reader's is refused and changes nothing.
+        assert client.request_cancel(uids["low"]) == ups_scp.NOT_AUTHORIZED
+        assert client.get(uids["low"])[1].ProcedureStepState == "SCHEDULED"
+        with UpsClient(running.port, ae_title="ADMIN") as admin:
+            assert admin.request_cancel(uids["low"]) == 0
+            assert admin.request_cancel(uids["low"]) == ups_scp.ALREADY_CANCELED
         status, ds = client.get(uids["low"])
         assert ds.ProcedureStepState == "CANCELED"
         assert "no longer needed" in ds.ProcedureStepProgressInformationSequence[0].ReasonForCancellation
@@ -146,11 +150,14 @@ def test_claim_progress_complete_follow_the_state_machine(worklist_node):
 def test_watcher_gets_initial_and_changed_states(start_node, database_url):
     watcher_port = free_port()
     watcher = UpsWatcher(watcher_port)
-    running = start_node(database_url, ups_subscribers=[f"WATCHER@127.0.0.1:{watcher_port}"])
+    running = start_node(database_url, ups_subscribers=[f"WATCHER@127.0.0.1:{watcher_port}"],
+                         worklist_admin_aes=["ADMIN@127.0.0.1"])
     try:
         uid = seed(running, "1.2.826.0.1.3680043.8.498.7", category="CT-3", percent=55.0, arrived=T0)
-        with UpsClient(running.port) as client:
-            assert client.subscribe("STRANGER") == ups_scp.RECEIVING_AE_UNKNOWN
+        with UpsClient(running.port, ae_title="WATCHER") as client, \
+                UpsClient(running.port, ae_title="ADMIN") as admin:
+            assert admin.subscribe("STRANGER") == ups_scp.RECEIVING_AE_UNKNOWN
+            assert client.subscribe("STRANGER") == ups_scp.NOT_AUTHORIZED
             assert client.subscribe("WATCHER") == 0
             watcher.wait_for_state(uid, "SCHEDULED")
             status, transaction = client.claim(uid)
@@ -163,7 +170,7 @@ def test_watcher_gets_initial_and_changed_states(start_node, database_url):
             running.node.ups.notifier.wake()
             watcher.wait_for_state(new_uid, "SCHEDULED")
             assert client.unsubscribe("WATCHER") == 0
-            assert client.request_cancel(new_uid) == 0
+            assert admin.request_cancel(new_uid) == 0
         with running.session() as session:
             assert session.scalar(select(UpsEvent).where(UpsEvent.state != "sent")) is None
         assert "CANCELED" not in watcher.states(new_uid)
@@ -206,7 +213,7 @@ def test_ups_event_retry_then_send(start_node, sqlite_url):
     port = free_port()
     running = start_node(sqlite_url, ups_subscribers=[f"WATCHER@127.0.0.1:{port}"])
     uid = seed(running, "1.2.826.0.1.3680043.8.498.11", category="CT-2", percent=30.0, arrived=T0)
-    with UpsClient(running.port) as client:
+    with UpsClient(running.port, ae_title="WATCHER") as client:
         assert client.subscribe("WATCHER", uid) == 0
 
     def retried():

@@ -77,7 +77,7 @@ def site(tmp_path_factory):
     s.session = make_session_factory(engine)
     try:
         s.daemon.wait_dicom_ready(s.port)
-        with UpsClient(s.port) as client:
+        with UpsClient(s.port, ae_title="WATCHER") as client:
             assert client.subscribe("WATCHER") == 0
         for priority in ("LOW", "MEDIUM", "HIGH"):  # arrival order: LOW first, HIGH last
             assert storescu(s.port, sorted(s.folders[priority].rglob("*.dcm"))).returncode == 0

@@ -15,13 +15,16 @@ from dicom_node.ups import GLOBAL_SUBSCRIPTION, UPS_EVENT, UPS_PULL, UPS_PUSH, U
 class UpsClient:
     """One association proposing UPS Pull and Watch (as a reading workstation would)."""
 
-    def __init__(self, port: int, ae_title: str = "READER", called: str = "CTTRIAGE"):
+    def __init__(self, port: int, ae_title: str = "READER", called: str = "CTTRIAGE_WL", source: str = "127.0.0.1",
+                 *, must_accept: bool = True):
+        """``source``: the address the client connects from (127.0.0.2 and up play other hosts)."""
         ae = AE(ae_title=ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         ae.add_requested_context(UPS_PULL)
         ae.add_requested_context(UPS_WATCH)
-        self.assoc = ae.associate("127.0.0.1", port, ae_title=called)
-        assert self.assoc.is_established, "UPS association was not accepted"
+        self.assoc = ae.associate("127.0.0.1", port, ae_title=called, bind_address=(source, 0))
+        if must_accept:
+            assert self.assoc.is_established, "UPS association was not accepted"
 
     def close(self) -> None:
         if self.assoc.is_established:

@@ -190,6 +190,19 @@ class Settings:
         72.0, "Studies that arrived longer ago than this leave the page and /api/worklist (the SQL view keeps them).",
     )
 
+    audit_repository: str = _f(
+        "", "Audit repository (IHE ATNA) receiving the DICOM PS3.15 A.5 audit messages as syslog: tls://host:port "
+        "(RFC 5425, e.g. port 6514) or udp://host:port (RFC 5426, e.g. 514). Empty: the audit trail is kept "
+        "in the database only (ct-triage audit); see docs/audit.md.")
+    audit_tls_ca: Path | None = _f(
+        None, "CA bundle that signed the audit repository's certificate. Empty: TLS_CA, else the system's CAs.")
+    audit_tls_cert: Path | None = _f(
+        None, "PEM client certificate presented to the audit repository (ATNA node authentication). Empty: TLS_CERT.")
+    audit_tls_key: Path | None = _f(None, "PEM private key of AUDIT_TLS_CERT. Empty: TLS_KEY.")
+    audit_query_aggregate_min: float = _f(
+        10.0, "Worklist page and API reads: one Query audit message per client (token and address) in this many "
+              "minutes (0: one per request). DICOM queries are never aggregated.")
+
     # -- derived -------------------------------------------------------------------
     @property
     def effective_database_url(self) -> str:
@@ -332,6 +345,12 @@ class Settings:
             raise ConfigError(f"{PREFIX}UPS_WORKLIST_LABEL must be 1..64 characters")
         if self.hl7_ack_timeout_s <= 0:
             raise ConfigError(f"{PREFIX}HL7_ACK_TIMEOUT_S must be > 0")
+        if self.audit_repository:
+            parse_audit_repository(self.audit_repository)
+        if self.audit_tls_cert and not self.audit_tls_key:
+            raise ConfigError(f"{PREFIX}AUDIT_TLS_KEY is required when {PREFIX}AUDIT_TLS_CERT is set")
+        if self.audit_query_aggregate_min < 0:
+            raise ConfigError(f"{PREFIX}AUDIT_QUERY_AGGREGATE_MIN must be >= 0, got {self.audit_query_aggregate_min}")
 
     @property
     def priorities(self) -> dict[str, str]:
@@ -470,6 +489,29 @@ def parse_hl7_destination(text: str) -> Hl7Destination:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{PREFIX}HL7_DESTINATIONS entry {text!r} is not host:port")
     return Hl7Destination(host, int(port))
+
+
+@dataclass(frozen=True)
+class AuditRepository:
+    transport: str  # tls | udp
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.transport}://{host}:{self.port}"
+
+
+def parse_audit_repository(text: str) -> AuditRepository:
+    """Parse ``tls://host:port`` or ``udp://host:port``; ConfigError naming the value when malformed."""
+    entry = text.strip()
+    transport, sep, hostport = entry.partition("://")
+    host, sep2, port = hostport.rpartition(":")
+    host = host.strip("[]")
+    if (not sep or transport not in ("tls", "udp") or not sep2 or not host or not port.isdigit()
+            or not 0 < int(port) < 65536):
+        raise ConfigError(f"{PREFIX}AUDIT_REPOSITORY {text!r} is not tls://host:port or udp://host:port")
+    return AuditRepository(transport, host, int(port))
 
 
 @dataclass(frozen=True)

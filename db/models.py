@@ -417,3 +417,40 @@ class UpsEvent(Base):
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     workitem: Mapped[UpsWorkitem] = relationship()
+
+
+class AuditEvent(Base):
+    """The audit trail (IHE ATNA, DICOM PS3.15 A.5): one row per audit message, and the
+    outbox its syslog sender works from (``db.audit``, ``ct_triage.audit``).
+
+    The searchable fields of the message are columns (``event_id``: the DCM code of
+    EventID, e.g. 110104; ``event_type``: the first EventTypeCode; ``action``: C/R/U/D/E;
+    ``outcome``: 0/4/8/12; ``user_id``: the requesting peer's AE title or HTTP client;
+    ``source_address``: its network address); ``participants_json`` lists the participant
+    objects ([{"type", "id", "name"}]); ``message_xml`` is the whole rendered message, sent
+    as it stands. ``sent_at`` NULL: not yet accepted by the audit repository (or there is
+    none); ``next_attempt_at`` is when the sender may try again.
+    """
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        Index("ix_audit_events_unsent", "sent_at", "next_attempt_at"),
+        Index("ix_audit_events_user", "kind", "user_id", "event_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))  # the builder: application_activity, query, http_read ...
+    event_id: Mapped[str] = mapped_column(String(16))
+    event_type: Mapped[str | None] = mapped_column(String(16))
+    action: Mapped[str | None] = mapped_column(String(1))
+    outcome: Mapped[int] = mapped_column(Integer, default=0)
+    event_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    user_id: Mapped[str | None] = mapped_column(String(128))
+    source_address: Mapped[str | None] = mapped_column(String(64))
+    participants_json: Mapped[str] = mapped_column(Text, default="[]")
+    message_xml: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

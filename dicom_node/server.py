@@ -29,6 +29,7 @@ from dicom_node.access import (
     narrow_contexts,
     peer_certificate,
 )
+from dicom_node.auditing import AuditSender, NodeAudit
 from dicom_node.commitment import CommitmentService
 from dicom_node.completeness import CompletenessTracker
 from dicom_node.retention import RetentionSweeper
@@ -126,7 +127,7 @@ def _reject(event, result: int, source: int, reason_code: int, why: str) -> None
     assoc.kill()
 
 
-def handle_requested(event, policy: AccessPolicy) -> None:
+def handle_requested(event, policy: AccessPolicy, node_audit: NodeAudit) -> None:
     """Admit or reject at A-ASSOCIATE-RQ: the role of the called AE title and its allowlist
     (dicom_node.access), then the association cap. An admitted association keeps its role
     and only the presentation contexts of that role."""
@@ -139,6 +140,7 @@ def handle_requested(event, policy: AccessPolicy) -> None:
         reason = CALLED_AE_NOT_RECOGNIZED if decision.refusal is Refusal.CALLED_AE_UNKNOWN \
             else CALLING_AE_NOT_RECOGNIZED
         _reject(event, REJECT_PERMANENT, SOURCE_SERVICE_USER, reason, decision.why)
+        node_audit.association_refused(calling, called, assoc.requestor.address, decision.why)
         return
     gate = getattr(assoc, "ct_gate", None)
     if gate is not None and not gate.admit(assoc.ct_gate_key):
@@ -220,6 +222,11 @@ class DicomNode:
                                           settings.retention_interval_s)
         self.in_flight = InFlight()
         self.policy = AccessPolicy(settings)
+        self.audit = NodeAudit(session_factory, settings)
+        self.audit_sender = AuditSender(session_factory, settings)
+        self.store.on_association_ended = self.audit.instances_received
+        self.ups.audit = self.audit
+        self.ups.on_refusal = self.audit.request_refused
         self.gate = Gate(settings.max_associations, settings.max_pending_per_address, settings.max_pending_total)
         self.ae = self._build_ae()
         self.servers = []
@@ -254,7 +261,7 @@ class DicomNode:
             (evt.EVT_C_FIND, handle_c_find, [self.ups]),
             (evt.EVT_N_GET, handle_n_get, [self.ups]),
             (evt.EVT_N_SET, handle_n_set, [self.ups]),
-            (evt.EVT_REQUESTED, handle_requested, [self.policy]),
+            (evt.EVT_REQUESTED, handle_requested, [self.policy, self.audit]),
             (evt.EVT_REJECTED, handle_rejected),
             (evt.EVT_ESTABLISHED, handle_established, [self.store]),
             (evt.EVT_RELEASED, handle_released, [self.store]),
@@ -289,6 +296,7 @@ class DicomNode:
         self.tracker.start()
         self.retention.start()
         self.ups.notifier.start()
+        self.audit_sender.start()
 
     def _serve(self, port: int, tls: ssl.SSLContext | None):
         s = self.settings
@@ -327,5 +335,6 @@ class DicomNode:
         self.retention.stop()
         self.tracker.stop()
         self.ups.notifier.stop()
+        self.audit_sender.stop()
         log.info("DICOM node stopped in %.1f s%s", time.monotonic() - started,
                  f" ({aborted} association(s) aborted)" if aborted else "")

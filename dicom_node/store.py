@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,17 @@ class AssociationStats:
     failed: int = 0
     bytes: int = 0
     study_uids: set[str] = field(default_factory=set)
+    # Per study: who it is and {SOP Class UID: instances stored}, for the audit trail.
+    studies: dict[str, StudyTransfer] = field(default_factory=dict)
+
+
+@dataclass
+class StudyTransfer:
+    patient_id: str
+    patient_name: str | None
+    issuer_of_patient_id: str | None
+    accession_number: str | None
+    sop_classes: dict[str, int] = field(default_factory=dict)
 
 
 class StoreService:
@@ -60,6 +72,8 @@ class StoreService:
         self._uid_locks = [threading.Lock() for _ in range(64)]
         self._stats: dict[int, AssociationStats] = {}
         self._stats_lock = threading.Lock()
+        # Called with (association, its stats) when an association that stored something ends.
+        self.on_association_ended: Callable[[object, AssociationStats], None] = lambda assoc, stats: None
 
     # -- association bookkeeping (for logs and the completeness tracker) ---------
     def association_started(self, assoc) -> None:
@@ -78,6 +92,11 @@ class StoreService:
                  stats.failed, stats.bytes / 1e6)
         if stats.study_uids:
             self.on_series_stable()  # an association ending may complete a study
+        if stats.studies:
+            try:
+                self.on_association_ended(assoc, stats)
+            except Exception:  # the audit trail must never break the node
+                log.exception("association summary could not be recorded")
 
     def busy_study_uids(self) -> frozenset[str]:
         with self._stats_lock:
@@ -142,6 +161,11 @@ class StoreService:
         stats.stored += 1
         stats.bytes += record.size_bytes
         stats.study_uids.add(record.study_instance_uid)
+        study = stats.studies.get(record.study_instance_uid)
+        if study is None:
+            study = stats.studies[record.study_instance_uid] = StudyTransfer(
+                record.patient_id, record.patient_name, record.issuer_of_patient_id or None, record.accession_number)
+        study.sop_classes[record.sop_class_uid] = study.sop_classes.get(record.sop_class_uid, 0) + 1
         return status.SUCCESS
 
     def _debug_kill_hook(self) -> None:

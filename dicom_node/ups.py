@@ -53,6 +53,8 @@ import logging
 import re
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
@@ -70,6 +72,9 @@ from db.session import session_scope
 from dicom_node import status
 from dicom_node.access import UPS_EVENT, UPS_PULL, UPS_PUSH, UPS_QUERY, UPS_WATCH, Role, role_of
 from dicom_node.uids import is_valid_uid
+
+if TYPE_CHECKING:
+    from dicom_node.auditing import NodeAudit
 
 log = logging.getLogger("ct_triage.node.ups")
 
@@ -316,6 +321,15 @@ def completion_requirements_met(item: UpsWorkitem) -> bool:
     return performed is not None and any(p.get("PerformedProcedureStepEndDateTime") for p in performed)
 
 
+def _audit_view(item: UpsWorkitem | None) -> SimpleNamespace | None:
+    """What the audit trail names of a workitem, read inside its session (used after the commit)."""
+    if item is None:
+        return None
+    return SimpleNamespace(sop_instance_uid=item.sop_instance_uid, study_instance_uid=item.study_instance_uid,
+                           patient_id=item.patient_id, patient_name=item.patient_name,
+                           issuer_of_patient_id=item.issuer_of_patient_id, accession_number=item.accession_number)
+
+
 # -- the service --------------------------------------------------------------------------------
 class UpsService:
     """The UPS SCP's behaviour; dicom_node.server binds its methods to thin handlers."""
@@ -327,6 +341,7 @@ class UpsService:
             dest = parse_destination(entry, setting="UPS_SUBSCRIBERS")
             self.subscribers[dest.ae_title] = dest
         self.notifier: UpsNotifier | None = None
+        self.audit: NodeAudit | None = None  # queries and workitem changes (the audit trail)
         # Called with (association, operation, workitem UID or None, why) for every refusal.
         self.on_refusal: Callable[[object, str, str | None, str], None] = lambda *refusal: None
 
@@ -367,6 +382,8 @@ class UpsService:
             matches = [select_attributes(workitem_dataset(item), identifier)
                        for item in worklist.find_workitems(session, query)]
         log.info("UPS C-FIND from %s: %d match(es)", event.assoc.requestor.ae_title, len(matches))
+        if self.audit is not None:
+            self.audit.query(event.assoc, sop_class, identifier)
         for match in matches:
             if event.is_cancelled:
                 yield 0xFE00, None
@@ -387,6 +404,9 @@ class UpsService:
             if item is None:
                 return NO_SUCH_WORKITEM, None
             full = workitem_dataset(item)
+        if self.audit is not None:
+            self.audit.query(event.assoc, str(event.request.RequestedSOPClassUID), select_attributes(full, tags)
+                             if tags else None)
         if not tags:
             return status.SUCCESS, select_attributes(full, [elem.tag for elem in full])
         return status.SUCCESS, select_attributes(full, tags)
@@ -434,12 +454,15 @@ class UpsService:
             self._refuse(event, f"N-ACTION {action}", uid, "not a worklist reader")
             return NOT_AUTHORIZED, None
         if action == 1:
-            code = self._change_state(uid, info, caller)
+            code = self._change_state(event, uid, info, caller)
         elif action == 2:
             with session_scope(self.session_factory) as session:
                 outcome = worklist.request_cancel(session, uid, requesting_ae=caller,
                                                   reason=_text(info, "ReasonForCancellation"),
                                                   scheduled_allowed=self._is_admin(event))
+                cancelled = _audit_view(worklist.get_workitem(session, uid)) if outcome == "ok" else None
+            if cancelled is not None and self.audit is not None:  # after the commit: its own transaction
+                self.audit.workitem_changed(event.assoc, "cancelled", cancelled, _text(info, "ReasonForCancellation"))
             code = OUTCOME_STATUS[outcome]
             if outcome == "not_authorized":
                 self._refuse(event, "request cancel", uid, "a SCHEDULED workitem is cancelled by worklist admins only")
@@ -451,7 +474,7 @@ class UpsService:
         self._wake()
         return code, None
 
-    def _change_state(self, uid: str, info: Dataset, caller: str) -> int:
+    def _change_state(self, event, uid: str, info: Dataset, caller: str) -> int:
         target = _text(info, "ProcedureStepState")
         transaction_uid = _text(info, "TransactionUID")
         if target is None:
@@ -463,6 +486,10 @@ class UpsService:
             met = item is not None and completion_requirements_met(item)
             outcome = worklist.change_state(session, uid, target, transaction_uid, performer_ae_title=caller,
                                             final_requirements_met=met)
+            changed = _audit_view(item) if outcome == "ok" else None
+        change = {"IN PROGRESS": "claimed", "COMPLETED": "completed", "CANCELED": "cancelled"}.get(target)
+        if changed is not None and change and self.audit is not None:  # after the commit: its own transaction
+            self.audit.workitem_changed(event.assoc, change, changed)
         log.info("UPS change state of %s to %s from %s: %s", uid, target, caller, outcome)
         return CHANGE_STATE_STATUS[outcome]
 

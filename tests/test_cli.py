@@ -60,11 +60,12 @@ def test_serve_with_embedded_defaults_completes_a_real_size_series(tmp_path):
 
 
 def test_demo_runs_end_to_end(tmp_path):
+    """As a newcomer runs it: the default (relative) --workdir var/demo, from some folder."""
     orthanc_support.require_orthanc()
-    result = ct_triage("demo", "--workdir", str(tmp_path / "demo"), cwd=tmp_path, timeout=900)
+    result = ct_triage("demo", cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("in PACS") == 3
     rows = [line.split() for line in result.stdout.splitlines() if line.strip().endswith("in PACS")]
     assert [(row[1], row[2]) for row in rows] == [("CT-1", "CT-1"), ("CT-2", "CT-2"), ("CT-3", "CT-3")]
-    pngs = sorted((tmp_path / "demo").glob("summary-*.png"))
+    pngs = sorted((tmp_path / "var" / "demo").glob("summary-*.png"))
     assert len(pngs) == 3 and all(p.stat().st_size > 10_000 for p in pngs)

@@ -6,7 +6,7 @@ import logging
 import sys
 
 from ct_triage.settings import Settings
-from ct_triage.text import OneLineLogFilter
+from ct_triage.text import OneLineLogFilter, clean
 
 log = logging.getLogger("ct_triage")
 
@@ -32,8 +32,34 @@ def setup_logging(level: str = "INFO") -> None:
 
 
 def log_effective_config(settings: Settings, role: str) -> None:
-    items = " ".join(f"{key}={value!r}" for key, value in settings.effective().items())
-    log.info("ct-triage %s starting with %s", role, items)
+    """The settings at start as one block, one ``name = value`` per line, secrets masked:
+    at INFO those that differ from the defaults (and where the database and the storage
+    are), at DEBUG every one."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s", config_block(settings, role, full=True), extra={"multiline": True})
+    else:
+        log.info("%s", config_block(settings, role, full=False), extra={"multiline": True})
+
+
+ALWAYS_SHOWN = ("effective_database_url", "effective_storage_dir")
+
+
+def config_block(settings: Settings, role: str, *, full: bool) -> str:
+    """``ct-triage ROLE starting with ...:`` and ``name = value`` lines (see log_effective_config)."""
+    values = settings.effective()
+    if full:
+        shown, title = values, "every setting"
+    else:
+        defaults = Settings().effective()
+        shown = {k: v for k, v in values.items() if k in ALWAYS_SHOWN or v != defaults.get(k)}
+        if shown.get("database_url") == shown["effective_database_url"]:
+            del shown["effective_database_url"]  # the same line twice
+        changed = len([k for k in shown if k not in ALWAYS_SHOWN])
+        title = (f"{changed} setting(s) changed from the defaults" if changed else "the default settings")
+        title += " (every setting at DEBUG, or `ct-triage config`)"
+    width = max((len(k) for k in shown), default=0)
+    lines = [f"{key.ljust(width)} = {clean(value, 500)}" for key, value in shown.items()]  # one line each
+    return "\n".join([f"ct-triage {role} starting with {title}:", *lines])
 
 
 def open_database(settings: Settings, *, upgrade: bool = True):

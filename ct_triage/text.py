@@ -60,6 +60,10 @@ class OneLineLogFilter:
     The message is escaped with :func:`clean` (limit 2,000 characters), whatever the
     code that logged it did; a record from pynetdicom with a traceback keeps only the
     exception's type and message unless ``tracebacks`` (ct-triage at DEBUG).
+
+    A record logged with ``extra={"multiline": True}`` (our own blocks, such as the
+    settings at start) keeps its line breaks: each line is cleaned on its own and every
+    line after the first is indented, so no line of it can pass for a record of its own.
     """
 
     MESSAGE_LIMIT = 2000
@@ -78,6 +82,16 @@ class OneLineLogFilter:
                 message = f"{message}: {clean_exception(error)}"
             record.exc_info = None
             record.exc_text = None
-        record.msg = clean(message, self.MESSAGE_LIMIT)
+        record.msg = (multiline_block(message, self.MESSAGE_LIMIT) if getattr(record, "multiline", False)
+                      else clean(message, self.MESSAGE_LIMIT))
         record.args = ()
         return True
+
+
+def multiline_block(text: str, limit: int = 2000, indent: str = "    ") -> str:
+    """``text`` with its line breaks kept: each line cleaned (at most ``limit`` characters),
+    the lines after the first indented by ``indent``; at most 200 lines."""
+    lines = text.split("\n")
+    cut = len(lines) > 200
+    out = [clean(line, limit) for line in lines[:200]] + (["…"] if cut else [])
+    return out[0] + "".join(f"\n{indent}{line.lstrip()}" for line in out[1:])

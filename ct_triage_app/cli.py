@@ -237,7 +237,9 @@ def _state_text(row, stable_age_s: float, now) -> str:
 
 
 def cmd_status(args, settings: Settings) -> int:
+    from ct_triage.series_display import series_by_uid
     from db import repository
+    from db.activity import last_write_at
     from db.session import session_scope
     from db.types import utcnow
     from dicom_node.retention import disk_pressure
@@ -246,30 +248,16 @@ def cmd_status(args, settings: Settings) -> int:
     pressure = disk_pressure(settings.effective_storage_dir, settings.min_free_disk_mb, session_factory)
     with session_scope(session_factory) as session:
         rows = repository.series_status(session, limit=args.limit)
+        details = series_by_uid(session, [r.series_instance_uid for r in rows])
+        last_write = last_write_at(session)
         results = repository.result_status(session, limit=args.limit)
         from worker.followup.priors import change_label, changes_by_study  # issue 12: comparison with priors
 
         changes = changes_by_study(session, [r.study_instance_uid for r in results])
     now = utcnow()
+    _print_database(settings, last_write, now, args.quiet_minutes)
     _print_storage(pressure, settings)
-    print("\nSERIES")
-    if args.wide:
-        _print_table(
-            ["study_instance_uid", "series_instance_uid", "mod", "instances", "dups", "ver", "state",
-             "first_received", "last_received", "stable", "queued", "reason/flags"],
-            [[r.study_instance_uid, r.series_instance_uid, r.modality or "-", str(r.instance_count),
-              str(r.duplicate_count), str(r.version), r.state, _fmt_time(r.first_received_at),
-              _fmt_time(r.last_received_at), _fmt_time(r.stable_at), _fmt_time(r.queued_at),
-              "; ".join(filter(None, [r.state_reason or "", *r.flags]))] for r in rows],
-            "(no series received yet)")
-    else:
-        _print_table(
-            ["study", "series", "mod", "inst", "ver", "state", "received", "reason/flags"],
-            [[_short_uid(r.study_instance_uid), _short_uid(r.series_instance_uid), r.modality or "-",
-              str(r.instance_count), str(r.version), _state_text(r, settings.stable_age_s, now),
-              _short_time(r.last_received_at), "; ".join(filter(None, [r.state_reason or "", *r.flags]))]
-             for r in rows],
-            "(no series received yet)", max_width=COMPACT_WIDTH)
+    _print_series(rows, details, args, settings, now)
     print("\nRESULTS (worklist order: priority, then arrival)")
     if args.wide:
         _print_table(
@@ -299,6 +287,78 @@ def cmd_status(args, settings: Settings) -> int:
              for r, (dest, state, reason) in problems],
             "", max_width=None if args.wide else COMPACT_WIDTH)
     return 0
+
+
+def _print_database(settings: Settings, last_write, now, quiet_minutes: float) -> None:
+    """Which database this reads (password masked) and, after ``quiet_minutes`` without a
+    write, that nothing seems to use it (a daemon started with other settings?)."""
+    from ct_triage.settings import mask_url
+
+    print("DATABASE")
+    print(f"database: {mask_url(settings.effective_database_url)}")
+    if last_write is None:
+        print("last write: never (empty database) - is the daemon running with this database?")
+    else:
+        minutes = (now - last_write).total_seconds() / 60
+        ago = f"{minutes:.0f} min ago" if minutes >= 1 else "less than a minute ago"
+        hint = " - is the daemon running with this database?" if minutes >= quiet_minutes else ""
+        print(f"last write: {_fmt_time(last_write)} UTC, {ago}{hint}")
+    print()
+
+
+def _series_cells(r, d, settings: Settings, now) -> list[str]:
+    """Number, description, kernel, thickness, shown state and reason of one series row
+    (``d``: its :class:`ct_triage.series_display.SeriesDisplay`, None when it went meanwhile)."""
+    from ct_triage.series_display import display_reason, display_state
+
+    state = display_state(r.state, r.state_reason)
+    shown = _state_text(r, settings.stable_age_s, now) if state == r.state else state
+    reason = "; ".join(filter(None, [display_reason(r.state, r.state_reason, 300), *r.flags]))
+    if d is None:
+        return ["-", "-", "-", "-", shown, reason]
+    number = str(d.series_number) if d.series_number is not None else "-"
+    return [number, d.description or "-", d.kernel or "-", d.thickness_text, shown, reason]
+
+
+def _facts(cells: list[str]) -> str:
+    """``2 FC51 5``: series number, kernel and slice thickness (mm) of a compact row."""
+    thickness = cells[3].removesuffix(" mm")
+    return " ".join(c for c in (cells[0], cells[2], thickness) if c != "-") or "-"
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "\u2026"
+
+
+def _print_series(rows, details, args, settings: Settings, now) -> None:
+    """The SERIES table: per series its number, description, kernel, slice thickness and
+    state; a series passed over for a scored twin reads ``not selected`` with why. To fit
+    120 columns the compact view joins number, kernel and thickness, leaves description,
+    modality and version to --wide, and lists the twins left out, with why, below."""
+    print("\nSERIES")
+    cells = [_series_cells(r, details.get(r.series_instance_uid), settings, now) for r in rows]
+    if args.wide:
+        _print_table(
+            ["study_instance_uid", "series_instance_uid", "no", "description", "kernel", "thick", "mod",
+             "instances", "dups", "ver", "state", "first_received", "last_received", "stable", "queued",
+             "reason/flags"],
+            [[r.study_instance_uid, r.series_instance_uid, *c[:4], r.modality or "-", str(r.instance_count),
+              str(r.duplicate_count), str(r.version), c[4], _fmt_time(r.first_received_at),
+              _fmt_time(r.last_received_at), _fmt_time(r.stable_at), _fmt_time(r.queued_at), c[5]]
+             for r, c in zip(rows, cells)],
+            "(no series received yet)")
+    else:
+        _print_table(
+            ["study", "series", "no kernel mm", "inst", "state", "received", "reason/flags"],
+            [[_short_uid(r.study_instance_uid), _short_uid(r.series_instance_uid), _cut(_facts(c), 13),
+              str(r.instance_count), c[4], _short_time(r.last_received_at), c[5]] for r, c in zip(rows, cells)],
+            "(no series received yet)", max_width=COMPACT_WIDTH)
+        twins = [(r, c) for r, c in zip(rows, cells) if c[4] == "not selected"]
+        if twins:  # the reason column above is cut to fit: why, in full width
+            print("\nNOT SELECTED (another series of the study was scored)")
+            _print_table(["series", "no", "description", "why"],
+                         [[_short_uid(r.series_instance_uid), c[0], _cut(c[1], 24), c[5]] for r, c in twins],
+                         "", max_width=COMPACT_WIDTH)
 
 
 def _print_storage(pressure, settings: Settings) -> None:
@@ -369,6 +429,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="series and queue state as a table")
     status.add_argument("--limit", type=int, default=200)
     status.add_argument("--wide", action="store_true", help="full UIDs and every time stamp (wider than 120 columns)")
+    status.add_argument("--quiet-minutes", type=float, default=10.0,
+                        help="say so when nothing wrote to the database for this long (default 10)")
     status.set_defaults(func=cmd_status)
     config = sub.add_parser("config", help="print the effective settings")
     config.add_argument("--markdown", action="store_true", help="the settings table of docs/settings.md")

@@ -53,6 +53,7 @@ class DemoRow:
 
 
 def run_demo(base_settings: Settings, workdir: Path, timeout_s: float = 600) -> list[DemoRow]:
+    workdir = Path(workdir).resolve()  # the default var/demo is relative; Orthanc runs in its own folder
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)

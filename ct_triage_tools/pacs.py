@@ -96,7 +96,8 @@ class OrthancServer:
     ) -> None:
         if not 1 <= len(aet) <= 16:
             raise ValueError(f"argument 'aet' must be 1..16 characters, got {aet!r}")
-        self.root = Path(tmp_path) / f"orthanc-{aet.lower()}"
+        # Absolute: Orthanc runs with this folder as its working directory.
+        self.root = Path(tmp_path).resolve() / f"orthanc-{aet.lower()}"
         self.aet = aet
         self.accept_unknown = accept_unknown
         self.check_host = check_host
@@ -318,7 +319,7 @@ class LocalPacs:
     AET = "DEMOPACS"
 
     def __init__(self, folder: Path):
-        self.folder = Path(folder)
+        self.folder = Path(folder).resolve()
         self.kind = "Orthanc" if available() else "pynetdicom store SCP"
         self.orthanc = OrthancServer(self.folder, aet=self.AET, explorer=True) if self.kind == "Orthanc" else None
         self.port = self.orthanc.dicom_port if self.orthanc else free_port()

@@ -74,6 +74,7 @@ STATE_LABELS = {
     "receiving": "receiving", "stable": "waiting", "queued": "queued", "scoring": "scoring",
     "scored": "scored", "delivering": "sending to PACS", "delivered": "in PACS",
     "delivery_failed": "PACS delivery failed", "failed": "scoring failed", "not_applicable": "not applicable",
+    "not selected": "not selected",
 }
 
 
@@ -245,6 +246,13 @@ class Dashboard:
         with self.session_factory() as session:
             return worklist_rows(session, received_within_s=self.settings.http_worklist_hours * 3600)
 
+    def series_of(self, uids) -> dict:
+        """StudyInstanceUID -> its series as shown (:mod:`ct_triage.series_display`)."""
+        from ct_triage.series_display import series_by_study
+
+        with self.session_factory() as session:
+            return series_by_study(session, uids)
+
     def turnaround_rows(self, now: datetime) -> list[dict]:
         from db.views import turnaround_since
 
@@ -257,14 +265,17 @@ class Dashboard:
         rows = self.worklist()
         turnaround = self.turnaround_rows(now)
         body = render_page(rows, turnaround, now, self.settings.http_refresh_s,
-                           self.settings.http_worklist_hours)
+                           self.settings.http_worklist_hours,
+                           series=self.series_of(r.study_instance_uid for r in rows))
         return HTMLResponse(body, headers={"cache-control": "no-store"})
 
     def api_worklist(self, request: Request) -> Response:
         rows = self.worklist()
+        series = self.series_of(r.study_instance_uid for r in rows)
         return JSONResponse({"generated_at": _iso(datetime.now(timezone.utc)),
                              "received_within_hours": self.settings.http_worklist_hours,
-                             "studies": [row_json(r) for r in rows]}, headers={"cache-control": "no-store"})
+                             "studies": [{**row_json(r), "series": series_json(series.get(r.study_instance_uid, []))}
+                                         for r in rows]}, headers={"cache-control": "no-store"})
 
     def api_study(self, request: Request) -> Response:
         from db.views import study_deliveries, study_versions, worklist_row
@@ -279,6 +290,7 @@ class Dashboard:
             versions = study_versions(session, uid)
             deliveries = study_deliveries(session, row.result_id) if row.result_id else []
         data = row_json(row)
+        data["series"] = series_json(self.series_of([uid]).get(uid, []))
         data["versions"] = [{
             "version": v["version"], "superseded": bool(v["superseded"]), "status": v["status"],
             "category": v["category"], "priority": v["priority"],
@@ -370,7 +382,30 @@ def _e(value: object) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
-def _row_html(row, index: int) -> str:
+def series_json(items) -> list[dict]:
+    """The series of a study for the API: number, description, kernel, thickness, the
+    stored state, the state as shown (``not selected`` for a twin left out) and why."""
+    return [item.to_json() for item in items]
+
+
+def _series_html(items) -> str:
+    """One line per series under the study's state: ``#2 LUNG · L · 1 mm: scored``; a twin
+    left out reads ``not selected`` with why, in grey (it is no failure)."""
+    lines = []
+    for item in items:
+        facts = " \u00b7 ".join(filter(None, [clean_text(item.description, 24), clean_text(item.kernel, 16),
+                                              item.thickness_text if item.slice_thickness is not None else ""]))
+        number = f"#{item.series_number}" if item.series_number is not None else "#?"
+        label = STATE_LABELS.get(item.shown_state, item.shown_state)
+        reason = clean_text(item.reason, REASON_LIMIT)
+        css = "not-selected" if item.shown_state == "not selected" else item.state
+        title = f' title="{_e(reason)}"' if reason else ""
+        lines.append(f'<span class="sub series sr-{_e(css.replace(" ", "-"))}"{title}>{_e(number)} {_e(facts)}: '
+                     f'{_e(label)}{(" (" + _e(clean_text(reason, 60)) + ")") if reason else ""}</span>')
+    return "".join(lines)
+
+
+def _row_html(row, index: int, series=()) -> str:
     data = row_json(row)
     priority = row.priority
     if row.category:
@@ -392,6 +427,7 @@ def _row_html(row, index: int) -> str:
     state_html = f'<span class="state st-{_e(row.state)}">{_e(state)}</span>'
     if reason:
         state_html += f'<span class="sub reason" title="{_e(reason)}">{_e(clean_text(reason, 60))}</span>'
+    state_html += _series_html(series)  # which series was scored, and why the others were not
     description = data["study_description"] or "(no description)"
     study_date = data["study_date"]
     if len(study_date) == 8 and study_date.isdigit():
@@ -414,7 +450,8 @@ def _row_html(row, index: int) -> str:
     )
 
 
-def render_page(rows: list, turnaround: list[dict], now: datetime, refresh_s: float, hours: float) -> str:
+def render_page(rows: list, turnaround: list[dict], now: datetime, refresh_s: float, hours: float,
+                series: dict | None = None) -> str:
     counts = {p: sum(1 for r in rows if r.priority == p) for p in ("HIGH", "MEDIUM", "LOW")}
     pending = sum(1 for r in rows if r.state in ("receiving", "stable", "queued", "scoring"))
     values = [r["received_to_scored_s"] for r in turnaround if r.get("received_to_scored_s") is not None]
@@ -429,7 +466,8 @@ def render_page(rows: list, turnaround: list[dict], now: datetime, refresh_s: fl
     tiles_html = "".join(f'<div class="tile {cls}"><div class="num">{value if cls == "t-tat" else _e(value)}'
                          f'</div><div class="lbl">{_e(label)}</div></div>' for cls, value, label in tiles)
     if rows:
-        body = "".join(_row_html(r, i) for i, r in enumerate(rows, start=1))
+        body = "".join(_row_html(r, i, (series or {}).get(r.study_instance_uid, ()))
+                       for i, r in enumerate(rows, start=1))
     else:
         body = (f'<tr class="empty"><td colspan="8">No study received in the last {hours:g} hours.</td></tr>')
     svg = chart.turnaround_svg(turnaround, now)

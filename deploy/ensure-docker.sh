@@ -3,6 +3,8 @@
 # installs Debian's docker.io, docker-compose (1.29) and debootstrap when missing (root),
 # starts dockerd by hand when no daemon answers (no systemd in CI containers), first
 # with its defaults (overlay2, bridge networking), else with the vfs storage driver.
+# CT_TRIAGE_DOCKERD_PIDFILE: where to write the pid of a dockerd this script starts (.ci/run
+# stops that one, and only that one, when it ends).
 set -euo pipefail
 docker_bin=/usr/bin/docker
 missing=()
@@ -26,6 +28,7 @@ if [ ! -S /var/run/docker.sock ] || ! pgrep -x dockerd >/dev/null; then
   echo "starting dockerd ..." >&2
   nohup /usr/sbin/dockerd >/var/log/dockerd.log 2>&1 &
   started=$!
+  [ -z "${CT_TRIAGE_DOCKERD_PIDFILE:-}" ] || echo "$started" >"$CT_TRIAGE_DOCKERD_PIDFILE"
 fi
 wait_ready && exit 0
 [ -n "$started" ] || { echo "a dockerd runs but does not answer" >&2; exit 1; }
@@ -33,4 +36,5 @@ echo "dockerd did not come up with its defaults; retrying with --storage-driver=
 kill "$started" 2>/dev/null || true  # the daemon this script started, by its id
 sleep 3
 nohup /usr/sbin/dockerd --storage-driver=vfs >/var/log/dockerd.log 2>&1 &
+[ -z "${CT_TRIAGE_DOCKERD_PIDFILE:-}" ] || echo "$!" >"$CT_TRIAGE_DOCKERD_PIDFILE"
 wait_ready || { tail -20 /var/log/dockerd.log >&2; exit 1; }

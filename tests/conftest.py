@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.data import SHARED_DATA
+from tests.support.data import SHARED_DATA, missing_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_ADMIN_URL = os.environ.get("CT_TRIAGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -25,7 +25,7 @@ def _unavailable(what: str, exc: Exception):
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real test data not found at {SHARED_DATA} (clone beside shared/)")
+        missing_data(f"real test data not found at {SHARED_DATA} (clone beside shared/)")
     return SHARED_DATA
 
 

@@ -60,11 +60,51 @@ def test_serve_with_embedded_defaults_completes_a_real_size_series(tmp_path):
 
 
 def test_demo_runs_end_to_end(tmp_path):
+    """As a newcomer runs it: the default (relative) --workdir var/demo, from some folder."""
     orthanc_support.require_orthanc()
-    result = ct_triage("demo", "--workdir", str(tmp_path / "demo"), cwd=tmp_path, timeout=900)
+    result = ct_triage("demo", cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("in PACS") == 3
     rows = [line.split() for line in result.stdout.splitlines() if line.strip().endswith("in PACS")]
     assert [(row[1], row[2]) for row in rows] == [("CT-1", "CT-1"), ("CT-2", "CT-2"), ("CT-3", "CT-3")]
-    pngs = sorted((tmp_path / "demo").glob("summary-*.png"))
+    pngs = sorted((tmp_path / "var" / "demo").glob("summary-*.png"))
     assert len(pngs) == 3 and all(p.stat().st_size > 10_000 for p in pngs)
+
+
+def test_status_names_its_database_and_says_when_nothing_wrote_to_it(tmp_path, postgres_url):
+    from datetime import timedelta
+
+    from sqlalchemy.engine import make_url
+
+    from ct_triage.runtime import open_database
+    from ct_triage.settings import Settings
+    from db.models import RejectedInstance
+    from db.session import session_scope
+    from db.types import utcnow
+
+    url = make_url(postgres_url).set(password="hunter2-secret").render_as_string(hide_password=False)
+    engine, factory = open_database(Settings.from_env({}, database_url=url, var_dir=tmp_path / "var"))
+    env = {"CT_TRIAGE_DATABASE_URL": url, "CT_TRIAGE_VAR_DIR": str(tmp_path / "var")}
+
+    def status() -> str:
+        result = ct_triage("status", cwd=tmp_path, env=env, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert "hunter2" not in result.stdout + result.stderr
+        return result.stdout.split("STORAGE", 1)[0]
+
+    def refused(minutes_ago: float) -> None:
+        with session_scope(factory) as session:
+            session.add(RejectedInstance(received_at=utcnow() - timedelta(minutes=minutes_ago), status_code=0xC000,
+                                         reason="test"))
+
+    try:
+        empty = status()
+        assert f"database: {make_url(url).render_as_string(hide_password=True)}" in empty, empty
+        assert "last write: never (empty database) - is the daemon running with this database?" in empty
+        refused(37)
+        assert "37 min ago - is the daemon running with this database?" in status()
+        refused(0)
+        recent = status()
+        assert "less than a minute ago" in recent and "is the daemon running" not in recent, recent
+    finally:
+        engine.dispose()

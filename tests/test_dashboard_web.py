@@ -249,3 +249,44 @@ def test_a_database_that_does_not_answer_gives_503_and_metrics_say_so(tmp_path, 
     finally:
         server.stop()
         dead.dispose()
+
+
+def test_each_series_shows_number_kernel_thickness_and_a_twin_left_out_is_no_failure(dashboard):
+    from sqlalchemy import select
+
+    from db.models import Series, Study
+    from db.session import session_scope
+    from worker.scoring.select import not_selected_reason
+
+    server, studies = dashboard()
+    uid = studies["F"].uid
+    with session_scope(server.session_factory) as session:
+        study = session.scalar(select(Study).where(Study.study_instance_uid == uid))
+        scored = study.series[0]
+        scored.series_number, scored.series_description = 2, "LUNG 1.0"
+        scored.convolution_kernel, scored.slice_thickness = "L", 1.0
+        twin = Series(series_instance_uid=f"{uid}.2", study_fk=study.id, modality="CT",
+                      sop_class_uid=scored.sop_class_uid, series_number=3, series_description="SOFT <i>1.0</i>",
+                      convolution_kernel="B", slice_thickness=1.0, instance_count=3, version=1,
+                      state="not_applicable", flags_json="[]")
+        twin.state_reason = not_selected_reason(twin, scored)
+        session.add(twin)
+    with client(server) as http:
+        rows = {r["study_instance_uid"]: r for r in http.get("/api/worklist").json()["studies"]}
+        one = http.get(f"/api/studies/{uid}").json()
+        page = http.get("/").text
+    assert rows[uid]["series"] == one["series"]
+    lung, soft = one["series"]
+    assert (lung["series_number"], lung["description"], lung["convolution_kernel"], lung["slice_thickness_mm"],
+            lung["shown_state"]) == (2, "LUNG 1.0", "L", 1.0, "scored")
+    assert (soft["series_number"], soft["convolution_kernel"], soft["state"], soft["shown_state"]) == (
+        3, "B", "not_applicable", "not selected")
+    assert soft["reason"] == 'kernel B is not a lung kernel; series 2 "LUNG 1.0" (lung kernel L, 1 mm) scored'
+    assert [s["shown_state"] for s in rows[studies["E"].uid]["series"]] == ["failed"]
+    # the page: one line per series; the twin in grey (sr-not-selected), its text escaped
+    row = page[page.index(f'data-uid="{uid}"'):]
+    row = row[:row.index("</tr>")]
+    assert 'class="state st-scored"' in row and "st-failed" not in row and "st-not_applicable" not in row
+    assert '<span class="sub series sr-scored">#2 LUNG 1.0 \u00b7 L \u00b7 1 mm: scored</span>' in row
+    assert 'class="sub series sr-not-selected"' in row and "SOFT &lt;i&gt;1.0&lt;/i&gt; \u00b7 B" in row
+    assert ": not selected (kernel B is not a lung kernel" in row and "<i>" not in row

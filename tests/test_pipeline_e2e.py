@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import time
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def latest_result(running) -> Result | None:
         return session.scalar(select(Result).order_by(Result.id.desc()))
 
 
-def test_serve_scores_the_lung_kernel_series_of_a_phantom_study(start_serve, sqlite_url, phantom_35):
+def test_serve_scores_the_lung_kernel_series_of_a_phantom_study(start_serve, sqlite_url, phantom_35, tmp_path):
     folder, truth = phantom_35
     running = start_serve(sqlite_url)
     assert storescu(running.port, dicom_files(folder)).returncode == 0
@@ -74,7 +75,23 @@ def test_serve_scores_the_lung_kernel_series_of_a_phantom_study(start_serve, sql
         assert session.get(Job, result.job_fk).state == "done"
     assert states[truth["series_by_kernel"]["FC51"]][0] == "scored"
     soft_state, soft_reason = states[truth["series_by_kernel"]["FC07"]]
-    assert soft_state == "not_applicable" and soft_reason.startswith("not selected")
+    assert soft_state == "not_applicable" and soft_reason.startswith("not selected: kernel FC07 is not a lung kernel; "
+                                                                     "series ")
+    assert soft_reason.endswith('"PHANTOM CHEST 1.0 FC51" (lung kernel FC51, 5 mm) scored'), soft_reason
+    # `ct-triage status`: per series number, description, kernel, thickness; the twin is "not selected"
+    from tests.test_cli import ct_triage
+
+    status = ct_triage("status", "--wide", cwd=tmp_path, env={"CT_TRIAGE_DATABASE_URL": sqlite_url,
+                                                              "CT_TRIAGE_VAR_DIR": str(tmp_path / "var")})
+    out = status.stdout
+    assert status.returncode == 0, status.stderr
+    assert f"database: {sqlite_url}" in out and "is the daemon running" not in out, out
+    lines = out.split("SERIES", 1)[1].split("RESULTS", 1)[0].splitlines()
+    soft = next(line for line in lines if truth["series_by_kernel"]["FC07"] in line)
+    lung = next(line for line in lines if truth["series_by_kernel"]["FC51"] in line)
+    assert re.search(r"PHANTOM CHEST 1.0 FC07\s+FC07\s+5 mm .* not selected ", soft), soft
+    assert "not_applicable" not in soft and "kernel FC07 is not a lung kernel; series" in soft, soft
+    assert re.search(r"PHANTOM CHEST 1.0 FC51\s+FC51\s+5 mm .* scored ", lung), lung
 
     # The same study again (all duplicates) makes no new version.
     assert storescu(running.port, dicom_files(folder)).returncode == 0

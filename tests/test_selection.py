@@ -17,6 +17,7 @@ from worker.scoring.select import (
     ENHANCED_CT_IMAGE_STORAGE,
     Selection,
     SelectionRules,
+    not_selected_reason,
     select_series,
 )
 
@@ -303,3 +304,27 @@ def test_real_series_rewritten_to_derived_reformat_is_not_picked(tmp_path):
     headers.update(read_series_headers(need(LUNG_PET_CT / "A0002-siemens-B40f-8mm")))
     selection = select_series(headers, SelectionRules.from_settings(Settings()))
     assert headers[selection.series_instance_uid][0].ConvolutionKernel == "B40f"
+
+
+def index_row(number, description, kernel, thickness, instances=40):
+    from db.models import Series
+
+    return Series(series_instance_uid=f"1.2.3.{number}", series_number=number, series_description=description,
+                  convolution_kernel=kernel, slice_thickness=thickness, instance_count=instances)
+
+
+def test_not_selected_reason_names_the_kernels_in_words():
+    lung, soft = index_row(2, "LUNG 1.0", "L", 1.0), index_row(3, "SOFT\r\nFAKE LINE", "B", 1.0)
+    assert not_selected_reason(soft, lung) == ('not selected: kernel B is not a lung kernel; '
+                                               'series 2 "LUNG 1.0" (lung kernel L, 1 mm) scored')
+    # configured lung kernels rule; text from the headers is cleaned
+    reason = not_selected_reason(lung, soft, ["B"])
+    assert reason.startswith("not selected: kernel L is not a lung kernel; series 3")
+    assert "\n" not in reason and "SOFT\\x0d\\x0aFAKE LINE" in reason
+    thick, thin = index_row(4, None, "FC51", 5.0), index_row(5, None, "FC51", 1.25, 200)
+    assert not_selected_reason(thick, thin) == ("not selected: thicker slices (5 mm vs 1.25 mm); "
+                                                "series 5 (lung kernel FC51, 1.25 mm) scored")
+    few = index_row(6, None, "FC51", 1.25, 30)
+    assert not_selected_reason(few, thin).startswith("not selected: fewer slices (30 vs 200)")
+    assert not_selected_reason(index_row(7, None, "FC51", 1.25, 200), thin).startswith(
+        "not selected: ranked lower or not eligible")

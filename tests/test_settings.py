@@ -90,3 +90,42 @@ def test_readme_and_docs_links_resolve():
             assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to a missing {target}"
 
 
+def test_start_logs_the_changed_settings_as_a_readable_block_and_every_one_at_debug():
+    import io
+    import logging
+
+    from ct_triage.runtime import log_effective_config
+    from ct_triage.text import OneLineLogFilter
+
+    settings = Settings.from_env({"CT_TRIAGE_DATABASE_URL": "postgresql://ct:s3cret@db/ct", "CT_TRIAGE_PORT": "11113",
+                                  "CT_TRIAGE_HTTP_TOKEN": "0123456789abcdef-token",
+                                  "CT_TRIAGE_UPS_WORKLIST_LABEL": "ward\n2026-01-01 ERROR forged line"})
+    logger = logging.getLogger("ct_triage")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(OneLineLogFilter())
+    old_level = logger.level
+    logger.addHandler(handler)
+    try:
+        logger.setLevel(logging.INFO)
+        log_effective_config(settings, "serve")
+        info = stream.getvalue()
+        stream.truncate(0)
+        stream.seek(0)
+        logger.setLevel(logging.DEBUG)
+        log_effective_config(settings, "serve")
+        debug = stream.getvalue()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    lines = info.splitlines()
+    assert lines[0].startswith("INFO ct_triage: ct-triage serve starting with 4 setting(s) changed from the defaults")
+    assert all(line.startswith("    ") for line in lines[1:])  # no line passes for a record of its own
+    body = {line.split("=", 1)[0].strip(): line.split("=", 1)[1].strip() for line in lines[1:]}
+    assert body == {"database_url": "postgresql://ct:***@db/ct", "port": "11113", "http_token": "***",
+                    "ups_worklist_label": "ward\\x0a2026-01-01 ERROR forged line",
+                    "effective_storage_dir": "var/storage"}
+    assert "s3cret" not in info + debug and "0123456789abcdef" not in info + debug
+    assert debug.startswith("DEBUG ct_triage: ct-triage serve starting with every setting:\n")
+    assert len(debug.splitlines()) == 1 + len(settings.effective()) and "    ae_title" in debug

@@ -27,9 +27,11 @@ from pydicom.uid import UID
 
 from ct_triage.contract import CT_IMAGE_SOP_CLASSES, CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE
 from ct_triage.settings import DEFAULT_LUNG_KERNELS
+from ct_triage.text import clean
 from worker.scoring.load import AXIAL_MIN_NORMAL_Z, slice_normal
 
-__all__ = ["CT_IMAGE_STORAGE", "ENHANCED_CT_IMAGE_STORAGE", "SelectionRules", "select_series"]
+__all__ = ["CT_IMAGE_STORAGE", "ENHANCED_CT_IMAGE_STORAGE", "SelectionRules", "not_selected_reason",
+           "select_series"]
 
 
 
@@ -114,6 +116,51 @@ def select_series(headers_by_series: Mapping[str, Sequence[Dataset]],
         rejected[other.uid] = f"eligible but ranked below {best.uid}: {_why_below(other, best)}"
     others = f"; preferred over {len(candidates) - 1} other eligible series" if len(candidates) > 1 else ""
     return Selection(best.uid, f"selected {best.summary()}{others}", rejected)
+
+
+def not_selected_reason(skipped, chosen, lung_kernels: Sequence[str] | None = None) -> str:
+    """Why ``skipped`` was passed over for ``chosen`` (two series of one study), in words.
+
+    Both are index rows (:class:`db.models.Series`: ``series_number``,
+    ``series_description``, ``convolution_kernel``, ``slice_thickness``,
+    ``instance_count``); the words follow the ranking of :func:`select_series` as far as
+    the index knows the facts, e.g. ``not selected: kernel B is not a lung kernel; series 2
+    (lung kernel L, 1 mm) scored``. Text from the headers is cleaned. Starts with
+    ``not selected`` (what ``ct-triage status`` and the page show as the state).
+    """
+    rules = SelectionRules(lung_kernels=tuple(lung_kernels)) if lung_kernels is not None else SelectionRules()
+    skipped_kernels, chosen_kernels = _row_kernels(skipped), _row_kernels(chosen)
+    skipped_lung, chosen_lung = rules.is_lung_kernel(skipped_kernels), rules.is_lung_kernel(chosen_kernels)
+    thin, thick = chosen.slice_thickness, skipped.slice_thickness
+    if chosen_lung and not skipped_lung:
+        why = (f"kernel {clean('/'.join(skipped_kernels), 32)} is not a lung kernel" if skipped_kernels
+               else "no convolution kernel (not a lung kernel)")
+    elif skipped_lung == chosen_lung and thin is not None and thick is not None and thin < thick:
+        why = f"thicker slices ({thick:g} mm vs {thin:g} mm)"
+    elif skipped_lung == chosen_lung and (chosen.instance_count or 0) > (skipped.instance_count or 0):
+        why = f"fewer slices ({skipped.instance_count} vs {chosen.instance_count})"
+    else:
+        why = "ranked lower or not eligible (image type, orientation or slice count)"
+    return f"not selected: {why}; {_row_label(chosen, rules)} scored"
+
+
+def _row_kernels(row) -> list[str]:
+    return [k.strip() for k in str(row.convolution_kernel or "").split("\\") if k.strip()]
+
+
+def _row_label(row, rules: SelectionRules) -> str:
+    """``series 2 "LUNG 1.0" (lung kernel L, 1 mm)`` of an index row, cleaned."""
+    label = "series" if row.series_number is None else f"series {row.series_number}"
+    if row.series_description:
+        label += f' "{clean(row.series_description, 64)}"'
+    kernels = _row_kernels(row)
+    facts = []
+    if kernels:
+        kind = "lung kernel" if rules.is_lung_kernel(kernels) else "kernel"
+        facts.append(f"{kind} {clean('/'.join(kernels), 32)}")
+    if row.slice_thickness is not None:
+        facts.append(f"{row.slice_thickness:g} mm")
+    return f"{label} ({', '.join(facts)})" if facts else label
 
 
 # -- eligibility ----------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from db.states import SeriesState
 from db.types import utcnow
 from worker.followup import priors
 from worker.scoring.result import ScoreResult
+from worker.scoring.select import not_selected_reason
 from worker.tasks.context import WorkerContext, claim_job
 from worker.tasks.followup import after_result
 from worker.worklist.entries import add_worklist_entries
@@ -158,7 +159,7 @@ def record_result(ctx: WorkerContext, job_id: int, inputs: ScoringInput, score: 
             "scoring_started_at": inputs.started_at, "scored_at": scored_at, "masks_path": masks_path})
         result_id = result.id
         followup.record(session, result)
-        _settle_series(session, study, chosen, score, scored_at)
+        _settle_series(session, study, chosen, score, scored_at, ctx.settings.lung_kernels)
         repository.finish_job(session, job, scored_at, score.reason if score.status == "failed" else None)
         if chosen is not None and not followup.is_prior:  # a retrieved prior is only compared with
             delivery_ids = repository.add_deliveries(session, result, destinations, scored_at)
@@ -193,7 +194,8 @@ def _store_masks(storage_dir: Path, study_uid: str, version: int, score) -> str 
     return relpath
 
 
-def _settle_series(session: Session, study: Study, chosen: Series | None, score, now: datetime) -> None:
+def _settle_series(session: Session, study: Study, chosen: Series | None, score, now: datetime,
+                   lung_kernels: list[str] | None = None) -> None:
     for series in repository.lock_study_series(session, study.id):
         if series.state != SeriesState.SCORING.value:
             continue
@@ -204,7 +206,7 @@ def _settle_series(session: Session, study: Study, chosen: Series | None, score,
         elif score.status == "failed" and chosen is None:
             repository.transition(session, series, SeriesState.FAILED, score.reason, now)
         else:
-            reason = (f"not selected: series {score.series_instance_uid} was scored" if chosen is not None
+            reason = (not_selected_reason(series, chosen, lung_kernels) if chosen is not None
                       else score.reason)
             repository.transition(session, series, SeriesState.NOT_APPLICABLE, reason, now)
 

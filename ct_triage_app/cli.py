@@ -256,6 +256,10 @@ def cmd_status(args, settings: Settings) -> int:
         changes = changes_by_study(session, [r.study_instance_uid for r in results])
     now = utcnow()
     _print_database(settings, last_write, now, args.quiet_minutes)
+    from dicom_node.access import AccessPolicy
+
+    for warning in AccessPolicy(settings).warnings():
+        print(f"SECURITY: {warning}")
     _print_storage(pressure, settings)
     _print_series(rows, details, args, settings, now)
     print("\nRESULTS (worklist order: priority, then arrival)")
@@ -388,6 +392,27 @@ def _delivery_summary(deliveries: list[tuple[str, str]]) -> str:
     return ", ".join([f"{done}/{len(states)} delivered", *(f"{states.count(s)} {s}" for s in others)])
 
 
+def cmd_audit(args, settings: Settings) -> int:
+    """The newest audit messages (the ATNA trail), newest first, and how many wait to be sent."""
+    from datetime import timedelta
+
+    from ct_triage import audit
+    from db.session import session_scope
+    from db.types import utcnow
+
+    _, session_factory = open_database(settings)
+    since = utcnow() - timedelta(hours=args.hours) if args.hours else None
+    with session_scope(session_factory) as session:
+        rows = audit.recent_audit_events(session, limit=args.limit, since=since)
+        table = audit.format_audit_table(rows)
+        unsent, oldest = audit.audit_backlog(session)
+    print(table)
+    repository = settings.audit_repository or "none (CT_TRIAGE_AUDIT_REPOSITORY): kept in the database only"
+    print(f"\naudit repository: {repository}; {unsent} message(s) not sent yet"
+          + (f", the oldest from {_fmt_time(oldest)}" if unsent and oldest else ""))
+    return 0
+
+
 def cmd_config(args, settings: Settings) -> int:
     if args.markdown:
         print("| variable | default | meaning |\n|---|---|---|")
@@ -432,6 +457,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     status.add_argument("--quiet-minutes", type=float, default=10.0,
                         help="say so when nothing wrote to the database for this long (default 10)")
     status.set_defaults(func=cmd_status)
+    audit_cmd = sub.add_parser("audit", help="the newest audit trail messages (who read or changed what)")
+    audit_cmd.add_argument("--limit", type=int, default=50, help="how many (default 50)")
+    audit_cmd.add_argument("--hours", type=float, default=0, help="only the last N hours")
+    audit_cmd.set_defaults(func=cmd_audit)
     config = sub.add_parser("config", help="print the effective settings")
     config.add_argument("--markdown", action="store_true", help="the settings table of docs/settings.md")
     config.set_defaults(func=cmd_config)

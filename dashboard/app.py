@@ -41,6 +41,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
@@ -50,6 +51,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ct_triage import __version__
 from dashboard import chart, metrics
+from dashboard.auditing import HttpAudit
 from dashboard.thumbnails import Thumbnails
 
 log = logging.getLogger("ct_triage.dashboard")
@@ -168,9 +170,10 @@ class SecurityHeaders:
 class TokenGate:
     """Requires the token (header, cookie or ?token=) on every route but PUBLIC_PATHS."""
 
-    def __init__(self, app: ASGIApp, token: str):
+    def __init__(self, app: ASGIApp, token: str, http_audit: HttpAudit | None = None):
         self.app = app
         self.token = token.encode()
+        self.http_audit = http_audit
 
     def _matches(self, presented: str | None) -> bool:
         if not presented:
@@ -184,9 +187,13 @@ class TokenGate:
         request = Request(scope)
         auth = request.headers.get("authorization", "")
         bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else None
-        if self._matches(bearer) or self._matches(request.cookies.get(TOKEN_COOKIE)):
-            await self.app(scope, receive, send)
-            return
+        client = request.client.host if request.client else None
+        for presented in (bearer, request.cookies.get(TOKEN_COOKIE)):
+            if self._matches(presented):
+                if self.http_audit is not None:
+                    await run_in_threadpool(self.http_audit.read, client, scope["path"], str(presented))
+                await self.app(scope, receive, send)
+                return
         query_token = request.query_params.get("token")
         if query_token and self._matches(query_token) and request.method in ("GET", "HEAD"):
             rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
@@ -196,6 +203,10 @@ class TokenGate:
             response.set_cookie(TOKEN_COOKIE, query_token, httponly=True, samesite="strict", path="/",
                                 secure=request.url.scheme == "https")
         else:
+            if self.http_audit is not None:
+                presented = bearer or request.cookies.get(TOKEN_COOKIE) or query_token
+                await run_in_threadpool(self.http_audit.failure, client, presented,
+                                        "wrong token" if presented else "no token")
             response = PlainTextResponse("401 Unauthorized: ct-triage needs its access token\n", status_code=401,
                                          headers={"www-authenticate": 'Bearer realm="ct-triage"'})
         await response(scope, receive, send)
@@ -368,7 +379,8 @@ def create_app(settings, session_factory) -> Starlette:
     ]
     middleware = [Middleware(SecurityHeaders)]
     if settings.http_token:
-        middleware.append(Middleware(TokenGate, token=settings.http_token))
+        middleware.append(Middleware(TokenGate, token=settings.http_token,
+                                     http_audit=HttpAudit(settings, session_factory)))
     else:
         middleware.append(Middleware(LoopbackHostGuard))
     app = Starlette(routes=routes, middleware=middleware,

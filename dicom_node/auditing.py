@@ -89,6 +89,10 @@ class NodeAudit:
                 self._refusals.clear()
             return True
 
+    def application(self, action: str) -> None:
+        """The node started or stopped (Application Activity)."""
+        self._record(audit.application_activity, action=action, process="ct-triage node")
+
     def association_refused(self, calling: str, called: str, address: str, why: str) -> None:
         if self._allow_refusal(address):
             self._record(audit.association_refused, calling_ae=clean(calling, 16) or None, address=address,

@@ -296,6 +296,7 @@ class DicomNode:
         self.tracker.start()
         self.retention.start()
         self.ups.notifier.start()
+        self.audit.application("start")
         self.audit_sender.start()
 
     def _serve(self, port: int, tls: ssl.SSLContext | None):
@@ -335,6 +336,11 @@ class DicomNode:
         self.retention.stop()
         self.tracker.stop()
         self.ups.notifier.stop()
+        self.audit.application("stop")
         self.audit_sender.stop()
+        try:  # one last round, so that the stop itself reaches the audit repository
+            self.audit_sender.send()
+        except Exception as exc:  # the database or the repository is gone: the rows stay for the next start
+            log.warning("audit messages not sent at stop: %s", type(exc).__name__)
         log.info("DICOM node stopped in %.1f s%s", time.monotonic() - started,
                  f" ({aborted} association(s) aborted)" if aborted else "")

@@ -8,7 +8,9 @@ commit, claimed atomically here, and finished with its outcome (``delivered``,
 from __future__ import annotations
 
 import logging
+from typing import Any
 
+from ct_triage import audit
 from ct_triage.errors import TransientError
 from ct_triage.settings import parse_destination
 from ct_triage.text import clean_exception
@@ -45,7 +47,40 @@ def deliver_outputs(ctx: WorkerContext, delivery_id: int) -> str:
     report = send_instances(destination, outputs, calling_ae_title=s.ae_title, acse_timeout=s.acse_timeout_s,
                             dimse_timeout=s.dimse_timeout_s, network_timeout=s.network_timeout_s)
     sent = len(report.delivered_sop_instance_uids)
+    if report.delivered_sop_instance_uids or report.outcome != "transient":
+        _audit_instances_sent(ctx, delivery_id, destination, set(report.delivered_sop_instance_uids),
+                              report.outcome, report.reason)
     return _record_outcome(ctx, delivery_id, destination, report.outcome, report.reason, sent)
+
+
+def _audit_subject(result) -> dict[str, Any]:
+    """The study and patient an audit message about ``result`` names (read inside its session)."""
+    study, patient = result.study, result.study.patient
+    return {"study_uid": study.study_instance_uid, "patient_id": patient.patient_id if patient else None,
+            "patient_name": patient.patient_name if patient else None,
+            "issuer_of_patient_id": (patient.issuer_of_patient_id or None) if patient else None,
+            "accession": study.accession_number}
+
+
+def _audit_instances_sent(ctx: WorkerContext, delivery_id: int, destination, delivered: set[str], outcome: str,
+                          reason: str | None) -> None:
+    """One DICOM Instances Transferred audit message per delivery attempt that sent something
+    or failed for good (0: all sent; 4: some or none, with the reason)."""
+    with session_scope(ctx.session_factory) as session:
+        result = repository.delivery_result(session, delivery_id)
+        files = repository.stored_output_files(session, result.id) or []
+        sop_classes: dict[str, int] = {}
+        for f in files:
+            if f.sop_instance_uid in delivered:
+                sop_classes[f.sop_class_uid] = sop_classes.get(f.sop_class_uid, 0) + 1
+        fields = _audit_subject(result)
+    if not sop_classes:  # nothing went: name what was to go
+        sop_classes = {f.sop_class_uid: 0 for f in files} or {"1.2.840.10008.5.1.4.1.1.88.34": 0}
+    message = audit.instances_transferred(
+        ctx.settings, direction="sent", peer_ae=destination.ae_title, peer_address=destination.host,
+        sop_classes=sop_classes, outcome=0 if outcome == "delivered" else 4,
+        description=None if outcome == "delivered" else reason, **fields)
+    audit.record_now(ctx.session_factory, message)
 
 
 class DeliveryDeferred(TransientError):
@@ -159,7 +194,27 @@ def deliver_hl7(ctx: WorkerContext, delivery_id: int) -> str:
         return _finish_delivery(ctx, delivery_id, DeliveryState.FAILED, reason, already)
     report = send_messages(destination, messages[already:], timeout_s=s.hl7_ack_timeout_s)
     sent = already + report.accepted
+    _audit_hl7(ctx, delivery_id, destination, messages[already:], report.accepted, report.outcome, report.reason)
     return _record_outcome(ctx, delivery_id, destination, report.outcome, report.reason, sent)
+
+
+def _audit_hl7(ctx: WorkerContext, delivery_id: int, destination: str, messages: list, accepted: int, outcome: str,
+               reason: str | None) -> None:
+    """One audit message per HL7 message acknowledged (outcome 0), and one for the message that
+    failed for good (outcome 4)."""
+    tried = messages[:accepted] + (messages[accepted:accepted + 1] if outcome == "permanent" else [])
+    if not tried:
+        return
+    with session_scope(ctx.session_factory) as session:
+        result = repository.delivery_result(session, delivery_id)
+        fields = _audit_subject(result)
+    for index, message in enumerate(tried):
+        msh = message.segment("MSH")
+        kind = str(msh(9))
+        ok = index < accepted
+        audit.record_now(ctx.session_factory, audit.hl7_sent(
+            ctx.settings, destination=str(destination), message_type=kind, control_id=str(msh(10)),
+            outcome=0 if ok else 4, error=None if ok else reason, **fields))
 
 
 def _record_outcome(ctx: WorkerContext, delivery_id: int, destination: object, outcome: str,

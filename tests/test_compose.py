@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -46,9 +47,16 @@ def _run(args, *, env, timeout, check=True) -> subprocess.CompletedProcess:
     return result
 
 
-def _http_json(url: str, body: dict | None = None):
+ORTHANC_LOGIN = ("ctadmin", "compose-test-orthanc")
+
+
+def _http_json(url: str, body: dict | None = None, login: tuple[str, str] | None = ORTHANC_LOGIN):
+    import base64
+
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method="POST" if data else "GET")
+    if login is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(login).encode()).decode())
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
 
@@ -87,7 +95,8 @@ def test_compose_stack_scores_a_study_and_delivers_to_orthanc(docker_ready, tmp_
     dicom_port, http_port = free_port(), free_port()
     env = {**os.environ, "COMPOSE_PROJECT_NAME": project, "CT_TRIAGE_BASE_IMAGE": BASE_IMAGE,
            "CT_TRIAGE_DICOM_PORT": str(dicom_port), "ORTHANC_HTTP_PORT": str(http_port),
-           "CT_TRIAGE_STABLE_AGE_S": "3", "DOCKER_BUILDKIT": "0", "COMPOSE_DOCKER_CLI_BUILD": "0"}
+           "CT_TRIAGE_STABLE_AGE_S": "3", "DOCKER_BUILDKIT": "0", "COMPOSE_DOCKER_CLI_BUILD": "0",
+           "ORTHANC_PASSWORD": ORTHANC_LOGIN[1], "REDIS_PASSWORD": "compose-test-redis"}
 
     phase = time.monotonic()
     _run(["bash", "deploy/make-base-image.sh", BASE_IMAGE], env=env, timeout=1200)
@@ -117,6 +126,15 @@ def test_compose_stack_scores_a_study_and_delivers_to_orthanc(docker_ready, tmp_
 
         _wait(node_healthy, 180, "the node did not become healthy", logs)
         _wait(lambda: _http_json(f"http://127.0.0.1:{http_port}/system"), 120, "Orthanc did not answer", logs)
+        # The example PACS's REST API needs its login (issue 17): without it, 401.
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _http_json(f"http://127.0.0.1:{http_port}/system", login=None)
+        assert refused.value.code == 401
+        # Redis answers only with the password the node and workers carry in their broker URL.
+        redis_cid = _run([*COMPOSE, "ps", "-q", "redis"], env=env, timeout=60).stdout.strip()
+        unauthenticated = _run(["/usr/bin/docker", "exec", redis_cid, "sh", "-c",
+                                "unset REDISCLI_AUTH; redis-cli ping"], env=env, timeout=60, check=False)
+        assert "NOAUTH" in unauthenticated.stdout + unauthenticated.stderr
         timing["up_s"] = time.monotonic() - phase
 
         phase = time.monotonic()

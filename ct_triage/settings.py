@@ -147,7 +147,8 @@ class Settings:
         [], "UPS Watch subscribers we may send N-EVENT-REPORTs to, AET@host:port each; a subscription from "
         "any other AE title is refused (0xC308).")
     hl7_destinations: list[str] = _lf([], "Comma-separated RIS interfaces host:port receiving HL7 v2 over MLLP "
-                                          "(order update + ORU^R01 per result).")
+                                          "(order update + ORU^R01 per result); append '+tls' for MLLP over TLS "
+                                          "(TLS 1.2 or later, the RIS certificate and host name verified).")
     hl7_order_message: str = _f("ORM^O01", "Order update message: ORM^O01 (priority in ORC-7) or OMI^O23 "
                                            "(priority in TQ1-9).")
     hl7_sending_application: str = _f("CTTRIAGE", "MSH-3 Sending Application.")
@@ -156,6 +157,12 @@ class Settings:
     hl7_receiving_facility: str = _f("", "MSH-6 Receiving Facility.")
     hl7_ack_timeout_s: float = _f(30.0, "Seconds to wait for the connection and for each HL7 ACK; a timeout "
                                         "is retried with the delivery backoff.")
+    hl7_tls_ca: Path | None = _f(
+        None, "CA bundle that signed the certificates of the '+tls' HL7_DESTINATIONS. Empty: the system's CAs.")
+    hl7_tls_cert: Path | None = _f(
+        None, "PEM client certificate presented to the '+tls' HL7_DESTINATIONS (a RIS that requires one). "
+        "Empty: none.")
+    hl7_tls_key: Path | None = _f(None, "PEM private key of HL7_TLS_CERT.")
     prior_sources: list[str] = _lf(
         [], "Comma-separated PACS AET@host:port asked (C-FIND, Study Root) for the patient's earlier CT "
         "studies, retrieved with C-MOVE to AE_TITLE and scored as priors. Empty: compare only with studies "
@@ -345,6 +352,10 @@ class Settings:
             raise ConfigError(f"{PREFIX}UPS_WORKLIST_LABEL must be 1..64 characters")
         if self.hl7_ack_timeout_s <= 0:
             raise ConfigError(f"{PREFIX}HL7_ACK_TIMEOUT_S must be > 0")
+        if self.hl7_tls_cert and not self.hl7_tls_key:
+            raise ConfigError(f"{PREFIX}HL7_TLS_KEY is required when {PREFIX}HL7_TLS_CERT is set")
+        if self.hl7_tls_key and not self.hl7_tls_cert:
+            raise ConfigError(f"{PREFIX}HL7_TLS_KEY is set without {PREFIX}HL7_TLS_CERT")
         if self.audit_repository:
             parse_audit_repository(self.audit_repository)
         if self.audit_tls_cert and not self.audit_tls_key:
@@ -475,20 +486,24 @@ def parse_destination(text: str, setting: str = "DESTINATIONS") -> Destination:
 class Hl7Destination:
     host: str
     port: int
+    tls: bool = False
 
     def __str__(self) -> str:
-        return f"mllp://{self.host}:{self.port}"
+        return f"mllp://{self.host}:{self.port}" + ("+tls" if self.tls else "")
 
 
 def parse_hl7_destination(text: str) -> Hl7Destination:
-    """Parse ``host:port`` (or ``mllp://host:port``); ConfigError naming the entry when malformed."""
+    """Parse ``host:port[+tls]`` (or ``mllp://host:port[+tls]``); ConfigError naming the entry when malformed."""
     entry = text.strip()
     if entry.startswith("mllp://"):
         entry = entry[len("mllp://"):]
+    tls = entry.endswith("+tls")
+    if tls:
+        entry = entry[: -len("+tls")]
     host, sep, port = entry.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{PREFIX}HL7_DESTINATIONS entry {text!r} is not host:port")
-    return Hl7Destination(host, int(port))
+        raise ConfigError(f"{PREFIX}HL7_DESTINATIONS entry {text!r} is not host:port[+tls]")
+    return Hl7Destination(host, int(port), tls)
 
 
 @dataclass(frozen=True)

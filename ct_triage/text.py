@@ -14,6 +14,9 @@ Rules (thresholds):
 - ``None`` becomes ``"?"`` (or ``none=`` what the caller wants); bytes are decoded as
   latin-1 first, so every byte is accounted for.
 
+:func:`dicom_text` turns a (possibly multi-valued) element value into the text DICOM
+writes, values separated by ``\\``: what the database stores.
+
 HL7 needs its own delimiter escaping on top of this (``|^~\\&``): that belongs to the
 HL7 encoder, which should call :func:`clean` first.
 """
@@ -21,6 +24,7 @@ HL7 encoder, which should call :func:`clean` first.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 DEFAULT_LIMIT = 200
 
@@ -47,6 +51,16 @@ def clean(value: object, limit: int = DEFAULT_LIMIT, *, none: str = "?") -> str:
     if len(text) > limit:
         text = text[: max(limit - 1, 0)] + "…"
     return text
+
+
+def dicom_text(value: object) -> str:
+    """A DICOM text value as DICOM writes it: the values of a multi-valued element (pydicom's
+    ``MultiValue``, a list or tuple) joined with ``\\`` (``A^B\\C^D``), never Python's list
+    text (``['A^B', 'C^D']``); a single value (str, PersonName, number) as ``str()``."""
+    if isinstance(value, (list, tuple)) or (
+            isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray))):
+        return "\\".join("" if v is None else str(v) for v in value)
+    return str(value)
 
 
 def clean_exception(exc: BaseException, limit: int = DEFAULT_LIMIT) -> str:

@@ -16,6 +16,8 @@ with ``ct_triage_database_up 0``).
 
 Patient data: the page and the API show accession number, study date and description,
 never patient name, ID, birth date or sex (the ``worklist`` view does not carry them).
+A multi-valued DICOM string (stored ``\\``-separated) is shown with its values joined
+by ", " (:func:`dicom_display`).
 Every DICOM-sourced string is cleaned (control characters removed, length capped)
 before it is sent, and HTML-escaped in the page; the page's script only moves nodes
 the server rendered (no ``innerHTML`` of data). A Content-Security-Policy allows only
@@ -89,6 +91,15 @@ def clean_text(value: object, limit: int = TEXT_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
+def dicom_display(value: object, limit: int = TEXT_LIMIT) -> str:
+    """A DICOM string as the page shows it: a multi-valued one (stored ``\\``-separated, as
+    DICOM writes it) with its values joined by ", " (``CHEST\\LOW DOSE`` -> ``CHEST, LOW DOSE``)."""
+    if value is None:
+        return ""
+    values = [clean_text(v, limit) for v in str(value).split("\\")]
+    return clean_text(", ".join(v for v in values if v), limit)
+
+
 def _iso(value: datetime | None) -> str | None:
     return value.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z") if value else None
 
@@ -120,9 +131,9 @@ def row_json(row) -> dict:
     return {
         "study_instance_uid": uid,
         "version": row.version,
-        "accession_number": clean_text(row.accession_number, 16),
+        "accession_number": dicom_display(row.accession_number, 64),
         "study_date": clean_text(row.study_date, 8),
-        "study_description": clean_text(row.study_description),
+        "study_description": dicom_display(row.study_description),
         "priority": row.priority,
         "state": row.state,
         "status": row.result_status,

@@ -15,7 +15,7 @@ from pydicom.uid import UID
 
 from ct_triage.contract import CT_IMAGE_SOP_CLASSES
 from ct_triage.errors import InvalidInput
-from ct_triage.text import clean, clean_exception
+from ct_triage.text import clean, clean_exception, dicom_text
 from db.repository import InstanceRecord
 from dicom_node import status
 from dicom_node.integrity import DEFLATED, NATIVE_SYNTAXES, IntegrityError, check_pixel_data, inflate_capped, walk
@@ -34,11 +34,12 @@ class RejectedInstance(InvalidInput):
 
 
 def _text(ds, keyword: str, limit: int | None = None) -> str | None:
+    """The element's value as DICOM writes it: a multi-valued one ``\\``-joined (``A\\B``)."""
     value = ds.get(keyword)
     if value is None or value == "":
         return None
-    text = str(value)
-    return text[:limit] if limit else text
+    text = dicom_text(value)
+    return (text[:limit] if limit else text) or None
 
 
 def _number(ds, keyword: str, kind: Callable[[Any], N]) -> N | None:
@@ -160,9 +161,7 @@ def read_instance_record(path: Path, *, affected_sop_class_uid: str, affected_so
     except IntegrityError as exc:
         raise RejectedInstance(exc.reason, exc.status_code) from exc
     try:
-        kernel = ds.get("ConvolutionKernel")
-        if kernel is not None and not isinstance(kernel, str):
-            kernel = "\\".join(str(k) for k in kernel)
+        kernel = _text(ds, "ConvolutionKernel")
         return InstanceRecord(
             sop_instance_uid=str(sop_uid),
             sop_class_uid=str(sop_class),

@@ -7,9 +7,20 @@ from datetime import datetime, timezone
 import hl7
 import pytest
 
-from tests.support.mllp import MllpListener
+from ct_triage.errors import ConfigError
+from ct_triage.settings import Hl7Destination, Settings, parse_hl7_destination
+from tests.support.mllp import MllpListener, server_tls_context
+from tests.support.pki import Pki
 from tests.support.scanner import free_port
-from worker.worklist.hl7 import Hl7Context, build_messages, observation_result, order_update, send_messages, text
+from worker.worklist.hl7 import (
+    Hl7Context,
+    build_messages,
+    observation_result,
+    order_update,
+    send_messages,
+    text,
+    tls_context,
+)
 
 NASTY_NAME = "O|BRIEN^ANNE~MARIE&CO\\X^^DR"  # every HL7 delimiter in a DICOM PN
 
@@ -58,10 +69,32 @@ def test_patient_data_is_escaped_and_round_trips():
         parsed = hl7.parse(raw)
         pid = parsed.segment("PID")
         assert len(pid) == 9  # PID-1..8: no extra field from the '|'
-        name = pid(5)(1)
-        assert [parsed.unescape(str(name(i))) for i in (1, 2, 3, 4, 5)] == ["O|BRIEN", "ANNE~MARIE&CO\\X", "",
-                                                                            "", "DR"]
+        # "\\" is DICOM's value separator (a PN cannot hold one): two names, two repetitions
+        first, second = pid(5)(1), pid(5)(2)
+        assert [parsed.unescape(str(first(i))) for i in (1, 2)] == ["O|BRIEN", "ANNE~MARIE&CO"]
+        assert [parsed.unescape(str(second(i))) for i in (1, 2, 3)] == ["X", "", "DR"]  # DR: middle name
         assert parsed.unescape(str(pid(3)(1)(1))) == "P^42" and str(pid(3)(1)(4)) == "HOSP"
+
+
+def test_multi_valued_patient_id_and_name_become_repetitions_each_escaped():
+    # DICOM's value separator "\\" becomes HL7's repetition separator "~"; no bare "\\" reaches HL7.
+    ctx = context(patient_name="A^B\\C^D\\O|B~X^Y", patient_id="ID1\\ID^2", accession_number="X\\Y")
+    for message in build_messages(ctx):
+        raw = str(message)
+        pid_raw = next(line for line in raw.split("\r") if line.startswith("PID|"))
+        assert pid_raw.split("|")[3] == "ID1^^^HOSP~ID\\S\\2^^^HOSP"
+        assert pid_raw.split("|")[5] == "A^B~C^D~O\\F\\B\\R\\X^Y"
+        assert "|X\\E\\Y|" in raw  # a "\\" outside PID-3/5 is escaped, never bare
+        parsed = hl7.parse(raw)
+        pid = parsed.segment("PID")
+        assert [parsed.unescape(str(pid(3)(r)(1))) for r in (1, 2)] == ["ID1", "ID^2"]
+        assert [str(pid(3)(r)(4)) for r in (1, 2)] == ["HOSP", "HOSP"]
+        assert len(pid(5)) == 3
+        assert [[parsed.unescape(str(pid(5)(r)(c))) for c in (1, 2)] for r in (1, 2, 3)] == [
+            ["A", "B"], ["C", "D"], ["O|B~X", "Y"]]
+    single = hl7.parse(str(order_update(context(patient_name="DOE^JANE", patient_id="P1",
+                                                issuer_of_patient_id=""))))
+    assert str(single.segment("PID")(5)) == "DOE^JANE" and str(single.segment("PID")(3)) == "P1"
 
 
 def test_control_characters_and_length_are_sanitised():
@@ -167,3 +200,133 @@ def test_hl7_outbox_delivers_stops_and_retries_once(start_node, database_url):
     finally:
         for listener in (ok, refusing, late):
             listener.stop()
+
+
+# -- MLLP over TLS (issue 17 item 6) ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """The RIS's CA and certificates: for 127.0.0.1, for another host name, our client; and a stranger CA."""
+    folder = tmp_path_factory.mktemp("hl7-pki")
+    ours, stranger = Pki(folder / "ca"), Pki(folder / "stranger", name="stranger CA")
+    return {"ca": ours.ca, "ris": ours.issue("ris"), "elsewhere": ours.issue("elsewhere", hosts=("ris.example",)),
+            "client": ours.issue("ct-triage"), "stranger_ca": stranger.ca,
+            "stranger_client": stranger.issue("stranger")}
+
+
+def test_hl7_destinations_parse_tls_and_tls_settings_are_validated(pki):
+    assert parse_hl7_destination("ris.local:2575+tls") == Hl7Destination("ris.local", 2575, True)
+    assert str(parse_hl7_destination("mllp://10.0.0.2:6661+tls")) == "mllp://10.0.0.2:6661+tls"
+    assert parse_hl7_destination(str(parse_hl7_destination("ris:1+tls"))).tls
+    assert not parse_hl7_destination("ris:2575").tls
+    with pytest.raises(ConfigError, match=r"host:port\[\+tls\]"):
+        parse_hl7_destination("ris:2575+ssl")
+    key, cert = pki["client"]
+    s = Settings.from_env({}, hl7_destinations="ris:2575+tls", hl7_tls_ca=str(pki["ca"]), hl7_tls_cert=str(cert),
+                          hl7_tls_key=str(key))
+    assert s.hl7_tls_ca == pki["ca"] and s.hl7_tls_key == key
+    with pytest.raises(ConfigError, match="HL7_TLS_KEY is required"):
+        Settings.from_env({}, hl7_tls_cert=str(cert))
+    with pytest.raises(ConfigError, match="HL7_TLS_KEY is set without"):
+        Settings.from_env({}, hl7_tls_key=str(key))
+
+
+def test_send_over_tls_verifies_the_ris_certificate_and_presents_ours(pki):
+    messages = build_messages(context())
+    key, cert = pki["ris"]
+    ours = tls_context(pki["ca"])
+    assert ours.minimum_version >= __import__("ssl").TLSVersion.TLSv1_2 and ours.check_hostname
+
+    port = free_port()
+    listener = MllpListener(port, tls=server_tls_context(cert, key)).start()
+    try:
+        ok = send_messages(f"127.0.0.1:{port}+tls", messages, timeout_s=5,
+                           settings=Settings(hl7_tls_ca=pki["ca"]))
+        assert (ok.outcome, ok.accepted, ok.reason) == ("delivered", 2, None)
+        assert [str(m.segment("MSH")(10)) for m in listener.messages] == ["CTT7O", "CTT7R"]
+
+        untrusted = send_messages(f"127.0.0.1:{port}+tls", messages, timeout_s=5,
+                                  settings=Settings(hl7_tls_ca=pki["stranger_ca"]))
+        assert untrusted.outcome == "permanent" and untrusted.accepted == 0
+        assert untrusted.reason.startswith(f"TLS certificate of 127.0.0.1:{port} rejected: ")
+        assert "unable to get local issuer certificate" in untrusted.reason
+        system_cas = send_messages(f"127.0.0.1:{port}+tls", messages, timeout_s=5)  # no settings: system CAs
+        assert system_cas.outcome == "permanent" and "rejected" in system_cas.reason
+
+        plain = send_messages(f"127.0.0.1:{port}", messages, timeout_s=2)  # MLLP in clear to a TLS port
+        assert plain.outcome == "transient"
+        assert len(listener.messages) == 2
+    finally:
+        listener.stop()
+
+    key, cert = pki["elsewhere"]  # signed by the right CA, for another host name
+    port = free_port()
+    listener = MllpListener(port, tls=server_tls_context(cert, key)).start()
+    try:
+        mismatch = send_messages(f"127.0.0.1:{port}+tls", messages, timeout_s=5,
+                                 settings=Settings(hl7_tls_ca=pki["ca"]))
+        assert mismatch.outcome == "permanent"
+        assert mismatch.reason.startswith(f"TLS certificate of 127.0.0.1:{port} rejected: ")
+        assert "mismatch" in mismatch.reason and not listener.messages
+    finally:
+        listener.stop()
+
+    key, cert = pki["ris"]  # a RIS that requires a client certificate signed by its CA
+    port = free_port()
+    listener = MllpListener(port, tls=server_tls_context(cert, key, client_ca=pki["ca"])).start()
+    try:
+        anonymous = send_messages(f"127.0.0.1:{port}+tls", messages, timeout_s=5,
+                                  settings=Settings(hl7_tls_ca=pki["ca"]))
+        assert anonymous.outcome == "transient" and anonymous.accepted == 0 and not listener.messages
+        skey, scert = pki["stranger_client"]
+        refused = send_messages(f"127.0.0.1:{port}+tls", messages, timeout_s=5,
+                                settings=Settings(hl7_tls_ca=pki["ca"], hl7_tls_cert=scert, hl7_tls_key=skey))
+        assert refused.outcome == "transient" and not listener.messages
+        ckey, ccert = pki["client"]
+        ok = send_messages(f"127.0.0.1:{port}+tls", messages, timeout_s=5,
+                           settings=Settings(hl7_tls_ca=pki["ca"], hl7_tls_cert=ccert, hl7_tls_key=ckey))
+        assert (ok.outcome, ok.accepted) == ("delivered", 2) and len(listener.messages) == 2
+    finally:
+        listener.stop()
+
+    broken = send_messages(f"127.0.0.1:{free_port()}+tls", messages, timeout_s=5,
+                           settings=Settings(hl7_tls_ca=pki["ca"], hl7_tls_cert=pki["ca"], hl7_tls_key=pki["ca"]))
+    assert broken.outcome == "transient" and "HL7 TLS settings unusable" in broken.reason
+
+
+def test_hl7_outbox_over_tls_with_a_client_certificate_and_a_wrong_ca(start_node, sqlite_url, pki):
+    from sqlalchemy import select
+
+    from ct_triage.contract import EmbeddedPublisher
+    from db.models import Delivery
+    from tests.test_ups import T0, seed
+    from worker.tasks.context import WorkerContext
+    from worker.tasks.deliver import deliver_outputs
+
+    key, cert = pki["ris"]
+    ckey, ccert = pki["client"]
+    good_port, foreign_port = free_port(), free_port()
+    good = MllpListener(good_port, tls=server_tls_context(cert, key, client_ca=pki["ca"])).start()
+    skey, scert = pki["stranger_client"]  # a RIS whose certificate our CA did not sign
+    foreign = MllpListener(foreign_port, tls=server_tls_context(scert, skey)).start()
+    try:
+        running = start_node(sqlite_url, hl7_ack_timeout_s=5,
+                             hl7_destinations=[f"127.0.0.1:{good_port}+tls", f"127.0.0.1:{foreign_port}+tls"],
+                             hl7_tls_ca=str(pki["ca"]), hl7_tls_cert=str(ccert), hl7_tls_key=str(ckey))
+        seed(running, "1.2.826.0.1.3680043.8.498.31", category="CT-3", percent=60.0, arrived=T0)
+        ctx = WorkerContext(running.settings, running.session_factory, EmbeddedPublisher())
+        with running.session() as session:
+            rows = {d.destination: d.id for d in session.scalars(select(Delivery).where(Delivery.channel == "hl7"))}
+        assert set(rows) == {f"mllp://127.0.0.1:{good_port}+tls", f"mllp://127.0.0.1:{foreign_port}+tls"}
+        assert deliver_outputs(ctx, rows[f"mllp://127.0.0.1:{good_port}+tls"]) == "delivered"
+        assert deliver_outputs(ctx, rows[f"mllp://127.0.0.1:{foreign_port}+tls"]) == "failed"
+        with running.session() as session:
+            state = {d.destination: d for d in session.scalars(select(Delivery))}
+        failed = state[f"mllp://127.0.0.1:{foreign_port}+tls"]
+        assert failed.state == "failed" and failed.attempts == 1
+        assert failed.last_error.startswith(f"TLS certificate of 127.0.0.1:{foreign_port} rejected: ")
+        assert state[f"mllp://127.0.0.1:{good_port}+tls"].instances_sent == 2
+        assert [str(m.segment("MSH")(9)(1)(1)) for m in good.messages] == ["ORM", "ORU"]
+        assert not foreign.messages
+    finally:
+        good.stop()
+        foreign.stop()

@@ -334,3 +334,71 @@ def test_storage_commitment_answers_from_the_database(start_node, database_url, 
     assert sorted(i.ReferencedSOPInstanceUID for i in info.ReferencedSOPSequence) == sorted(series.sop_instance_uids)
     assert [(i.ReferencedSOPInstanceUID, i.FailureReason) for i in info.FailedSOPSequence] == [
         (unknown, status.NO_SUCH_OBJECT_INSTANCE)]
+
+
+def test_multi_valued_text_is_stored_as_dicom_writes_it_and_reaches_hl7_and_the_page(start_node, database_url,
+                                                                                      tmp_path):
+    """Issue 17 item 8: PatientName A^B\\C^D, PatientID ID1\\ID2 (and a two-valued description)
+    are stored backslash-joined, sent as HL7 repetitions, shown on the page joined by ", "."""
+    import json
+
+    from ct_triage.contract import EmbeddedPublisher
+    from dashboard.app import row_json
+    from db.models import Delivery, Result
+    from db.views import worklist_rows
+    from tests.support.mllp import MllpListener
+    from tests.support.scanner import free_port
+    from worker.scoring.result import ScoreResult
+    from worker.tasks.context import WorkerContext
+    from worker.tasks.deliver import deliver_outputs
+    from worker.worklist.entries import add_worklist_entries
+
+    ris_port = free_port()
+    running = start_node(database_url, hl7_ack_timeout_s=5, hl7_destinations=[f"127.0.0.1:{ris_port}"])
+    series = write_ct_series(tmp_path / "s", 4, rows=32, columns=32, seed=8, patient_name="A^B\\C^D",
+                             patient_id="ID1\\ID2")
+    for path in series.paths:
+        ds = dcmread(path)
+        ds.StudyDescription = "CHEST\\LOW DOSE"
+        ds.save_as(path)
+    assert dcmread(series.paths[0]).PatientName == ["A^B", "C^D"]  # two values on the wire
+    result = storescu(running.port, series.paths)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert running.node.store.indexer.flush()
+
+    score = ScoreResult(status="scored", category="CT-3", involvement_percent=60.0, involvement_percent_left=60.0,
+                        involvement_percent_right=60.0, reason=None,
+                        study_instance_uid=series.study_instance_uid,
+                        series_instance_uid=series.series_instance_uid)
+    with running.session() as session, session.begin():
+        study = session.scalar(select(Study).where(Study.study_instance_uid == series.study_instance_uid))
+        assert (study.patient.patient_name, study.patient.patient_id) == ("A^B\\C^D", "ID1\\ID2")
+        assert study.study_description == "CHEST\\LOW DOSE"
+        assert study.series[0].convolution_kernel == "FC51"
+        row = Result(study_fk=study.id, version=max(study.version or 1, 1), series_fk=study.series[0].id,
+                     status="scored", category="CT-3", priority=score.priority, involvement_percent=60.0,
+                     result_json=json.dumps(score.to_json()), scored_at=study.series[0].first_received_at)
+        session.add(row)
+        session.flush()
+        add_worklist_entries(session, running.settings, row, score)
+
+    listener = MllpListener(ris_port).start()
+    try:
+        with running.session() as session:
+            delivery_id = session.scalar(select(Delivery.id).where(Delivery.channel == "hl7"))
+        ctx = WorkerContext(running.settings, running.session_factory, EmbeddedPublisher())
+        assert deliver_outputs(ctx, delivery_id) == "delivered"
+        assert len(listener.messages) == 2
+        for message in listener.messages:
+            pid = message.segment("PID")
+            assert str(pid(5)) == "A^B~C^D"
+            assert [str(pid(3)(r)(1)) for r in (1, 2)] == ["ID1", "ID2"]
+            assert "[" not in str(message) and "'" not in str(pid)
+    finally:
+        listener.stop()
+
+    with running.session() as session:
+        rows = [r for r in worklist_rows(session) if r.study_instance_uid == series.study_instance_uid]
+    page = row_json(rows[0])
+    assert page["study_description"] == "CHEST, LOW DOSE"
+    assert "A^B" not in json.dumps(page) and "ID1" not in json.dumps(page)  # the page shows no patient data

@@ -1,10 +1,13 @@
-"""A real MLLP listener for tests, built on python-hl7's asyncio server (hl7.mllp)."""
+"""A real MLLP listener for tests, built on python-hl7's asyncio server (hl7.mllp),
+optionally behind TLS (``tls``: a server SSLContext, see :func:`server_tls_context`)."""
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 import time
+from pathlib import Path
 
 import hl7
 from hl7.mllp import start_hl7_server
@@ -16,8 +19,10 @@ class MllpListener:
     ``messages`` holds every parsed message received, in order.
     """
 
-    def __init__(self, port: int, ack_code: str = "AA", error_text: str = "order not found"):
+    def __init__(self, port: int, ack_code: str = "AA", error_text: str = "order not found",
+                 tls: ssl.SSLContext | None = None):
         self.port = port
+        self.tls = tls
         self.ack_code = ack_code
         self.error_text = error_text
         self.messages: list[hl7.Message] = []
@@ -45,7 +50,8 @@ class MllpListener:
         def run():
             self._loop = asyncio.new_event_loop()
             asyncio.set_event_loop(self._loop)
-            self._server = self._loop.run_until_complete(start_hl7_server(self._handle, "127.0.0.1", self.port))
+            self._server = self._loop.run_until_complete(start_hl7_server(
+                self._handle, "127.0.0.1", self.port, ssl=self.tls))
             self._ready.set()
             self._loop.run_forever()
             self._server.close()
@@ -71,3 +77,15 @@ class MllpListener:
         while time.monotonic() < deadline and len(self.messages) < count:
             time.sleep(0.1)
         return list(self.messages)
+
+
+def server_tls_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
+    """A listener's TLS context (TLS 1.2 or later); with ``client_ca`` the client must present a
+    certificate that CA signed."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(cert), str(key))
+    if client_ca is not None:
+        context.load_verify_locations(str(client_ca))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context

@@ -192,7 +192,7 @@ def deliver_hl7(ctx: WorkerContext, delivery_id: int) -> str:
             messages = None
     if messages is None:
         return _finish_delivery(ctx, delivery_id, DeliveryState.FAILED, reason, already)
-    report = send_messages(destination, messages[already:], timeout_s=s.hl7_ack_timeout_s)
+    report = send_messages(destination, messages[already:], timeout_s=s.hl7_ack_timeout_s, settings=s)
     sent = already + report.accepted
     _audit_hl7(ctx, delivery_id, destination, messages[already:], report.accepted, report.outcome, report.reason)
     return _record_outcome(ctx, delivery_id, destination, report.outcome, report.reason, sent)

@@ -26,23 +26,38 @@ drop a retried duplicate:
 
 Sending (:func:`send_messages`): one TCP connection, each message framed by MLLP
 (python-hl7's framing bytes), then wait up to ``timeout_s`` for the whole ACK block.
+A destination marked ``+tls`` (``host:port+tls``) gets the same MLLP stream inside TLS
+(:func:`tls_context`: TLS 1.2 or later, the RIS certificate verified against
+``HL7_TLS_CA`` or the system's CAs and its host name checked, our client certificate
+``HL7_TLS_CERT`` presented when set); failures are classified as
+ct_triage.association.connect_failure classifies a DICOM TLS connect.
 
 ================================================  ==========
 What happened                                     Outcome
 ================================================  ==========
 ACK MSA-1 AA (or CA)                              accepted: next message
 ACK MSA-1 AE / AR (CE / CR)                       permanent, reason = MSA-3 / ERR
+TLS certificate of the RIS rejected (untrusted,   permanent ("TLS certificate of
+expired, host name mismatch)                      host:port rejected: ...")
 connection refused, reset, timeout, no ACK,       transient (retried by the outbox
-an unparsable ACK                                 with the delivery backoff)
+an unparsable ACK, a failed TLS handshake (also   with the delivery backoff)
+our client certificate refused), unreadable
+HL7_TLS_* files
 ================================================  ==========
+
+DICOM text that is multi-valued (``A^B\\C^D``, values separated by ``\\`` as DICOM writes
+them, see ct_triage.text.dicom_text) becomes HL7 repetitions (``~``) in PID-3 and PID-5,
+each component escaped; a ``\\`` anywhere else is escaped (``\\E\\``), never sent bare.
 """
 
 from __future__ import annotations
 
 import re
 import socket
+import ssl
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Literal
 
 import hl7
@@ -150,7 +165,11 @@ class _Builder:
                        for part in re.split(r"([^\x00-\x7f]+)", clean) if part)
 
     def field(self, value) -> hl7.Field:
-        """``value``: None/str (one value), or a tuple of components (each str or None)."""
+        """``value``: None/str (one value), a tuple of components (each str or None), or a
+        list of such tuples (repetitions, ``~``)."""
+        if isinstance(value, list):
+            return self.message.create_field([self.message.create_repetition(
+                [self.escape(c) for c in repetition]) for repetition in value])
         if isinstance(value, tuple):
             return self.message.create_field([self.message.create_repetition(
                 [self.escape(c) for c in value])])
@@ -180,12 +199,31 @@ def _num(value: float | None) -> str:
     return "" if value is None else f"{value:.1f}"
 
 
-def _pid(b: _Builder, ctx: Hl7Context) -> None:
+def dicom_values(value: str | None) -> list[str]:
+    """The values of a DICOM string as stored (``\\``-separated, ct_triage.text.dicom_text); [""] when empty."""
+    return (value or "").split("\\")
+
+
+def _xpn(name: str) -> tuple:
     # DICOM PN: family^given^middle^prefix^suffix (alphabetic group); HL7 XPN: family^given^middle^suffix^prefix
-    parts = (ctx.patient_name or "").split("=")[0].split("^") + [""] * 5
+    parts = name.split("=")[0].split("^") + [""] * 5
     family, given, middle, prefix, suffix = parts[:5]
-    b.segment("PID", "1", None, (ctx.patient_id, None, None, ctx.issuer_of_patient_id or None), None,
-              (family, given, middle, suffix, prefix), None, ctx.patient_birth_date,
+    return _trimmed((family, given, middle, suffix, prefix))
+
+
+def _trimmed(components: tuple) -> tuple:
+    """Without trailing empty components (HL7 lets them go): ``A^B``, not ``A^B^^^``."""
+    end = len(components)
+    while end > 1 and not components[end - 1]:
+        end -= 1
+    return components[:end]
+
+
+def _pid(b: _Builder, ctx: Hl7Context) -> None:
+    # A multi-valued Patient ID / Patient Name (DICOM's "\\") is sent as HL7 repetitions ("~").
+    issuer = ctx.issuer_of_patient_id or None
+    b.segment("PID", "1", None, [_trimmed((pid, None, None, issuer)) for pid in dicom_values(ctx.patient_id)], None,
+              [_xpn(name) for name in dicom_values(ctx.patient_name)], None, ctx.patient_birth_date,
               SEX.get((ctx.patient_sex or "").strip().upper(), "U"))
 
 
@@ -306,24 +344,69 @@ def _ack_outcome(raw: bytes, control_id: str) -> tuple[Outcome, str | None]:
     return "permanent", f"RIS answered {code or '?'} to {control_id}: {detail or 'no reason given'}"
 
 
-def send_messages(destination: str, messages: list[hl7.Message], timeout_s: float = 30.0) -> Hl7Report:
-    """Send ``messages`` in order on one MLLP connection; never raises for peer problems."""
+def tls_context(ca: Path | str | None = None, cert: Path | str | None = None,
+                key: Path | str | None = None) -> ssl.SSLContext:
+    """Client context for MLLP over TLS: TLS 1.2 or later, the peer's certificate verified
+    against ``ca`` (None: the system's CAs) and its host name checked; ``cert``/``key``
+    presented when the RIS asks for a client certificate."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca) if ca else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert:
+        context.load_cert_chain(str(cert), str(key) if key else None)
+    return context
+
+
+def settings_tls_context(settings: Settings | None) -> ssl.SSLContext:
+    """:func:`tls_context` of ``HL7_TLS_CA``, ``HL7_TLS_CERT`` and ``HL7_TLS_KEY``."""
+    if settings is None:
+        return tls_context()
+    return tls_context(settings.hl7_tls_ca, settings.hl7_tls_cert, settings.hl7_tls_key)
+
+
+def send_messages(destination: str, messages: list[hl7.Message], timeout_s: float = 30.0, *,
+                  settings: Settings | None = None, context: ssl.SSLContext | None = None) -> Hl7Report:
+    """Send ``messages`` in order on one MLLP connection; never raises for peer problems.
+
+    A ``+tls`` destination is reached through ``context``, else the one the ``HL7_TLS_*``
+    settings make (:func:`settings_tls_context`; no settings: the system's CAs).
+    """
     target = parse_hl7_destination(destination)
+    where = f"{target.host}:{target.port}"
     accepted = 0
     if not messages:
         return Hl7Report("delivered", 0)
+    if target.tls and context is None:
+        try:
+            context = settings_tls_context(settings)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError: a bad PEM, a key not matching
+            return Hl7Report("transient", 0, f"HL7 TLS settings unusable for {target}: {text(exc, 200)}")
     try:
-        with socket.create_connection((target.host, target.port), timeout=timeout_s) as sock:
-            sock.settimeout(timeout_s)
-            for message in messages:
-                control_id = str(message.segment("MSH")(10))
-                sock.sendall(SB + str(message).encode("utf-8") + EB + CR)
-                outcome, reason = _ack_outcome(_read_block(sock), control_id)
-                if outcome != "delivered":
-                    return Hl7Report(outcome, accepted, reason)
-                accepted += 1
+        with socket.create_connection((target.host, target.port), timeout=timeout_s) as raw:
+            raw.settimeout(timeout_s)
+            sock: socket.socket = raw
+            if target.tls:
+                assert context is not None
+                try:
+                    sock = context.wrap_socket(raw, server_hostname=target.host)
+                except ssl.SSLCertVerificationError as exc:
+                    return Hl7Report("permanent", 0, f"TLS certificate of {where} rejected: "
+                                                     f"{text(exc.verify_message or exc, 200)}")
+                except TimeoutError:
+                    return Hl7Report("transient", 0, f"TLS handshake with {where} timed out after {timeout_s:g} s")
+                except (ssl.SSLError, OSError) as exc:
+                    return Hl7Report("transient", 0, f"TLS handshake with {where} failed: {text(exc, 200)}")
+            with sock:
+                for message in messages:
+                    control_id = str(message.segment("MSH")(10))
+                    sock.sendall(SB + str(message).encode("utf-8") + EB + CR)
+                    outcome, reason = _ack_outcome(_read_block(sock), control_id)
+                    if outcome != "delivered":
+                        return Hl7Report(outcome, accepted, reason)
+                    accepted += 1
     except TimeoutError:
         return Hl7Report("transient", accepted, f"no ACK from {target} within {timeout_s:g} s")
+    except ssl.SSLError as exc:  # after the handshake: e.g. TLS 1.3 tells a refused client certificate here
+        return Hl7Report("transient", accepted, f"{target}: TLS: {text(exc, 200)}")
     except (ConnectionError, OSError, ValueError) as exc:
         return Hl7Report("transient", accepted, f"{target}: {text(exc, 200)}")
     return Hl7Report("delivered", accepted)

@@ -65,7 +65,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ct_triage.association import reactor_paused
 from ct_triage.polling import Poller
 from ct_triage.settings import Destination, Settings, parse_destination
-from ct_triage.text import clean
+from ct_triage.text import clean, dicom_text
 from db import worklist
 from db.models import UpsWorkitem
 from db.session import session_scope
@@ -243,7 +243,7 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     value = ds.get(keyword)
     if value is None or value == "":
         return None
-    return str(value).strip() or None
+    return dicom_text(value).strip() or None  # a multi-valued key as DICOM writes it (A\B)
 
 
 def _uids(ds: Dataset, keyword: str) -> list[str]:

@@ -29,6 +29,7 @@ from sqlalchemy import select
 
 from ct_triage.errors import TransientError
 from ct_triage.settings import parse_destination
+from ct_triage.text import dicom_text
 from db import followup as fdb
 from db.models import Result, Study
 from db.session import session_scope
@@ -118,7 +119,7 @@ def find_priors(ctx, search_id: int) -> str:
         uid = str(answer.get("StudyInstanceUID") or "")
         if not uid or uid == this_uid or uid in known or uid in requested:
             continue
-        if str(answer.get("PatientID") or patient_id).strip() != patient_id:
+        if dicom_text(answer.get("PatientID") or patient_id).strip() != patient_id:
             continue  # a PACS doing fuzzy matching: the ID must be the same
         if "IssuerOfPatientID" in answer:
             if str(answer.IssuerOfPatientID or "").strip() != issuer:

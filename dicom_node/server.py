@@ -31,6 +31,7 @@ from dicom_node.access import (
 )
 from dicom_node.commitment import CommitmentService
 from dicom_node.completeness import CompletenessTracker
+from dicom_node.expiry import WorkitemExpiry
 from dicom_node.retention import RetentionSweeper
 from dicom_node.shutdown import InFlight, drain
 from dicom_node.spool import Spool
@@ -216,6 +217,8 @@ class DicomNode:
                                            busy_study_uids=self.store.busy_or_pending_study_uids,
                                            republish_after_s=None if settings.embedded_queue
                                            else settings.republish_after_s)
+        self.expiry = WorkitemExpiry(session_factory, settings.worklist_expiry_h,
+                                     wake_notifier=self.ups.notifier.wake)
         self.retention = RetentionSweeper(session_factory, settings.effective_storage_dir, settings.retention_days,
                                           settings.retention_interval_s)
         self.in_flight = InFlight()
@@ -288,6 +291,7 @@ class DicomNode:
                 self.servers.append(self._serve(s.tls_port, tls))
         self.tracker.start()
         self.retention.start()
+        self.expiry.start()
         self.ups.notifier.start()
 
     def _serve(self, port: int, tls: ssl.SSLContext | None):
@@ -325,6 +329,7 @@ class DicomNode:
         self.commitment.wait_idle(max(0.5, grace_s - (time.monotonic() - started)))
         self.store.indexer.stop()
         self.retention.stop()
+        self.expiry.stop()
         self.tracker.stop()
         self.ups.notifier.stop()
         log.info("DICOM node stopped in %.1f s%s", time.monotonic() - started,

@@ -135,7 +135,8 @@ class Settings:
     )
     retention_days: float = _f(
         0.0, "Delete received instances (and quarantined files) this many days after their result was "
-        "delivered; rows are kept with a deleted-at mark. 0: keep forever."
+        "delivered; rows are kept with a deleted-at mark. UPS workitems COMPLETED or CANCELED this many days "
+        "ago are deleted with their event and subscription rows. 0: keep forever."
     )
     retention_interval_s: float = _f(3600.0, "How often the node (or serve) runs the retention sweep.")
     shutdown_grace_s: float = _f(8.0, "On SIGTERM: how long in-flight C-STOREs and tasks may run before exit.")
@@ -143,6 +144,10 @@ class Settings:
         DEFAULT_RULE_TEXT, "Worklist priority per category, and for results not scored ('failed': failed or not "
         "applicable; never below MEDIUM). Ties are broken by arrival time.")
     ups_worklist_label: str = _f("COVID-19 CT triage", "Worklist Label (0074,1202) of the UPS workitems we serve.")
+    worklist_expiry_h: float = _f(
+        72.0, "A SCHEDULED UPS workitem that no worklist client claimed this many hours after its study arrived "
+        "is cancelled by the node (Scheduled Procedure Step Expiration DateTime (0040,4008)); the same horizon "
+        "as HTTP_WORKLIST_HOURS by default. IN PROGRESS workitems never expire.")
     ups_subscribers: list[str] = _lf(
         [], "UPS Watch subscribers we may send N-EVENT-REPORTs to, AET@host:port each; a subscription from "
         "any other AE title is refused (0xC308).")
@@ -348,6 +353,9 @@ class Settings:
             parse_hl7_destination(entry)
         if self.hl7_order_message not in ("ORM^O01", "OMI^O23"):
             raise ConfigError(f"{PREFIX}HL7_ORDER_MESSAGE must be ORM^O01 or OMI^O23, got {self.hl7_order_message!r}")
+        if not 0 < self.worklist_expiry_h <= 87600:  # NaN fails too; 10 years keeps datetimes in range
+            raise ConfigError(f"{PREFIX}WORKLIST_EXPIRY_H must be > 0 (hours, at most 87600), got "
+                              f"{self.worklist_expiry_h}")
         if not 0 < len(self.ups_worklist_label) <= 64:
             raise ConfigError(f"{PREFIX}UPS_WORKLIST_LABEL must be 1..64 characters")
         if self.hl7_ack_timeout_s <= 0:

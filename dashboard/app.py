@@ -275,6 +275,13 @@ class Dashboard:
         with self.session_factory() as session:
             return series_by_study(session, uids)
 
+    def expiries(self, rows: list) -> dict[int, datetime]:
+        """When each row's SCHEDULED UPS workitem expires (CT_TRIAGE_WORKLIST_EXPIRY_H), by result id."""
+        from db.worklist import expiry_of_results
+
+        with self.session_factory() as session:
+            return expiry_of_results(session, [r.result_id for r in rows if r.result_id])
+
     def turnaround_rows(self, now: datetime) -> list[dict]:
         from db.views import turnaround_since
 
@@ -288,7 +295,7 @@ class Dashboard:
         turnaround = self.turnaround_rows(now)
         body = render_page(rows, turnaround, now, self.settings.http_refresh_s,
                            self.settings.http_worklist_hours,
-                           series=self.series_of(r.study_instance_uid for r in rows))
+                           series=self.series_of(r.study_instance_uid for r in rows), expiries=self.expiries(rows))
         return HTMLResponse(body, headers={"cache-control": "no-store"})
 
     def api_worklist(self, request: Request) -> Response:
@@ -428,7 +435,17 @@ def _series_html(items) -> str:
     return "".join(lines)
 
 
-def _row_html(row, index: int, series=()) -> str:
+def _expiry_html(expires_at: datetime | None, now: datetime | None) -> str:
+    """The "worklist item expires in 5 h 03 min" line of a SCHEDULED UPS workitem (dicom_node.expiry)."""
+    if expires_at is None or now is None:
+        return ""
+    left = (expires_at - now).total_seconds()
+    text = f"worklist item expires in {format_waiting(left)}" if left > 0 else "worklist item expiring"
+    return f'<span class="sub expiry" title="UPS workitem expiry (CT_TRIAGE_WORKLIST_EXPIRY_H)">{_e(text)}</span>'
+
+
+def _row_html(row, index: int, series=(), expires_at: datetime | None = None,
+              now: datetime | None = None) -> str:
     data = row_json(row)
     priority = row.priority
     if row.category:
@@ -466,7 +483,7 @@ def _row_html(row, index: int, series=()) -> str:
         f'loading="lazy" height="96"></a></td>'
         f'<td>{category}</td><td>{percent}</td><td>{state_html}</td>'
         f'<td class="wait" data-waiting-s="{_e(data["waiting_s"])}">{_e(format_waiting(row.waiting_s))}'
-        f'<span class="sub">since {_e(arrived)}</span></td>'
+        f'<span class="sub">since {_e(arrived)}</span>{_expiry_html(expires_at, now)}</td>'
         f'<td><span class="acc">{_e(data["accession_number"] or "-")}</span>'
         f'<span class="sub">{_e(description)} &middot; {_e(study_date)}</span></td>'
         "</tr>"
@@ -474,7 +491,7 @@ def _row_html(row, index: int, series=()) -> str:
 
 
 def render_page(rows: list, turnaround: list[dict], now: datetime, refresh_s: float, hours: float,
-                series: dict | None = None) -> str:
+                series: dict | None = None, expiries: dict[int, datetime] | None = None) -> str:
     counts = {p: sum(1 for r in rows if r.priority == p) for p in ("HIGH", "MEDIUM", "LOW")}
     pending = sum(1 for r in rows if r.state in ("receiving", "stable", "queued", "scoring"))
     values = [r["received_to_scored_s"] for r in turnaround if r.get("received_to_scored_s") is not None]
@@ -489,8 +506,9 @@ def render_page(rows: list, turnaround: list[dict], now: datetime, refresh_s: fl
     tiles_html = "".join(f'<div class="tile {cls}"><div class="num">{value if cls == "t-tat" else _e(value)}'
                          f'</div><div class="lbl">{_e(label)}</div></div>' for cls, value, label in tiles)
     if rows:
-        body = "".join(_row_html(r, i, (series or {}).get(r.study_instance_uid, ()))
-                       for i, r in enumerate(rows, start=1))
+        expiries = expiries or {}
+        body = "".join(_row_html(r, i, (series or {}).get(r.study_instance_uid, ()), expiries.get(r.result_id or 0),
+                                 now) for i, r in enumerate(rows, start=1))
     else:
         body = (f'<tr class="empty"><td colspan="8">No study received in the last {hours:g} hours.</td></tr>')
     svg = chart.turnaround_svg(turnaround, now)

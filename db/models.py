@@ -338,7 +338,8 @@ class UpsWorkitem(Base):
     """
 
     __tablename__ = "ups_workitems"
-    __table_args__ = (Index("ix_ups_workitems_worklist", "state", "priority_rank", "scheduled_at"),)
+    __table_args__ = (Index("ix_ups_workitems_worklist", "state", "priority_rank", "scheduled_at"),
+                      Index("ix_ups_workitems_expiry", "state", "expires_at"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
@@ -376,6 +377,9 @@ class UpsWorkitem(Base):
     canceled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Set when a newer study version replaced this one: it leaves every worklist.
     superseded_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # (0040,4008) Scheduled Procedure Step Expiration DateTime: scheduled_at + WORKLIST_EXPIRY_H; a
+    # SCHEDULED item past it is cancelled by the node (dicom_node.expiry). NULL: never expires.
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     result: Mapped[Result] = relationship()
 

@@ -14,7 +14,8 @@ SCHEDULED       IN PROGRESS             N-ACTION change state + a new Transactio
 IN PROGRESS     COMPLETED               same Transaction UID, final state requirements met
 IN PROGRESS     CANCELED                same Transaction UID
 SCHEDULED       CANCELED                N-ACTION request cancel (no performer yet), or
-                                        superseded by a newer study version
+                                        superseded by a newer study version, or
+                                        expired: ``expires_at`` passed (:func:`expire_due`)
 ==============  ======================  ==========================================
 
 Outcomes are names (``Outcome``); the node maps them to the statuses of PS3.4 CC
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import delete, or_, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from db.models import Instance, Result, Study, UpsEvent, UpsSubscription, UpsWorkitem
@@ -74,12 +75,13 @@ def rank(priority: str) -> int:
 # -- creation and superseding -----------------------------------------------------------
 def create_workitem(session: Session, result: Result, *, sop_instance_uid: str, worklist_label: str,
                     procedure_step_label: str, comments: str | None, inputs: list[dict],
-                    now: datetime | None = None) -> UpsWorkitem:
+                    now: datetime | None = None, expiry_h: float | None = None) -> UpsWorkitem:
     """The workitem of ``result`` (idempotent: an existing one is returned as is).
 
     Older study versions' workitems are superseded first. ``inputs``: the referenced
     series, [{study_instance_uid, series_instance_uid, sop_class_uid, sop_instance_uids,
-    retrieve_ae_title}].
+    retrieve_ae_title}]. ``expiry_h``: ``expires_at`` is the scheduled start (arrival)
+    plus this many hours (None: never expires).
     """
     now = now or utcnow()
     existing = session.scalar(select(UpsWorkitem).where(UpsWorkitem.result_fk == result.id))
@@ -88,6 +90,7 @@ def create_workitem(session: Session, result: Result, *, sop_instance_uid: str, 
     study = session.get_one(Study, result.study_fk)
     supersede_older(session, study.id, result.version, now)
     patient = study.patient
+    scheduled_at = study.first_received_at or now
     item = UpsWorkitem(
         sop_instance_uid=sop_instance_uid, result_fk=result.id, study_fk=study.id, study_version=result.version,
         study_instance_uid=study.study_instance_uid, accession_number=study.accession_number,
@@ -96,7 +99,8 @@ def create_workitem(session: Session, result: Result, *, sop_instance_uid: str, 
         patient_sex=patient.patient_sex, study_description=study.study_description,
         priority=result.priority, priority_rank=rank(result.priority), category=result.category,
         worklist_label=worklist_label[:64], procedure_step_label=procedure_step_label[:64], comments=comments,
-        state=SCHEDULED, scheduled_at=study.first_received_at or now, input_json=json.dumps(inputs),
+        state=SCHEDULED, scheduled_at=scheduled_at, input_json=json.dumps(inputs),
+        expires_at=None if expiry_h is None else scheduled_at + timedelta(hours=expiry_h),
         created_at=now, updated_at=now)
     session.add(item)
     session.flush()
@@ -127,6 +131,63 @@ def _cancel(session: Session, item: UpsWorkitem, reason: str | None, now: dateti
     item.updated_at = now
     item.cancel_reason = reason
     emit(session, item, EVENT_STATE_REPORT, {"state": CANCELED, "reason": reason}, now)
+
+
+# -- expiry and retention -----------------------------------------------------------------
+def expire_due(session: Session, reason: str, now: datetime | None = None, limit: int = 100
+               ) -> list[tuple[str, str]]:
+    """Cancel SCHEDULED workitems whose ``expires_at`` has passed, with ``reason``; returns
+    (workitem UID, Study Instance UID) of those this call cancelled.
+
+    Each item is taken with its row lock and checked again, so of two sweepers (two
+    nodes) only one cancels it and emits its state report, and a claim racing the
+    sweep either wins (the item is IN PROGRESS: left alone) or finds it CANCELED.
+    IN PROGRESS items never expire here. At most ``limit`` per call.
+    """
+    now = now or utcnow()
+    uids = session.scalars(select(UpsWorkitem.sop_instance_uid).where(
+        UpsWorkitem.state == SCHEDULED, UpsWorkitem.expires_at.is_not(None), UpsWorkitem.expires_at <= now)
+        .order_by(UpsWorkitem.expires_at, UpsWorkitem.id).limit(limit)).all()
+    expired = []
+    for uid in uids:
+        item = get_workitem(session, uid, lock=True)
+        if item is None or item.state != SCHEDULED or item.expires_at is None or item.expires_at > now:
+            continue
+        _cancel(session, item, reason, now)
+        expired.append((item.sop_instance_uid, item.study_instance_uid))
+    return expired
+
+
+def delete_final_before(session: Session, cutoff: datetime, limit: int = 1000) -> int:
+    """Delete COMPLETED and CANCELED workitems that reached their final state before
+    ``cutoff``, with their event and subscription rows (retention); returns how many.
+
+    A workitem under a Deletion Lock (a subscription on it, or a global one, with the
+    lock set: PS3.4 CC.2.3) is kept.
+    """
+    ended = func.coalesce(UpsWorkitem.completed_at, UpsWorkitem.canceled_at, UpsWorkitem.updated_at)
+    stmt = select(UpsWorkitem.id).where(UpsWorkitem.state.in_(FINAL_STATES), ended <= cutoff)
+    if session.scalar(select(UpsSubscription.id).where(UpsSubscription.workitem_fk.is_(None),
+                                                       UpsSubscription.deletion_lock.is_(True)).limit(1)):
+        return 0
+    locked = select(UpsSubscription.workitem_fk).where(UpsSubscription.deletion_lock.is_(True),
+                                                       UpsSubscription.workitem_fk.is_not(None))
+    ids = list(session.scalars(stmt.where(UpsWorkitem.id.not_in(locked)).order_by(UpsWorkitem.id).limit(limit)))
+    if ids:
+        session.execute(delete(UpsEvent).where(UpsEvent.workitem_fk.in_(ids)))
+        session.execute(delete(UpsSubscription).where(UpsSubscription.workitem_fk.in_(ids)))
+        session.execute(delete(UpsWorkitem).where(UpsWorkitem.id.in_(ids)))
+    return len(ids)
+
+
+def expiry_of_results(session: Session, result_ids: list[int]) -> dict[int, datetime]:
+    """``expires_at`` of the SCHEDULED workitems of these results (the worklist page)."""
+    if not result_ids:
+        return {}
+    rows = session.execute(select(UpsWorkitem.result_fk, UpsWorkitem.expires_at).where(
+        UpsWorkitem.result_fk.in_(result_ids), UpsWorkitem.state == SCHEDULED,
+        UpsWorkitem.expires_at.is_not(None))).all()
+    return {result_fk: expires_at for result_fk, expires_at in rows if expires_at is not None}
 
 
 # -- queries ------------------------------------------------------------------------------

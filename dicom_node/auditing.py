@@ -8,7 +8,7 @@ TLS subject)                                  ``REFUSALS_PER_MINUTE`` (10) per a
                                               must not fill the database; the rest are counted in the log)
 instances received                            110104 Instances Transferred, one per study and association
 UPS C-FIND, N-GET                             110112 Query, one per request (the identifier as received)
-UPS claim, complete, cancel                   110111 Procedure Record
+UPS claim, complete, cancel; expiry           110111 Procedure Record (an expiry by us, no peer)
 UPS request refused (role, Receiving AE)      110113 Security Alert (restricted function)
 node start and stop                           110100 Application Activity (by the command line)
 ============================================  ===========================================================
@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from collections import deque
+from types import SimpleNamespace
 
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -116,6 +117,13 @@ class NodeAudit:
                      address=assoc.requestor.address, sop_class_uid=sop_class_uid, query=_encoded(identifier),
                      transfer_syntax_uid="1.2.840.10008.1.2.1", outcome=outcome)
 
+    def workitem_expired(self, workitem_uid: str, study_uid: str) -> None:
+        """The SCP cancelled an unclaimed workitem (dicom_node.expiry): a Procedure Record by us."""
+        item = _workitem_row(self.session_factory, workitem_uid)
+        if item is not None:
+            self.workitem_changed(None, "cancelled", item, f"expired: not claimed within "
+                                  f"{self.settings.worklist_expiry_h:g} h (CT_TRIAGE_WORKLIST_EXPIRY_H)")
+
     def workitem_changed(self, assoc, change: str, item, reason: str | None = None) -> None:
         """``item``: the UpsWorkitem row after the change (read inside its session)."""
         self._record(audit.workitem_changed, change=change,
@@ -124,6 +132,18 @@ class NodeAudit:
                      workitem_uid=item.sop_instance_uid, study_uid=item.study_instance_uid,
                      patient_id=item.patient_id, patient_name=item.patient_name,
                      issuer_of_patient_id=item.issuer_of_patient_id, accession=item.accession_number, reason=reason)
+
+
+def _workitem_row(session_factory, uid: str):
+    from db import worklist
+
+    with session_factory() as session:
+        item = worklist.get_workitem(session, uid)
+        if item is None:
+            return None
+        return SimpleNamespace(sop_instance_uid=item.sop_instance_uid, study_instance_uid=item.study_instance_uid,
+                               patient_id=item.patient_id, patient_name=item.patient_name,
+                               issuer_of_patient_id=item.issuer_of_patient_id, accession_number=item.accession_number)
 
 
 class AuditSender(Poller):

@@ -5,7 +5,9 @@ result was delivered (every delivery succeeded; a result with no destination cou
 from when it was scored), never before, and a quarantined copy ``RETENTION_DAYS``
 after it was received. Rows are kept: an instance gets ``deleted_at``, a rejection
 ``quarantine_deleted_at`` (storage commitment then no longer reports the instance as
-held). 0 days (the default) keeps everything forever. The node (``ct-triage node``
+held). UPS workitems in a final state (COMPLETED, CANCELED) for ``RETENTION_DAYS``
+are deleted with their event and subscription rows (:func:`sweep_workitems`; a
+Deletion Lock keeps them). 0 days (the default) keeps everything forever. The node (``ct-triage node``
 or ``serve``) runs a sweep every ``RETENTION_INTERVAL_S`` (1 h) in a background
 thread, ``BATCH`` (1000) files per transaction; the first sweep runs a minute after
 start so that start-up indexing comes first.
@@ -27,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ct_triage.polling import Poller
-from db import repository
+from db import repository, worklist
 from db.session import session_scope
 from db.types import utcnow
 from dicom_node import status
@@ -61,6 +63,23 @@ def sweep(session_factory: sessionmaker[Session], storage_dir: Path, retention_d
             break
     if removed:
         log.info("retention: removed %d file(s) older than %g day(s) after delivery", removed, retention_days)
+    return removed
+
+
+def sweep_workitems(session_factory: sessionmaker[Session], retention_days: float, now=None) -> int:
+    """Delete workitems final for ``retention_days`` (with their events and subscriptions); returns how many."""
+    if retention_days <= 0:
+        return 0
+    cutoff = (now or utcnow()) - timedelta(days=retention_days)
+    removed = 0
+    while True:
+        with session_scope(session_factory) as session:
+            count = worklist.delete_final_before(session, cutoff, limit=BATCH)
+        removed += count
+        if count < BATCH:
+            break
+    if removed:
+        log.info("retention: deleted %d UPS workitem(s) final for more than %g day(s)", removed, retention_days)
     return removed
 
 
@@ -112,6 +131,7 @@ class RetentionSweeper(Poller):
 
     def sweep_once(self) -> None:
         sweep(self.session_factory, self.storage_dir, self.retention_days)
+        sweep_workitems(self.session_factory, self.retention_days)
 
 
 @dataclass

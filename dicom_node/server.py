@@ -32,6 +32,7 @@ from dicom_node.access import (
 from dicom_node.auditing import AuditSender, NodeAudit
 from dicom_node.commitment import CommitmentService
 from dicom_node.completeness import CompletenessTracker
+from dicom_node.expiry import WorkitemExpiry
 from dicom_node.retention import RetentionSweeper
 from dicom_node.shutdown import InFlight, drain
 from dicom_node.spool import Spool
@@ -218,6 +219,8 @@ class DicomNode:
                                            busy_study_uids=self.store.busy_or_pending_study_uids,
                                            republish_after_s=None if settings.embedded_queue
                                            else settings.republish_after_s)
+        self.expiry = WorkitemExpiry(session_factory, settings.worklist_expiry_h,
+                                     wake_notifier=self.ups.notifier.wake)
         self.retention = RetentionSweeper(session_factory, settings.effective_storage_dir, settings.retention_days,
                                           settings.retention_interval_s)
         self.in_flight = InFlight()
@@ -227,6 +230,7 @@ class DicomNode:
         self.store.on_association_ended = self.audit.instances_received
         self.ups.audit = self.audit
         self.ups.on_refusal = self.audit.request_refused
+        self.expiry.on_expired = self.audit.workitem_expired
         self.gate = Gate(settings.max_associations, settings.max_pending_per_address, settings.max_pending_total)
         self.ae = self._build_ae()
         self.servers = []
@@ -295,6 +299,7 @@ class DicomNode:
                 self.servers.append(self._serve(s.tls_port, tls))
         self.tracker.start()
         self.retention.start()
+        self.expiry.start()
         self.ups.notifier.start()
         self.audit.application("start")
         self.audit_sender.start()
@@ -334,6 +339,7 @@ class DicomNode:
         self.commitment.wait_idle(max(0.5, grace_s - (time.monotonic() - started)))
         self.store.indexer.stop()
         self.retention.stop()
+        self.expiry.stop()
         self.tracker.stop()
         self.ups.notifier.stop()
         self.audit.application("stop")

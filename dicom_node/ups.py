@@ -186,6 +186,7 @@ def workitem_dataset(item: UpsWorkitem) -> Dataset:
     ds.ProcedureStepLabel = item.procedure_step_label
     ds.ScheduledProcedureStepStartDateTime = _dt(item.scheduled_at)
     ds.ScheduledProcedureStepModificationDateTime = _dt(item.updated_at)
+    ds.ScheduledProcedureStepExpirationDateTime = _dt(item.expires_at)  # (0040,4008); dicom_node.expiry
     ds.ScheduledWorkitemCodeSequence = [_code(*INTERPRETATION)]
     ds.CommentsOnTheScheduledProcedureStep = (item.comments or "")[:10240]
     ds.InputReadinessState = "READY"

@@ -24,6 +24,18 @@ from worker.scoring.result import ScoreResult
 from worker.worklist.entries import add_worklist_entries
 
 T0 = datetime(2026, 11, 30, 8, 0, tzinfo=timezone.utc)
+#: Workitems that outlive these tests: T0 is further back than CT_TRIAGE_WORKLIST_EXPIRY_H's 72 h, and
+#: the node's expiry sweep (tests/test_ups_expiry.py) would otherwise cancel them at its next round.
+NO_EXPIRY_H = 87600.0
+
+
+@pytest.fixture
+def start_node(start_node):
+    """The conftest's node, with ``worklist_expiry_h=NO_EXPIRY_H`` unless a test names another."""
+    def _start(database_url: str, **overrides):
+        overrides.setdefault("worklist_expiry_h", NO_EXPIRY_H)
+        return start_node(database_url, **overrides)
+    return _start
 
 
 def seed(running, study_uid: str, *, category: str | None, percent: float | None, arrived: datetime,

@@ -9,6 +9,7 @@ commit together or not at all:
   result; Worklist Label from ``CT_TRIAGE_UPS_WORKLIST_LABEL``; Procedure Step Label
   "CT-3 62.1% (R 70.2 / L 54.0)" or "Not scored: <status>"; Comments with the routing
   decision of the MosMedData paper's Table 2, the model and "NOT FOR DIAGNOSTIC USE";
+  Scheduled Procedure Step Expiration DateTime the study's arrival + ``CT_TRIAGE_WORKLIST_EXPIRY_H``;
   Input Information Sequence referencing the scored CT series and, when a PACS is
   configured, the SC and SR series we send it (their UIDs are deterministic: worker.outputs.uids).
   Older versions' workitems are superseded in the same transaction.
@@ -103,6 +104,7 @@ def add_worklist_entries(session: Session, settings: Settings, result: Result, s
         session, result, sop_instance_uid=workitem_uid(study.study_instance_uid, result.version),
         worklist_label=settings.ups_worklist_label, procedure_step_label=procedure_step_label(score),
         comments=workitem_comments(score, result.priority),
-        inputs=workitem_inputs(session, settings, result, score, study), now=now)
+        inputs=workitem_inputs(session, settings, result, score, study), now=now,
+        expiry_h=settings.worklist_expiry_h)
     ris = [str(parse_hl7_destination(entry)) for entry in settings.hl7_destinations]
     return repository.add_deliveries(session, result, ris, now, channel="hl7")

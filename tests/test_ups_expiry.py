@@ -199,7 +199,7 @@ def test_the_page_shows_when_a_scheduled_workitem_expires(start_node, sqlite_url
         worklist.request_cancel(session, canceled.sop_instance_uid, requesting_ae="ADMIN", reason="read in RIS")
     dash = Dashboard(running.settings, running.session_factory)  # what the page's route renders
     rows = dash.worklist()
-    page = render_page(rows, [], utcnow(), 15, 72, dash.expiries(rows))
+    page = render_page(rows, [], utcnow(), 15, 72, expiries=dash.expiries(rows))
     rows = {uid: page[page.index(f'data-uid="{uid}"'):].split("</tr>")[0] for uid in (STUDY + ".41", STUDY + ".42")}
     assert scheduled and "worklist item expires in 3 h 5" in rows[STUDY + ".41"]  # 4 h less the seconds gone
     assert "expires" not in rows[STUDY + ".42"]  # CANCELED: nothing to expire

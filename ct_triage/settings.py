@@ -42,7 +42,9 @@ DEFAULT_LUNG_KERNELS = [
 
 
 @dataclass(frozen=True)
-class Settings:
+class CoreSettings:
+    """Where the process keeps its state and how it runs: database, broker, storage, logging."""
+
     var_dir: Path = _f(Path("var"), "Working folder for the default database, storage and logs.")
     database_url: str = _f(
         "", "SQLAlchemy URL of the database. Empty: SQLite (WAL) at VAR_DIR/ct-triage.sqlite.",
@@ -53,23 +55,41 @@ class Settings:
         secret=True,
     )
     storage_dir: Path | None = _f(None, "Where received instances are kept. Empty: VAR_DIR/storage.")
+    republish_after_s: float = _f(
+        600.0, "A job, due delivery or prior search handed to the broker this long ago and still not started "
+        "is published again (the broker lost it: Redis crashed before its append-only file was synced, or was "
+        "restored empty). A duplicate is harmless: each is claimed once.")
+    poll_interval_s: float = _f(1.0, "How often the completeness tracker and the embedded queue look for work.")
+    log_level: str = _f("INFO", "Logging level.")
+    shutdown_grace_s: float = _f(8.0, "On SIGTERM: how long in-flight C-STOREs and tasks may run before exit.")
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.var_dir / 'ct-triage.sqlite').as_posix()}"
+
+    @property
+    def effective_storage_dir(self) -> Path:
+        return self.storage_dir or (self.var_dir / "storage")
+
+    @property
+    def embedded_queue(self) -> bool:
+        return not self.broker_url
+
+    def check(self) -> None:
+        """Validate this section (a ConfigError names the setting)."""
+        if self.republish_after_s < 5:
+            raise ConfigError(f"{PREFIX}REPUBLISH_AFTER_S must be >= 5 (a busy worker is not a lost message)")
+        if not 0 <= self.shutdown_grace_s <= 60:
+            raise ConfigError(f"{PREFIX}SHUTDOWN_GRACE_S must be 0..60, got {self.shutdown_grace_s}")
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """The DICOM node: AE title, port, limits, timeouts, completeness, storage commitment."""
+
     ae_title: str = _f("CTTRIAGE", "Our AE title.")
     bind_address: str = _f("0.0.0.0", "Address the DICOM node listens on.")
     port: int = _f(11112, "DICOM port (TLS-only when TLS_REQUIRED).")
-    allowed_calling_aes: list[str] = _lf(
-        [], "Senders (scanners, PACS) allowed to store to AE_TITLE: comma-separated AET, AET@address or "
-        "AET@network/prefix. Empty: any caller may store (a warning is logged and shown by status).")
-    worklist_ae_title: str = _f("CTTRIAGE_WL", "AE title of the reading worklist (UPS Pull, Watch, Query, Push; "
-                                "Verification), on the same port; also the calling AE title of our UPS event reports.")
-    worklist_aes: list[str] = _lf(
-        [], "Readers of the worklist (viewers, RIS, worklist clients): AET, AET@address or AET@network/prefix. "
-        "They may query, read and claim workitems and manage their own subscriptions. Empty: only callers "
-        "from 127.0.0.1 and ::1.")
-    worklist_admin_aes: list[str] = _lf(
-        [], "Worklist administrators, same forms: also cancel and update SCHEDULED workitems and manage "
-        "other AEs' subscriptions. Empty: nobody.")
-    tls_cert_ae_title: bool = _f(False, "With TLS client certificates (TLS_CA): the certificate's subject CN or a "
-                                 "subject alternative name must equal the calling AE title.")
     max_associations: int = _f(16, "Concurrent associations accepted; more are rejected (transient).")
     max_pending_per_address: int = _f(
         16, "Connections from one address that may wait for their association to be accepted "
@@ -93,20 +113,151 @@ class Settings:
         1024, "Refuse C-STORE with 0xA700 when free space under STORAGE_DIR would drop below this.")
     stable_age_s: float = _f(15.0, "Quiet period after the last instance before a series is stable.")
     max_receive_s: float = _f(3600.0, "Force a series complete after receiving this long.")
+    commitment_peers: list[str] = _lf(
+        [], "Comma-separated AET@host:port[+tls] of scanners that want the Storage Commitment report on a new "
+        "association (used when the requesting association is already closed)."
+    )
+
+    def check(self) -> None:
+        """Validate this section (a ConfigError names the setting)."""
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"{PREFIX}PORT must be 1..65535, got {self.port}")
+        if not 1 <= len(self.ae_title) <= 16:
+            raise ConfigError(f"{PREFIX}AE_TITLE must be 1..16 characters, got {self.ae_title!r}")
+        if self.max_pending_per_address < 1 or self.max_pending_total < 1 or self.max_associations < 1:
+            raise ConfigError(f"{PREFIX}MAX_ASSOCIATIONS, MAX_PENDING_PER_ADDRESS and MAX_PENDING_TOTAL must be >= 1")
+        if self.max_instance_mb < 1 or self.max_message_s <= 0 or self.quarantine_max_mb < 0:
+            raise ConfigError(f"{PREFIX}MAX_INSTANCE_MB must be >= 1, MAX_MESSAGE_S > 0, QUARANTINE_MAX_MB >= 0")
+        if self.stable_age_s < 0 or self.max_receive_s <= 0:
+            raise ConfigError(f"{PREFIX}STABLE_AGE_S must be >= 0 and {PREFIX}MAX_RECEIVE_S > 0")
+        for entry in self.commitment_peers:
+            parse_destination(entry, setting="COMMITMENT_PEERS")
+
+
+@dataclass(frozen=True)
+class SecuritySettings:
+    """Who may do what (docs/security.md): allowlists per role, TLS, the audit trail."""
+
+    allowed_calling_aes: list[str] = _lf(
+        [], "Senders (scanners, PACS) allowed to store to AE_TITLE: comma-separated AET, AET@address or "
+        "AET@network/prefix. Empty: any caller may store (a warning is logged and shown by status).")
+    worklist_ae_title: str = _f("CTTRIAGE_WL", "AE title of the reading worklist (UPS Pull, Watch, Query, Push; "
+                                "Verification), on the same port; also the calling AE title of our UPS event reports.")
+    worklist_aes: list[str] = _lf(
+        [], "Readers of the worklist (viewers, RIS, worklist clients): AET, AET@address or AET@network/prefix. "
+        "They may query, read and claim workitems and manage their own subscriptions. Empty: only callers "
+        "from 127.0.0.1 and ::1.")
+    worklist_admin_aes: list[str] = _lf(
+        [], "Worklist administrators, same forms: also cancel and update SCHEDULED workitems and manage "
+        "other AEs' subscriptions. Empty: nobody.")
     tls_cert: Path | None = _f(None, "PEM certificate for DICOM TLS. Empty: no TLS.")
     tls_key: Path | None = _f(None, "PEM private key for DICOM TLS.", secret=False)
     tls_ca: Path | None = _f(None, "CA bundle; when set, callers must present a certificate it signed.")
     tls_required: bool = _f(False, "When true (and TLS_CERT set) PORT speaks TLS only; plain TCP is refused.")
     tls_port: int = _f(2762, "Extra TLS port when TLS is configured but not required.")
-    destinations: list[str] = _lf([], "Comma-separated PACS targets AET@host:port (append '+tls' for TLS).")
-    republish_after_s: float = _f(
-        600.0, "A job, due delivery or prior search handed to the broker this long ago and still not started "
-        "is published again (the broker lost it: Redis crashed before its append-only file was synced, or was "
-        "restored empty). A duplicate is harmless: each is claimed once.")
-    retry_base_s: float = _f(
-        5.0, "First retry delay of a transient delivery failure; doubles each attempt, up to RETRY_MAX_S.")
-    retry_max_s: float = _f(
-        600.0, "Longest delay between two delivery attempts (a PACS back up is found within this).")
+    tls_cert_ae_title: bool = _f(False, "With TLS client certificates (TLS_CA): the certificate's subject CN or a "
+                                 "subject alternative name must equal the calling AE title.")
+    audit_repository: str = _f(
+        "", "Audit repository (IHE ATNA) receiving the DICOM PS3.15 A.5 audit messages as syslog: tls://host:port "
+        "(RFC 5425, e.g. port 6514) or udp://host:port (RFC 5426, e.g. 514). Empty: the audit trail is kept "
+        "in the database only (ct-triage audit); see docs/audit.md.")
+    audit_tls_ca: Path | None = _f(
+        None, "CA bundle that signed the audit repository's certificate. Empty: TLS_CA, else the system's CAs.")
+    audit_tls_cert: Path | None = _f(
+        None, "PEM client certificate presented to the audit repository (ATNA node authentication). Empty: TLS_CERT.")
+    audit_tls_key: Path | None = _f(None, "PEM private key of AUDIT_TLS_CERT. Empty: TLS_KEY.")
+    audit_query_aggregate_min: float = _f(
+        10.0, "Worklist page and API reads: one Query audit message per client (token and address) in this many "
+              "minutes (0: one per request). DICOM queries are never aggregated.")
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None
+
+    def check(self) -> None:
+        """Validate this section (a ConfigError names the setting)."""
+        if self.tls_cert and not self.tls_key:
+            raise ConfigError(f"{PREFIX}TLS_KEY is required when {PREFIX}TLS_CERT is set")
+        if self.tls_required and not self.tls_cert:
+            raise ConfigError(f"{PREFIX}TLS_REQUIRED needs {PREFIX}TLS_CERT and {PREFIX}TLS_KEY")
+        for setting, entries in (("ALLOWED_CALLING_AES", self.allowed_calling_aes),
+                                 ("WORKLIST_AES", self.worklist_aes),
+                                 ("WORKLIST_ADMIN_AES", self.worklist_admin_aes)):
+            for entry in entries:
+                parse_allowed_caller(entry, setting)
+        if not 1 <= len(self.worklist_ae_title) <= 16:
+            raise ConfigError(f"{PREFIX}WORKLIST_AE_TITLE must be 1..16 characters")
+        if self.tls_cert_ae_title and not self.tls_ca:
+            raise ConfigError(f"{PREFIX}TLS_CERT_AE_TITLE needs TLS_CA (client certificates)")
+        if self.audit_repository:
+            parse_audit_repository(self.audit_repository)
+        if self.audit_tls_cert and not self.audit_tls_key:
+            raise ConfigError(f"{PREFIX}AUDIT_TLS_KEY is required when {PREFIX}AUDIT_TLS_CERT is set")
+        if self.audit_query_aggregate_min < 0:
+            raise ConfigError(f"{PREFIX}AUDIT_QUERY_AGGREGATE_MIN must be >= 0, got {self.audit_query_aggregate_min}")
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """The scorer: device, model, series selection, noise floor."""
+
+    device: str = _f("auto", "Scoring device: auto, cpu or cuda.")
+    scorer: str = _f("hybrid", "Scorer: hybrid (default: classical lungs, lesions the shipped 2D network "
+                     "confirms), classical (HU rules only, no weights) or unet.")
+    unet_weights: Path | None = _f(None, "Weights file of the 3D U-Net scorer.")
+    lesion_weights: Path | None = _f(None, "Weights file of the hybrid scorer's 2D lesion network (default: "
+                                     "the one shipped in the package; its .sha256 must sit beside it).")
+    lung_kernels: list[str] = _lf(DEFAULT_LUNG_KERNELS, "Convolution kernels preferred for scoring (case-insensitive).")
+    min_slices: int = _f(20, "Fewer slices than this: the series is not applicable.")
+    noise_floor_percent: float = _f(0.5, "Involvement below this is CT-0 (no signs).")
+
+    def check(self) -> None:
+        """Validate this section (a ConfigError names the setting)."""
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"{PREFIX}DEVICE must be auto, cpu or cuda, got {self.device!r}")
+        if self.scorer not in ("classical", "hybrid", "unet"):
+            raise ConfigError(f"{PREFIX}SCORER must be classical, hybrid or unet, got {self.scorer!r}")
+
+
+@dataclass(frozen=True)
+class FollowupSettings:
+    """Follow-up studies: where priors come from and the progression rule."""
+
+    prior_sources: list[str] = _lf(
+        [], "Comma-separated PACS AET@host:port asked (C-FIND, Study Root) for the patient's earlier CT "
+        "studies, retrieved with C-MOVE to AE_TITLE and scored as priors. Empty: compare only with studies "
+        "ct-triage scored itself."
+    )
+    prior_lookback_days: float = _f(
+        30.0, "Earlier studies of the same patient (Patient ID + Issuer) this recent are priors.")
+    prior_max_count: int = _f(3, "At most this many priors (the most recent) are compared with a study.")
+    progression_relative_percent: float = _f(
+        50.0, "Relative increase of total involvement (%) that is 'progression' (MosMedData Table 2: +50 %).")
+    progression_min_hours: float = _f(0.0, "Progression rule window, shortest interval between acquisitions (h).")
+    progression_max_hours: float = _f(48.0, "Progression rule window, longest interval between acquisitions (h).")
+    progression_min_points: float = _f(
+        5.0, "Progression also needs at least this many percentage points of increase (guards tiny shares).")
+    stable_points: float = _f(5.0, "A change smaller than this (percentage points) is reported as stable.")
+
+    def check(self) -> None:
+        """Validate this section (a ConfigError names the setting)."""
+        for source in self.prior_sources:
+            try:
+                parse_destination(source)
+            except ConfigError:
+                raise ConfigError(f"{PREFIX}PRIOR_SOURCES entry {source!r} is not AET@host:port") from None
+        if self.prior_lookback_days <= 0 or self.prior_max_count < 0:
+            raise ConfigError(f"{PREFIX}PRIOR_LOOKBACK_DAYS must be > 0 and {PREFIX}PRIOR_MAX_COUNT >= 0")
+        if not 0 <= self.progression_min_hours <= self.progression_max_hours:
+            raise ConfigError(f"{PREFIX}PROGRESSION_MIN_HOURS must be >= 0 and <= {PREFIX}PROGRESSION_MAX_HOURS")
+        if self.progression_relative_percent <= 0 or self.progression_min_points < 0 or self.stable_points < 0:
+            raise ConfigError(f"{PREFIX}PROGRESSION_RELATIVE_PERCENT must be > 0; {PREFIX}PROGRESSION_MIN_POINTS "
+                              f"and {PREFIX}STABLE_POINTS >= 0")
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """The objects written back: SC, SEG, SR."""
+
     sc_compression: str = _f(
         "jpeg-baseline", "Pixel encoding of the Secondary Capture images: none, rle or jpeg-baseline (lossy, "
         "about 90 KB a slice instead of 768 KB; see docs/outputs.md)."
@@ -120,26 +271,48 @@ class Settings:
         "none (Explicit VR Little Endian, ~32 KB a frame); a PACS refusing deflate gets it uncompressed."
     )
     sr_max_lesions: int = _f(20, "How many 3-D lesions (largest first) get their own measurement group in the SR.")
-    device: str = _f("auto", "Scoring device: auto, cpu or cuda.")
-    scorer: str = _f("hybrid", "Scorer: hybrid (default: classical lungs, lesions the shipped 2D network "
-                     "confirms), classical (HU rules only, no weights) or unet.")
-    unet_weights: Path | None = _f(None, "Weights file of the 3D U-Net scorer.")
-    lesion_weights: Path | None = _f(None, "Weights file of the hybrid scorer's 2D lesion network (default: "
-                                     "the one shipped in the package; its .sha256 must sit beside it).")
-    lung_kernels: list[str] = _lf(DEFAULT_LUNG_KERNELS, "Convolution kernels preferred for scoring (case-insensitive).")
-    min_slices: int = _f(20, "Fewer slices than this: the series is not applicable.")
-    noise_floor_percent: float = _f(0.5, "Involvement below this is CT-0 (no signs).")
-    commitment_peers: list[str] = _lf(
-        [], "Comma-separated AET@host:port[+tls] of scanners that want the Storage Commitment report on a new "
-        "association (used when the requesting association is already closed)."
-    )
-    retention_days: float = _f(
-        0.0, "Delete received instances (and quarantined files) this many days after their result was "
-        "delivered; rows are kept with a deleted-at mark. UPS workitems COMPLETED or CANCELED this many days "
-        "ago are deleted with their event and subscription rows. 0: keep forever."
-    )
-    retention_interval_s: float = _f(3600.0, "How often the node (or serve) runs the retention sweep.")
-    shutdown_grace_s: float = _f(8.0, "On SIGTERM: how long in-flight C-STOREs and tasks may run before exit.")
+
+    @property
+    def sc_max_slices(self) -> int | None:
+        """``SC_SLICES`` as the SC builder's ``max_slices``: None = all lesion slices."""
+        text = str(self.sc_slices).strip().lower()
+        if text in ("all", ""):
+            return None
+        if text.isdigit() and int(text) >= 1:
+            return int(text)
+        raise ConfigError(f"{PREFIX}SC_SLICES must be 'all' or a number >= 1, got {self.sc_slices!r}")
+
+    def check(self) -> None:
+        """Validate this section (a ConfigError names the setting)."""
+        if self.sc_compression not in ("none", "rle", "jpeg-baseline"):
+            raise ConfigError(f"{PREFIX}SC_COMPRESSION must be none, rle or jpeg-baseline, got {self.sc_compression!r}")
+        self.sc_max_slices  # noqa: B018 - validates SC_SLICES
+        if self.seg_compression not in ("deflate", "none"):
+            raise ConfigError(f"{PREFIX}SEG_COMPRESSION must be deflate or none, got {self.seg_compression!r}")
+        if self.sr_max_lesions < 0:
+            raise ConfigError(f"{PREFIX}SR_MAX_LESIONS must be >= 0, got {self.sr_max_lesions}")
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    """Where results go and how failed sends are retried."""
+
+    destinations: list[str] = _lf([], "Comma-separated PACS targets AET@host:port (append '+tls' for TLS).")
+    retry_base_s: float = _f(
+        5.0, "First retry delay of a transient delivery failure; doubles each attempt, up to RETRY_MAX_S.")
+    retry_max_s: float = _f(
+        600.0, "Longest delay between two delivery attempts (a PACS back up is found within this).")
+
+    def check(self) -> None:
+        """Validate this section (a ConfigError names the setting)."""
+        for dest in self.destinations:
+            parse_destination(dest)
+
+
+@dataclass(frozen=True)
+class WorklistSettings:
+    """The reading worklist: the priority rule, UPS, HL7 to the RIS, the page."""
+
     priority_rule: str = _f(
         DEFAULT_RULE_TEXT, "Worklist priority per category, and for results not scored ('failed': failed or not "
         "applicable; never below MEDIUM). Ties are broken by arrival time.")
@@ -168,23 +341,6 @@ class Settings:
         None, "PEM client certificate presented to the '+tls' HL7_DESTINATIONS (a RIS that requires one). "
         "Empty: none.")
     hl7_tls_key: Path | None = _f(None, "PEM private key of HL7_TLS_CERT.")
-    prior_sources: list[str] = _lf(
-        [], "Comma-separated PACS AET@host:port asked (C-FIND, Study Root) for the patient's earlier CT "
-        "studies, retrieved with C-MOVE to AE_TITLE and scored as priors. Empty: compare only with studies "
-        "ct-triage scored itself."
-    )
-    prior_lookback_days: float = _f(
-        30.0, "Earlier studies of the same patient (Patient ID + Issuer) this recent are priors.")
-    prior_max_count: int = _f(3, "At most this many priors (the most recent) are compared with a study.")
-    progression_relative_percent: float = _f(
-        50.0, "Relative increase of total involvement (%) that is 'progression' (MosMedData Table 2: +50 %).")
-    progression_min_hours: float = _f(0.0, "Progression rule window, shortest interval between acquisitions (h).")
-    progression_max_hours: float = _f(48.0, "Progression rule window, longest interval between acquisitions (h).")
-    progression_min_points: float = _f(
-        5.0, "Progression also needs at least this many percentage points of increase (guards tiny shares).")
-    stable_points: float = _f(5.0, "A change smaller than this (percentage points) is reported as stable.")
-    poll_interval_s: float = _f(1.0, "How often the completeness tracker and the embedded queue look for work.")
-    log_level: str = _f("INFO", "Logging level.")
     http_host: str = _f(
         "127.0.0.1", "Address of the worklist page, its JSON API and /metrics. Off-localhost needs HTTP_TOKEN.",
     )
@@ -202,47 +358,81 @@ class Settings:
         72.0, "Studies that arrived longer ago than this leave the page and /api/worklist (the SQL view keeps them).",
     )
 
-    audit_repository: str = _f(
-        "", "Audit repository (IHE ATNA) receiving the DICOM PS3.15 A.5 audit messages as syslog: tls://host:port "
-        "(RFC 5425, e.g. port 6514) or udp://host:port (RFC 5426, e.g. 514). Empty: the audit trail is kept "
-        "in the database only (ct-triage audit); see docs/audit.md.")
-    audit_tls_ca: Path | None = _f(
-        None, "CA bundle that signed the audit repository's certificate. Empty: TLS_CA, else the system's CAs.")
-    audit_tls_cert: Path | None = _f(
-        None, "PEM client certificate presented to the audit repository (ATNA node authentication). Empty: TLS_CERT.")
-    audit_tls_key: Path | None = _f(None, "PEM private key of AUDIT_TLS_CERT. Empty: TLS_KEY.")
-    audit_query_aggregate_min: float = _f(
-        10.0, "Worklist page and API reads: one Query audit message per client (token and address) in this many "
-              "minutes (0: one per request). DICOM queries are never aggregated.")
-
-    # -- derived -------------------------------------------------------------------
     @property
-    def effective_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{(self.var_dir / 'ct-triage.sqlite').as_posix()}"
+    def priorities(self) -> dict[str, str]:
+        """The validated priority rule (db.priority)."""
+        return parse_rule(self.priority_rule)
 
-    @property
-    def effective_storage_dir(self) -> Path:
-        return self.storage_dir or (self.var_dir / "storage")
+    def check(self) -> None:
+        """Validate this section (a ConfigError names the setting)."""
+        if not 0 <= self.http_port < 65536:
+            raise ConfigError(f"{PREFIX}HTTP_PORT must be 0..65535, got {self.http_port}")
+        if self.http_port and not is_loopback(self.http_host) and not self.http_token:
+            raise ConfigError(f"{PREFIX}HTTP_HOST={self.http_host} is not a loopback address: set {PREFIX}HTTP_TOKEN "
+                              f"(at least 16 characters) or bind the page to 127.0.0.1")
+        if self.http_token and len(self.http_token) < 16:
+            raise ConfigError(f"{PREFIX}HTTP_TOKEN must be at least 16 characters")
+        if not 1 <= self.http_connections_per_address <= 1024:
+            raise ConfigError(f"{PREFIX}HTTP_CONNECTIONS_PER_ADDRESS must be 1..1024, got "
+                              f"{self.http_connections_per_address}")
+        if self.http_refresh_s < 1 or self.http_worklist_hours <= 0:
+            raise ConfigError(f"{PREFIX}HTTP_REFRESH_S must be >= 1 and {PREFIX}HTTP_WORKLIST_HOURS > 0")
+        try:
+            parse_rule(self.priority_rule)
+        except PriorityRuleError as exc:
+            raise ConfigError(f"{PREFIX}PRIORITY_RULE: {exc}") from exc
+        for entry in self.ups_subscribers:
+            parse_destination(entry, setting="UPS_SUBSCRIBERS")
+        for entry in self.hl7_destinations:
+            parse_hl7_destination(entry)
+        if self.hl7_order_message not in ("ORM^O01", "OMI^O23"):
+            raise ConfigError(f"{PREFIX}HL7_ORDER_MESSAGE must be ORM^O01 or OMI^O23, got {self.hl7_order_message!r}")
+        if not 0 < self.worklist_expiry_h <= 87600:  # NaN fails too; 10 years keeps datetimes in range
+            raise ConfigError(f"{PREFIX}WORKLIST_EXPIRY_H must be > 0 (hours, at most 87600), got "
+                              f"{self.worklist_expiry_h}")
+        if not 0 < len(self.ups_worklist_label) <= 64:
+            raise ConfigError(f"{PREFIX}UPS_WORKLIST_LABEL must be 1..64 characters")
+        if self.hl7_ack_timeout_s <= 0:
+            raise ConfigError(f"{PREFIX}HL7_ACK_TIMEOUT_S must be > 0")
+        if self.hl7_tls_cert and not self.hl7_tls_key:
+            raise ConfigError(f"{PREFIX}HL7_TLS_KEY is required when {PREFIX}HL7_TLS_CERT is set")
+        if self.hl7_tls_key and not self.hl7_tls_cert:
+            raise ConfigError(f"{PREFIX}HL7_TLS_KEY is set without {PREFIX}HL7_TLS_CERT")
 
-    @property
-    def sc_max_slices(self) -> int | None:
-        """``SC_SLICES`` as the SC builder's ``max_slices``: None = all lesion slices."""
-        text = str(self.sc_slices).strip().lower()
-        if text in ("all", ""):
-            return None
-        if text.isdigit() and int(text) >= 1:
-            return int(text)
-        raise ConfigError(f"{PREFIX}SC_SLICES must be 'all' or a number >= 1, got {self.sc_slices!r}")
 
-    @property
-    def embedded_queue(self) -> bool:
-        return not self.broker_url
+@dataclass(frozen=True)
+class RetentionSettings:
+    """How long received instances, workitems and quarantined files are kept."""
 
-    @property
-    def tls_enabled(self) -> bool:
-        return self.tls_cert is not None
+    retention_days: float = _f(
+        0.0, "Delete received instances (and quarantined files) this many days after their result was "
+        "delivered; rows are kept with a deleted-at mark. UPS workitems COMPLETED or CANCELED this many days "
+        "ago are deleted with their event and subscription rows. 0: keep forever."
+    )
+    retention_interval_s: float = _f(3600.0, "How often the node (or serve) runs the retention sweep.")
 
-    # -- loading -------------------------------------------------------------------
+    def check(self) -> None:
+        """Validate this section (a ConfigError names the setting)."""
+        if self.retention_days < 0 or self.retention_interval_s <= 0:
+            raise ConfigError(f"{PREFIX}RETENTION_DAYS must be >= 0 and {PREFIX}RETENTION_INTERVAL_S > 0")
+
+
+# The sections, in the order of the settings table; each validates its own fields (``check``).
+SECTIONS: tuple[type, ...] = (CoreSettings, NodeSettings, SecuritySettings, ScoringSettings, FollowupSettings,
+                              OutputSettings, DeliverySettings, WorklistSettings, RetentionSettings)
+
+
+# Bases in reverse: a dataclass lists the fields of its last base first (the table starts with CoreSettings).
+@dataclass(frozen=True)
+class Settings(RetentionSettings, WorklistSettings, DeliverySettings, OutputSettings, FollowupSettings,
+               ScoringSettings, SecuritySettings, NodeSettings, CoreSettings):
+    """Every setting of a process, read from one environment; the sections above, flat.
+
+    Access stays flat (``settings.port``), as the ``CT_TRIAGE_*`` names are: a section groups
+    and validates its fields, :meth:`validate` runs every section's ``check`` and then the
+    checks that span two sections.
+    """
+
     @classmethod
     def from_env(cls, environ: typing.Mapping[str, str] | None = None, **overrides) -> Settings:
         environ = os.environ if environ is None else environ
@@ -272,109 +462,12 @@ class Settings:
         return settings
 
     def validate(self) -> None:
-        if not 0 < self.port < 65536:
-            raise ConfigError(f"{PREFIX}PORT must be 1..65535, got {self.port}")
-        if not 1 <= len(self.ae_title) <= 16:
-            raise ConfigError(f"{PREFIX}AE_TITLE must be 1..16 characters, got {self.ae_title!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"{PREFIX}DEVICE must be auto, cpu or cuda, got {self.device!r}")
-        if self.scorer not in ("classical", "hybrid", "unet"):
-            raise ConfigError(f"{PREFIX}SCORER must be classical, hybrid or unet, got {self.scorer!r}")
-        if self.tls_cert and not self.tls_key:
-            raise ConfigError(f"{PREFIX}TLS_KEY is required when {PREFIX}TLS_CERT is set")
-        if self.tls_required and not self.tls_cert:
-            raise ConfigError(f"{PREFIX}TLS_REQUIRED needs {PREFIX}TLS_CERT and {PREFIX}TLS_KEY")
-        if self.republish_after_s < 5:
-            raise ConfigError(f"{PREFIX}REPUBLISH_AFTER_S must be >= 5 (a busy worker is not a lost message)")
-        if self.max_pending_per_address < 1 or self.max_pending_total < 1 or self.max_associations < 1:
-            raise ConfigError(f"{PREFIX}MAX_ASSOCIATIONS, MAX_PENDING_PER_ADDRESS and MAX_PENDING_TOTAL must be >= 1")
-        if self.max_instance_mb < 1 or self.max_message_s <= 0 or self.quarantine_max_mb < 0:
-            raise ConfigError(f"{PREFIX}MAX_INSTANCE_MB must be >= 1, MAX_MESSAGE_S > 0, QUARANTINE_MAX_MB >= 0")
-        if self.stable_age_s < 0 or self.max_receive_s <= 0:
-            raise ConfigError(f"{PREFIX}STABLE_AGE_S must be >= 0 and {PREFIX}MAX_RECEIVE_S > 0")
-        if self.sc_compression not in ("none", "rle", "jpeg-baseline"):
-            raise ConfigError(f"{PREFIX}SC_COMPRESSION must be none, rle or jpeg-baseline, got {self.sc_compression!r}")
-        self.sc_max_slices  # noqa: B018 - validates SC_SLICES
-        if self.seg_compression not in ("deflate", "none"):
-            raise ConfigError(f"{PREFIX}SEG_COMPRESSION must be deflate or none, got {self.seg_compression!r}")
-        if self.sr_max_lesions < 0:
-            raise ConfigError(f"{PREFIX}SR_MAX_LESIONS must be >= 0, got {self.sr_max_lesions}")
-        for dest in self.destinations:
-            parse_destination(dest)
-        for source in self.prior_sources:
-            try:
-                parse_destination(source)
-            except ConfigError:
-                raise ConfigError(f"{PREFIX}PRIOR_SOURCES entry {source!r} is not AET@host:port") from None
-        if self.prior_lookback_days <= 0 or self.prior_max_count < 0:
-            raise ConfigError(f"{PREFIX}PRIOR_LOOKBACK_DAYS must be > 0 and {PREFIX}PRIOR_MAX_COUNT >= 0")
-        if not 0 <= self.progression_min_hours <= self.progression_max_hours:
-            raise ConfigError(f"{PREFIX}PROGRESSION_MIN_HOURS must be >= 0 and <= {PREFIX}PROGRESSION_MAX_HOURS")
-        if self.progression_relative_percent <= 0 or self.progression_min_points < 0 or self.stable_points < 0:
-            raise ConfigError(f"{PREFIX}PROGRESSION_RELATIVE_PERCENT must be > 0; {PREFIX}PROGRESSION_MIN_POINTS "
-                              f"and {PREFIX}STABLE_POINTS >= 0")
-        if not 0 <= self.http_port < 65536:
-            raise ConfigError(f"{PREFIX}HTTP_PORT must be 0..65535, got {self.http_port}")
-        if self.http_port and not is_loopback(self.http_host) and not self.http_token:
-            raise ConfigError(f"{PREFIX}HTTP_HOST={self.http_host} is not a loopback address: set {PREFIX}HTTP_TOKEN "
-                              f"(at least 16 characters) or bind the page to 127.0.0.1")
-        if self.http_token and len(self.http_token) < 16:
-            raise ConfigError(f"{PREFIX}HTTP_TOKEN must be at least 16 characters")
-        if not 1 <= self.http_connections_per_address <= 1024:
-            raise ConfigError(f"{PREFIX}HTTP_CONNECTIONS_PER_ADDRESS must be 1..1024, got "
-                              f"{self.http_connections_per_address}")
-        if self.http_refresh_s < 1 or self.http_worklist_hours <= 0:
-            raise ConfigError(f"{PREFIX}HTTP_REFRESH_S must be >= 1 and {PREFIX}HTTP_WORKLIST_HOURS > 0")
-        for setting, entries in (("ALLOWED_CALLING_AES", self.allowed_calling_aes),
-                                 ("WORKLIST_AES", self.worklist_aes),
-                                 ("WORKLIST_ADMIN_AES", self.worklist_admin_aes)):
-            for entry in entries:
-                parse_allowed_caller(entry, setting)
-        if not 1 <= len(self.worklist_ae_title) <= 16:
-            raise ConfigError(f"{PREFIX}WORKLIST_AE_TITLE must be 1..16 characters")
+        for section in SECTIONS:
+            section.check(self)  # type: ignore[attr-defined]  # each section class defines check
+        # Spanning two sections:
         if self.worklist_ae_title == self.ae_title:
             raise ConfigError(f"{PREFIX}WORKLIST_AE_TITLE must differ from AE_TITLE: senders and worklist "
                               "readers are told apart by the title they call")
-        if self.tls_cert_ae_title and not self.tls_ca:
-            raise ConfigError(f"{PREFIX}TLS_CERT_AE_TITLE needs TLS_CA (client certificates)")
-        for entry in self.commitment_peers:
-            parse_destination(entry, setting="COMMITMENT_PEERS")
-        if self.retention_days < 0 or self.retention_interval_s <= 0:
-            raise ConfigError(f"{PREFIX}RETENTION_DAYS must be >= 0 and {PREFIX}RETENTION_INTERVAL_S > 0")
-        if not 0 <= self.shutdown_grace_s <= 60:
-            raise ConfigError(f"{PREFIX}SHUTDOWN_GRACE_S must be 0..60, got {self.shutdown_grace_s}")
-        try:
-            parse_rule(self.priority_rule)
-        except PriorityRuleError as exc:
-            raise ConfigError(f"{PREFIX}PRIORITY_RULE: {exc}") from exc
-        for entry in self.ups_subscribers:
-            parse_destination(entry, setting="UPS_SUBSCRIBERS")
-        for entry in self.hl7_destinations:
-            parse_hl7_destination(entry)
-        if self.hl7_order_message not in ("ORM^O01", "OMI^O23"):
-            raise ConfigError(f"{PREFIX}HL7_ORDER_MESSAGE must be ORM^O01 or OMI^O23, got {self.hl7_order_message!r}")
-        if not 0 < self.worklist_expiry_h <= 87600:  # NaN fails too; 10 years keeps datetimes in range
-            raise ConfigError(f"{PREFIX}WORKLIST_EXPIRY_H must be > 0 (hours, at most 87600), got "
-                              f"{self.worklist_expiry_h}")
-        if not 0 < len(self.ups_worklist_label) <= 64:
-            raise ConfigError(f"{PREFIX}UPS_WORKLIST_LABEL must be 1..64 characters")
-        if self.hl7_ack_timeout_s <= 0:
-            raise ConfigError(f"{PREFIX}HL7_ACK_TIMEOUT_S must be > 0")
-        if self.hl7_tls_cert and not self.hl7_tls_key:
-            raise ConfigError(f"{PREFIX}HL7_TLS_KEY is required when {PREFIX}HL7_TLS_CERT is set")
-        if self.hl7_tls_key and not self.hl7_tls_cert:
-            raise ConfigError(f"{PREFIX}HL7_TLS_KEY is set without {PREFIX}HL7_TLS_CERT")
-        if self.audit_repository:
-            parse_audit_repository(self.audit_repository)
-        if self.audit_tls_cert and not self.audit_tls_key:
-            raise ConfigError(f"{PREFIX}AUDIT_TLS_KEY is required when {PREFIX}AUDIT_TLS_CERT is set")
-        if self.audit_query_aggregate_min < 0:
-            raise ConfigError(f"{PREFIX}AUDIT_QUERY_AGGREGATE_MIN must be >= 0, got {self.audit_query_aggregate_min}")
-
-    @property
-    def priorities(self) -> dict[str, str]:
-        """The validated priority rule (db.priority)."""
-        return parse_rule(self.priority_rule)
 
     def effective(self) -> dict[str, str]:
         """The settings as logged at start: every field, secrets masked."""
@@ -404,6 +497,20 @@ class Settings:
                 default = str(default).lower()
             rows.append((PREFIX + f.name.upper(), "" if default is None else str(default), f.metadata["help"]))
         return rows
+
+def settings_markdown() -> str:
+    """The settings tables of docs/settings.md: one per section, in table order."""
+    out = []
+    for section in reversed(Settings.__mro__[1:-1]):  # CoreSettings first, as the table lists them
+        names = {f.name for f in dataclasses.fields(section)}
+        title = section.__name__.removesuffix("Settings")
+        doc = (section.__doc__ or "").strip()
+        out.append(f"## {title}\n\n{doc}\n\n| variable | default | meaning |\n|---|---|---|")
+        for name, default, text in Settings.documentation():
+            if name[len(PREFIX):].lower() in names:
+                out.append(f"| `{name}` | `{default}` | {text} |" if default else f"| `{name}` | | {text} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def is_loopback(host: str) -> bool:

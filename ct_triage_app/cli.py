@@ -415,9 +415,9 @@ def cmd_audit(args, settings: Settings) -> int:
 
 def cmd_config(args, settings: Settings) -> int:
     if args.markdown:
-        print("| variable | default | meaning |\n|---|---|---|")
-        for name, default, text in Settings.documentation():
-            print(f"| `{name}` | `{default}` | {text} |" if default else f"| `{name}` | | {text} |")
+        from ct_triage.settings import settings_markdown
+
+        print(settings_markdown(), end="")
     else:
         for key, value in settings.effective().items():
             print(f"{key}={value}")

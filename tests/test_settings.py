@@ -66,6 +66,14 @@ def test_effective_config_masks_secrets():
     assert "postgresql://ct:***@db/ct" in text
 
 
+def test_the_settings_doc_carries_the_generated_tables():
+    from ct_triage.settings import settings_markdown
+
+    doc = SETTINGS_DOC.read_text()
+    generated = doc.split("<!-- generated: ct-triage config --markdown -->\n", 1)[1].split("<!-- /generated -->")[0]
+    assert generated == settings_markdown(), "docs/settings.md is stale: paste `ct-triage config --markdown` in"
+
+
 def test_the_settings_doc_documents_every_setting_with_its_default():
     doc = SETTINGS_DOC.read_text()
     rows = [line for line in doc.splitlines() if line.startswith("| `CT_TRIAGE_")]

@@ -197,6 +197,13 @@ def test_hl7_outbox_delivers_stops_and_retries_once(start_node, database_url):
         assert len(ok.messages) == 2 and len(late.messages) == 2 and len(refusing.messages) == 1
         pid = ok.messages[0].segment("PID")
         assert ok.messages[0].unescape(str(pid(5)(1)(2))) == "JO|E"
+        # The audit trail: one message per acknowledged HL7 message (5), one for the refusal (outcome 4).
+        from db.models import AuditEvent
+
+        with running.session() as session:
+            sent = list(session.scalars(select(AuditEvent).where(AuditEvent.kind == "hl7_sent")))
+        assert sorted(e.outcome for e in sent) == [0, 0, 0, 0, 4]
+        assert all("SMITH" not in (e.user_id or "") for e in sent)
     finally:
         for listener in (ok, refusing, late):
             listener.stop()

@@ -96,6 +96,17 @@ def test_multi_series_study_stored_indexed_and_queued_once(start_node, database_
         study = session.scalar(select(Study))
         assert study.patient.patient_name == "DOE^JANE"
 
+    # The audit trail: one DICOM Instances Transferred message for the study and association,
+    # counting both series' instances, naming the scanner's address (not its patient at INFO).
+    from db.models import AuditEvent
+
+    def transferred():
+        with running.session() as session:
+            return session.scalars(select(AuditEvent).where(AuditEvent.kind == "instances_transferred")).all()
+    events = wait_for(transferred)
+    assert len(events) == 1 and events[0].action == "C" and events[0].source_address == "127.0.0.1"
+    assert lung.study_instance_uid in events[0].message_xml and 'NumberOfInstances="420"' in events[0].message_xml
+
 
 def test_duplicates_keep_first_copy_and_are_counted(start_node, sqlite_url, tmp_path):
     running = start_node(sqlite_url)

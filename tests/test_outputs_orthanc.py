@@ -304,6 +304,15 @@ def test_queued_deliveries_after_an_outage_go_high_first_from_stored_files(start
             assert states == {"delivered"}, [d.last_error for d in session.scalars(select(Delivery))]
             assert len(session.scalars(select(OutputFile)).all()) == len(files), "nothing rebuilt"
         assert {p: hashlib.sha256((storage / p).read_bytes()).hexdigest() for p in before} == before
+        # The audit trail: each delivery that reached the PACS is one Instances Transferred (sent)
+        # message naming the PACS; the attempts against the dead PACS sent nothing and failed only
+        # transiently, so they left none.
+        from db.models import AuditEvent
+
+        with running.session() as session:
+            sent = [e for e in session.scalars(select(AuditEvent).where(AuditEvent.kind == "instances_transferred"))
+                    if e.action == "R"]
+        assert len(sent) == 3 and all(e.outcome == 0 for e in sent)
         arrivals = _orthanc_arrivals(pacs)
     finally:
         pacs.stop()

@@ -290,3 +290,30 @@ def test_each_series_shows_number_kernel_thickness_and_a_twin_left_out_is_no_fai
     assert '<span class="sub series sr-scored">#2 LUNG 1.0 \u00b7 L \u00b7 1 mm: scored</span>' in row
     assert 'class="sub series sr-not-selected"' in row and "SOFT &lt;i&gt;1.0&lt;/i&gt; \u00b7 B" in row
     assert ": not selected (kernel B is not a lung kernel" in row and "<i>" not in row
+
+
+@pytest.mark.security
+def test_token_reads_and_failures_reach_the_audit_trail_from_another_address(dashboard):
+    """From 127.0.0.3 (another host as far as the page can tell): every failed token is a User
+    Authentication failure (at most 10 a minute per address), reads with the token are one Query
+    message per client per aggregation window, and the token itself is never recorded."""
+    from sqlalchemy import select
+
+    from db.models import AuditEvent
+
+    server, _ = dashboard(http_host="0.0.0.0", http_token=TOKEN)
+    transport = httpx.HTTPTransport(local_address="127.0.0.3")
+    with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=30, transport=transport) as http:
+        assert http.get("/api/worklist").status_code == 401
+        assert http.get("/api/worklist", headers={"Authorization": "Bearer wrong-token-0123456789"}).status_code == 401
+        for _ in range(12):
+            assert http.get("/", headers={"Authorization": "Bearer guess-0123456789abcdef"}).status_code == 401
+        for path in ("/", "/api/worklist", "/metrics"):
+            assert http.get(path, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    with server.session_factory() as session:
+        events = list(session.scalars(select(AuditEvent).order_by(AuditEvent.id)))
+    failures = [e for e in events if e.kind == "authentication_failure"]
+    reads = [e for e in events if e.kind == "http_read"]
+    assert len(failures) == 10 and all(e.source_address == "127.0.0.3" and e.outcome == 4 for e in failures)
+    assert len(reads) == 1 and reads[0].source_address == "127.0.0.3"
+    assert all(TOKEN not in e.message_xml and "wrong-token" not in e.message_xml for e in events)

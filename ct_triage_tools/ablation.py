@@ -417,6 +417,10 @@ def _run(recipe: AblationRecipe, run_dir: Path, data_root: Path, resume: bool, s
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
+            if len(losses) % 20 == 0:
+                print(json.dumps({"stage": "progress", "epoch": epoch, "batches": len(losses),
+                                  "of": math.ceil(len(order) / recipe.batch), "loss": round(float(np.mean(losses)), 4),
+                                  "seconds": round(time.perf_counter() - t_ep, 1)}), flush=True)
         lr_used = opt.param_groups[0]["lr"]
         sched.step()
         train_s_wall = time.perf_counter() - t_ep
@@ -508,6 +512,27 @@ def table(results: Path) -> str:
     return "\n".join(rows)
 
 
+def _queued(presets: list[str], file: Path | None, runs: Path):
+    """The presets to run, in order: those named, then those of ``file`` (re-read after each
+    run); a preset whose folder holds ``result.json`` or that was tried once is skipped."""
+    tried: set[str] = set()
+    while True:
+        names = list(presets)
+        if file is not None and file.is_file():
+            names += [w for line in file.read_text().splitlines()
+                      for w in line.split("#", 1)[0].split()]
+        todo = [p for p in names if p not in tried and not (runs / p / "result.json").is_file()]
+        unknown = [p for p in todo if p not in PRESETS]
+        for p in unknown:
+            print(json.dumps({"queue": p, "skipped": "not a preset"}), flush=True)
+            tried.add(p)
+        todo = [p for p in todo if p in PRESETS]
+        if not todo:
+            return
+        tried.add(todo[0])
+        yield todo[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -524,7 +549,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--stop-after", type=int, default=None, help="stop after this many epochs in total")
     r.add_argument("--threads", type=int, default=1)
     q = sub.add_parser("queue", help="run presets one after another (each resumed), one process each")
-    q.add_argument("presets", nargs="+", choices=sorted(PRESETS))
+    q.add_argument("presets", nargs="*", choices=sorted(PRESETS))
+    q.add_argument("--file", type=Path, default=None,
+                   help="also presets from this file (one a line, # comments), re-read after every run: "
+                        "append to it while the queue runs")
     q.add_argument("--threads", type=int, default=1)
     sub.add_parser("table", help="print ablation.jsonl as a Markdown table")
     a = ap.parse_args(argv)
@@ -538,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.cmd == "queue":
         failed = 0
-        for p in a.presets:
+        for p in _queued(a.presets, a.file, a.runs):
             run_dir = a.runs / p
             run_dir.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "ct_triage_tools.ablation", "--runs", str(a.runs), "--data", str(a.data),

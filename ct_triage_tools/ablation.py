@@ -382,8 +382,10 @@ def _run(recipe: AblationRecipe, run_dir: Path, data_root: Path, resume: bool, s
     start = 1
     if existing:
         ck = torch.load(existing[-1], map_location="cpu", weights_only=True)
-        if ck["recipe"] != asdict(recipe):
-            raise ValueError(f"{existing[-1]}: recipe {ck['recipe']} is not {asdict(recipe)}; use another name")
+        # a field added to the recipe later reads as its default in older checkpoints
+        stored = {**asdict(AblationRecipe()), **ck["recipe"]}
+        if stored != asdict(recipe):
+            raise ValueError(f"{existing[-1]}: recipe {stored} is not {asdict(recipe)}; use another name")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import highdicom as hd
 import numpy as np
 from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
@@ -137,7 +137,7 @@ _TAGS: dict[str, tuple[BaseTag, str]] = {}
 
 def _dataset(**elements) -> Dataset:
     """A Dataset from keyword=value pairs, without Dataset.__setattr__'s per-call lookups."""
-    out = {}
+    out: dict[BaseTag, DataElement | RawDataElement] = {}
     for keyword, value in elements.items():
         entry = _TAGS.get(keyword)
         if entry is None:
@@ -299,7 +299,7 @@ def build_segmentation(
             # BINARY frames are bit-packed without padding between frames (PS3.5 8.1.1);
             # rows x cols is a multiple of 8 here, so frame-by-frame packing is the same.
             packed.append(np.packbits(_original_segment(masks, key, k), bitorder="little").tobytes())
-    seg.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
+    seg.PerFrameFunctionalGroupsSequence = per_frame  # pydicom makes a list a Sequence
     seg.NumberOfFrames = len(per_frame)
     pixel_data = b"".join(packed)
     if (rows * cols) % 8:
@@ -311,11 +311,11 @@ def build_segmentation(
     seg[0x7FE00010] = DataElement(0x7FE00010, "OB", pixel_data)
     seg.SegmentsOverlap = "YES"
 
-    seg.SourceImageSequence = DicomSequence([_ref_item(ds) for ds in datasets])
+    seg.SourceImageSequence = [_ref_item(ds) for ds in datasets]
     series_ref = Dataset()
     series_ref.SeriesInstanceUID = source_series
     series_ref.ReferencedInstanceSequence = DicomSequence([_ref_item(ds) for ds in datasets])
-    seg.ReferencedSeriesSequence = DicomSequence([series_ref])
+    seg.ReferencedSeriesSequence = [series_ref]
     seg.ImageType = ["DERIVED", "PRIMARY"]
     if any(str(ds.get("LossyImageCompression", "")) == "01" for ds in datasets):
         seg.LossyImageCompression = "01"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 import tempfile
@@ -322,10 +323,8 @@ class DicomNode:
 
     def _clean_tmp(self) -> None:
         for leftover in Path(self.spool.tmp_dir).glob("*"):
-            try:
+            with contextlib.suppress(OSError):
                 leftover.unlink()
-            except OSError:
-                pass
 
     def stop(self, grace_s: float | None = None) -> None:
         """Graceful stop (dicom_node.shutdown): no new associations, open ones finish or are

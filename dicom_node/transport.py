@@ -40,6 +40,7 @@ the timers are still checked fifty times a second.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -138,10 +139,8 @@ def abort_connection(dul: DULServiceProvider, reason: str) -> None:
             sock.sendall(pdu.encode())
         except Exception:
             pass
-        try:
+        with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
     _release_gate(assoc)
     dul.event_queue.put("Evt17")
 
@@ -310,10 +309,8 @@ def _is_transport_event(self: DULServiceProvider) -> bool:
     except (OSError, ValueError):
         return False
     if wake is not None and wake in ready:
-        try:
+        with contextlib.suppress(OSError):
             os.eventfd_read(wake)
-        except OSError:
-            pass
     if sock in ready:
         return _read_pdu_data(self)
     return False
@@ -324,10 +321,8 @@ def _send_pdu(self: DULServiceProvider, primitive) -> None:
     with self.__dict__.get("_ct_wake_lock") or _NO_LOCK:
         wake = self.__dict__.get("_ct_wake")
         if wake is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.eventfd_write(wake, 1)
-            except OSError:
-                pass
 
 
 def _dul_init(self: DULServiceProvider, assoc) -> None:
@@ -467,10 +462,8 @@ class BoundedRequestHandler(RequestHandler):
                     return
                 self.request = sock
             sock.settimeout(server.socket_timeout)
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
             assoc = self._create_association()
             # read back by _release_gate, _limits and dicom_node.server.handle_requested
             assoc.__dict__.update(ct_gate=server.gate, ct_gate_key=key, ct_limits=server.limits)
@@ -484,10 +477,8 @@ class BoundedRequestHandler(RequestHandler):
 
 
 def _close_quietly(sock) -> None:
-    try:
+    with contextlib.suppress(OSError):
         sock.close()
-    except OSError:
-        pass
 
 
 class BoundedAssociationServer(ThreadedAssociationServer):

@@ -32,7 +32,7 @@ import ipaddress
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from ct_triage.text import clean
 from db.audit import AuditRecord
@@ -310,7 +310,7 @@ class AuditMessage:
 
 def xml_datetime(when: datetime) -> str:
     """xsd:dateTime in UTC with milliseconds: 2026-12-02T10:00:00.123Z."""
-    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def _b64(value: bytes) -> str:

@@ -21,6 +21,7 @@ the reason. Neither ever touches the current result, which went out before.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 
@@ -162,8 +163,6 @@ def run_due_searches(ctx) -> int:
     with session_scope(ctx.session_factory) as session:
         due = fdb.due_prior_search_ids(session)
     for search_id in due:
-        try:
+        with contextlib.suppress(TransientError):  # recorded with its next attempt time
             find_priors(ctx, search_id)
-        except TransientError:
-            pass  # recorded with its next attempt time
     return len(due)

@@ -618,14 +618,15 @@ def _lesions(W, S, lung: np.ndarray, spacing, device, voxel_ml, notes) -> np.nda
         cand_np = big[labels]
     lesion = torch.from_numpy(cand_np).to(device)
     # give back the faint lesion edge (hysteresis), in-plane and one slice up and down
-    edge_ok = lung_t & (S > thr + (GROW_LOW_HU - LESION_LOW_HU)) & (S < LESION_HIGH_HU)
+    # SIM300 silenced below: S is the smoothed HU tensor, not a constant (ruff takes upper-case names for one)
+    edge_ok = lung_t & (S > thr + (GROW_LOW_HU - LESION_LOW_HU)) & (S < LESION_HIGH_HU)  # noqa: SIM300
     for _ in range(GROW_STEPS):
         lesion = lesion | ((_maxfilter2d(lesion.float(), 3) > 0) & edge_ok)
     grown_z = torch.zeros_like(lesion)
     if lesion.shape[0] > 1:
         grown_z[1:] |= lesion[:-1]
         grown_z[:-1] |= lesion[1:]
-    lesion = lesion | (grown_z & edge_ok & (S > thr))
+    lesion = lesion | (grown_z & edge_ok & (S > thr))  # noqa: SIM300
     return lesion.cpu().numpy()
 
 

@@ -242,8 +242,9 @@ def main() -> int:
            "CT_TRIAGE_DESTINATIONS": f"ORTHANC@127.0.0.1:{pacs.dicom_port}", "CT_TRIAGE_MIN_FREE_DISK_MB": "256",
            "CT_TRIAGE_POLL_INTERVAL_S": "0.2", "CT_TRIAGE_LOG_LEVEL": "INFO"}
     log_path = work / "serve.log"
-    serve = subprocess.Popen([sys.executable, "-m", "ct_triage_app.cli", "serve"], env=env,
-                             stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"), start_new_session=True)
+    with open(log_path, "wb") as log_file:  # the child keeps its own descriptor
+        serve = subprocess.Popen([sys.executable, "-m", "ct_triage_app.cli", "serve"], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=log_file, start_new_session=True)
     poller = Poller(pacs, database_url, args.slices)
     late_starts = []
     load_before = os.getloadavg()

@@ -41,10 +41,7 @@ def clean(value: object, limit: int = DEFAULT_LIMIT, *, none: str = "?") -> str:
     """``value`` as one printable line of at most ``limit`` characters."""
     if value is None:
         return none
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        text = bytes(value).decode("latin-1")
-    else:
-        text = str(value)
+    text = bytes(value).decode("latin-1") if isinstance(value, (bytes, bytearray, memoryview)) else str(value)
     if len(text) > 4 * limit:  # do not escape megabytes only to cut them
         text = text[: 4 * limit]
     text = _UNSAFE.sub(_escape, text)

@@ -336,11 +336,8 @@ def run_recipe(recipe: AblationRecipe, run_dir: Path, data_root: Path = DEFAULT_
     run_dir.mkdir(parents=True, exist_ok=True)
     name = name or run_dir.name
     torch.set_num_threads(threads)
-    log_fh = open(run_dir / "events.jsonl", "a")
-    try:
+    with open(run_dir / "events.jsonl", "a") as log_fh:
         return _run(recipe, run_dir, Path(data_root), resume, stop_after, results, name, report, log_fh)
-    finally:
-        log_fh.close()
 
 
 def _run(recipe: AblationRecipe, run_dir: Path, data_root: Path, resume: bool, stop_after: int | None,

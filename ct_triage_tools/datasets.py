@@ -19,9 +19,9 @@ covid-semiseg-2d (Inf-Net's COVID-SemiSeg packaging of the MedSeg slices)
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

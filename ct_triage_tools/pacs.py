@@ -191,12 +191,9 @@ class OrthancServer:
         if self.verbose:
             args.append("--verbose")
         started = time.monotonic()
-        log = open(self.log_path, "ab")
-        try:
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
                                             start_new_session=True, env=self.env)
-        finally:
-            log.close()
         _LIVE.add(self.process)
         deadline = started + self.startup_timeout
         while time.monotonic() < deadline:

@@ -14,8 +14,8 @@ written by :func:`worker.scoring.unet.save_weights` with the summary as its meta
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch

@@ -53,9 +53,10 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, cast
+from typing import cast
 
 import numpy as np
 import torch

@@ -38,7 +38,7 @@ import hmac
 import html
 import logging
 import unicodedata
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -101,7 +101,7 @@ def dicom_display(value: object, limit: int = TEXT_LIMIT) -> str:
 
 
 def _iso(value: datetime | None) -> str | None:
-    return value.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z") if value else None
+    return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z") if value else None
 
 
 def format_waiting(seconds: float | None) -> str:
@@ -290,7 +290,7 @@ class Dashboard:
 
     # -- routes ---------------------------------------------------------------------
     def page(self, request: Request) -> Response:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         rows = self.worklist()
         turnaround = self.turnaround_rows(now)
         body = render_page(rows, turnaround, now, self.settings.http_refresh_s,
@@ -301,7 +301,7 @@ class Dashboard:
     def api_worklist(self, request: Request) -> Response:
         rows = self.worklist()
         series = self.series_of(r.study_instance_uid for r in rows)
-        return JSONResponse({"generated_at": _iso(datetime.now(timezone.utc)),
+        return JSONResponse({"generated_at": _iso(datetime.now(UTC)),
                              "received_within_hours": self.settings.http_worklist_hours,
                              "studies": [{**row_json(r), "series": series_json(series.get(r.study_instance_uid, []))}
                                          for r in rows]}, headers={"cache-control": "no-store"})
@@ -347,7 +347,7 @@ class Dashboard:
         return Response(png, media_type="image/png", headers={"cache-control": "private, max-age=300"})
 
     def turnaround_chart(self, request: Request) -> Response:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         return Response(chart.turnaround_svg(self.turnaround_rows(now), now), media_type="image/svg+xml",
                         headers={"cache-control": "no-store"})
 

@@ -147,9 +147,8 @@ class CommitmentService:
             return
         time.sleep(self.report_delay_s)  # let the N-ACTION response leave first
         how = None
-        if assoc.is_established:
-            if self._report_on(assoc, event_type, report, transaction_uid):
-                how = "on the same association"
+        if assoc.is_established and self._report_on(assoc, event_type, report, transaction_uid):
+            how = "on the same association"
         if how is None:
             how = self._report_on_new_association(calling, event_type, report, transaction_uid)
         if how is None:

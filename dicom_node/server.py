@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 import tempfile
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from pydicom import config as pydicom_config
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
-from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
+from pynetdicom.transport import AssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from ct_triage.contract import Publisher
@@ -24,13 +25,14 @@ from dicom_node.access import (
     UPS_QUERY,
     UPS_SOP_CLASSES,
     UPS_WATCH,
+    VERIFICATION,
     AccessPolicy,
     Refusal,
     narrow_contexts,
     peer_certificate,
 )
 from dicom_node.auditing import AuditSender, NodeAudit
-from dicom_node.commitment import CommitmentService
+from dicom_node.commitment import STORAGE_COMMITMENT_PUSH_MODEL, CommitmentService
 from dicom_node.completeness import CompletenessTracker
 from dicom_node.expiry import WorkitemExpiry
 from dicom_node.retention import RetentionSweeper
@@ -211,8 +213,9 @@ class DicomNode:
             acse_timeout_s=settings.acse_timeout_s, dimse_timeout_s=settings.dimse_timeout_s,
             wait_indexed=lambda: self.store.indexer.flush(60))
         self.ups = UpsService(session_factory, settings)
-        self.ups.notifier = UpsNotifier(session_factory, self.ups, settings.worklist_ae_title,
+        self.ups_notifier = UpsNotifier(session_factory, self.ups, settings.worklist_ae_title,
                                         poll_interval_s=settings.poll_interval_s, timeout_s=settings.acse_timeout_s)
+        self.ups.notifier = self.ups_notifier
         self.tracker = CompletenessTracker(session_factory, publisher, stable_age_s=settings.stable_age_s,
                                            max_receive_s=settings.max_receive_s,
                                            poll_interval_s=settings.poll_interval_s,
@@ -233,7 +236,7 @@ class DicomNode:
         self.expiry.on_expired = self.audit.workitem_expired
         self.gate = Gate(settings.max_associations, settings.max_pending_per_address, settings.max_pending_total)
         self.ae = self._build_ae()
-        self.servers = []
+        self.servers: list[AssociationServer] = []
 
     def _wake_tracker(self) -> None:
         self.tracker.wake()
@@ -248,11 +251,12 @@ class DicomNode:
         # before any A-ASSOCIATE-RQ): its own cap only bounds threads.
         ae.maximum_associations = s.max_associations + s.max_pending_total
         ae.maximum_pdu_size = s.max_pdu_bytes
-        ae.add_supported_context(Verification)
-        ae.add_supported_context(StorageCommitmentPushModel)
+        ae.add_supported_context(VERIFICATION)
+        ae.add_supported_context(STORAGE_COMMITMENT_PUSH_MODEL)
         for ups_class in (UPS_PULL, UPS_WATCH, UPS_QUERY, UPS_PUSH):
             ae.add_supported_context(ups_class)
         for context in AllStoragePresentationContexts:
+            assert context.abstract_syntax is not None  # pynetdicom's storage contexts all name one
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         return ae
 
@@ -300,11 +304,11 @@ class DicomNode:
         self.tracker.start()
         self.retention.start()
         self.expiry.start()
-        self.ups.notifier.start()
+        self.ups_notifier.start()
         self.audit.application("start")
         self.audit_sender.start()
 
-    def _serve(self, port: int, tls: ssl.SSLContext | None):
+    def _serve(self, port: int, tls: ssl.SSLContext | None) -> AssociationServer:
         s = self.settings
         server = self.ae.make_server(
             (s.bind_address, port), evt_handlers=self.handlers(), ssl_context=tls,
@@ -324,10 +328,8 @@ class DicomNode:
 
     def _clean_tmp(self) -> None:
         for leftover in Path(self.spool.tmp_dir).glob("*"):
-            try:
+            with contextlib.suppress(OSError):
                 leftover.unlink()
-            except OSError:
-                pass
 
     def stop(self, grace_s: float | None = None) -> None:
         """Graceful stop (dicom_node.shutdown): no new associations, open ones finish or are
@@ -341,7 +343,7 @@ class DicomNode:
         self.retention.stop()
         self.expiry.stop()
         self.tracker.stop()
-        self.ups.notifier.stop()
+        self.ups_notifier.stop()
         self.audit.application("stop")
         self.audit_sender.stop()
         try:  # one last round, so that the stop itself reaches the audit repository

@@ -9,6 +9,7 @@ The 256 instance folders exist from start-up, so that is two fsyncs per instance
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -120,10 +121,8 @@ class Spool:
             self._quarantine_bytes = max(0, self._quarantine_bytes - nbytes)
 
     def remove(self, relpath: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             (self.root / relpath).unlink()
-        except FileNotFoundError:
-            pass
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -40,6 +40,7 @@ the timers are still checked fifty times a second.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -53,6 +54,7 @@ import weakref
 from dataclasses import dataclass, field
 
 from pynetdicom import evt
+from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
@@ -137,14 +139,17 @@ def abort_connection(dul: DULServiceProvider, reason: str) -> None:
             sock.sendall(pdu.encode())
         except Exception:
             pass
-        try:
+        with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+    _release_gate(assoc)
+    dul.event_queue.put("Evt17")
+
+
+def _release_gate(assoc: Association) -> None:
+    """Free the admission slot BoundedRequestHandler recorded on ``assoc`` (ct_gate, ct_gate_key)."""
     gate = getattr(assoc, "ct_gate", None)
     if gate is not None:
-        gate.release(assoc.ct_gate_key)
-    dul.event_queue.put("Evt17")
+        gate.release(assoc.__dict__["ct_gate_key"])
 
 
 def _readable(sock, wait: float) -> bool:
@@ -162,9 +167,7 @@ def _closed(dul: DULServiceProvider, message: str | None) -> None:
     rx.dead = True
     if message:
         log.warning("association from %s: %s", peer_of(dul.assoc), message)
-    gate = getattr(dul.assoc, "ct_gate", None)
-    if gate is not None:
-        gate.release(dul.assoc.ct_gate_key)
+    _release_gate(dul.assoc)
     dul.event_queue.put("Evt17")
 
 
@@ -306,10 +309,8 @@ def _is_transport_event(self: DULServiceProvider) -> bool:
     except (OSError, ValueError):
         return False
     if wake is not None and wake in ready:
-        try:
+        with contextlib.suppress(OSError):
             os.eventfd_read(wake)
-        except OSError:
-            pass
     if sock in ready:
         return _read_pdu_data(self)
     return False
@@ -320,26 +321,26 @@ def _send_pdu(self: DULServiceProvider, primitive) -> None:
     with self.__dict__.get("_ct_wake_lock") or _NO_LOCK:
         wake = self.__dict__.get("_ct_wake")
         if wake is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.eventfd_write(wake, 1)
-            except OSError:
-                pass
 
 
 def _dul_init(self: DULServiceProvider, assoc) -> None:
     _ORIGINAL["__init__"](self, assoc)
-    self._ct_wake_lock = threading.Lock()
-    self._ct_wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    self._ct_wake_final = weakref.finalize(self, os.close, self._ct_wake)
+    # our state on pynetdicom's object, in its __dict__ like _ct_rx (not attributes DULServiceProvider declares)
+    wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    self.__dict__.update(_ct_wake_lock=threading.Lock(), _ct_wake=wake,
+                         _ct_wake_final=weakref.finalize(self, os.close, wake))
 
 
 def _dul_run_reactor(self: DULServiceProvider) -> None:
     try:
         _ORIGINAL["run_reactor"](self)
     finally:
-        with self._ct_wake_lock:
-            self._ct_wake = None
-            self._ct_wake_final()
+        state = self.__dict__
+        with state["_ct_wake_lock"]:
+            state["_ct_wake"] = None
+            state["_ct_wake_final"]()
 
 
 def _reactor_get_msg(self, block: bool = False):
@@ -365,12 +366,15 @@ def install_bounded_receive() -> None:
         return
     _ORIGINAL.update(send_pdu=DULServiceProvider.send_pdu, __init__=DULServiceProvider.__init__,
                      run_reactor=DULServiceProvider.run_reactor, get_msg=DIMSEServiceProvider.get_msg)
-    DULServiceProvider._read_pdu_data = _read_pdu_data
-    DULServiceProvider._is_transport_event = _is_transport_event
-    DULServiceProvider.send_pdu = _send_pdu
-    DULServiceProvider.__init__ = _dul_init
-    DULServiceProvider.run_reactor = _dul_run_reactor
-    DIMSEServiceProvider.get_msg = _reactor_get_msg
+    # Patching pynetdicom's methods is the point here, so mypy's method-assign is silenced
+    # line by line; _read_pdu_data returns whether a whole PDU was handled (pynetdicom's returns
+    # None; its only callers are in the _is_transport_event replaced here), hence the assignment ignore.
+    DULServiceProvider._read_pdu_data = _read_pdu_data  # type: ignore[method-assign, assignment]
+    DULServiceProvider._is_transport_event = _is_transport_event  # type: ignore[method-assign]
+    DULServiceProvider.send_pdu = _send_pdu  # type: ignore[method-assign]
+    DULServiceProvider.__init__ = _dul_init  # type: ignore[method-assign]
+    DULServiceProvider.run_reactor = _dul_run_reactor  # type: ignore[method-assign]
+    DIMSEServiceProvider.get_msg = _reactor_get_msg  # type: ignore[method-assign]
     _installed = True
 
 
@@ -458,14 +462,11 @@ class BoundedRequestHandler(RequestHandler):
                     return
                 self.request = sock
             sock.settimeout(server.socket_timeout)
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
             assoc = self._create_association()
-            assoc.ct_gate = server.gate
-            assoc.ct_gate_key = key
-            assoc.ct_limits = server.limits
+            # read back by _release_gate, _limits and dicom_node.server.handle_requested
+            assoc.__dict__.update(ct_gate=server.gate, ct_gate_key=key, ct_limits=server.limits)
             evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
             assoc.start()
             assoc.join()
@@ -476,10 +477,8 @@ class BoundedRequestHandler(RequestHandler):
 
 
 def _close_quietly(sock) -> None:
-    try:
+    with contextlib.suppress(OSError):
         sock.close()
-    except OSError:
-        pass
 
 
 class BoundedAssociationServer(ThreadedAssociationServer):

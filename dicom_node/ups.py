@@ -52,7 +52,7 @@ import json
 import logging
 import re
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
@@ -131,7 +131,7 @@ INTERPRETATION = ("110005", "DCM", "Interpretation")  # CID 9231 General Purpose
 
 # -- the workitem as a data set ---------------------------------------------------------------
 def _dt(value: datetime | None) -> str:
-    return "" if value is None else value.astimezone(timezone.utc).strftime("%Y%m%d%H%M%S+0000")
+    return "" if value is None else value.astimezone(UTC).strftime("%Y%m%d%H%M%S+0000")
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
@@ -273,7 +273,7 @@ def _parse_dt(text: str, end_of_period: bool = False) -> datetime:
     except ValueError:  # e.g. day 31 of a short month: fall back to the period's start + 1 day
         value = datetime.strptime(digits[:8].ljust(8, "0") if len(digits) >= 8 else digits.ljust(4, "0") + "0101",
                                   "%Y%m%d")
-    value = value.replace(tzinfo=timezone.utc)
+    value = value.replace(tzinfo=UTC)
     if offset:
         value -= timedelta(hours=int(offset[0:2]), minutes=int(offset[2:4]))
     return value

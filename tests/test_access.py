@@ -84,7 +84,8 @@ def test_certificate_must_name_the_calling_ae(tmp_path, sqlite_url):
 def guarded(start_node, database_url):
     running = start_node(database_url, worklist_aes=["READER@127.0.0.2", "READER2@127.0.0.2", "WATCHER@127.0.0.2",
                                                      "VIEWER@127.0.1.0/24"],
-                         worklist_admin_aes=["ADMIN@127.0.0.3"], ups_subscribers=["WATCHER@127.0.0.2:1"])
+                         worklist_admin_aes=["ADMIN@127.0.0.3"], ups_subscribers=["WATCHER@127.0.0.2:1"],
+                         worklist_expiry_h=87600.0)  # T0 is days ago: the expiry sweep must leave them
     uids = {"scheduled": seed(running, "1.2.826.0.1.3680043.8.498.101", category="CT-4", percent=80.0, arrived=T0),
             "other": seed(running, "1.2.826.0.1.3680043.8.498.102", category="CT-1", percent=5.0, arrived=T0)}
     return running, uids

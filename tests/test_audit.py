@@ -213,7 +213,7 @@ def test_a_large_message_loses_its_instance_lists_not_its_counts(settings, schem
 
 
 def test_syslog_framing():
-    when = datetime.datetime(2026, 12, 2, 10, 0, 0, 123000, tzinfo=datetime.timezone.utc)
+    when = datetime.datetime(2026, 12, 2, 10, 0, 0, 123000, tzinfo=datetime.UTC)
     frame = syslog_frame("<AuditMessage/>", outcome=0, when=when, hostname="node 1", procid="42")
     assert frame == b"<85>1 2026-12-02T10:00:00.123Z node1 ct-triage 42 DICOM+RFC3881 - \xef\xbb\xbf<AuditMessage/>"
     assert syslog_frame("<a/>", outcome=4, when=when).startswith(b"<84>1 ")
@@ -232,7 +232,7 @@ def pki(tmp_path_factory):
     from cryptography.x509.oid import NameOID
 
     folder = tmp_path_factory.mktemp("audit-pki")
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def name(cn):
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
@@ -378,7 +378,7 @@ def test_outbox_keeps_messages_while_the_repository_is_down_and_sends_them_over_
         assert audit.send_pending_audit(session_factory, settings) == 0
 
         rsyslog.start()
-        later = datetime.datetime.now(datetime.timezone.utc) + FUTURE
+        later = datetime.datetime.now(datetime.UTC) + FUTURE
         # Up, but it wants our client certificate: without one nothing counts as sent.
         anonymous = make_settings(tmp_path, database_url, audit_repository=settings.audit_repository,
                                   audit_tls_ca=pki["ca"])

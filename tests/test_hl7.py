@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import hl7
 import pytest
@@ -29,7 +29,7 @@ def context(**overrides) -> Hl7Context:
     values = dict(result_id=7, result_version=1, status="scored", reason=None, category="CT-3", priority="HIGH",
                   involvement_percent=62.14, involvement_percent_left=55.0, involvement_percent_right=70.2,
                   lung_volume_ml=4100.0, lesion_volume_ml=2500.0, lesion_count=6, model="ct-triage-classical",
-                  model_version="0.1.0", scored_at=datetime(2026, 11, 30, 9, 0, tzinfo=timezone.utc),
+                  model_version="0.1.0", scored_at=datetime(2026, 11, 30, 9, 0, tzinfo=UTC),
                   study_instance_uid="1.2.826.0.1.3680043.8.498.42", accession_number="A|42",
                   study_date="20261130", patient_id="P^42", issuer_of_patient_id="HOSP",
                   patient_name=NASTY_NAME, patient_birth_date="19700101", patient_sex="F")

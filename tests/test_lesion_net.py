@@ -292,7 +292,7 @@ def test_hybrid_takes_extent_from_confirmed_classical_candidates_only():
     hu[2:4, 24:34, 6:30] = -600.0
     cand[2:4, 24:34, 6:30] = True
     prob[2:4, 24:34, 6:7] = 0.9  # under CONFIRM_FRACTION of it
-    assert 10 / 240 < CONFIRM_FRACTION
+    assert CONFIRM_FRACTION > 10 / 240
     # the network's blur into aerated lung (below the floor) is not lesion
     prob[2:4, 18:22, 6:30] = 0.9
     assert hu[2, 19, 10] < LESION_FLOOR_HU
@@ -314,7 +314,7 @@ def test_hybrid_hands_on_ground_glass_and_consolidation_masks():
     lung, hu = _lungs()
     hu[2:4, 8:20, 8:20] = -550.0
     hu[2:4, 10:18, 10:18] = 0.0  # a consolidated core (11 mm: no vessel) inside the ground glass
-    assert 0.0 >= CONSOLIDATION_HU
+    assert CONSOLIDATION_HU <= 0.0
     prob = np.zeros(lung.shape, dtype=np.float32)
     prob[2:4, 8:20, 8:20] = 0.9
     from worker.scoring.hybrid import lesion_mask

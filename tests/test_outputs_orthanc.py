@@ -45,7 +45,7 @@ CALLING = "CTTRIAGE"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
-CREATED = dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.timezone.utc)
+CREATED = dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.UTC)
 
 
 @pytest.fixture(autouse=True)

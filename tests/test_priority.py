@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -55,7 +55,7 @@ def test_hl7_codes_follow_table_0485():
 
 
 def test_ties_are_broken_by_arrival_then_id():
-    t0 = datetime(2026, 11, 30, 8, tzinfo=timezone.utc)
+    t0 = datetime(2026, 11, 30, 8, tzinfo=UTC)
     rows = [("LOW", t0, 1), ("HIGH", t0 + timedelta(minutes=5), 2), ("MEDIUM", t0, 3), ("HIGH", t0, 4),
             ("HIGH", t0, 0), ("MEDIUM", None, 5)]
     ordered = sorted(rows, key=lambda r: worklist_key(*r))

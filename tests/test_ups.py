@@ -7,7 +7,7 @@ The workitems are seeded through the same code the worker runs on a result commi
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from pydicom.dataset import Dataset
@@ -23,7 +23,7 @@ from tests.test_node import wait_for
 from worker.scoring.result import ScoreResult
 from worker.worklist.entries import add_worklist_entries
 
-T0 = datetime(2026, 11, 30, 8, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 30, 8, 0, tzinfo=UTC)
 #: Workitems that outlive these tests: T0 is further back than CT_TRIAGE_WORKLIST_EXPIRY_H's 72 h, and
 #: the node's expiry sweep (tests/test_ups_expiry.py) would otherwise cancel them at its next round.
 NO_EXPIRY_H = 87600.0

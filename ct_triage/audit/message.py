@@ -32,7 +32,7 @@ import ipaddress
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from ct_triage.text import clean
 from db.audit import AuditRecord
@@ -238,18 +238,7 @@ class AuditMessage:
         if self.outcome_description:
             ET.SubElement(event, "EventOutcomeDescription").text = text(self.outcome_description, DESCRIPTION_LIMIT)
         for participant in self.participants:
-            attrs = {"UserID": text(participant.user_id)}
-            if participant.alternative_user_id:
-                attrs["AlternativeUserID"] = text(participant.alternative_user_id)
-            if participant.user_name:
-                attrs["UserName"] = text(participant.user_name)
-            attrs["UserIsRequestor"] = "true" if participant.requestor else "false"
-            if participant.address:
-                attrs["NetworkAccessPointID"] = text(participant.address, 64)
-                attrs["NetworkAccessPointTypeCode"] = participant.address_type
-            active = ET.SubElement(root, "ActiveParticipant", attrs)
-            for role in participant.roles:
-                ET.SubElement(active, "RoleIDCode", role.attributes())
+            _participant_element(root, participant)
         source_attrs: dict[str, str] = {}
         if self.site_id:
             source_attrs["AuditEnterpriseSiteID"] = text(self.site_id)
@@ -258,31 +247,7 @@ class AuditMessage:
         for source_type in self.source_types:
             ET.SubElement(source, "AuditSourceTypeCode", {"csd-code": source_type})
         for obj in self.objects:
-            attrs = {"ParticipantObjectID": text(obj.object_id)}
-            if obj.type_code:
-                attrs["ParticipantObjectTypeCode"] = obj.type_code
-            if obj.role:
-                attrs["ParticipantObjectTypeCodeRole"] = obj.role
-            if obj.life_cycle:
-                attrs["ParticipantObjectDataLifeCycle"] = obj.life_cycle
-            node = ET.SubElement(root, "ParticipantObjectIdentification", attrs)
-            ET.SubElement(node, "ParticipantObjectIDTypeCode", obj.id_type.attributes())
-            if obj.name is not None:
-                ET.SubElement(node, "ParticipantObjectName").text = text(obj.name)
-            else:
-                ET.SubElement(node, "ParticipantObjectQuery").text = _b64(bytes(obj.query or b"")[:MAX_QUERY_BYTES])
-            for key, value in obj.details:
-                ET.SubElement(node, "ParticipantObjectDetail", {"type": text(key), "value": _b64(bytes(value))})
-            if obj.has_description:
-                description = ET.SubElement(node, "ParticipantObjectDescription")
-                if obj.accession:
-                    ET.SubElement(description, "Accession", {"Number": text(obj.accession, 64)})
-                for sop_class in obj.sop_classes:
-                    sop = ET.SubElement(description, "SOPClass",
-                                        {"UID": sop_class.uid, "NumberOfInstances": str(sop_class.count)})
-                    if instance_lists:
-                        for uid in sop_class.instances:
-                            ET.SubElement(sop, "Instance", {"UID": uid})
+            _object_element(root, obj, instance_lists)
         return root
 
     def to_xml(self) -> str:
@@ -308,9 +273,55 @@ class AuditMessage:
             participants=[obj.summary() for obj in self.objects])
 
 
+def _participant_element(root: ET.Element, participant: ActiveParticipant) -> None:
+    attrs = {"UserID": text(participant.user_id)}
+    if participant.alternative_user_id:
+        attrs["AlternativeUserID"] = text(participant.alternative_user_id)
+    if participant.user_name:
+        attrs["UserName"] = text(participant.user_name)
+    attrs["UserIsRequestor"] = "true" if participant.requestor else "false"
+    if participant.address:
+        attrs["NetworkAccessPointID"] = text(participant.address, 64)
+        attrs["NetworkAccessPointTypeCode"] = participant.address_type
+    active = ET.SubElement(root, "ActiveParticipant", attrs)
+    for role in participant.roles:
+        ET.SubElement(active, "RoleIDCode", role.attributes())
+
+
+def _object_element(root: ET.Element, obj: ParticipantObject, instance_lists: bool) -> None:
+    attrs = {"ParticipantObjectID": text(obj.object_id)}
+    if obj.type_code:
+        attrs["ParticipantObjectTypeCode"] = obj.type_code
+    if obj.role:
+        attrs["ParticipantObjectTypeCodeRole"] = obj.role
+    if obj.life_cycle:
+        attrs["ParticipantObjectDataLifeCycle"] = obj.life_cycle
+    node = ET.SubElement(root, "ParticipantObjectIdentification", attrs)
+    ET.SubElement(node, "ParticipantObjectIDTypeCode", obj.id_type.attributes())
+    if obj.name is not None:
+        ET.SubElement(node, "ParticipantObjectName").text = text(obj.name)
+    else:
+        ET.SubElement(node, "ParticipantObjectQuery").text = _b64(bytes(obj.query or b"")[:MAX_QUERY_BYTES])
+    for key, value in obj.details:
+        ET.SubElement(node, "ParticipantObjectDetail", {"type": text(key), "value": _b64(bytes(value))})
+    if obj.has_description:
+        _object_description(node, obj, instance_lists)
+
+
+def _object_description(node: ET.Element, obj: ParticipantObject, instance_lists: bool) -> None:
+    description = ET.SubElement(node, "ParticipantObjectDescription")
+    if obj.accession:
+        ET.SubElement(description, "Accession", {"Number": text(obj.accession, 64)})
+    for sop_class in obj.sop_classes:
+        sop = ET.SubElement(description, "SOPClass", {"UID": sop_class.uid, "NumberOfInstances": str(sop_class.count)})
+        if instance_lists:
+            for uid in sop_class.instances:
+                ET.SubElement(sop, "Instance", {"UID": uid})
+
+
 def xml_datetime(when: datetime) -> str:
     """xsd:dateTime in UTC with milliseconds: 2026-12-02T10:00:00.123Z."""
-    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def _b64(value: bytes) -> str:

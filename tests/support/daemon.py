@@ -20,10 +20,9 @@ class Daemon:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> Daemon:
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "ct_triage_app.cli", *self.args], env=self.env,
-                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen([sys.executable, "-m", "ct_triage_app.cli", *self.args], env=self.env,
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
     def wait_dicom_ready(self, port: int, timeout: float = 60) -> None:

@@ -29,7 +29,7 @@ class Pki:
         from cryptography.hazmat.primitives import hashes
         from cryptography.x509.oid import NameOID
 
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         builder = (x509.CertificateBuilder()
                    .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
                    .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self._ca_name)]))

@@ -7,6 +7,7 @@ root), and is stopped at the end.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -120,8 +121,6 @@ class PrivatePostgres:
         self.start()
 
     def destroy(self) -> None:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError, FileNotFoundError):
             self.stop("immediate")
-        except (subprocess.CalledProcessError, FileNotFoundError):
-            pass
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -62,6 +62,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
 
 from ct_triage.association import Outcome, check_ae_title, classify_rejection, connect_failure, reactor_paused
 from ct_triage.settings import Destination
@@ -163,9 +164,11 @@ def classify_status(status: int) -> tuple[Outcome, str]:
 
 
 # -- argument checks --------------------------------------------------------------------
-def _check_timeout(value, name: str, *, allow_none: bool = False) -> float | None:
-    if value is None and allow_none:
-        return None
+def _check_optional_timeout(value, name: str) -> float | None:
+    return None if value is None else _check_timeout(value, name)
+
+
+def _check_timeout(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"argument '{name}' must be a number of seconds, got {type(value).__name__}")
     if not value > 0:
@@ -290,16 +293,14 @@ def send_instances(
     Raises:
         TypeError/ValueError naming a bad argument.
     """
-    if not isinstance(destination, Destination):
-        raise TypeError(f"argument 'destination' must be a Destination, got {type(destination).__name__}")
-    check_ae_title(destination.ae_title, "destination")
-    if not destination.host or not isinstance(destination.port, int) or not 0 < destination.port < 65536:
-        raise ValueError(f"argument 'destination' has an invalid host/port: {destination}")
+    _check_destination(destination)
     calling = check_ae_title(calling_ae_title, "calling_ae_title")
-    acse = _check_timeout(acse_timeout, "acse_timeout")
-    dimse = _check_timeout(dimse_timeout, "dimse_timeout")
-    network = _check_timeout(network_timeout, "network_timeout")
-    connect = _check_timeout(connection_timeout, "connection_timeout", allow_none=True) or acse
+    timeouts = _Timeouts(
+        acse=_check_timeout(acse_timeout, "acse_timeout"),
+        dimse=_check_timeout(dimse_timeout, "dimse_timeout"),
+        network=_check_timeout(network_timeout, "network_timeout"),
+        connect=_check_optional_timeout(connection_timeout, "connection_timeout"),
+    )
     if tls_context is not None and not isinstance(tls_context, ssl.SSLContext):
         raise TypeError(f"argument 'tls_context' must be an ssl.SSLContext, got {type(tls_context).__name__}")
     datasets = _load(datasets_or_paths)
@@ -317,47 +318,90 @@ def send_instances(
     def all_unsent(outcome: Outcome, reason: str) -> list[InstanceStatus]:
         return [InstanceStatus(str(ds.SOPClassUID), str(ds.SOPInstanceUID), outcome, None, reason) for ds in datasets]
 
-    ae = AE(ae_title=calling)
-    ae.acse_timeout = acse
-    ae.dimse_timeout = dimse
-    ae.network_timeout = network
-    ae.connection_timeout = connect
-    for sop_class, syntaxes in contexts:
-        ae.add_requested_context(sop_class, syntaxes)
-
+    ae = _application_entity(calling, timeouts, contexts)
     opened = threading.Event()
-    handlers = [(evt.EVT_CONN_OPEN, lambda event: opened.set())]
     tls_args = (tls_context, destination.host) if tls_context is not None else None
     try:
         assoc = ae.associate(
-            destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args, evt_handlers=handlers
+            destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args,
+            evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: opened.set())],
         )
     except (OSError, ValueError) as exc:  # e.g. unresolvable host name
         reason = f"cannot open an association to {where}: {exc}"
         return report("transient", reason, "refused", all_unsent("transient", reason))
 
     if not assoc.is_established:
-        primitive = getattr(assoc.acceptor, "primitive", None)
-        if assoc.is_rejected and primitive is not None:
-            outcome = classify_rejection(int(primitive.result), int(primitive.result_source), int(primitive.diagnostic))
-            reason = (
-                f"association rejected by {where}: {primitive.result_str}, source {primitive.source_str}, "
-                f"reason {primitive.reason_str}"
-            )
-            return report(outcome, reason, "rejected", all_unsent(outcome, reason))
-        if not opened.is_set():
-            outcome, reason = connect_failure(destination.host, destination.port, tls_context, min(connect, 5.0))
-            return report(outcome, reason, "refused", all_unsent(outcome, reason))
-        if primitive is not None and getattr(primitive, "result", None) == 0x00:
-            offered = ", ".join(dict.fromkeys(_sop_name(uid) for uid, _ in contexts))
-            reason = f"{where} accepted the association but none of the presentation contexts ({offered})"
-            return report("permanent", reason, "aborted", all_unsent("permanent", reason))
-        if time.monotonic() - started >= acse * 0.95:
-            reason = f"no association response from {where} within {acse:g} s (ACSE timeout)"
-        else:
-            reason = f"association with {where} aborted during negotiation"
-        return report("transient", reason, "aborted", all_unsent("transient", reason))
+        outcome, reason, state = _not_established(assoc, destination, where, opened.is_set(), tls_context, timeouts,
+                                                  contexts, started)
+        return report(outcome, reason, state, all_unsent(outcome, reason))
 
+    statuses, association_state = _store_all(assoc, datasets, where, timeouts.dimse)
+    outcome, summary = _summary(statuses, where)
+    return report(outcome, summary, association_state, statuses)
+
+
+def _check_destination(destination: Destination) -> None:
+    if not isinstance(destination, Destination):
+        raise TypeError(f"argument 'destination' must be a Destination, got {type(destination).__name__}")
+    check_ae_title(destination.ae_title, "destination")
+    if not destination.host or not isinstance(destination.port, int) or not 0 < destination.port < 65536:
+        raise ValueError(f"argument 'destination' has an invalid host/port: {destination}")
+
+
+@dataclass(frozen=True)
+class _Timeouts:
+    """The checked timeouts of one send, seconds; ``connect`` None: the ACSE timeout."""
+
+    acse: float
+    dimse: float
+    network: float
+    connect: float | None
+
+    @property
+    def tcp_connect(self) -> float:
+        return self.connect or self.acse
+
+
+def _application_entity(calling: str, timeouts: _Timeouts, contexts: list[tuple[str, list[str]]]) -> AE:
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = timeouts.acse
+    ae.dimse_timeout = timeouts.dimse
+    ae.network_timeout = timeouts.network
+    ae.connection_timeout = timeouts.tcp_connect
+    for sop_class, syntaxes in contexts:
+        ae.add_requested_context(sop_class, syntaxes)
+    return ae
+
+
+def _not_established(assoc: Association, destination: Destination, where: str, opened: bool,
+                     tls_context: ssl.SSLContext | None, timeouts: _Timeouts,
+                     contexts: list[tuple[str, list[str]]], started: float) -> tuple[Outcome, str, str]:
+    """Why an association was not established: outcome, reason, association state."""
+    primitive = getattr(assoc.acceptor, "primitive", None)
+    if assoc.is_rejected and primitive is not None:
+        outcome = classify_rejection(int(primitive.result), int(primitive.result_source), int(primitive.diagnostic))
+        reason = (
+            f"association rejected by {where}: {primitive.result_str}, source {primitive.source_str}, "
+            f"reason {primitive.reason_str}"
+        )
+        return outcome, reason, "rejected"
+    if not opened:
+        outcome, reason = connect_failure(destination.host, destination.port, tls_context,
+                                          min(timeouts.tcp_connect, 5.0))
+        return outcome, reason, "refused"
+    if primitive is not None and getattr(primitive, "result", None) == 0x00:
+        offered = ", ".join(dict.fromkeys(_sop_name(uid) for uid, _ in contexts))
+        reason = f"{where} accepted the association but none of the presentation contexts ({offered})"
+        return "permanent", reason, "aborted"
+    if time.monotonic() - started >= timeouts.acse * 0.95:
+        reason = f"no association response from {where} within {timeouts.acse:g} s (ACSE timeout)"
+    else:
+        reason = f"association with {where} aborted during negotiation"
+    return "transient", reason, "aborted"
+
+
+def _store_all(assoc: Association, datasets: list, where: str, dimse: float) -> tuple[list[InstanceStatus], str]:
+    """C-STORE each instance in turn, then release; the statuses and the association's state."""
     statuses: list[InstanceStatus] = []
     association_state = "established"
     try:
@@ -370,33 +414,7 @@ def send_instances(
                                    f"not sent: association with {where} lost")
                 )
                 continue
-            try:
-                rsp = _send(assoc, ds)
-            except ValueError as exc:  # no accepted presentation context for this SOP class/syntax
-                statuses.append(
-                    InstanceStatus(
-                        sop_class, sop_instance, "permanent", None,
-                        f"{where} accepted no presentation context for {_sop_name(sop_class)}: {exc}",
-                    )
-                )
-                continue
-            except RuntimeError as exc:  # association gone between the check and the send
-                statuses.append(InstanceStatus(sop_class, sop_instance, "transient", None, f"not sent: {exc}"))
-                continue
-            status = rsp.get("Status") if rsp is not None else None
-            if status is None:
-                statuses.append(
-                    InstanceStatus(
-                        sop_class, sop_instance, "transient", None,
-                        f"no C-STORE response from {where} (DIMSE timeout {dimse:g} s or association aborted)",
-                    )
-                )
-                continue
-            outcome, text = classify_status(int(status))
-            comment = rsp.get("ErrorComment")
-            if comment:
-                text += f": {comment}"
-            statuses.append(InstanceStatus(sop_class, sop_instance, outcome, int(status), text))
+            statuses.append(_store_one(assoc, ds, sop_class, sop_instance, where, dimse))
     finally:
         if assoc.is_established:
             assoc.release()
@@ -404,19 +422,45 @@ def send_instances(
             association_state = "aborted"
         if assoc.is_aborted:
             association_state = "aborted"
+    return statuses, association_state
 
+
+def _store_one(assoc: Association, ds, sop_class: str, sop_instance: str, where: str,
+               dimse: float) -> InstanceStatus:
+    try:
+        rsp = _send(assoc, ds)
+    except ValueError as exc:  # no accepted presentation context for this SOP class/syntax
+        return InstanceStatus(
+            sop_class, sop_instance, "permanent", None,
+            f"{where} accepted no presentation context for {_sop_name(sop_class)}: {exc}",
+        )
+    except RuntimeError as exc:  # association gone between the check and the send
+        return InstanceStatus(sop_class, sop_instance, "transient", None, f"not sent: {exc}")
+    status = rsp.get("Status") if rsp is not None else None
+    if status is None:
+        return InstanceStatus(
+            sop_class, sop_instance, "transient", None,
+            f"no C-STORE response from {where} (DIMSE timeout {dimse:g} s or association aborted)",
+        )
+    outcome, text = classify_status(int(status))
+    comment = rsp.get("ErrorComment")
+    if comment:
+        text += f": {comment}"
+    return InstanceStatus(sop_class, sop_instance, outcome, int(status), text)
+
+
+def _summary(statuses: list[InstanceStatus], where: str) -> tuple[Outcome, str]:
+    """The outcome of the whole send and its one-line reason."""
     outcomes = {s.outcome for s in statuses}
     counts = {o: sum(1 for s in statuses if s.outcome == o) for o in ("delivered", "transient", "permanent")}
     summary = f"{counts['delivered']}/{len(statuses)} delivered to {where}"
     if "permanent" in outcomes:
         first = next(s for s in statuses if s.outcome == "permanent")
-        return report("permanent", f"{summary}; {counts['permanent']} permanent failure(s), e.g. {first.reason}",
-                      association_state, statuses)
+        return "permanent", f"{summary}; {counts['permanent']} permanent failure(s), e.g. {first.reason}"
     if "transient" in outcomes:
         first = next(s for s in statuses if s.outcome == "transient")
-        return report("transient", f"{summary}; {counts['transient']} transient failure(s), e.g. {first.reason}",
-                      association_state, statuses)
+        return "transient", f"{summary}; {counts['transient']} transient failure(s), e.g. {first.reason}"
     warnings = [s for s in statuses if s.status not in (0x0000, None)]
     if warnings:
         summary += f" ({len(warnings)} with warnings, e.g. {warnings[0].reason})"
-    return report("delivered", summary, association_state, statuses)
+    return "delivered", summary

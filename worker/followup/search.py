@@ -21,6 +21,7 @@ the reason. Neither ever touches the current result, which went out before.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 
@@ -80,6 +81,31 @@ def _answer_time(answer: Dataset) -> dt.datetime | None:
     return parse_da_tm(str(answer.get("StudyDate") or ""), str(answer.get("StudyTime") or ""))
 
 
+def _candidate(answer, skip: set[str], patient_id: str, issuer: str,
+               acquired_at: dt.datetime) -> tuple[dt.datetime, str] | None:
+    """(acquisition time, Study Instance UID) of a C-FIND answer that is an earlier CT study of
+    the same patient not yet known or requested; None for any other answer."""
+    uid = str(answer.get("StudyInstanceUID") or "")
+    if not uid or uid in skip:
+        return None
+    if dicom_text(answer.get("PatientID") or patient_id).strip() != patient_id:
+        return None  # a PACS doing fuzzy matching: the ID must be the same
+    if "IssuerOfPatientID" in answer:
+        if str(answer.IssuerOfPatientID or "").strip() != issuer:
+            return None  # same ID, another (or no) issuing authority: another patient
+    elif issuer:
+        return None  # the PACS does not say who issued the ID: only an issuer-less ID can match
+    when = _answer_time(answer)
+    if when is not None and when >= acquired_at:
+        return None
+    modalities = answer.get("ModalitiesInStudy")
+    if modalities:
+        values = [str(modalities)] if isinstance(modalities, str) else [str(m) for m in modalities]
+        if "CT" not in values:
+            return None
+    return when or dt.datetime.min, uid
+
+
 def find_priors(ctx, search_id: int) -> str:
     """Task body: C-FIND the patient's earlier CT studies at one PACS and C-MOVE the newest to us."""
     from worker.followup.retrieve import find_studies, move_study
@@ -114,27 +140,9 @@ def find_priors(ctx, search_id: int) -> str:
         if state == "retrying":
             raise TransientError(f"prior search {search_id}: {report.reason}")
         return state
-    candidates = []
-    for answer in report.answers:
-        uid = str(answer.get("StudyInstanceUID") or "")
-        if not uid or uid == this_uid or uid in known or uid in requested:
-            continue
-        if dicom_text(answer.get("PatientID") or patient_id).strip() != patient_id:
-            continue  # a PACS doing fuzzy matching: the ID must be the same
-        if "IssuerOfPatientID" in answer:
-            if str(answer.IssuerOfPatientID or "").strip() != issuer:
-                continue  # same ID, another (or no) issuing authority: another patient
-        elif issuer:
-            continue  # the PACS does not say who issued the ID: only an issuer-less ID can match
-        when = _answer_time(answer)
-        if when is not None and when >= current.acquired_at:
-            continue
-        modalities = answer.get("ModalitiesInStudy")
-        if modalities:
-            values = [str(modalities)] if isinstance(modalities, str) else [str(m) for m in modalities]
-            if "CT" not in values:
-                continue
-        candidates.append((when or dt.datetime.min, uid))
+    skip = {this_uid, *known, *requested}
+    candidates = [c for c in (_candidate(answer, skip, patient_id, issuer, current.acquired_at)
+                              for answer in report.answers) if c is not None]
     candidates.sort(reverse=True)
     chosen = [uid for _, uid in candidates[: s.prior_max_count]]
     moved, errors = 0, []
@@ -162,8 +170,6 @@ def run_due_searches(ctx) -> int:
     with session_scope(ctx.session_factory) as session:
         due = fdb.due_prior_search_ids(session)
     for search_id in due:
-        try:
+        with contextlib.suppress(TransientError):  # recorded with its next attempt time
             find_priors(ctx, search_id)
-        except TransientError:
-            pass  # recorded with its next attempt time
     return len(due)

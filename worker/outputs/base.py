@@ -61,12 +61,7 @@ def validate_inputs(source_datasets, result, result_version) -> list[Dataset]:
     datasets = list(source_datasets)
     if not datasets:
         raise ValueError("argument 'source_datasets' must not be empty")
-    for i, ds in enumerate(datasets):
-        if not isinstance(ds, Dataset):
-            raise TypeError(f"argument 'source_datasets'[{i}] must be a pydicom Dataset, got {type(ds).__name__}")
-        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-            if not ds.get(keyword):
-                raise ValueError(f"argument 'source_datasets'[{i}] lacks {keyword}")
+    _check_identified(datasets)
     studies = {str(ds.StudyInstanceUID) for ds in datasets}
     series = {str(ds.SeriesInstanceUID) for ds in datasets}
     if len(studies) != 1 or len(series) != 1:
@@ -82,6 +77,25 @@ def validate_inputs(source_datasets, result, result_version) -> list[Dataset]:
             f"but result.series_instance_uid is {result.series_instance_uid}"
         )
     uids = [str(ds.SOPInstanceUID) for ds in datasets]
+    _check_order(uids, result)
+    _check_boxes(datasets, uids, result)
+    if result.status == "scored" and result.category is None:
+        raise ValueError("argument 'result' is scored but has no category")
+    return datasets
+
+
+def _check_identified(datasets: list) -> None:
+    """Each source is a Dataset with its SOP class and the three instance UIDs."""
+    for i, ds in enumerate(datasets):
+        if not isinstance(ds, Dataset):
+            raise TypeError(f"argument 'source_datasets'[{i}] must be a pydicom Dataset, got {type(ds).__name__}")
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            if not ds.get(keyword):
+                raise ValueError(f"argument 'source_datasets'[{i}] lacks {keyword}")
+
+
+def _check_order(uids: list[str], result: ScoreResult) -> None:
+    """The sources are the result's instances, in its order, each once."""
     if result.source_sop_instance_uids and uids != list(result.source_sop_instance_uids):
         if sorted(uids) == sorted(result.source_sop_instance_uids):
             raise ValueError(
@@ -94,6 +108,10 @@ def validate_inputs(source_datasets, result, result_version) -> list[Dataset]:
         )
     if len(set(uids)) != len(uids):
         raise ValueError("argument 'source_datasets' contains duplicate SOP Instance UIDs")
+
+
+def _check_boxes(datasets: list[Dataset], uids: list[str], result: ScoreResult) -> None:
+    """Each lesion box lies on its source slice."""
     for j, box in enumerate(result.boxes):
         if not 0 <= box.slice_index < len(datasets):
             raise ValueError(f"argument 'result': boxes[{j}].slice_index {box.slice_index} is out of range")
@@ -107,9 +125,6 @@ def validate_inputs(source_datasets, result, result_version) -> list[Dataset]:
         rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
         if rows and cols and (box.row_min < 0 or box.col_min < 0 or box.row_max >= rows or box.col_max >= cols):
             raise ValueError(f"argument 'result': boxes[{j}] lies outside the {rows}x{cols} source image")
-    if result.status == "scored" and result.category is None:
-        raise ValueError("argument 'result' is scored but has no category")
-    return datasets
 
 
 def resolve_created_at(created_at: dt.datetime | None, source_datasets: Sequence[Dataset]) -> dt.datetime:

@@ -75,7 +75,10 @@ def gray_to_rgb(gray: np.ndarray) -> np.ndarray:
     return np.repeat(np.asarray(gray, dtype=np.uint8)[:, :, None], 3, axis=2)
 
 
-def load_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+
+
+def load_font(size: int) -> Font:
     return ImageFont.load_default(size=max(6, int(size)))
 
 
@@ -394,7 +397,7 @@ def render_summary(source_datasets: Sequence[Dataset], result: ScoreResult) -> n
     title_font, body_font = load_font(24), load_font(15)
     pad = 14
     wrap_width = PANEL_WIDTH - 2 * pad
-    drawn: list[tuple[str, tuple[int, int, int], object, int]] = [(TITLE, WARNING_COLOR, title_font, 32)]
+    drawn: list[tuple[str, tuple[int, int, int], Font, int]] = [(TITLE, WARNING_COLOR, title_font, 32)]
     for text, color in summary_lines(result):
         indent = "  " if text.startswith("  ") else ""
         for i, part in enumerate(wrap_text(probe, text, body_font, wrap_width)):

@@ -48,6 +48,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 from collections.abc import Sequence
+from typing import cast
 
 import highdicom as hd
 import numpy as np
@@ -150,7 +151,8 @@ def _build_sc(
         sop_instance_uid=sop_uid,
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
-        pixel_spacing=pixel_spacing,
+        # cast: highdicom annotates from_ref_dataset's pixel_spacing as ints (its __init__: floats, in mm)
+        pixel_spacing=cast("tuple[int, int] | None", pixel_spacing),
         patient_orientation=orientation,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         contributing_equipment=[contributing_equipment(result, created_at, derivation)],
@@ -438,9 +440,7 @@ def build_secondary_capture_series(
             elif "PixelSpacing" in image:
                 del image.PixelSpacing
             _set(image, "DerivationDescription", derivation)
-            image[tag_for_keyword("SourceImageSequence")] = DataElement(
-                tag_for_keyword("SourceImageSequence"), "SQ", DicomSequence([_source_item(ds)])
-            )
+            _set(image, "SourceImageSequence", DicomSequence([_source_item(ds)]))
             encode_pixels(image, pixels, compression)
             image._ct_template = template  # lets worker.outputs.stored.encode reuse the shared elements' bytes
         out.append(image)

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import highdicom as hd
 import numpy as np
 from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
@@ -137,7 +137,7 @@ _TAGS: dict[str, tuple[BaseTag, str]] = {}
 
 def _dataset(**elements) -> Dataset:
     """A Dataset from keyword=value pairs, without Dataset.__setattr__'s per-call lookups."""
-    out = {}
+    out: dict[BaseTag, DataElement | RawDataElement] = {}
     for keyword, value in elements.items():
         entry = _TAGS.get(keyword)
         if entry is None:
@@ -197,6 +197,43 @@ def build_segmentation(
         scored, masks of another shape, a source without geometry).
     """
     datasets = base.validate_inputs(source_datasets, result, result_version)
+    series_number = _check_seg_arguments(result, masks, result_version, series_number, compression)
+    positions = _check_geometry(datasets, masks)
+    numbers = segment_numbers(masks)
+    if not numbers:
+        raise ValueError("argument 'masks' is empty: no lung voxel to segment")
+    when = base.resolve_created_at(created_at, datasets)
+    source_series = str(datasets[0].SeriesInstanceUID)
+
+    frames = {key: _frames(masks, key) for key in numbers}
+    seg = _template(datasets, result, masks, result_version, series_number, numbers, frames, when)
+
+    # Deterministic dimension organization UID (highdicom draws a random one).
+    dim_uid = output_uid(source_series, result_version, "seg-dimension")
+    for item in seg.DimensionOrganizationSequence:
+        item.DimensionOrganizationUID = dim_uid
+    for item in seg.DimensionIndexSequence:
+        item.DimensionOrganizationUID = dim_uid
+
+    _set_frames(seg, datasets, masks, numbers, frames, _position_index(datasets, positions, frames))
+    seg.SegmentsOverlap = "YES"
+
+    seg.SourceImageSequence = [_ref_item(ds) for ds in datasets]
+    series_ref = Dataset()
+    series_ref.SeriesInstanceUID = source_series
+    series_ref.ReferencedInstanceSequence = DicomSequence([_ref_item(ds) for ds in datasets])
+    seg.ReferencedSeriesSequence = [series_ref]
+    seg.ImageType = ["DERIVED", "PRIMARY"]
+    if any(str(ds.get("LossyImageCompression", "")) == "01" for ds in datasets):
+        seg.LossyImageCompression = "01"
+    base.freeze_times(seg, when)
+    seg.file_meta.TransferSyntaxUID = SEG_COMPRESSIONS[compression]
+    return seg
+
+
+def _check_seg_arguments(result: ScoreResult, masks: ResultMasks, result_version: int, series_number: int | None,
+                         compression: str) -> int:
+    """What build_segmentation checks beyond base.validate_inputs; the series number to use."""
     if result.status != "scored":
         raise ValueError(f"argument 'result' is {result.status}: only a scored result has a segmentation")
     if not isinstance(masks, ResultMasks):
@@ -207,14 +244,10 @@ def build_segmentation(
         series_number = SEG_SERIES_NUMBER_BASE + result_version
     if isinstance(series_number, bool) or not isinstance(series_number, int) or not 0 < series_number < 2**31:
         raise ValueError(f"argument 'series_number' must be an int 1..2147483647, got {series_number!r}")
-    positions = _check_geometry(datasets, masks)
-    numbers = segment_numbers(masks)
-    if not numbers:
-        raise ValueError("argument 'masks' is empty: no lung voxel to segment")
-    when = base.resolve_created_at(created_at, datasets)
-    source_series = str(datasets[0].SeriesInstanceUID)
-    _, rows, cols = masks.original_shape
+    return series_number
 
+
+def _segment_descriptions(result: ScoreResult, numbers: dict[str, int]) -> list[hd.seg.SegmentDescription]:
     algorithm = hd.AlgorithmIdentificationSequence(
         name=base.plain_text(result.model)[:64],
         version=base.plain_text(result.model_version)[:64] or "unknown",
@@ -233,14 +266,22 @@ def build_segmentation(
             algorithm_identification=algorithm,
             anatomic_regions=[spec.region] if spec.region is not None else None,
         ))
+    return descriptions
 
-    # Template: highdicom validates the module set once, on a one-slice, one-pixel array.
-    frames = {key: _frames(masks, key) for key in numbers}
+
+def _template(datasets: list[Dataset], result: ScoreResult, masks: ResultMasks, result_version: int,
+              series_number: int, numbers: dict[str, int], frames: dict[str, list[int]],
+              when: dt.datetime) -> hd.seg.Segmentation:
+    """The SEG without its frames: highdicom validates the module set once, on a one-slice,
+    one-pixel array."""
+    source_series = str(datasets[0].SeriesInstanceUID)
+    _, rows, cols = masks.original_shape
+    descriptions = _segment_descriptions(result, numbers)
     first_key = next(iter(numbers))
     k0 = frames[first_key][0]
     template_pixels = np.zeros((1, rows, cols, len(numbers)), dtype=np.uint8)
     template_pixels[0, 0, 0, 0] = 1
-    seg = hd.seg.Segmentation(
+    return hd.seg.Segmentation(
         source_images=[datasets[k0]],
         pixel_array=template_pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -263,22 +304,25 @@ def build_segmentation(
         contributing_equipment=[base.contributing_equipment(
             result, when, f"Lung and lesion segmentation by {result.model} {result.model_version}")],
     )
-    template_item = seg.PerFrameFunctionalGroupsSequence[0]
-    derivation_code = template_item.DerivationImageSequence[0].DerivationCodeSequence
-    purpose = template_item.DerivationImageSequence[0].SourceImageSequence[0].PurposeOfReferenceCodeSequence
 
-    # Deterministic dimension organization UID (highdicom draws a random one).
-    dim_uid = output_uid(source_series, result_version, "seg-dimension")
-    for item in seg.DimensionOrganizationSequence:
-        item.DimensionOrganizationUID = dim_uid
-    for item in seg.DimensionIndexSequence:
-        item.DimensionOrganizationUID = dim_uid
 
-    # Position index: rank along the slice normal among the positions that have frames.
+def _position_index(datasets: list[Dataset], positions: list[list[float]],
+                    frames: dict[str, list[int]]) -> dict[int, int]:
+    """Position index: rank along the slice normal among the positions that have frames."""
     iop = [float(v) for v in datasets[0].ImageOrientationPatient]
     normal = np.cross(iop[:3], iop[3:])
     used = sorted({k for ks in frames.values() for k in ks}, key=lambda k: float(np.dot(normal, positions[k])))
-    position_index = {k: i + 1 for i, k in enumerate(used)}
+    return {k: i + 1 for i, k in enumerate(used)}
+
+
+def _set_frames(seg: hd.seg.Segmentation, datasets: list[Dataset], masks: ResultMasks, numbers: dict[str, int],
+                frames: dict[str, list[int]], position_index: dict[int, int]) -> None:
+    """Replace the template's one frame by every segment's frames: per-frame functional
+    groups, NumberOfFrames and the bit-packed Pixel Data."""
+    template_item = seg.PerFrameFunctionalGroupsSequence[0]
+    derivation_code = template_item.DerivationImageSequence[0].DerivationCodeSequence
+    purpose = template_item.DerivationImageSequence[0].SourceImageSequence[0].PurposeOfReferenceCodeSequence
+    _, rows, cols = masks.original_shape
 
     # Per-frame functional groups, built element by element (Dataset.__setattr__'s
     # keyword lookups dominate otherwise); the code sequences are shared, not copied.
@@ -299,7 +343,7 @@ def build_segmentation(
             # BINARY frames are bit-packed without padding between frames (PS3.5 8.1.1);
             # rows x cols is a multiple of 8 here, so frame-by-frame packing is the same.
             packed.append(np.packbits(_original_segment(masks, key, k), bitorder="little").tobytes())
-    seg.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
+    seg.PerFrameFunctionalGroupsSequence = per_frame  # pydicom makes a list a Sequence
     seg.NumberOfFrames = len(per_frame)
     pixel_data = b"".join(packed)
     if (rows * cols) % 8:
@@ -309,19 +353,6 @@ def build_segmentation(
     if len(pixel_data) % 2:
         pixel_data += b"\x00"
     seg[0x7FE00010] = DataElement(0x7FE00010, "OB", pixel_data)
-    seg.SegmentsOverlap = "YES"
-
-    seg.SourceImageSequence = DicomSequence([_ref_item(ds) for ds in datasets])
-    series_ref = Dataset()
-    series_ref.SeriesInstanceUID = source_series
-    series_ref.ReferencedInstanceSequence = DicomSequence([_ref_item(ds) for ds in datasets])
-    seg.ReferencedSeriesSequence = DicomSequence([series_ref])
-    seg.ImageType = ["DERIVED", "PRIMARY"]
-    if any(str(ds.get("LossyImageCompression", "")) == "01" for ds in datasets):
-        seg.LossyImageCompression = "01"
-    base.freeze_times(seg, when)
-    seg.file_meta.TransferSyntaxUID = SEG_COMPRESSIONS[compression]
-    return seg
 
 
 __all__ = ["build_segmentation", "segment_numbers", "SEG_COMPRESSIONS", "SPECS"]

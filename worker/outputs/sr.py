@@ -114,6 +114,12 @@ def _text(name: hd.sr.CodedConcept, value: str) -> hd.sr.TextContentItem:
     )
 
 
+def _category(result: ScoreResult) -> str:
+    """The category of a scored result (base.validate_inputs refuses a scored result without one)."""
+    assert result.category is not None, "a scored result has a category"
+    return result.category
+
+
 def _code(name: hd.sr.CodedConcept, value: hd.sr.CodedConcept) -> hd.sr.CodeContentItem:
     return hd.sr.CodeContentItem(name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
 
@@ -207,7 +213,7 @@ def _measurement_groups(datasets: Sequence[Dataset], result: ScoreResult, versio
                 *measurement(LUNG_INVOLVEMENT, result.involvement_percent, UNIT_PERCENT),
             ],
             qualitative_evaluations=[
-                hd.sr.QualitativeEvaluation(CT_CATEGORY, CATEGORY_VALUES[result.category]),
+                hd.sr.QualitativeEvaluation(CT_CATEGORY, CATEGORY_VALUES[_category(result)]),
                 *priority,
             ],
         )
@@ -248,9 +254,9 @@ def _qualitative_container(result: ScoreResult) -> hd.sr.ContainerContentItem:
     container = hd.sr.ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
-    items = [_code(TRIAGE_STATUS, STATUS_VALUES[result.status])]
+    items: list[hd.sr.ContentItem] = [_code(TRIAGE_STATUS, STATUS_VALUES[result.status])]
     if result.status == "scored":
-        items.append(_text(ROUTING_DECISION, f"{result.category}: {ROUTING[result.category]} "
+        items.append(_text(ROUTING_DECISION, f"{result.category}: {ROUTING[_category(result)]} "
                                              "(MosMedData scale, doi:10.17816/DD46826)"))
     else:
         items.append(_text(STATUS_REASON, result.reason or "no reason given"))

@@ -118,7 +118,7 @@ class TemplateEncoder:
         if not self.usable:
             return
         correct_ambiguous_vr(template, True)
-        for tag in template.keys():
+        for tag in template.keys():  # noqa: SIM118 - iterating a Dataset gives its elements, keys() its tags
             elem = template[tag]  # converts raw elements in place: clones share the converted ones
             self.cache[tag] = (elem, self._encode_element(elem))
 

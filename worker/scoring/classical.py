@@ -284,7 +284,7 @@ def segment_slice(hu: np.ndarray, pixel_mm: float = 0.75, device: str = "cpu") -
                     source="slice")
     # a full field of view has air all round the patient; a crop of the lungs has not
     border = np.concatenate([hu[0], hu[-1], hu[:, 0], hu[:, -1]])
-    cropped = np.mean(border < OUTSIDE_AIR_HU) < 0.3
+    cropped = bool(np.mean(border < OUTSIDE_AIR_HU) < 0.3)
     configure_torch()
     with torch.inference_mode():
         seg = _segment(volume, torch.device(device), whole_image_is_body=cropped)
@@ -434,7 +434,7 @@ def _bbox(mask: np.ndarray, margins: tuple[int, int, int]) -> tuple[slice, slice
         lo = max(0, int(idx[0]) - margin)
         hi = min(mask.shape[axis], int(idx[-1]) + margin + 1)
         out.append(slice(lo, hi))
-    return tuple(out)
+    return out[0], out[1], out[2]
 
 
 def _body_mask(fg: np.ndarray) -> np.ndarray:
@@ -618,14 +618,15 @@ def _lesions(W, S, lung: np.ndarray, spacing, device, voxel_ml, notes) -> np.nda
         cand_np = big[labels]
     lesion = torch.from_numpy(cand_np).to(device)
     # give back the faint lesion edge (hysteresis), in-plane and one slice up and down
-    edge_ok = lung_t & (S > thr + (GROW_LOW_HU - LESION_LOW_HU)) & (S < LESION_HIGH_HU)
+    # SIM300 silenced below: S is the smoothed HU tensor, not a constant (ruff takes upper-case names for one)
+    edge_ok = lung_t & (S > thr + (GROW_LOW_HU - LESION_LOW_HU)) & (S < LESION_HIGH_HU)  # noqa: SIM300
     for _ in range(GROW_STEPS):
         lesion = lesion | ((_maxfilter2d(lesion.float(), 3) > 0) & edge_ok)
     grown_z = torch.zeros_like(lesion)
     if lesion.shape[0] > 1:
         grown_z[1:] |= lesion[:-1]
         grown_z[:-1] |= lesion[1:]
-    lesion = lesion | (grown_z & edge_ok & (S > thr))
+    lesion = lesion | (grown_z & edge_ok & (S > thr))  # noqa: SIM300
     return lesion.cpu().numpy()
 
 
@@ -647,7 +648,7 @@ def _dependent_threshold(S: torch.Tensor, lung: torch.Tensor, px: float) -> torc
     Sn = S.cpu().numpy()
     Ln = lung.cpu().numpy()
     thr = np.full((z, r, 1), LESION_LOW_HU, dtype=np.float32)
-    rows_with = Ln.any(axis=2)  # (z, r)
+    rows_with = np.asarray(Ln.any(axis=2))  # (z, r)
     row_idx = np.arange(r, dtype=np.float32)
     for k in np.flatnonzero(rows_with.sum(axis=1) >= 6):
         rr = np.flatnonzero(rows_with[k])

@@ -17,9 +17,11 @@ and weights.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from typing import Any, Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 from ct_triage.errors import ConfigError
 
@@ -51,10 +53,8 @@ def configure_torch() -> None:
         # only where CUDA is: the call imports torch's compiler stack (~1.5 s of a cold
         # start on 2 cores), and every op the scorers use is deterministic on the CPU
         if cuda_available():
-            try:
+            with contextlib.suppress(Exception):  # pragma: no cover - very old torch
                 torch.use_deterministic_algorithms(True, warn_only=True)
-            except Exception:  # pragma: no cover - very old torch
-                pass
         _configured = True
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import cast
 
 import numpy as np
 import pydicom
@@ -44,7 +45,7 @@ _PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # -- geometry helpers (also used by series selection) ----------------------------------
 
 
-def slice_normal(image_orientation_patient: Sequence[float]) -> np.ndarray:
+def slice_normal(image_orientation_patient: Sequence[float] | np.ndarray) -> np.ndarray:
     """Unit normal (row cosine x column cosine) of an ImageOrientationPatient."""
     cosines = np.asarray([float(v) for v in image_orientation_patient], dtype=np.float64)
     if cosines.shape != (6,):
@@ -88,15 +89,15 @@ def load_series(paths: Sequence[str | Path], *, min_slices: int = 20) -> Volume:
     sheared stack, mixed orientations or sizes, not axial, duplicate positions, a z-gap.
     InvalidInput: unreadable file, missing pixel data or geometry, undecodable pixels.
     """
-    paths = [Path(p) for p in paths]
-    if not paths:
+    files = [Path(p) for p in paths]
+    if not files:
         raise InvalidInput("paths is empty: no DICOM instances to load")
     try:
-        return _load_series(paths, min_slices)
+        return _load_series(files, min_slices)
     except CtTriageError:
         raise
     except Exception as exc:  # pydicom converts values lazily: a damaged value fails at first use
-        raise InvalidInput(f"{paths[0].parent}: unreadable attribute or pixel data "
+        raise InvalidInput(f"{files[0].parent}: unreadable attribute or pixel data "
                            f"({clean_exception(exc)})") from exc
 
 
@@ -114,7 +115,10 @@ def _load_series(paths: list[Path], min_slices: int) -> Volume:
     hu = np.empty((len(frames), rows, cols), dtype=np.int16 if integral else np.float32)
     study_instance_uid = _text(datasets, "StudyInstanceUID")
     series_instance_uid = _text(datasets, "SeriesInstanceUID")
-    _fill_hu(hu, frames, datasets, paths)
+    # _fill_hu frees each data set once decoded: the list it gets is the only one left
+    pending: list[Dataset | None] = list(datasets)
+    del datasets
+    _fill_hu(hu, frames, pending, paths)
     first = frames[0]
     return Volume(
         hu=hu,
@@ -302,6 +306,7 @@ def _fill_hu(hu: np.ndarray, frames: list[_Frame], datasets: list[Dataset | None
     """Decode each file once, in file order, writing its frames to their sorted places."""
     slot = {(f.dataset_index, f.frame_index): k for k, f in enumerate(frames)}
     for index, ds in enumerate(datasets):
+        assert ds is not None, "each data set is decoded once"
         pixels = _decode(ds, paths[index])
         padding = _padding(ds, pixels)
         if pixels.ndim == 2:
@@ -367,6 +372,7 @@ def _as_stored(value: int, dtype: np.dtype) -> int:
 
 def _to_hu(pixels: np.ndarray, padding: np.ndarray | None, slope: float, intercept: float,
            dtype: np.dtype) -> np.ndarray:
+    values: np.ndarray
     if dtype == np.int16:
         values = pixels.astype(np.int32)
         if slope != 1:
@@ -460,12 +466,17 @@ def nifti_array_zrc(path_or_image) -> tuple[np.ndarray, tuple[float, float, floa
     masks too, so they line up with :func:`load_nifti`.
     """
     import nibabel as nib  # imported here: only NIfTI users pay for it
+    from nibabel.spatialimages import SpatialHeader, SpatialImage
 
     image = nib.load(str(path_or_image)) if isinstance(path_or_image, (str, Path)) else path_or_image
+    if not isinstance(image, SpatialImage):
+        raise InvalidInput(f"not a NIfTI image: {type(image).__name__}")
     if len(image.shape) != 3:
         raise InvalidInput(f"NIfTI image must be 3-D, got shape {image.shape}")
     codes = nib.aff2axcodes(image.affine)
-    zooms = [float(z) for z in image.header.get_zooms()[:3]]
+    # cast: nibabel types .header as the base FileBasedHeader; a SpatialImage's is a SpatialHeader
+    header = cast(SpatialHeader, image.header)
+    zooms = [float(z) for z in header.get_zooms()[:3]]
     wanted = (("S", "I"), ("P", "A"), ("L", "R"))  # (towards, opposite) for z, row, col
     axes, flips = [], []
     for towards, opposite in wanted:
@@ -476,7 +487,7 @@ def nifti_array_zrc(path_or_image) -> tuple[np.ndarray, tuple[float, float, floa
         flips.append(codes[matches[0]] == opposite)
     data = np.asanyarray(image.dataobj).transpose(axes)
     flip_slices = tuple(slice(None, None, -1) if flip else slice(None) for flip in flips)
-    spacing = tuple(abs(zooms[a]) for a in axes)
+    spacing = (abs(zooms[axes[0]]), abs(zooms[axes[1]]), abs(zooms[axes[2]]))
     return np.ascontiguousarray(data[flip_slices]), spacing
 
 

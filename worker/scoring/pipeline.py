@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from ct_triage.errors import CtTriageError, InvalidInput, NotApplicable
-from worker.scoring.result import LesionBox, ScoreResult, category_for
+from worker.scoring.result import LesionBox, ScoreResult, Status, category_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from ct_triage.settings import Settings
@@ -203,7 +204,7 @@ def lesion_boxes(lesion: np.ndarray, left: np.ndarray, factor: tuple[int, int, i
         zw = sl[0].start + oz
         r0, r1 = (sl[1].start + oy) * fy, min((sl[1].stop + oy) * fy, ro) - 1
         c0, c1 = (sl[2].start + ox) * fx, min((sl[2].stop + ox) * fx, co) - 1
-        side = "left" if n_left[index] * 2 >= size[index] else "right"
+        side: Literal["left", "right"] = "left" if n_left[index] * 2 >= size[index] else "right"
         for k in range(zw * fz, min((zw + 1) * fz, zo)):
             uid = sop_instance_uids[k] if k < len(sop_instance_uids) else ""
             boxes.append(LesionBox(slice_index=k, sop_instance_uid=uid, row_min=int(r0),
@@ -282,7 +283,7 @@ def _failed(started: float, timings: dict, exc: Exception, settings: Settings, s
     return _early(started, timings, "failed", exc, settings, series_uid, with_type=True)
 
 
-def _early(started: float, timings: dict, status: str, exc: BaseException, settings: Settings,
+def _early(started: float, timings: dict, status: Status, exc: BaseException, settings: Settings,
            series_uid: str | None, with_type: bool = False) -> ScoreResult:
     reason = _reason(exc) if not isinstance(exc, MemoryError) else "out of memory while loading"
     if with_type:

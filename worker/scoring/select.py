@@ -18,8 +18,8 @@ on headers only (``stop_before_pixels``).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset

@@ -164,10 +164,7 @@ def _defer(ctx: WorkerContext, delivery_id: int, why: str) -> str:
         state, next_at = DeliveryState(delivery.state), delivery.next_attempt_at
     if state in FINAL_DELIVERY:
         return f"already {state.value}"
-    if next_at is None:
-        delay = ctx.settings.retry_base_s
-    else:
-        delay = max(0.0, (next_at - utcnow()).total_seconds())
+    delay = ctx.settings.retry_base_s if next_at is None else max(0.0, (next_at - utcnow()).total_seconds())
     raise DeliveryDeferred(f"delivery {delivery_id} deferred {delay:.1f} s: {why}", delay + DEFER_MARGIN_S)
 
 

@@ -7,6 +7,7 @@ deliveries left in flight by a process that died are taken over (see worker.task
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 
@@ -89,10 +90,8 @@ class EmbeddedConsumer:
             if not due:
                 break
             tried.add(due[0])
-            try:
+            with contextlib.suppress(TransientError):  # recorded with its next attempt time; picked up again when due
                 deliver_outputs(self.ctx, due[0])
-            except TransientError:
-                pass  # recorded with its next attempt time; picked up again when due
             ran += 1
         return ran
 

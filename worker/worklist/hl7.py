@@ -56,7 +56,7 @@ import re
 import socket
 import ssl
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -192,7 +192,7 @@ class _Builder:
 
 
 def _ts(value: datetime) -> str:
-    return value.astimezone(timezone.utc).strftime("%Y%m%d%H%M%S+0000")
+    return value.astimezone(UTC).strftime("%Y%m%d%H%M%S+0000")
 
 
 def _num(value: float | None) -> str:

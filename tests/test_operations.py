@@ -53,6 +53,7 @@ def test_retention_deletes_files_only_after_delivery_and_keeps_rows(start_node, 
     unsent = write_ct_series(tmp_path / "c", 3, rows=32, columns=32, seed=73)
     for series in (delivered, pending, unsent):
         assert storescu(running.port, series.paths).returncode == 0
+    assert running.node.store.indexer.flush()  # rows are written by the background indexer, after the answer
     storage = running.settings.effective_storage_dir
     quarantined = storage / "quarantine" / "old-rejected.dcm"
     quarantined.write_bytes(b"junk")

@@ -361,7 +361,7 @@ def test_called_and_calling_ae_titles_are_checked(node):
     sock.close()
     assert answer[:1] == b"\x03" and answer[7:10] == b"\x01\x01\x03", answer[:12]
     log = node.wait_log("calling AE title not allowed")
-    assert "called AE title is not CTTRIAGE" in log
+    assert "called AE title is neither CTTRIAGE nor CTTRIAGE_WL" in log
 
 
 # -- data sets: deflate bombs, corrupt data, quarantine --------------------------------

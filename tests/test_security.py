@@ -580,6 +580,33 @@ def test_tls_required_refuses_plain_tcp_and_bad_client_certificates(tmp_path, pk
         node.daemon.stop()
 
 
+def test_the_client_certificate_must_name_the_calling_ae_title(tmp_path, pki):
+    """CT_TRIAGE_TLS_CERT_AE_TITLE: the certificate issued to "scanner" (CN scanner, SAN localhost)
+    admits the calling AE title "scanner" and nothing else, even with a certificate our CA signed."""
+    require_dcmtk()
+    key, cert = pki["server"]
+    node = Node(tmp_path, tls_cert=cert, tls_key=key, tls_ca=pki["ca"], tls_required="true",
+                tls_cert_ae_title="true", allowed_calling_aes="scanner,localhost,CT-ROOM-2").start(echo=False)
+
+    def echo(calling: str) -> subprocess.CompletedProcess:
+        ckey, ccert = pki["client"]
+        return subprocess.run([ECHOSCU, "-aet", calling, "-aec", "CTTRIAGE", "+tls", str(ckey), str(ccert),
+                               "+cf", str(pki["ca"]), "127.0.0.1", str(node.port)], capture_output=True, text=True,
+                              env=dcmtk_env(), timeout=60)
+    try:
+        deadline = time.monotonic() + 60
+        while echo("scanner").returncode != 0:
+            assert time.monotonic() < deadline and node.daemon.process.poll() is None, node.log()
+            time.sleep(0.3)
+        assert echo("localhost").returncode == 0  # a subject alternative name counts too
+        refused = echo("CT-ROOM-2")
+        assert refused.returncode != 0
+        log = node.wait_log("names neither in its CN nor its subject alternative names")
+        assert "CT-ROOM-2" in log
+    finally:
+        node.daemon.stop()
+
+
 # -- bounded fuzzing: the store handler and the series loader ----------------------------
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_fuzzed_data_sets_get_named_statuses_and_stay_in_storage(tmp_path_factory):

@@ -33,6 +33,7 @@ from dicom_node.auditing import AuditSender, NodeAudit
 from dicom_node.commitment import CommitmentService
 from dicom_node.completeness import CompletenessTracker
 from dicom_node.expiry import WorkitemExpiry
+from dicom_node.proxy import TrustedProxies
 from dicom_node.retention import RetentionSweeper
 from dicom_node.shutdown import InFlight, drain
 from dicom_node.spool import Spool
@@ -310,7 +311,8 @@ class DicomNode:
             (s.bind_address, port), evt_handlers=self.handlers(), ssl_context=tls,
             server_class=BoundedAssociationServer, gate=self.gate, handshake_timeout=s.acse_timeout_s,
             socket_timeout=s.network_timeout_s,
-            limits={"max_message_s": s.max_message_s, "max_instance_bytes": s.max_instance_mb * 2**20})
+            limits={"max_message_s": s.max_message_s, "max_instance_bytes": s.max_instance_mb * 2**20},
+            proxies=TrustedProxies(s.proxy_protocol_from) or None)
         thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{port}", daemon=True)
         thread.start()
         self.ae._servers.append(server)

@@ -113,6 +113,9 @@ class NodeSettings:
         1024, "Refuse C-STORE with 0xA700 when free space under STORAGE_DIR would drop below this.")
     stable_age_s: float = _f(15.0, "Quiet period after the last instance before a series is stable.")
     max_receive_s: float = _f(3600.0, "Force a series complete after receiving this long.")
+    node_id: str = _f(
+        "", "Name of this node among the nodes sharing one PostgreSQL database and storage folder (several "
+        "hosts). Empty: the host name. Two live nodes with one name are refused.")
     commitment_peers: list[str] = _lf(
         [], "Comma-separated AET@host:port[+tls] of scanners that want the Storage Commitment report on a new "
         "association (used when the requesting association is already closed)."

@@ -30,6 +30,7 @@ from dicom_node.access import (
     peer_certificate,
 )
 from dicom_node.auditing import AuditSender, NodeAudit
+from dicom_node.cluster import Cluster
 from dicom_node.commitment import CommitmentService
 from dicom_node.completeness import CompletenessTracker
 from dicom_node.expiry import WorkitemExpiry
@@ -235,6 +236,7 @@ class DicomNode:
         self.gate = Gate(settings.max_associations, settings.max_pending_per_address, settings.max_pending_total)
         self.ae = self._build_ae()
         self.servers = []
+        self.cluster = Cluster(self, session_factory)  # several processes and hosts (dicom_node.cluster)
 
     def _wake_tracker(self) -> None:
         self.tracker.wake()
@@ -283,6 +285,7 @@ class DicomNode:
         # on every element) costs more than the rest of the indexing; UIDs we rely on
         # are validated explicitly (dicom_node.uids).
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+        self.cluster.register()  # before anything shared is touched: a refused node changes nothing
         tempfile.tempdir = str(self.spool.tmp_dir)
         self._clean_tmp()
         for warning in self.policy.warnings():
@@ -290,7 +293,9 @@ class DicomNode:
         # The indexer first, then what the last run left on disk without a row: all of it
         # is indexed before the first association is accepted.
         self.store.indexer.start()
-        self.store.index_spooled_orphans()
+        if self.cluster.scan_storage_at_start():
+            self.store.index_spooled_orphans()
+        self.cluster.start()
         tls = build_tls_context(s) if s.tls_enabled else None
         if s.tls_enabled and s.tls_required:
             self.servers.append(self._serve(s.port, tls))
@@ -344,6 +349,7 @@ class DicomNode:
         self.expiry.stop()
         self.tracker.stop()
         self.ups.notifier.stop()
+        self.cluster.stop()
         self.audit.application("stop")
         self.audit_sender.stop()
         try:  # one last round, so that the stop itself reaches the audit repository

@@ -66,6 +66,9 @@ class StoreService:
         hook = os.environ.get("CT_TRIAGE_TEST_KILL_AFTER_FSYNC")
         self._kill_after_fsync = int(hook) if hook else None
         self._durable_count = 0
+        # Test hook (CT_TRIAGE_TEST_HOLD_INDEXING=1): acknowledged instances are never handed to the
+        # indexer, as if this node always died before indexing them (tests/test_hosts.py).
+        self._hold_indexing = bool(os.environ.get("CT_TRIAGE_TEST_HOLD_INDEXING"))
         self.max_instance_bytes = max_instance_bytes
         self.session_factory = session_factory
         self.on_series_stable = on_series_stable or (lambda: None)
@@ -163,7 +166,8 @@ class StoreService:
                 stats.failed += 1
                 log.error("journal write failed for %s: %s", sop_instance_uid, clean(exc))
                 return status.OUT_OF_RESOURCES_WRITE_FAILED
-        self.indexer.submit(record)
+        if not self._hold_indexing:
+            self.indexer.submit(record)
         if not first_copy:
             stats.duplicates += 1
             return status.SUCCESS

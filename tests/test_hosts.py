@@ -161,3 +161,34 @@ def test_commitment_asked_of_node_b_for_instances_node_a_received(start_node, po
     event_type, info, _ = scanner.reports[0]
     assert sorted(i.ReferencedSOPInstanceUID for i in info.ReferencedSOPSequence) == sorted(series.sop_instance_uids)
     assert [i.ReferencedSOPInstanceUID for i in info.FailedSOPSequence] == [unknown]
+
+
+# -- UPS events: sent by the notifier holding the lease, whichever node took the change ------------
+def test_ups_change_through_node_a_is_reported_once_by_the_leaseholder(start_node, postgres_url):
+    from tests.support.ups import UpsClient, UpsWatcher
+    from tests.test_ups import NO_EXPIRY_H, T0, seed
+
+    watcher_port = free_port()
+    watcher = UpsWatcher(watcher_port)
+    common = dict(ups_subscribers=[f"WATCHER@127.0.0.1:{watcher_port}"], worklist_expiry_h=NO_EXPIRY_H)
+    node_b = start_node(postgres_url, node_id="host-b", **common)  # first: it takes the leases
+    node_a = start_node(postgres_url, node_id="host-a", port=free_port(), **common)
+    try:
+        assert node_b.node.ups.notifier.lease.held()
+        assert not node_a.node.ups.notifier.lease.held()
+        uid = seed(node_a, "1.2.826.0.1.3680043.8.498.77", category="CT-3", percent=55.0, arrived=T0)
+        with UpsClient(node_a.port, ae_title="WATCHER") as client:
+            assert client.subscribe("WATCHER") == 0
+            watcher.wait_for_state(uid, "SCHEDULED")
+            status, transaction = client.claim(uid)
+            assert status == 0
+            watcher.wait_for_state(uid, "IN PROGRESS")
+            # Node B goes: its lease moves to A, whose notifier reports the next change.
+            node_b.node.stop(0)
+            wait_for(lambda: node_a.node.ups.notifier.lease.held(), timeout=10)
+            assert client.complete(uid, transaction) == (0, 0)
+            assert watcher.wait_for_state(uid, "COMPLETED") == ["SCHEDULED", "IN PROGRESS", "COMPLETED"]
+        time.sleep(1.5)  # no second copy of any report arrives
+        assert watcher.states(uid) == ["SCHEDULED", "IN PROGRESS", "COMPLETED"]
+    finally:
+        watcher.stop()

@@ -14,6 +14,12 @@ answering the N-ACTION):
    ``REPORT_ATTEMPTS`` (4) tries, ``REPORT_RETRY_S`` apart (2, 5, 10 s), each
    with the node's ACSE/DIMSE timeouts; a report not delivered after that is
    logged and dropped: the scanner asks again (its own commitment timeout).
+
+Several nodes (docs/production.md, "Several hosts"): the node the scanner reaches answers,
+from the database. An instance another node acknowledged may still be queued in that node's
+indexer (or waiting for a survivor, when that node died): while a requested instance has no
+row but its file is in the shared storage (``on_disk``), the report waits for the row, at
+most ``ON_DISK_WAIT_S`` (35 s).
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ What
     the error's first line, at most 300 characters; without ``db_failed`` it is logged
     like any other error), anything else with its traceback (``failed``).
     :class:`Poller` is that loop in one daemon thread, with ``start``, ``wake`` and
-    ``stop`` (which wakes the thread and waits at most ``join_timeout_s`` for it).
+    ``stop`` (which wakes the thread and waits at most ``join_timeout_s`` for it); with a
+    ``lease`` (an object with ``held()``), a round runs only while the lease is held.
 
 Why here
     The completeness tracker, the UPS event notifier, the retention sweeper
@@ -22,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -46,6 +48,10 @@ def poll_loop(step: Callable[[], object], *, stop: threading.Event, wake: thread
         wake.clear()
 
 
+class Held(Protocol):
+    def held(self) -> bool: ...
+
+
 class Poller:
     """``step`` in a daemon thread by :func:`poll_loop`; subclasses name the thread, the
     logger and the messages."""
@@ -58,6 +64,9 @@ class Poller:
 
     def __init__(self, step: Callable[[], object], interval_s: float, first_delay_s: float = 0.0):
         self._step = step
+        # Several node processes sharing one database: a duty done once takes a lease
+        # (anything with ``held()``, dicom_node.leases); a round runs only while it is held.
+        self.lease: Held | None = None
         self.interval_s = interval_s
         self.first_delay_s = first_delay_s
         self._wake = threading.Event()
@@ -77,6 +86,11 @@ class Poller:
     def wake(self) -> None:
         self._wake.set()
 
+    def _leased_step(self) -> object:
+        if self.lease is not None and not self.lease.held():
+            return None
+        return self._step()
+
     def _run(self) -> None:
-        poll_loop(self._step, stop=self._stop, wake=self._wake, interval_s=self.interval_s, logger=self.logger,
+        poll_loop(self._leased_step, stop=self._stop, wake=self._wake, interval_s=self.interval_s, logger=self.logger,
                   failed=self.failed, db_failed=self.db_failed, first_delay_s=self.first_delay_s)

@@ -113,6 +113,9 @@ class NodeSettings:
         1024, "Refuse C-STORE with 0xA700 when free space under STORAGE_DIR would drop below this.")
     stable_age_s: float = _f(15.0, "Quiet period after the last instance before a series is stable.")
     max_receive_s: float = _f(3600.0, "Force a series complete after receiving this long.")
+    node_id: str = _f(
+        "", "Name of this node among the nodes sharing one PostgreSQL database and storage folder (several "
+        "hosts). Empty: the host name. Two live nodes with one name are refused.")
     commitment_peers: list[str] = _lf(
         [], "Comma-separated AET@host:port[+tls] of scanners that want the Storage Commitment report on a new "
         "association (used when the requesting association is already closed)."
@@ -169,6 +172,12 @@ class SecuritySettings:
     audit_query_aggregate_min: float = _f(
         10.0, "Worklist page and API reads: one Query audit message per client (token and address) in this many "
               "minutes (0: one per request). DICOM queries are never aggregated.")
+    proxy_protocol_from: list[str] = _lf(
+        [], "Load balancers (HAProxy send-proxy-v2) whose connections start with a PROXY v2 header naming the "
+        "client: comma-separated addresses or networks. Their connections must carry one (else closed); the "
+        "client it names is the peer for allowlists, caps, logs and the audit trail. Anyone else's header is "
+        "garbage. Empty: off.")
+
     @property
     def tls_enabled(self) -> bool:
         return self.tls_cert is not None
@@ -192,6 +201,12 @@ class SecuritySettings:
             parse_audit_repository(self.audit_repository)
         if self.audit_tls_cert and not self.audit_tls_key:
             raise ConfigError(f"{PREFIX}AUDIT_TLS_KEY is required when {PREFIX}AUDIT_TLS_CERT is set")
+        for entry in self.proxy_protocol_from:
+            try:
+                ip_network(entry.strip().replace("[", "").replace("]", ""), strict=False)
+            except ValueError:
+                raise ConfigError(f"{PREFIX}PROXY_PROTOCOL_FROM entry {entry!r} is not an IP address or network") \
+                    from None
         if self.audit_query_aggregate_min < 0:
             raise ConfigError(f"{PREFIX}AUDIT_QUERY_AGGREGATE_MIN must be >= 0, got {self.audit_query_aggregate_min}")
 

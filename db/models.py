@@ -458,3 +458,26 @@ class AuditEvent(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Node(Base):
+    """One node process (``ct-triage node``/``serve``) that uses this database: registered at
+    start, its heartbeat every few seconds, stopped when it stops (dicom_node.nodes).
+
+    ``busy_json``: the Study Instance UIDs it is receiving or has not indexed yet (a JSON list),
+    so the completeness tracker of another node leaves them alone. ``recovered_at``: when a
+    surviving node indexed what this one acknowledged and had not indexed (dicom_node.orphans).
+    """
+
+    __tablename__ = "nodes"
+    __table_args__ = (Index("ix_nodes_live", "stopped_at", "recovered_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(128), index=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    recovered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    busy_json: Mapped[str] = mapped_column(Text, default="[]")

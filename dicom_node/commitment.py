@@ -14,6 +14,12 @@ answering the N-ACTION):
    ``REPORT_ATTEMPTS`` (4) tries, ``REPORT_RETRY_S`` apart (2, 5, 10 s), each
    with the node's ACSE/DIMSE timeouts; a report not delivered after that is
    logged and dropped: the scanner asks again (its own commitment timeout).
+
+Several nodes (docs/production.md, "Several hosts"): the node the scanner reaches answers,
+from the database. An instance another node acknowledged may still be queued in that node's
+indexer (or waiting for a survivor, when that node died): while a requested instance has no
+row but its file is in the shared storage (``on_disk``), the report waits for the row, at
+most ``ON_DISK_WAIT_S`` (35 s).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from pydicom.dataset import Dataset
 from sqlalchemy.exc import SQLAlchemyError
@@ -36,6 +43,9 @@ from dicom_node.uids import is_valid_uid
 # Tries of a report on a new association, and the waits between them (seconds).
 REPORT_ATTEMPTS = 4
 REPORT_RETRY_S = (2.0, 5.0, 10.0)
+# Longest wait for the row of an instance that is on disk (several nodes: indexed by the node
+# that acknowledged it, or by a survivor within 30 s when that node died).
+ON_DISK_WAIT_S = 35.0
 
 STORAGE_COMMITMENT_PUSH_MODEL = "1.2.840.10008.1.20.1"
 STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # well-known SOP Instance
@@ -93,6 +103,9 @@ class CommitmentService:
         self.acse_timeout_s = acse_timeout_s
         self.dimse_timeout_s = dimse_timeout_s
         self.tls_context = tls_context  # client SSLContext for peers marked +tls
+        # Several nodes: True when an instance's file is in the shared storage (acknowledged by
+        # some node, maybe not indexed yet): the report waits for its row (ON_DISK_WAIT_S).
+        self.on_disk: Callable[[str], bool] = lambda sop_instance_uid: False
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
 
@@ -136,11 +149,23 @@ class CommitmentService:
                 return False
             threads[0].join(min(remaining, 0.2))
 
+    def _report_when_indexed(self, transaction_uid: str, requested: list[tuple[str, str]]) -> tuple[int, Dataset]:
+        """The report, once every requested instance on disk has its row: another node may have
+        acknowledged it and not indexed it yet, or died before (a survivor indexes it)."""
+        deadline = time.monotonic() + ON_DISK_WAIT_S
+        while True:
+            with session_scope(self.session_factory) as session:
+                event_type, report = build_event_report(session, transaction_uid, requested)
+            failed = [str(item.ReferencedSOPInstanceUID) for item in report.get("FailedSOPSequence", [])
+                      if item.FailureReason == status.NO_SUCH_OBJECT_INSTANCE]
+            if not failed or time.monotonic() >= deadline or not any(self.on_disk(uid) for uid in failed):
+                return event_type, report
+            time.sleep(0.2)
+
     def _send_report(self, assoc, calling: str, transaction_uid: str, requested: list[tuple[str, str]]) -> None:
         self.wait_indexed()
         try:
-            with session_scope(self.session_factory) as session:
-                event_type, report = build_event_report(session, transaction_uid, requested)
+            event_type, report = self._report_when_indexed(transaction_uid, requested)
         except SQLAlchemyError as exc:
             log.error("storage commitment %s: database unavailable: %s", transaction_uid,
                       str(exc).splitlines()[0][:300])

@@ -32,9 +32,11 @@ from dicom_node.access import (
     peer_certificate,
 )
 from dicom_node.auditing import AuditSender, NodeAudit
+from dicom_node.cluster import Cluster
 from dicom_node.commitment import STORAGE_COMMITMENT_PUSH_MODEL, CommitmentService
 from dicom_node.completeness import CompletenessTracker
 from dicom_node.expiry import WorkitemExpiry
+from dicom_node.proxy import TrustedProxies
 from dicom_node.retention import RetentionSweeper
 from dicom_node.shutdown import InFlight, drain
 from dicom_node.spool import Spool
@@ -237,6 +239,7 @@ class DicomNode:
         self.gate = Gate(settings.max_associations, settings.max_pending_per_address, settings.max_pending_total)
         self.ae = self._build_ae()
         self.servers: list[AssociationServer] = []
+        self.cluster = Cluster(self, session_factory)  # several processes and hosts (dicom_node.cluster)
 
     def _wake_tracker(self) -> None:
         self.tracker.wake()
@@ -286,6 +289,7 @@ class DicomNode:
         # on every element) costs more than the rest of the indexing; UIDs we rely on
         # are validated explicitly (dicom_node.uids).
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+        self.cluster.register()  # before anything shared is touched: a refused node changes nothing
         tempfile.tempdir = str(self.spool.tmp_dir)
         self._clean_tmp()
         for warning in self.policy.warnings():
@@ -293,7 +297,9 @@ class DicomNode:
         # The indexer first, then what the last run left on disk without a row: all of it
         # is indexed before the first association is accepted.
         self.store.indexer.start()
-        self.store.index_spooled_orphans()
+        if self.cluster.scan_storage_at_start():
+            self.store.index_spooled_orphans()
+        self.cluster.start()
         tls = build_tls_context(s) if s.tls_enabled else None
         if s.tls_enabled and s.tls_required:
             self.servers.append(self._serve(s.port, tls))
@@ -314,7 +320,8 @@ class DicomNode:
             (s.bind_address, port), evt_handlers=self.handlers(), ssl_context=tls,
             server_class=BoundedAssociationServer, gate=self.gate, handshake_timeout=s.acse_timeout_s,
             socket_timeout=s.network_timeout_s,
-            limits={"max_message_s": s.max_message_s, "max_instance_bytes": s.max_instance_mb * 2**20})
+            limits={"max_message_s": s.max_message_s, "max_instance_bytes": s.max_instance_mb * 2**20},
+            proxies=TrustedProxies(s.proxy_protocol_from) or None)
         thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{port}", daemon=True)
         thread.start()
         self.ae._servers.append(server)
@@ -344,6 +351,7 @@ class DicomNode:
         self.expiry.stop()
         self.tracker.stop()
         self.ups_notifier.stop()
+        self.cluster.stop()
         self.audit.application("stop")
         self.audit_sender.stop()
         try:  # one last round, so that the stop itself reaches the audit repository

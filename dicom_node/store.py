@@ -27,6 +27,7 @@ from db import repository
 from db.session import session_scope
 from dicom_node import status
 from dicom_node.indexer import Indexer
+from dicom_node.journal import Journal
 from dicom_node.metadata import RejectedInstance, read_instance_record, read_spooled_file
 from dicom_node.spool import Spool
 
@@ -61,9 +62,13 @@ class StoreService:
                  max_instance_bytes: int = 1024 * 2**20):
         self.spool = spool
         self.indexer = Indexer(session_factory, on_outcome=self._on_indexed)
+        self.journal: Journal | None = None  # set when several nodes may share the storage
         hook = os.environ.get("CT_TRIAGE_TEST_KILL_AFTER_FSYNC")
         self._kill_after_fsync = int(hook) if hook else None
         self._durable_count = 0
+        # Test hook (CT_TRIAGE_TEST_HOLD_INDEXING=1): acknowledged instances are never handed to the
+        # indexer, as if this node always died before indexing them (tests/test_hosts.py).
+        self._hold_indexing = bool(os.environ.get("CT_TRIAGE_TEST_HOLD_INDEXING"))
         self.max_instance_bytes = max_instance_bytes
         self.session_factory = session_factory
         self.on_series_stable = on_series_stable or (lambda: None)
@@ -154,7 +159,15 @@ class StoreService:
                 return status.OUT_OF_RESOURCES_WRITE_FAILED
         if self._kill_after_fsync is not None:
             self._debug_kill_hook()
-        self.indexer.submit(record)
+        if self.journal is not None:  # several nodes: a survivor finds it there if we die (dicom_node.journal)
+            try:
+                self.journal.append(record.path)
+            except OSError as exc:
+                stats.failed += 1
+                log.error("journal write failed for %s: %s", sop_instance_uid, clean(exc))
+                return status.OUT_OF_RESOURCES_WRITE_FAILED
+        if not self._hold_indexing:
+            self.indexer.submit(record)
         if not first_copy:
             stats.duplicates += 1
             return status.SUCCESS
@@ -194,6 +207,7 @@ class StoreService:
         moved to the quarantine. Returns the number of instances indexed.
         """
         started = time.monotonic()
+        scan_began = time.time()
         with session_scope(self.session_factory) as session:
             known = repository.indexed_paths(session)
         records = []
@@ -202,10 +216,16 @@ class StoreService:
             if relpath in known:
                 continue
             try:
+                if path.stat().st_ctime > scan_began:
+                    continue  # linked since the scan began: another node's, acknowledged now (its indexer's)
+            except FileNotFoundError:
+                continue
+            try:
                 record = read_spooled_file(path, max_bytes=self.max_instance_bytes, scratch_dir=self.spool.tmp_dir)
                 if Path(record.path).name != path.name:
                     raise RejectedInstance("file name does not match its SOP Instance UID", status.INVALID_UID)
                 record.path = relpath  # where it is (an older folder layout stays readable)
+                record.recovered = True
             except RejectedInstance as rejected:
                 log.warning("spooled file %s not indexed (moved to quarantine): %s", relpath,
                             clean(rejected.reason))

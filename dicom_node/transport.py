@@ -61,6 +61,7 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from ct_triage.text import clean, clean_exception
+from dicom_node import proxy
 
 log = logging.getLogger("ct_triage.node.transport")
 
@@ -452,6 +453,17 @@ class BoundedRequestHandler(RequestHandler):
         try:
             sock = self.request
             sock.settimeout(server.handshake_timeout)
+            if server.proxies and server.proxies.trusts(key[0]):
+                # Behind a load balancer (dicom_node.proxy): the client it names is the peer from here on.
+                client = proxy.client_address(sock, key, server.handshake_timeout)
+                reason = None if client is None else server.gate.open(tuple(client[:2]))
+                if client is None or reason is not None:
+                    if reason is not None:
+                        log.warning("connection from %s:%s refused: %s", client[0], client[1], reason)
+                    _close_quietly(sock)
+                    return
+                self.client_address = client
+                key = tuple(client[:2])
             if server.tls_context is not None:
                 try:
                     sock = server.tls_context.wrap_socket(sock, server_side=True)
@@ -488,8 +500,10 @@ class BoundedAssociationServer(ThreadedAssociationServer):
     block_on_close = False
 
     def __init__(self, ae, address, ae_title, contexts, ssl_context=None, evt_handlers=None, *,
-                 gate: Gate, handshake_timeout: float, socket_timeout: float, limits: dict):
+                 gate: Gate, handshake_timeout: float, socket_timeout: float, limits: dict,
+                 proxies: proxy.TrustedProxies | None = None):
         self.gate = gate
+        self.proxies = proxies  # load balancers whose connections start with a PROXY v2 header
         self.tls_context = ssl_context
         self.handshake_timeout = handshake_timeout
         self.socket_timeout = socket_timeout
@@ -503,6 +517,8 @@ class BoundedAssociationServer(ThreadedAssociationServer):
 
     def verify_request(self, request, client_address) -> bool:
         key = tuple(client_address[:2])
+        if self.proxies and self.proxies.trusts(key[0]):
+            return True  # counted under the client's address once its PROXY v2 header is read
         reason = self.gate.open(key)
         if reason is None:
             return True

@@ -63,6 +63,9 @@ class InstanceRecord:
     calling_ae_title: str | None = None
     # None when the series is a scoring candidate; else why it never will be.
     not_applicable_reason: str | None = None
+    # Found on disk after a crash (start-up scan, a dead node's journal), not received now:
+    # already indexed means indexed by its receiver, not a duplicate to count.
+    recovered: bool = False
 
 
 @dataclass
@@ -177,6 +180,10 @@ def record_instances(session: Session, records: list[InstanceRecord],
     for rec in records:
         if rec.sop_instance_uid in known:
             series_fk = known[rec.sop_instance_uid]
+            if rec.recovered:
+                held = session.get_one(Series, series_fk)
+                outcomes.append(StoreOutcome(True, held.id, held.state, held.version))
+                continue
             session.execute(update(Series).where(Series.id == series_fk)
                             .values(duplicate_count=Series.duplicate_count + 1)
                             .execution_options(synchronize_session=False))

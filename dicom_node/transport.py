@@ -456,10 +456,12 @@ class BoundedRequestHandler(RequestHandler):
             if server.proxies and server.proxies.trusts(key[0]):
                 # Behind a load balancer (dicom_node.proxy): the client it names is the peer from here on.
                 client = proxy.client_address(sock, key, server.handshake_timeout)
-                reason = None if client is None else server.gate.open(tuple(client[:2]))
-                if client is None or reason is not None:
-                    if reason is not None:
-                        log.warning("connection from %s:%s refused: %s", client[0], client[1], reason)
+                if client is None:
+                    _close_quietly(sock)
+                    return
+                reason = server.gate.open(tuple(client[:2]))
+                if reason is not None:
+                    log.warning("connection from %s:%s refused: %s", client[0], client[1], reason)
                     _close_quietly(sock)
                     return
                 self.client_address = client

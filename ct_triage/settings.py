@@ -380,18 +380,7 @@ class WorklistSettings:
 
     def check(self) -> None:
         """Validate this section (a ConfigError names the setting)."""
-        if not 0 <= self.http_port < 65536:
-            raise ConfigError(f"{PREFIX}HTTP_PORT must be 0..65535, got {self.http_port}")
-        if self.http_port and not is_loopback(self.http_host) and not self.http_token:
-            raise ConfigError(f"{PREFIX}HTTP_HOST={self.http_host} is not a loopback address: set {PREFIX}HTTP_TOKEN "
-                              f"(at least 16 characters) or bind the page to 127.0.0.1")
-        if self.http_token and len(self.http_token) < 16:
-            raise ConfigError(f"{PREFIX}HTTP_TOKEN must be at least 16 characters")
-        if not 1 <= self.http_connections_per_address <= 1024:
-            raise ConfigError(f"{PREFIX}HTTP_CONNECTIONS_PER_ADDRESS must be 1..1024, got "
-                              f"{self.http_connections_per_address}")
-        if self.http_refresh_s < 1 or self.http_worklist_hours <= 0:
-            raise ConfigError(f"{PREFIX}HTTP_REFRESH_S must be >= 1 and {PREFIX}HTTP_WORKLIST_HOURS > 0")
+        self._check_http_page()
         try:
             parse_rule(self.priority_rule)
         except PriorityRuleError as exc:
@@ -413,6 +402,21 @@ class WorklistSettings:
             raise ConfigError(f"{PREFIX}HL7_TLS_KEY is required when {PREFIX}HL7_TLS_CERT is set")
         if self.hl7_tls_key and not self.hl7_tls_cert:
             raise ConfigError(f"{PREFIX}HL7_TLS_KEY is set without {PREFIX}HL7_TLS_CERT")
+
+    def _check_http_page(self) -> None:
+        """The HTTP_* settings of the worklist page, its API and /metrics."""
+        if not 0 <= self.http_port < 65536:
+            raise ConfigError(f"{PREFIX}HTTP_PORT must be 0..65535, got {self.http_port}")
+        if self.http_port and not is_loopback(self.http_host) and not self.http_token:
+            raise ConfigError(f"{PREFIX}HTTP_HOST={self.http_host} is not a loopback address: set {PREFIX}HTTP_TOKEN "
+                              f"(at least 16 characters) or bind the page to 127.0.0.1")
+        if self.http_token and len(self.http_token) < 16:
+            raise ConfigError(f"{PREFIX}HTTP_TOKEN must be at least 16 characters")
+        if not 1 <= self.http_connections_per_address <= 1024:
+            raise ConfigError(f"{PREFIX}HTTP_CONNECTIONS_PER_ADDRESS must be 1..1024, got "
+                              f"{self.http_connections_per_address}")
+        if self.http_refresh_s < 1 or self.http_worklist_hours <= 0:
+            raise ConfigError(f"{PREFIX}HTTP_REFRESH_S must be >= 1 and {PREFIX}HTTP_WORKLIST_HOURS > 0")
 
 
 @dataclass(frozen=True)

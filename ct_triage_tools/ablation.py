@@ -378,20 +378,7 @@ def _run(recipe: AblationRecipe, run_dir: Path, data_root: Path, resume: bool, s
     cpu_before = 0.0
     start = 1
     if existing:
-        ck = torch.load(existing[-1], map_location="cpu", weights_only=True)
-        # a field added to the recipe later reads as its default in older checkpoints
-        stored = {**asdict(AblationRecipe()), **ck["recipe"]}
-        if stored != asdict(recipe):
-            raise ValueError(f"{existing[-1]}: recipe {stored} is not {asdict(recipe)}; use another name")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        gen.set_state(ck["torch_generator"])
-        torch.set_rng_state(ck["torch_global"])
-        rng.bit_generator.state = json.loads(ck["numpy_rng"])
-        history = json.loads(ck["history"])
-        cpu_before = float(ck["cpu_seconds"])
-        start = int(ck["epoch"]) + 1
+        history, cpu_before, start = _restore(existing[-1], recipe, model, opt, sched, gen, rng)
     _emit(log_fh, {"stage": "data", "name": name, "recipe": asdict(recipe), "start_epoch": start,
                    **{g: len(v) for g, v in groups.items()}, "epoch_samples": int(n_rad * recipe.radiologist_repeat
                                                                                     + per_epoch),
@@ -403,23 +390,7 @@ def _run(recipe: AblationRecipe, run_dir: Path, data_root: Path, resume: bool, s
         drawn = pseudo if per_epoch == len(pseudo) else rng.choice(pseudo, size=per_epoch, replace=False)
         order = rng.permutation(np.concatenate([np.repeat(radiologist, recipe.radiologist_repeat), drawn]))
         t_ep = time.perf_counter()
-        losses = []
-        for b in range(0, len(order), recipe.batch):
-            ids = torch.from_numpy(order[b:b + recipe.batch].astype(np.int64))
-            if len(ids) < 2:
-                continue  # batch norm needs two
-            x = imgs[ids].float()[:, None] / 255.0
-            y = masks[ids].float()[:, None] / 255.0
-            x, y = augment(x, y, gen, recipe.window_aug)
-            loss = loss_of(recipe.loss, model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            if len(losses) % 20 == 0:
-                print(json.dumps({"stage": "progress", "epoch": epoch, "batches": len(losses),
-                                  "of": math.ceil(len(order) / recipe.batch), "loss": round(float(np.mean(losses)), 4),
-                                  "seconds": round(time.perf_counter() - t_ep, 1)}), flush=True)
+        losses = _train_epoch(recipe, model, opt, gen, imgs, masks, order, epoch)
         lr_used = opt.param_groups[0]["lr"]
         sched.step()
         train_s_wall = time.perf_counter() - t_ep
@@ -442,6 +413,51 @@ def _run(recipe: AblationRecipe, run_dir: Path, data_root: Path, resume: bool, s
         return {"finished": True, "name": name, "history": history}
     return finish(recipe, run_dir, groups, history, name, results, log_fh,
                   cpu_before + time.process_time() - cpu_mark)
+
+
+def _restore(checkpoint: Path, recipe: AblationRecipe, model: LesionNet, opt: torch.optim.Optimizer,
+             sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator,
+             rng: np.random.Generator) -> tuple[list[dict], float, int]:
+    """Load an epoch checkpoint of this recipe into the training state: (history, CPU seconds, next epoch)."""
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    # a field added to the recipe later reads as its default in older checkpoints
+    stored = {**asdict(AblationRecipe()), **ck["recipe"]}
+    if stored != asdict(recipe):
+        raise ValueError(f"{checkpoint}: recipe {stored} is not {asdict(recipe)}; use another name")
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    gen.set_state(ck["torch_generator"])
+    torch.set_rng_state(ck["torch_global"])
+    rng.bit_generator.state = json.loads(ck["numpy_rng"])
+    return json.loads(ck["history"]), float(ck["cpu_seconds"]), int(ck["epoch"]) + 1
+
+
+def _train_epoch(recipe: AblationRecipe, model: LesionNet, opt: torch.optim.Optimizer, gen: torch.Generator,
+                 imgs: torch.Tensor, masks: torch.Tensor, order: np.ndarray, epoch: int) -> list[float]:
+    """One pass over ``order`` in batches (a last batch of one is skipped); the batch losses.
+
+    Prints a progress line every 20 batches.
+    """
+    t_ep = time.perf_counter()
+    losses: list[float] = []
+    for b in range(0, len(order), recipe.batch):
+        ids = torch.from_numpy(order[b:b + recipe.batch].astype(np.int64))
+        if len(ids) < 2:
+            continue  # batch norm needs two
+        x = imgs[ids].float()[:, None] / 255.0
+        y = masks[ids].float()[:, None] / 255.0
+        x, y = augment(x, y, gen, recipe.window_aug)
+        loss = loss_of(recipe.loss, model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if len(losses) % 20 == 0:
+            print(json.dumps({"stage": "progress", "epoch": epoch, "batches": len(losses),
+                              "of": math.ceil(len(order) / recipe.batch), "loss": round(float(np.mean(losses)), 4),
+                              "seconds": round(time.perf_counter() - t_ep, 1)}), flush=True)
+    return losses
 
 
 def finish(recipe: AblationRecipe, run_dir: Path, groups: dict[str, list[Sample]], history: list[dict],

@@ -56,7 +56,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -64,6 +64,9 @@ import torch.nn.functional as F
 
 from ct_triage_tools.datasets import network_gray, source_of
 from worker.scoring.lesion_net import LesionNet, predict_images, save_weights
+
+if TYPE_CHECKING:
+    from torch.optim.swa_utils import AveragedModel
 
 HOLDOUT_VOLUMES = (
     "Data-1_coronacases_org_003",
@@ -292,15 +295,7 @@ def train(data_root: Path, out_dir: Path, recipe: Recipe | None = None, *, log: 
     emit = log or (lambda entry: None)
     wall0, cpu0 = time.perf_counter(), time.process_time()
 
-    samples = list_samples(Path(data_root))
-    train_s = [s for s in samples if s.group in ("train", "pseudo")]
-    val_s = [s for s in samples if s.group == "val"]
-    hold_s = [s for s in samples if s.group == "holdout"]
-    if not train_s or not val_s:
-        raise ValueError(f"{data_root}: need train/ (or train-pseudo/) and val/ with Imgs/ and GT/")
-    if recipe.limit is not None:
-        train_s = train_s[:: max(1, len(train_s) // recipe.limit)][: recipe.limit]
-        hold_s = hold_s[:: max(1, len(hold_s) // max(1, recipe.limit // 2))][: max(1, recipe.limit // 2)]
+    train_s, val_s, hold_s = _split_samples(Path(data_root), recipe.limit)
     hold_eval = hold_s[::4]  # every fourth held-out slice: enough for the threshold, a quarter of the time
     imgs, masks = load_training_arrays(train_s, recipe.size)
     radiologist = np.array([i for i, s in enumerate(train_s) if s.group == "train"], dtype=np.int64)
@@ -313,16 +308,12 @@ def train(data_root: Path, out_dir: Path, recipe: Recipe | None = None, *, log: 
 
     model = LesionNet(base=recipe.base, levels=recipe.levels, size=recipe.size)
     if recipe.init:
-        from worker.scoring.lesion_net import load_weights
-
-        start, _ = load_weights(Path(recipe.init), verify=False)
-        if start.config() != model.config():
-            raise ValueError(f"{recipe.init}: network {start.config()} is not the recipe's {model.config()}")
-        model.load_state_dict(start.state_dict())
+        _load_init(model, Path(recipe.init))
         emit({"stage": "init", "from": str(recipe.init)})
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     # the weights validated and kept: the averaged copy when ``ema`` (steadier than the last step's)
     kept: LesionNet = model
+    averaged: AveragedModel | None = None
     if recipe.ema:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -347,7 +338,7 @@ def train(data_root: Path, out_dir: Path, recipe: Recipe | None = None, *, log: 
         drawn = rng.choice(pseudo, size=per_epoch, replace=False) if per_epoch else pseudo[:0]
         order = rng.permutation(np.concatenate([np.repeat(radiologist, recipe.radiologist_repeat), drawn]))
         t_ep = time.perf_counter()
-        losses = []
+        losses: list[float] = []
         for b in range(0, len(order), recipe.batch):
             ids = torch.from_numpy(order[b:b + recipe.batch].astype(np.int64))
             if len(ids) < 2:
@@ -357,25 +348,18 @@ def train(data_root: Path, out_dir: Path, recipe: Recipe | None = None, *, log: 
             x, y = augment(x, y, gen, recipe.window_slope)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            logits = model(x)
-            prob = torch.sigmoid(logits)
-            bce = F.binary_cross_entropy_with_logits(logits, y)
-            inter = (prob * y).sum((1, 2, 3))
-            soft = 1 - (2 * inter + 1) / (prob.sum((1, 2, 3)) + y.sum((1, 2, 3)) + 1)
-            loss = bce + soft.mean()
+            loss = _bce_soft_dice(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if kept is not model:
+            if averaged is not None:
                 averaged.update_parameters(model)
             losses.append(float(loss.detach()))
             step += 1
         train_seconds = time.perf_counter() - t_ep
         # validation
         t_val = time.perf_counter()
-        hold_pairs = probabilities(kept, hold_eval) if hold_eval else []
-        per_thr = {thr: mean_dice(hold_pairs, thr)[0] for thr in THRESHOLDS} if hold_pairs else {0.5: float("nan")}
-        thr = max(per_thr, key=lambda k: (per_thr[k], -abs(k - 0.5))) if hold_pairs else 0.5
+        thr, per_thr = _holdout_threshold(kept, hold_eval)
         val_pairs = probabilities(kept, val_s)
         val_d, val_each = mean_dice(val_pairs, thr)
         val_05, _ = mean_dice(val_pairs, 0.5)
@@ -409,6 +393,53 @@ def train(data_root: Path, out_dir: Path, recipe: Recipe | None = None, *, log: 
         summary["weights"] = str(weights_out)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _split_samples(data_root: Path, limit: int | None) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """(train with pseudo-labelled, val, held-out) samples; ``limit`` thins train and held-out evenly."""
+    samples = list_samples(data_root)
+    train_s = [s for s in samples if s.group in ("train", "pseudo")]
+    val_s = [s for s in samples if s.group == "val"]
+    hold_s = [s for s in samples if s.group == "holdout"]
+    if not train_s or not val_s:
+        raise ValueError(f"{data_root}: need train/ (or train-pseudo/) and val/ with Imgs/ and GT/")
+    if limit is not None:
+        train_s = train_s[:: max(1, len(train_s) // limit)][: limit]
+        hold_s = hold_s[:: max(1, len(hold_s) // max(1, limit // 2))][: max(1, limit // 2)]
+    return train_s, val_s, hold_s
+
+
+def _load_init(model: LesionNet, init: Path) -> None:
+    """Start ``model`` from the weights in ``init`` (the same network configuration, else ValueError)."""
+    from worker.scoring.lesion_net import load_weights
+
+    start, _ = load_weights(init, verify=False)
+    if start.config() != model.config():
+        raise ValueError(f"{init}: network {start.config()} is not the recipe's {model.config()}")
+    model.load_state_dict(start.state_dict())
+
+
+def _bce_soft_dice(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Training loss: binary cross-entropy plus the batch mean of the per-image soft Dice loss."""
+    prob = torch.sigmoid(logits)
+    bce = F.binary_cross_entropy_with_logits(logits, y)
+    inter = (prob * y).sum((1, 2, 3))
+    soft = 1 - (2 * inter + 1) / (prob.sum((1, 2, 3)) + y.sum((1, 2, 3)) + 1)
+    return bce + soft.mean()
+
+
+def _holdout_threshold(model: LesionNet, hold_eval: list[Sample]) -> tuple[float, dict[float, float]]:
+    """The threshold of best held-out Dice (ties: nearest 0.5) and the Dice at each of THRESHOLDS.
+
+    No held-out samples: 0.5 (its Dice NaN).
+    """
+    if not hold_eval:
+        return 0.5, {0.5: float("nan")}
+    hold_pairs = probabilities(model, hold_eval)
+    if not hold_pairs:
+        return 0.5, {0.5: float("nan")}
+    per_thr = {thr: mean_dice(hold_pairs, thr)[0] for thr in THRESHOLDS}
+    return max(per_thr, key=lambda k: (per_thr[k], -abs(k - 0.5))), per_thr
 
 
 def finetune_recipe(recipe: Recipe, init: Path) -> Recipe:

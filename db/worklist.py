@@ -270,9 +270,10 @@ def workitem_of_result(session: Session, result_id: int) -> UpsWorkitem | None:
 
 
 # -- state changes --------------------------------------------------------------------------
-def change_state(session: Session, sop_instance_uid: str, target: str, transaction_uid: str | None, *,
-                 performer_ae_title: str | None = None, final_requirements_met: bool = True,
-                 now: datetime | None = None) -> Outcome:
+def change_state(  # noqa: C901 - the PS3.4 UPS state table, one check per row; split, it would scatter
+    session: Session, sop_instance_uid: str, target: str, transaction_uid: str | None, *,
+    performer_ae_title: str | None = None, final_requirements_met: bool = True, now: datetime | None = None,
+) -> Outcome:
     """N-ACTION "Change UPS State" (action type 1)."""
     now = now or utcnow()
     item = get_workitem(session, sop_instance_uid, lock=True)

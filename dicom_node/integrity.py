@@ -103,16 +103,7 @@ class _Walker:
         """Walk elements until ``limit`` (defined length) or an item delimiter (limit < 0)."""
         if depth > MAX_DEPTH:
             raise _malformed(f"sequences nested deeper than {MAX_DEPTH}")
-        while True:
-            position = self.fh.tell()
-            if limit >= 0 and position >= limit:
-                if position > limit:
-                    raise _malformed("an element runs past the end of its item")
-                return
-            if top and self.end - position < _TRAILING_SLACK:
-                if self.fh.read(self.end - position).strip(b"\x00"):
-                    raise _malformed(f"{self.end - position} stray bytes at the end of the data set")
-                return
+        while not self._at_end(limit, top):
             tag, vr, length = self._header(implicit)
             if tag == _ITEM_END:
                 if limit >= 0:
@@ -133,6 +124,20 @@ class _Walker:
                 self._defined_sequence(tag, length, depth + 1, implicit)
             else:
                 self._skip(tag, length)
+
+    def _at_end(self, limit: int, top: bool) -> bool:
+        """At the end of a defined-length item (``limit``) or of the top-level data set, where
+        fewer than _TRAILING_SLACK bytes of zero padding may remain (read here)."""
+        position = self.fh.tell()
+        if limit >= 0 and position >= limit:
+            if position > limit:
+                raise _malformed("an element runs past the end of its item")
+            return True
+        if top and self.end - position < _TRAILING_SLACK:
+            if self.fh.read(self.end - position).strip(b"\x00"):
+                raise _malformed(f"{self.end - position} stray bytes at the end of the data set")
+            return True
+        return False
 
     def _defined_sequence(self, tag: int, length: int, depth: int, implicit: bool) -> None:
         start = self.fh.tell()

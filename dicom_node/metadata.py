@@ -7,9 +7,10 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
+from pydicom.dataset import Dataset
 from pydicom.filereader import _at_pixel_data, _read_file_meta_info, read_dataset, read_preamble
 from pydicom.uid import UID
 
@@ -18,7 +19,15 @@ from ct_triage.errors import InvalidInput
 from ct_triage.text import clean, clean_exception, dicom_text
 from db.repository import InstanceRecord
 from dicom_node import status
-from dicom_node.integrity import DEFLATED, NATIVE_SYNTAXES, IntegrityError, check_pixel_data, inflate_capped, walk
+from dicom_node.integrity import (
+    DEFLATED,
+    NATIVE_SYNTAXES,
+    IntegrityError,
+    PixelInfo,
+    check_pixel_data,
+    inflate_capped,
+    walk,
+)
 from dicom_node.uids import instance_relpath, is_valid_uid
 
 N = TypeVar("N", int, float)
@@ -117,6 +126,37 @@ def read_instance_record(path: Path, *, affected_sop_class_uid: str, affected_so
     if not is_valid_uid(affected_sop_instance_uid):
         raise RejectedInstance(f"invalid Affected SOP Instance UID {clean(affected_sop_instance_uid, 80)}",
                                status.INVALID_UID)
+    header = _read_header(path, transfer_syntax_uid, scratch_dir, max_bytes, room_left)
+    _check_uids(header.uids, affected_sop_class_uid=affected_sop_class_uid,
+                affected_sop_instance_uid=affected_sop_instance_uid)
+    try:
+        check_pixel_data(header.pixel, native=header.syntax in NATIVE_SYNTAXES,
+                         requires_pixels=str(header.uids["SOPClassUID"]) in CT_IMAGE_SOP_CLASSES, **header.geometry)
+    except IntegrityError as exc:
+        raise RejectedInstance(exc.reason, exc.status_code) from exc
+    return _record(header, path, transfer_syntax_uid, calling_ae_title)
+
+
+#: The UIDs every instance needs to be indexed, in the order they are checked.
+_IDENTIFYING_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+
+class _Header(NamedTuple):
+    """What :func:`_read_header` read: the data set up to Pixel Data and where the pixels are."""
+
+    ds: Dataset
+    syntax: str  # the transfer syntax the data set was parsed with
+    pixel: PixelInfo | None
+    geometry: dict[str, int | None]  # check_pixel_data's rows, columns, samples, bits_allocated, frames
+    uids: dict[str, Any]  # _IDENTIFYING_UIDS as read (None: absent)
+
+
+def _read_header(path: Path, transfer_syntax_uid: str, scratch_dir: Path | None, max_bytes: int,
+                 room_left) -> _Header:
+    """Parse the data set up to Pixel Data and walk it to its end (a deflated one via a scratch file).
+
+    RejectedInstance when it is not whole or cannot be parsed.
+    """
     scratch = None
     try:
         try:
@@ -127,10 +167,7 @@ def read_instance_record(path: Path, *, affected_sop_class_uid: str, affected_so
             with open(source, "rb") as fh:
                 fh.seek(offset)
                 ds = read_dataset(fh, implicit, little, stop_when=_at_pixel_data)
-            study_uid = ds.get("StudyInstanceUID")
-            series_uid = ds.get("SeriesInstanceUID")
-            sop_uid = ds.get("SOPInstanceUID")
-            sop_class = ds.get("SOPClassUID")
+            uids = {keyword: ds.get(keyword) for keyword in _IDENTIFYING_UIDS}
             pixel = walk(source, offset, syntax)
             geometry = {key: _int(ds, keyword) for key, keyword in (
                 ("rows", "Rows"), ("columns", "Columns"), ("samples", "SamplesPerPixel"),
@@ -143,32 +180,38 @@ def read_instance_record(path: Path, *, affected_sop_class_uid: str, affected_so
     finally:
         if scratch is not None:
             scratch.unlink(missing_ok=True)
-    for keyword, value in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid),
-                           ("SOPInstanceUID", sop_uid), ("SOPClassUID", sop_class)):
+    return _Header(ds=ds, syntax=syntax, pixel=pixel, geometry=geometry, uids=uids)
+
+
+def _check_uids(uids: dict[str, Any], *, affected_sop_class_uid: str, affected_sop_instance_uid: str) -> None:
+    """The identifying UIDs are present, valid, and the SOP ones match the C-STORE request's."""
+    for keyword, value in uids.items():
         if value is None:
             raise RejectedInstance(f"missing {keyword}", status.CANNOT_UNDERSTAND)
         if not is_valid_uid(str(value)):
             raise RejectedInstance(f"invalid {keyword} {clean(value, 80)!r}", status.INVALID_UID)
+    sop_uid, sop_class = uids["SOPInstanceUID"], uids["SOPClassUID"]
     if str(sop_uid) != affected_sop_instance_uid:
         raise RejectedInstance(f"SOPInstanceUID {sop_uid} does not match the C-STORE request's "
                                f"{affected_sop_instance_uid}", status.DATASET_DOES_NOT_MATCH)
     if str(sop_class) != affected_sop_class_uid:
         raise RejectedInstance(f"SOPClassUID {sop_class} does not match the C-STORE request's "
                                f"{affected_sop_class_uid}", status.DATASET_DOES_NOT_MATCH)
-    try:
-        check_pixel_data(pixel, native=syntax in NATIVE_SYNTAXES,
-                         requires_pixels=str(sop_class) in CT_IMAGE_SOP_CLASSES, **geometry)
-    except IntegrityError as exc:
-        raise RejectedInstance(exc.reason, exc.status_code) from exc
+
+
+def _record(header: _Header, path: Path, transfer_syntax_uid: str, calling_ae_title: str | None) -> InstanceRecord:
+    """The index row for a checked instance; RejectedInstance if a value cannot be converted."""
+    ds = header.ds
+    sop_uid, sop_class = str(header.uids["SOPInstanceUID"]), str(header.uids["SOPClassUID"])
     try:
         kernel = _text(ds, "ConvolutionKernel")
         return InstanceRecord(
-            sop_instance_uid=str(sop_uid),
-            sop_class_uid=str(sop_class),
-            study_instance_uid=str(study_uid),
-            series_instance_uid=str(series_uid),
+            sop_instance_uid=sop_uid,
+            sop_class_uid=sop_class,
+            study_instance_uid=str(header.uids["StudyInstanceUID"]),
+            series_instance_uid=str(header.uids["SeriesInstanceUID"]),
             transfer_syntax_uid=transfer_syntax_uid,
-            path=instance_relpath(str(sop_uid)),
+            path=instance_relpath(sop_uid),
             size_bytes=path.stat().st_size,
             patient_id=_text(ds, "PatientID", 64) or "",
             issuer_of_patient_id=_text(ds, "IssuerOfPatientID", 64) or "",
@@ -190,7 +233,7 @@ def read_instance_record(path: Path, *, affected_sop_class_uid: str, affected_so
             rows=_int(ds, "Rows"),
             columns=_int(ds, "Columns"),
             calling_ae_title=calling_ae_title,
-            not_applicable_reason=not_applicable_reason(str(sop_class), ds),
+            not_applicable_reason=not_applicable_reason(sop_class, ds),
         )
     except Exception as exc:  # a value pydicom cannot convert (garbage in a text or number element)
         raise RejectedInstance(f"unreadable attribute value: {clean_exception(exc, 400)}",

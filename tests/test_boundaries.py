@@ -25,6 +25,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,25 +113,24 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     on_stack: set[str] = set()
     stack: list[str] = []
     cycles: list[list[str]] = []
-    counter = 0
+
+    def visit(node: str) -> tuple[str, Iterator[str]]:
+        """Number ``node`` in visiting order, push it; the work item for its children."""
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        return node, iter(sorted(graph.get(node, ())))
+
     for start in sorted(graph):
         if start in index:
             continue
-        work = [(start, iter(sorted(graph.get(start, ()))))]
-        index[start] = low[start] = counter
-        counter += 1
-        stack.append(start)
-        on_stack.add(start)
+        work = [visit(start)]
         while work:
             node, children = work[-1]
             advanced = False
             for child in children:
                 if child not in index:
-                    index[child] = low[child] = counter
-                    counter += 1
-                    stack.append(child)
-                    on_stack.add(child)
-                    work.append((child, iter(sorted(graph.get(child, ())))))
+                    work.append(visit(child))
                     advanced = True
                     break
                 if child in on_stack:
@@ -141,16 +141,21 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
             if work:
                 low[work[-1][0]] = min(low[work[-1][0]], low[node])
             if low[node] == index[node]:
-                component = []
-                while True:
-                    member = stack.pop()
-                    on_stack.discard(member)
-                    component.append(member)
-                    if member == node:
-                        break
+                component = _pop_component(stack, on_stack, node)
                 if len(component) > 1:
                     cycles.append(sorted(component))
     return cycles
+
+
+def _pop_component(stack: list[str], on_stack: set[str], root: str) -> list[str]:
+    """Pop the strongly connected component whose root is ``root`` off Tarjan's stack."""
+    component = []
+    while True:
+        member = stack.pop()
+        on_stack.discard(member)
+        component.append(member)
+        if member == root:
+            return component
 
 
 @pytest.fixture(scope="module")

@@ -179,16 +179,7 @@ def record_instances(session: Session, records: list[InstanceRecord],
 
     for rec in records:
         if rec.sop_instance_uid in known:
-            series_fk = known[rec.sop_instance_uid]
-            if rec.recovered:
-                held = session.get_one(Series, series_fk)
-                outcomes.append(StoreOutcome(True, held.id, held.state, held.version))
-                continue
-            session.execute(update(Series).where(Series.id == series_fk)
-                            .values(duplicate_count=Series.duplicate_count + 1)
-                            .execution_options(synchronize_session=False))
-            held = session.get_one(Series, series_fk)
-            outcomes.append(StoreOutcome(True, held.id, held.state, held.version))
+            outcomes.append(_count_duplicate(session, known[rec.sop_instance_uid], recovered=rec.recovered))
             continue
         study = studies.get(rec.study_instance_uid)
         if study is None:
@@ -198,28 +189,12 @@ def record_instances(session: Session, records: list[InstanceRecord],
         series = series_by_uid.get(rec.series_instance_uid)
         if series is None:
             series = session.scalar(select(Series).where(Series.series_instance_uid == rec.series_instance_uid))
-        created = reopened = False
+        created = series is None
+        reopened = False
         if series is None:
-            created = True
-            series = Series(series_instance_uid=rec.series_instance_uid, study_fk=study.id, modality=rec.modality,
-                            sop_class_uid=rec.sop_class_uid, series_number=rec.series_number,
-                            series_description=rec.series_description, convolution_kernel=rec.convolution_kernel,
-                            slice_thickness=rec.slice_thickness, images_in_acquisition=rec.images_in_acquisition,
-                            instance_count=0, duplicate_count=0, version=1, state=SeriesState.RECEIVING.value,
-                            receiving_at=now, first_received_at=now, last_received_at=now, flags_json="[]")
-            session.add(series)
-            session.flush()
-            session.add(SeriesEvent(series=series, version=1, from_state=None,
-                                    to_state=SeriesState.RECEIVING.value, reason="first instance", at=now))
-            if rec.not_applicable_reason:
-                transition(session, series, SeriesState.NOT_APPLICABLE, rec.not_applicable_reason, now)
-        elif series.state != SeriesState.RECEIVING.value:
-            fixed_not_applicable = series.state == SeriesState.NOT_APPLICABLE.value and rec.not_applicable_reason
-            if not fixed_not_applicable:
-                series.version += 1
-                bump_study_version(session, study)
-                transition(session, series, SeriesState.RECEIVING, "late instance reopened the series", now)
-                reopened = True
+            series = _create_series(session, rec, study, now)
+        else:
+            reopened = _reopen_if_settled(session, series, study, rec, now)
         series_by_uid[rec.series_instance_uid] = series
         known[rec.sop_instance_uid] = series.id
 
@@ -227,12 +202,7 @@ def record_instances(session: Session, records: list[InstanceRecord],
         series.last_received_at = now
         if rec.images_in_acquisition and not series.images_in_acquisition:
             series.images_in_acquisition = rec.images_in_acquisition
-        pending_rows.append(dict(sop_instance_uid=rec.sop_instance_uid, sop_class_uid=rec.sop_class_uid,
-                                 series_fk=series.id, series_version=series.version,
-                                 transfer_syntax_uid=rec.transfer_syntax_uid, path=rec.path,
-                                 size_bytes=rec.size_bytes, instance_number=rec.instance_number,
-                                 slice_position=rec.slice_position, rows=rec.rows, columns=rec.columns,
-                                 calling_ae_title=rec.calling_ae_title, received_at=now))
+        pending_rows.append(_instance_row(rec, series, now))
         became_stable = False
         if (series.state == SeriesState.RECEIVING.value and series.images_in_acquisition
                 and series.instance_count >= series.images_in_acquisition):
@@ -244,6 +214,58 @@ def record_instances(session: Session, records: list[InstanceRecord],
                                      became_stable))
     insert_pending()
     return outcomes
+
+
+def _count_duplicate(session: Session, series_fk: int, recovered: bool = False) -> StoreOutcome:
+    """An instance indexed before: count it on the series that holds it, keep the first. A record
+    recovered from a dead node's journal (dicom_node.orphans) that is already indexed is no duplicate."""
+    if not recovered:
+        session.execute(update(Series).where(Series.id == series_fk)
+                        .values(duplicate_count=Series.duplicate_count + 1)
+                        .execution_options(synchronize_session=False))
+    held = session.get_one(Series, series_fk)
+    return StoreOutcome(True, held.id, held.state, held.version)
+
+
+def _create_series(session: Session, rec: InstanceRecord, study: Study, now: datetime) -> Series:
+    """A new series, RECEIVING at version 1 (NOT_APPLICABLE at once when the instance says so)."""
+    series = Series(series_instance_uid=rec.series_instance_uid, study_fk=study.id, modality=rec.modality,
+                    sop_class_uid=rec.sop_class_uid, series_number=rec.series_number,
+                    series_description=rec.series_description, convolution_kernel=rec.convolution_kernel,
+                    slice_thickness=rec.slice_thickness, images_in_acquisition=rec.images_in_acquisition,
+                    instance_count=0, duplicate_count=0, version=1, state=SeriesState.RECEIVING.value,
+                    receiving_at=now, first_received_at=now, last_received_at=now, flags_json="[]")
+    session.add(series)
+    session.flush()
+    session.add(SeriesEvent(series=series, version=1, from_state=None,
+                            to_state=SeriesState.RECEIVING.value, reason="first instance", at=now))
+    if rec.not_applicable_reason:
+        transition(session, series, SeriesState.NOT_APPLICABLE, rec.not_applicable_reason, now)
+    return series
+
+
+def _reopen_if_settled(session: Session, series: Series, study: Study, rec: InstanceRecord, now: datetime) -> bool:
+    """A late instance for a settled series reopens it with a new version (and bumps the
+    study's); not so a not-applicable series that gets another not-applicable instance.
+    True when it reopened."""
+    if series.state == SeriesState.RECEIVING.value:
+        return False
+    if series.state == SeriesState.NOT_APPLICABLE.value and rec.not_applicable_reason:
+        return False
+    series.version += 1
+    bump_study_version(session, study)
+    transition(session, series, SeriesState.RECEIVING, "late instance reopened the series", now)
+    return True
+
+
+def _instance_row(rec: InstanceRecord, series: Series, now: datetime) -> dict:
+    """The Instance row (for a bulk insert) of ``rec`` in ``series``'s current version."""
+    return dict(sop_instance_uid=rec.sop_instance_uid, sop_class_uid=rec.sop_class_uid,
+                series_fk=series.id, series_version=series.version,
+                transfer_syntax_uid=rec.transfer_syntax_uid, path=rec.path,
+                size_bytes=rec.size_bytes, instance_number=rec.instance_number,
+                slice_position=rec.slice_position, rows=rec.rows, columns=rec.columns,
+                calling_ae_title=rec.calling_ae_title, received_at=now)
 
 
 def geometry_flags(positions: list[float]) -> list[str]:

@@ -48,6 +48,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import highdicom as hd
@@ -356,12 +357,39 @@ def build_secondary_capture_series(
     datasets = validate_inputs(source_datasets, result, result_version)
     compression = check_compression(compression)
     max_slices = check_max_slices(max_slices)
-    series_number = check_series_number(series_number, SC_SERIES_NUMBER_BASE + result_version)
+    series = _SeriesIds(
+        source_series=str(datasets[0].SeriesInstanceUID),
+        series_number=check_series_number(series_number, SC_SERIES_NUMBER_BASE + result_version),
+        result_version=result_version,
+    )
     when = resolve_created_at(created_at, datasets)
-    source_series = str(datasets[0].SeriesInstanceUID)
-    series_uid = output_uid(source_series, result_version, "sc-series")
+    out = [_build_summary(datasets, result, series, when, compression)]
+    if result.status == "scored":
+        out.extend(_build_slice_images(datasets, result, series, when, compression, max_slices))
+    return out
 
-    out: list[Dataset] = []
+
+@dataclass(frozen=True)
+class _SeriesIds:
+    """What every image of one output series shares: its source series, number and version."""
+
+    source_series: str
+    series_number: int
+    result_version: int
+
+    @property
+    def series_uid(self) -> str:
+        return output_uid(self.source_series, self.result_version, "sc-series")
+
+    def sop_uid(self, index: int) -> str:
+        """SOP Instance UID of the summary (index 0) or of source slice ``index - 1``."""
+        return output_uid(self.source_series, self.result_version, "sc-instance", index)
+
+
+def _build_summary(
+    datasets: Sequence[Dataset], result: ScoreResult, series: _SeriesIds, when: dt.datetime, compression: str
+) -> Dataset:
+    """The summary image (InstanceNumber 1): coronal overview, result panel, comparison."""
     summary_pixels = with_comparison(render.render_summary(datasets, result), result.comparison)  # issue 12
     row_letters, _ = patient_orientation(datasets[0])
     summary = _build_sc(
@@ -369,9 +397,9 @@ def build_secondary_capture_series(
         pixels=summary_pixels,
         sources=datasets,
         result=result,
-        series_uid=series_uid,
-        series_number=series_number,
-        sop_uid=output_uid(source_series, result_version, "sc-instance", 0),
+        series_uid=series.series_uid,
+        series_number=series.series_number,
+        sop_uid=series.sop_uid(0),
         instance_number=1,
         orientation=(row_letters, "F"),
         pixel_spacing=None,  # overview + text panel: no single meaningful spacing
@@ -382,14 +410,26 @@ def build_secondary_capture_series(
         ),
         comments=result_comment(result),
         created_at=when,
-        result_version=result_version,
+        result_version=series.result_version,
     )
     if compression != "none":
         encode_pixels(summary, summary_pixels, compression)
-    out.append(summary)
-    if result.status != "scored":
-        return out
+    return summary
 
+
+def _build_slice_images(
+    datasets: Sequence[Dataset],
+    result: ScoreResult,
+    series: _SeriesIds,
+    when: dt.datetime,
+    compression: str,
+    max_slices: int | None,
+) -> list[Dataset]:
+    """One image per selected lesion slice (InstanceNumber 2, 3, ...), in slice order.
+
+    The first goes through highdicom and becomes the template; the others are clones
+    of it (:func:`_clone_slice`) unless their source does not fit the template's.
+    """
     by_slice: dict[int, list] = {}
     for box in result.boxes:
         by_slice.setdefault(box.slice_index, []).append(box)
@@ -397,6 +437,7 @@ def build_secondary_capture_series(
     overlays: dict[int, render.CaptionOverlay] = {}
     template: Dataset | None = None
     template_ref: Dataset | None = None
+    out: list[Dataset] = []
     for number, slice_index in enumerate(select_slices(result, max_slices), start=2):
         ds = datasets[slice_index]
         boxes = by_slice[slice_index]
@@ -404,7 +445,7 @@ def build_secondary_capture_series(
         if cols not in overlays:
             overlays[cols] = render.caption_overlay(caption, cols)
         pixels = render.render_slice(ds, boxes, result, overlay=overlays[cols])
-        sop_uid = output_uid(source_series, result_version, "sc-instance", slice_index + 1)
+        sop_uid = series.sop_uid(slice_index + 1)
         derivation = plain_text(_slice_derivation(slice_index, len(boxes), result))[:1024]
         if template is None or template_ref is None or not _fits_template(ds, template_ref):
             image = _build_sc(
@@ -412,8 +453,8 @@ def build_secondary_capture_series(
                 pixels=pixels,
                 sources=[ds],
                 result=result,
-                series_uid=series_uid,
-                series_number=series_number,
+                series_uid=series.series_uid,
+                series_number=series.series_number,
                 sop_uid=sop_uid,
                 instance_number=number,
                 orientation=patient_orientation(ds),
@@ -421,7 +462,7 @@ def build_secondary_capture_series(
                 derivation=derivation,
                 comments=caption,
                 created_at=when,
-                result_version=result_version,
+                result_version=series.result_version,
             )
             if compression != "none":
                 encode_pixels(image, pixels, compression)
@@ -429,22 +470,36 @@ def build_secondary_capture_series(
                 template, template_ref = image, ds
                 list(template)  # convert raw elements now, so every clone shares the converted objects
         else:
-            image = _clone(template)
-            _set(image, "SOPInstanceUID", sop_uid)
-            image.file_meta[0x00020003] = DataElement(0x00020003, "UI", sop_uid)
-            _set(image, "InstanceNumber", number)
-            _set(image, "PatientOrientation", list(patient_orientation(ds)))
-            spacing = _pixel_spacing(ds)
-            if spacing is not None:
-                _set(image, "PixelSpacing", list(spacing))
-            elif "PixelSpacing" in image:
-                del image.PixelSpacing
-            _set(image, "DerivationDescription", derivation)
-            _set(image, "SourceImageSequence", DicomSequence([_source_item(ds)]))
-            encode_pixels(image, pixels, compression)
-            image._ct_template = template  # lets worker.outputs.stored.encode reuse the shared elements' bytes
+            image = _clone_slice(template, ds, sop_uid, number, derivation, pixels, compression)
         out.append(image)
     return out
+
+
+def _clone_slice(
+    template: Dataset,
+    ds: Dataset,
+    sop_uid: str,
+    number: int,
+    derivation: str,
+    pixels: np.ndarray,
+    compression: str,
+) -> Dataset:
+    """A slice image for source ``ds`` made from the template: only the per-slice elements differ."""
+    image = _clone(template)
+    _set(image, "SOPInstanceUID", sop_uid)
+    image.file_meta[0x00020003] = DataElement(0x00020003, "UI", sop_uid)
+    _set(image, "InstanceNumber", number)
+    _set(image, "PatientOrientation", list(patient_orientation(ds)))
+    spacing = _pixel_spacing(ds)
+    if spacing is not None:
+        _set(image, "PixelSpacing", list(spacing))
+    elif "PixelSpacing" in image:
+        del image.PixelSpacing
+    _set(image, "DerivationDescription", derivation)
+    _set(image, "SourceImageSequence", DicomSequence([_source_item(ds)]))
+    encode_pixels(image, pixels, compression)
+    image._ct_template = template  # lets worker.outputs.stored.encode reuse the shared elements' bytes
+    return image
 
 
 __all__ = [

@@ -297,44 +297,14 @@ def build_measurement_report(
     """
     datasets = base.validate_inputs(source_datasets, result, result_version)
     series_number = base.check_series_number(series_number, SR_SERIES_NUMBER_BASE + result_version)
-    if result.status == "scored" and result.category not in CATEGORY_VALUES:
-        raise ValueError(f"argument 'result' has unknown category {result.category!r}")
-    if result.status not in STATUS_VALUES:
-        raise ValueError(f"argument 'result' has unknown status {result.status!r}")
-    if isinstance(max_lesions, bool) or not isinstance(max_lesions, int) or max_lesions < 0:
-        raise ValueError(f"argument 'max_lesions' must be an int >= 0, got {max_lesions!r}")
-    if masks is not None and not isinstance(masks, ResultMasks):
-        raise TypeError(f"argument 'masks' must be a ResultMasks, got {type(masks).__name__}")
-    if segmentation is not None and masks is None:
-        raise ValueError("argument 'segmentation' needs argument 'masks' (its segment numbers come from them)")
+    _check_report_arguments(result, masks, segmentation, max_lesions)
     when = base.resolve_created_at(created_at, datasets)
     source_series = str(datasets[0].SeriesInstanceUID)
-    components: list[LesionComponent] = []
-    seg_ref = None
-    if masks is not None and result.status == "scored" and max_lesions:
-        if masks.original_shape[0] != len(datasets):
-            raise ValueError(f"argument 'masks' covers {masks.original_shape[0]} slices, "
-                             f"the source series has {len(datasets)}")
-        components = masks.lesion_components(max_lesions)
-        if segmentation is not None:
-            from worker.outputs.seg import segment_numbers
-
-            seg_ref = (segmentation, segment_numbers(masks))
-
-    device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=derived_uid("ct-triage-device", result.model, result.model_version),
-        name="ct-triage",
-        manufacturer_name=base.MANUFACTURER,
-        model_name=base.plain_text(result.model)[:64],
-    )
-    observation_context = hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(observer_type=codes.cid270.Device,
-                                                      observer_identifying_attributes=device)
-    )
+    components, seg_ref = _lesions_to_report(datasets, result, masks, segmentation, max_lesions)
     change = change_content(result, source_series, result_version, hd.sr.AlgorithmIdentification(
         name=base.plain_text(result.model)[:64], version=base.plain_text(result.model_version)[:64]))  # issue 12
     report = hd.sr.MeasurementReport(
-        observation_context=observation_context,
+        observation_context=_device_observation_context(result),
         procedure_reported=CT_OF_CHEST,
         imaging_measurements=_measurement_groups(datasets, result, result_version, components, seg_ref)
         + change.groups,
@@ -370,3 +340,58 @@ def build_measurement_report(
     )
     base.freeze_times(sr, when)
     return sr
+
+
+def _check_report_arguments(
+    result: ScoreResult, masks: ResultMasks | None, segmentation: Dataset | None, max_lesions: int
+) -> None:
+    """Raise TypeError/ValueError naming the argument that cannot be reported."""
+    if result.status == "scored" and result.category not in CATEGORY_VALUES:
+        raise ValueError(f"argument 'result' has unknown category {result.category!r}")
+    if result.status not in STATUS_VALUES:
+        raise ValueError(f"argument 'result' has unknown status {result.status!r}")
+    if isinstance(max_lesions, bool) or not isinstance(max_lesions, int) or max_lesions < 0:
+        raise ValueError(f"argument 'max_lesions' must be an int >= 0, got {max_lesions!r}")
+    if masks is not None and not isinstance(masks, ResultMasks):
+        raise TypeError(f"argument 'masks' must be a ResultMasks, got {type(masks).__name__}")
+    if segmentation is not None and masks is None:
+        raise ValueError("argument 'segmentation' needs argument 'masks' (its segment numbers come from them)")
+
+
+def _lesions_to_report(
+    datasets: Sequence[Dataset],
+    result: ScoreResult,
+    masks: ResultMasks | None,
+    segmentation: Dataset | None,
+    max_lesions: int,
+) -> tuple[list[LesionComponent], tuple[Dataset, dict[str, int]] | None]:
+    """The ``max_lesions`` largest 3-D lesions that get a TID 1411 group, and the SEG they reference.
+
+    No masks, an unscored result or ``max_lesions == 0``: none. The SEG reference is
+    ``(segmentation, segment numbers)`` when a SEG was built, else ``None``.
+    """
+    if masks is None or result.status != "scored" or not max_lesions:
+        return [], None
+    if masks.original_shape[0] != len(datasets):
+        raise ValueError(f"argument 'masks' covers {masks.original_shape[0]} slices, "
+                         f"the source series has {len(datasets)}")
+    components = masks.lesion_components(max_lesions)
+    if segmentation is None:
+        return components, None
+    from worker.outputs.seg import segment_numbers
+
+    return components, (segmentation, segment_numbers(masks))
+
+
+def _device_observation_context(result: ScoreResult) -> hd.sr.ObservationContext:
+    """Observer context: the ct-triage model as the observing device (TID 1004)."""
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=derived_uid("ct-triage-device", result.model, result.model_version),
+        name="ct-triage",
+        manufacturer_name=base.MANUFACTURER,
+        model_name=base.plain_text(result.model)[:64],
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(observer_type=codes.cid270.Device,
+                                                      observer_identifying_attributes=device)
+    )

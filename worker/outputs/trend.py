@@ -23,6 +23,7 @@ Deterministic like the rest of the summary (Pillow's default font, no clock); no
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -129,6 +130,21 @@ def draw_trend_plot(points: list[dict], width: int = PLOT_WIDTH, height: int = B
                 round(y1 - (y1 - y0) * v / top))
 
     font = label_font()
+    _draw_axes(draw, xy, start, top, (x0, y0, x1, y1), font)
+    _draw_series(draw, timed, xy)
+    _draw_dates(draw, timed, xy, y1, width, font)
+    _draw_legend(draw, x0, y1 + 8 + LABEL_SIZE + 5, font)
+    return image
+
+
+#: (time, involvement %) -> pixel of the plot (defined per plot by :func:`draw_trend_plot`).
+_ToPixel = Callable[[dt.datetime, float], tuple[int, int]]
+
+
+def _draw_axes(draw: ImageDraw.ImageDraw, xy: _ToPixel, start: dt.datetime, top: float,
+               box: tuple[int, int, int, int], font) -> None:
+    """Dotted CT-1/2/3/4 guides below ``top``, the percent ticks and the L-shaped axes."""
+    x0, y0, x1, y1 = box
     for guide in (25, 50, 75):
         if guide < top:
             y = xy(start, guide)[1]
@@ -140,6 +156,10 @@ def draw_trend_plot(points: list[dict], width: int = PLOT_WIDTH, height: int = B
         x = x0 - 6 - measure_text(draw, label, font)
         draw.text((x, y - LABEL_SIZE // 2 - 1), label, font=font, fill=AXIS_COLOR)
     draw.line([(x0, y0), (x0, y1), (x1, y1)], fill=AXIS_COLOR, width=1)
+
+
+def _draw_series(draw: ImageDraw.ImageDraw, timed: list[tuple[dict, dt.datetime]], xy: _ToPixel) -> None:
+    """Right lung, left lung and total: a line through the known values, a dot on each (larger: current)."""
     for key, color in (("right", RIGHT_COLOR), ("left", LEFT_COLOR), ("total", TOTAL_COLOR)):
         series = [xy(t, p[key]) for p, t in timed if p[key] is not None]
         if len(series) > 1:
@@ -147,7 +167,11 @@ def draw_trend_plot(points: list[dict], width: int = PLOT_WIDTH, height: int = B
         for (p, _), (x, y) in zip([pt for pt in timed if pt[0][key] is not None], series, strict=True):
             r = 5 if p["current"] else 3
             draw.ellipse([x - r, y - r, x + r, y + r], fill=color)
-    # dates: first and last always; others when they do not overlap their neighbours
+
+
+def _draw_dates(draw: ImageDraw.ImageDraw, timed: list[tuple[dict, dt.datetime]], xy: _ToPixel, y1: int,
+                width: int, font) -> None:
+    """Dates under the points: first and last always; others when they do not overlap their neighbours."""
     placed: list[tuple[int, int]] = []
     order = [0, len(timed) - 1] + list(range(1, len(timed) - 1))
     for i in order:
@@ -159,14 +183,14 @@ def draw_trend_plot(points: list[dict], width: int = PLOT_WIDTH, height: int = B
             continue
         placed.append((x, x + w))
         draw.text((x, y1 + 8), text, font=font, fill=TOTAL_COLOR if p["current"] else AXIS_COLOR)
-    legend_y = y1 + 8 + LABEL_SIZE + 5
-    x = x0
-    for name, color in (("total", TOTAL_COLOR), ("right lung", RIGHT_COLOR), ("left lung", LEFT_COLOR)):
-        draw.rectangle([x, legend_y + 3, x + 10, legend_y + 9], fill=color)
-        draw.text((x + 14, legend_y), name, font=font, fill=AXIS_COLOR)
-        x += 24 + measure_text(draw, name, font)
-    return image
 
+
+def _draw_legend(draw: ImageDraw.ImageDraw, x: int, y: int, font) -> None:
+    """Colour swatch and name of each series, left to right from (x, y)."""
+    for name, color in (("total", TOTAL_COLOR), ("right lung", RIGHT_COLOR), ("left lung", LEFT_COLOR)):
+        draw.rectangle([x, y + 3, x + 10, y + 9], fill=color)
+        draw.text((x + 14, y), name, font=font, fill=AXIS_COLOR)
+        x += 24 + measure_text(draw, name, font)
 
 def with_comparison(summary: np.ndarray, comparison: dict | None) -> np.ndarray:
     """``summary`` with the follow-up band appended below it; unchanged without a comparison."""

@@ -343,38 +343,14 @@ def _segment(volume: Volume, device: torch.device, *, whole_image_is_body: bool 
 
     # 1. outside air, body, midline --------------------------------------------------
     t = _now()
-    if whole_image_is_body:  # a crop of the lungs (2D data sets): no outside air in view
-        body = np.ones(tuple(W.shape), dtype=bool)
-    else:
-        body = _body_mask((W >= OUTSIDE_AIR_HU).cpu().numpy())
-    cols = np.arange(W.shape[2], dtype=np.float64)
-    body_cols = body.sum(axis=1)  # (z, cols)
-    body_n = body_cols.sum(axis=1)
-    midline = np.where(body_n > 0, (body_cols * cols).sum(axis=1) / np.maximum(body_n, 1),
-                       W.shape[2] / 2.0)
+    body, midline = _body_and_midline(W, whole_image_is_body)
     timings["body"] = _now() - t
 
     # 2. air lung -------------------------------------------------------------------------
     t = _now()
     Wn = W.cpu().numpy() if device.type != "cpu" else W.numpy()
-    air = (Wn < AIR_LUNG_HU) & body
-    air = _remove_airways(air, Wn, midline, px, pixel_mm2)
-    lab3, n3 = ndimage.label(air)
-    if n3 == 0:
-        raise NotApplicable("no aerated lung found in the volume (not a chest CT?)")
-    sizes = np.bincount(lab3.ravel(), minlength=n3 + 1).astype(np.float64)
-    sums = np.bincount(lab3.ravel(), weights=Wn.ravel(), minlength=n3 + 1)
-    sizes[0] = 0
-    means = sums / np.maximum(sizes, 1)
-    lunglike = (means > LUNG_MIN_MEAN_HU) & (sizes * voxel_ml >= LUNG_MIN_ML)
-    lunglike[0] = False
-    if not lunglike.any():
-        raise NotApplicable("no lung-like air region of at least "
-                            f"{LUNG_MIN_ML:g} ml inside the body (not a chest CT?)")
-    biggest = sizes[lunglike].max()
-    keep = lunglike & (sizes >= LUNG_MIN_FRACTION * biggest)
-    air_lung = keep[lab3]
-    del lab3
+    air = _remove_airways((Wn < AIR_LUNG_HU) & body, Wn, midline, px, pixel_mm2)
+    air_lung = _air_lung(air, Wn, voxel_ml)
     timings["air_lung"] = _now() - t
 
     # 3. left / right split -------------------------------------------------------------
@@ -383,20 +359,14 @@ def _segment(volume: Volume, device: torch.device, *, whole_image_is_body: bool 
     timings["split"] = _now() - t
 
     # crop to the lungs plus a margin: everything below works on the crop only
-    zs, rs, cs = _bbox(air_lung, margins=(
-        int(math.ceil(max(CLOSING_RADIUS_MM, Z_REACH_MM) / spacing[0])) + 1,
-        int(math.ceil(CROP_MARGIN_MM / spacing[1])), int(math.ceil(CROP_MARGIN_MM / spacing[2]))))
-    crop = (zs, rs, cs)
+    crop = _lung_crop(air_lung, spacing)
     Wc = W[crop].contiguous()
     del W
     Wn_c = np.ascontiguousarray(Wn[crop])
     body_c = np.ascontiguousarray(body[crop])
     air_c = np.ascontiguousarray(air_lung[crop])
     del Wn, body, air_lung
-    col_idx = np.arange(cs.start, cs.stop)[None, None, :]
-    high_side = col_idx > split[zs, None, None]  # columns above the split line
-    left_side = high_side if volume.column_towards_patient_left else ~high_side
-    left_side = np.broadcast_to(left_side, air_c.shape)
+    left_side = _left_side(crop, split, volume.column_towards_patient_left, air_c.shape)
 
     # 4. dense lung ------------------------------------------------------------------------
     t = _now()
@@ -424,6 +394,60 @@ def _segment(volume: Volume, device: torch.device, *, whole_image_is_body: bool 
     return Segmentation(lung=lung, left=left, lesion=lesion, factor=factors,
                         original_shape=tuple(volume.hu.shape), spacing_mm=spacing,
                         timings=timings, notes=notes)
+
+
+def _body_and_midline(W: torch.Tensor, whole_image_is_body: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Body mask (everything inside the outside air) and, per slice, the body's mean column."""
+    if whole_image_is_body:  # a crop of the lungs (2D data sets): no outside air in view
+        body = np.ones(tuple(W.shape), dtype=bool)
+    else:
+        body = _body_mask((W >= OUTSIDE_AIR_HU).cpu().numpy())
+    cols = np.arange(W.shape[2], dtype=np.float64)
+    body_cols = body.sum(axis=1)  # (z, cols)
+    body_n = body_cols.sum(axis=1)
+    midline = np.where(body_n > 0, (body_cols * cols).sum(axis=1) / np.maximum(body_n, 1),
+                       W.shape[2] / 2.0)
+    return body, midline
+
+
+def _air_lung(air: np.ndarray, Wn: np.ndarray, voxel_ml: float) -> np.ndarray:
+    """The lung-like 3-D components of ``air`` (airways removed).
+
+    Lung-like: mean above LUNG_MIN_MEAN_HU and at least LUNG_MIN_ML; of those, the ones
+    of at least LUNG_MIN_FRACTION of the biggest. Raises NotApplicable when there are none.
+    """
+    lab3, n3 = ndimage.label(air)
+    if n3 == 0:
+        raise NotApplicable("no aerated lung found in the volume (not a chest CT?)")
+    sizes = np.bincount(lab3.ravel(), minlength=n3 + 1).astype(np.float64)
+    sums = np.bincount(lab3.ravel(), weights=Wn.ravel(), minlength=n3 + 1)
+    sizes[0] = 0
+    means = sums / np.maximum(sizes, 1)
+    lunglike = (means > LUNG_MIN_MEAN_HU) & (sizes * voxel_ml >= LUNG_MIN_ML)
+    lunglike[0] = False
+    if not lunglike.any():
+        raise NotApplicable("no lung-like air region of at least "
+                            f"{LUNG_MIN_ML:g} ml inside the body (not a chest CT?)")
+    biggest = sizes[lunglike].max()
+    keep = lunglike & (sizes >= LUNG_MIN_FRACTION * biggest)
+    return keep[lab3]
+
+
+def _lung_crop(air_lung: np.ndarray, spacing: tuple[float, float, float]) -> tuple[slice, slice, slice]:
+    """The aerated lungs' bounding box plus margins: the closing/z reach in z, CROP_MARGIN_MM in-plane."""
+    return _bbox(air_lung, margins=(
+        int(math.ceil(max(CLOSING_RADIUS_MM, Z_REACH_MM) / spacing[0])) + 1,
+        int(math.ceil(CROP_MARGIN_MM / spacing[1])), int(math.ceil(CROP_MARGIN_MM / spacing[2]))))
+
+
+def _left_side(crop: tuple[slice, slice, slice], split: np.ndarray, column_towards_patient_left: bool,
+               shape: tuple[int, ...]) -> np.ndarray:
+    """Per voxel of the crop: on the patient's left of the per-slice split column."""
+    zs, _, cs = crop
+    col_idx = np.arange(cs.start, cs.stop)[None, None, :]
+    high_side = col_idx > split[zs, None, None]  # columns above the split line
+    left_side = high_side if column_towards_patient_left else ~high_side
+    return np.broadcast_to(left_side, shape)
 
 
 def _bbox(mask: np.ndarray, margins: tuple[int, int, int]) -> tuple[slice, slice, slice]:

@@ -386,15 +386,10 @@ def send_messages(destination: str, messages: list[hl7.Message], timeout_s: floa
             sock: socket.socket = raw
             if target.tls:
                 assert context is not None
-                try:
-                    sock = context.wrap_socket(raw, server_hostname=target.host)
-                except ssl.SSLCertVerificationError as exc:
-                    return Hl7Report("permanent", 0, f"TLS certificate of {where} rejected: "
-                                                     f"{text(exc.verify_message or exc, 200)}")
-                except TimeoutError:
-                    return Hl7Report("transient", 0, f"TLS handshake with {where} timed out after {timeout_s:g} s")
-                except (ssl.SSLError, OSError) as exc:
-                    return Hl7Report("transient", 0, f"TLS handshake with {where} failed: {text(exc, 200)}")
+                wrapped = _tls_handshake(raw, context, target.host, where, timeout_s)
+                if isinstance(wrapped, Hl7Report):
+                    return wrapped
+                sock = wrapped
             with sock:
                 for message in messages:
                     control_id = str(message.segment("MSH")(10))
@@ -410,3 +405,20 @@ def send_messages(destination: str, messages: list[hl7.Message], timeout_s: floa
     except (ConnectionError, OSError, ValueError) as exc:
         return Hl7Report("transient", accepted, f"{target}: {text(exc, 200)}")
     return Hl7Report("delivered", accepted)
+
+
+def _tls_handshake(raw: socket.socket, context: ssl.SSLContext, host: str, where: str,
+                   timeout_s: float) -> ssl.SSLSocket | Hl7Report:
+    """The TLS connection over ``raw``, or the report of a failed handshake (nothing accepted).
+
+    A rejected server certificate is permanent (retrying will not change it); the rest is transient.
+    """
+    try:
+        return context.wrap_socket(raw, server_hostname=host)
+    except ssl.SSLCertVerificationError as exc:
+        return Hl7Report("permanent", 0, f"TLS certificate of {where} rejected: "
+                                         f"{text(exc.verify_message or exc, 200)}")
+    except TimeoutError:
+        return Hl7Report("transient", 0, f"TLS handshake with {where} timed out after {timeout_s:g} s")
+    except (ssl.SSLError, OSError) as exc:
+        return Hl7Report("transient", 0, f"TLS handshake with {where} failed: {text(exc, 200)}")

@@ -62,6 +62,7 @@ RESTART_FIRST_S, RESTART_MAX_S = 1.0, 30.0
 STABLE_AFTER_S = 60.0  # a child that ran this long restarts after RESTART_FIRST_S again
 BUSY_PUBLISH_S = 0.25
 BUSY_FILE = "busy-studies"
+ACCEPT_YIELD_S = 0.01  # how long a busier process leaves a new connection to a less busy one
 
 
 # -- the role of one process ------------------------------------------------------------
@@ -155,7 +156,11 @@ class AdoptingAssociationServer(BoundedAssociationServer):
 
     def get_request(self):
         # Every process waits on the socket; one accept() wins, the others find it empty
-        # (BlockingIOError, an OSError: socketserver goes back to waiting).
+        # (BlockingIOError, an OSError: socketserver goes back to waiting). A process holding
+        # more connections than a sibling waits a moment first, so the least busy one takes it
+        # (the kernel wakes all waiters; the first to be scheduled would win).
+        if isinstance(self.gate, SharedGate) and self.gate.busier_than_a_sibling():
+            time.sleep(ACCEPT_YIELD_S)
         client_socket, address = self.socket.accept()
         client_socket.setblocking(True)
         return client_socket, address

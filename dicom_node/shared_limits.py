@@ -147,6 +147,13 @@ class SharedGate:
                 self._accepted.discard(key)
                 cells[self._base + _ACCEPTED] -= 1
 
+    def busier_than_a_sibling(self) -> bool:
+        """True when another process of the host holds fewer sockets (pending + accepted) than
+        this one: a hint for who should take the next connection, read without the lock."""
+        cells = self.limits._cells
+        load = [cells[r * _ROW + _PENDING] + cells[r * _ROW + _ACCEPTED] for r in range(self.limits.rows)]
+        return load[self.row] > min(load)
+
     def counts(self) -> tuple[int, int]:
         """(pending, accepted) for the whole host."""
         with self.limits as cells:

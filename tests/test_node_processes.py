@@ -189,6 +189,7 @@ def test_shared_gate_counts_for_the_host_and_a_cleared_row_frees_its_slots():
     assert "MAX_PENDING_TOTAL" in (a.open(("10.0.0.3", 5)) or "")
     assert a.admit(("10.0.0.1", 1)) and b.admit(("10.0.0.1", 2))
     assert b.counts() == (1, 2)
+    assert b.busier_than_a_sibling() and not a.busier_than_a_sibling()  # b also holds the pending one
     assert not b.admit(("10.0.0.2", 4))  # two accepted on the host
     limits.clear_row(0)  # process 0 died: its slots are free again
     assert b.admit(("10.0.0.2", 4))

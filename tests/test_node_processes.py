@@ -233,3 +233,19 @@ def test_listener_refuses_a_second_bind():
     finally:
         first.close()
     time.sleep(0)
+
+
+def test_serve_with_two_processes_runs_the_embedded_worker_once(tmp_path, postgres_url):
+    port = free_port()
+    node = Daemon(["serve", "--processes", "2"], node_env(tmp_path, postgres_url, port, http_port=0),
+                  tmp_path / "serve.log").start()
+    try:
+        wait_for(lambda: "ct-triage serve ready: 2 node processes accepting" in node.log(), timeout=120)
+        node.wait_dicom_ready(port)
+        os.kill(node.process.pid, signal.SIGTERM)
+        assert node.process.wait(timeout=40) == 0
+    finally:
+        node.stop()
+    log = node.log()
+    assert log.count("embedded worker consuming jobs") == 1 and "[p0]: embedded worker" in log
+    assert "[p1]: ct-triage node ready" in log

@@ -22,8 +22,9 @@ What
     Each process keeps its temporary files in its own folder ``STORAGE_DIR/tmp/<host>-<pid>``;
     a start wipes only the folders of processes of this host that no longer run
     (:func:`claim_tmp_dir`). Studies an association of one process is still sending are
-    published in that folder (``busy-studies``) so that child 0's completeness tracker
-    treats them as busy too (:class:`BusyStudies`).
+    published in that folder so that child 0's completeness tracker treats them as busy
+    too, and so is how far its indexer got, so that a storage commitment answered by one
+    process waits for the rows of instances another acknowledged (:class:`BusyStudies`).
 
 Why these choices
     - One inherited socket rather than ``SO_REUSEPORT``: the kernel's port hashing splits
@@ -62,6 +63,7 @@ RESTART_FIRST_S, RESTART_MAX_S = 1.0, 30.0
 STABLE_AFTER_S = 60.0  # a child that ran this long restarts after RESTART_FIRST_S again
 BUSY_PUBLISH_S = 0.25
 BUSY_FILE = "busy-studies"
+INDEXED_FILE = "indexed-until"
 ACCEPT_YIELD_S = 0.01  # how long a busier process leaves a new connection to a less busy one
 
 
@@ -211,15 +213,20 @@ def release_tmp_dir(folder: Path) -> None:
 
 
 class BusyStudies:
-    """Studies still being received by the other node processes of this host.
+    """What the other node processes of this host are still receiving and indexing.
 
-    Each process writes what its associations are sending (and what its indexer still
-    holds) to ``busy-studies`` in its temporary folder, at most every ``BUSY_PUBLISH_S``
-    and only when it changed; :meth:`of_siblings` reads the files of the others."""
+    Each process writes, in its temporary folder, the studies its associations are sending
+    (and its indexer still holds) to ``busy-studies`` when they change, and to
+    ``indexed-until`` the latest time before which everything it acknowledged is indexed,
+    both at most every ``BUSY_PUBLISH_S``. Child 0's completeness tracker counts the
+    siblings' busy studies as busy (:meth:`of_siblings`); a storage commitment waits for
+    the siblings' rows too (:meth:`wait_siblings_indexed`), whichever process the scanner's
+    N-ACTION reached."""
 
-    def __init__(self, folder: Path, local):
+    def __init__(self, folder: Path, local, flush):
         self.folder = folder
         self.local = local
+        self.flush = flush  # the local indexer's flush(timeout) -> bool
         self._last: frozenset[str] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -240,25 +247,51 @@ class BusyStudies:
             except Exception as exc:  # never stops the node; the next round retries
                 log.warning("busy studies not published: %s", type(exc).__name__)
 
+    def _write(self, name: str, text: str) -> None:
+        temp = self.folder / f".{name}"
+        temp.write_text(text)
+        os.replace(temp, self.folder / name)
+
     def publish(self) -> None:
+        asked = time.time()
+        if self.flush(BUSY_PUBLISH_S):  # everything acknowledged before `asked` has its row
+            self._write(INDEXED_FILE, repr(asked))
         busy = frozenset(self.local())
-        if busy == self._last:
-            return
-        temp = self.folder / f".{BUSY_FILE}"
-        temp.write_text("\n".join(sorted(busy)))
-        os.replace(temp, self.folder / BUSY_FILE)
-        self._last = busy
+        if busy != self._last:
+            self._write(BUSY_FILE, "\n".join(sorted(busy)))
+            self._last = busy
+
+    def _siblings(self) -> list[Path]:
+        return [folder for folder, pid in _process_folders(self.folder.parent)
+                if folder != self.folder and _running(pid)]
 
     def of_siblings(self) -> frozenset[str]:
         found: set[str] = set()
-        for folder, pid in _process_folders(self.folder.parent):
-            if folder == self.folder or not _running(pid):
-                continue
+        for folder in self._siblings():
             try:
                 found.update(filter(None, (folder / BUSY_FILE).read_text().splitlines()))
             except OSError:
                 continue
         return frozenset(found)
+
+    def wait_siblings_indexed(self, since: float, timeout: float) -> bool:
+        """Until every running sibling has indexed what it acknowledged before ``since``
+        (wall clock); False after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            waiting = []
+            for folder in self._siblings():
+                try:
+                    until = float((folder / INDEXED_FILE).read_text())
+                except (OSError, ValueError):
+                    until = 0.0
+                if until < since:
+                    waiting.append(folder)
+            if not waiting:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
 
 
 # -- the supervisor ---------------------------------------------------------------------

@@ -219,7 +219,7 @@ class DicomNode:
             session_factory, ae_title=settings.ae_title,
             peers=[parse_destination(p, setting="COMMITMENT_PEERS") for p in settings.commitment_peers],
             acse_timeout_s=settings.acse_timeout_s, dimse_timeout_s=settings.dimse_timeout_s,
-            wait_indexed=lambda: self.store.indexer.flush(60))
+            wait_indexed=self._wait_indexed)
         self.ups = UpsService(session_factory, settings)
         self.ups.notifier = UpsNotifier(session_factory, self.ups, settings.worklist_ae_title,
                                         poll_interval_s=settings.poll_interval_s, timeout_s=settings.acse_timeout_s)
@@ -247,6 +247,14 @@ class DicomNode:
 
     def _wake_tracker(self) -> None:
         self.tracker.wake()
+
+    def _wait_indexed(self) -> bool:
+        """Rows of what was acknowledged so far, by this process and its siblings (at most 60 s)."""
+        asked = time.time()
+        done = self.store.indexer.flush(60)
+        if self.busy_siblings is not None:
+            done = self.busy_siblings.wait_siblings_indexed(asked, 60) and done
+        return done
 
     def _busy_study_uids(self) -> frozenset[str]:
         local = self.store.busy_or_pending_study_uids()
@@ -313,7 +321,8 @@ class DicomNode:
             if tls is not None:
                 self.servers.append(self._serve(s.tls_port, tls))
         if self.role.count > 1:
-            self.busy_siblings = BusyStudies(self.spool.tmp_dir, self.store.busy_or_pending_study_uids)
+            self.busy_siblings = BusyStudies(self.spool.tmp_dir, self.store.busy_or_pending_study_uids,
+                                             self.store.indexer.flush)
             self.busy_siblings.start()
         if not self.role.duties:  # another process of this host runs them (dicom_node.processes)
             return

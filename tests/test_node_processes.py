@@ -249,3 +249,31 @@ def test_serve_with_two_processes_runs_the_embedded_worker_once(tmp_path, postgr
     log = node.log()
     assert log.count("embedded worker consuming jobs") == 1 and "[p0]: embedded worker" in log
     assert "[p1]: ct-triage node ready" in log
+
+
+def test_a_process_sees_what_its_siblings_still_receive_and_waits_for_their_rows(tmp_path):
+    from dicom_node.processes import BusyStudies
+
+    root = tmp_path / "tmp"
+    root.mkdir()
+    mine = claim_tmp_dir(root)
+    host = mine.name.rsplit("-", 1)[0]
+    sibling_process = subprocess.Popen(["sleep", "30"])
+    try:
+        folder = root / f"{host}-{sibling_process.pid}"
+        folder.mkdir()
+        indexed = {"flushed": False}
+        sibling = BusyStudies(folder, lambda: {"1.2.3"}, lambda timeout: indexed["flushed"])
+        me = BusyStudies(mine, lambda: set(), lambda timeout: True)
+        asked = time.time()
+        sibling.publish()
+        assert me.of_siblings() == {"1.2.3"}
+        assert not me.wait_siblings_indexed(asked, 0.2)  # its indexer has not caught up
+        indexed["flushed"] = True
+        sibling.publish()
+        assert me.wait_siblings_indexed(asked, 0.2)
+        assert not me.wait_siblings_indexed(time.time() + 5, 0.1)  # nothing published after that time yet
+    finally:
+        sibling_process.kill()
+        sibling_process.wait()
+    assert me.of_siblings() == frozenset() and me.wait_siblings_indexed(time.time() + 5, 0.1)  # it is gone

@@ -97,6 +97,10 @@ class NodeSettings:
         "A scanner console, a router or a NAT opens several at once: keep it at least MAX_ASSOCIATIONS "
         "unless every peer has its own address.")
     max_pending_total: int = _f(64, "Connections from all addresses that may wait for their association.")
+    node_processes: int = _f(
+        1, "Receiving processes on this host (`node`/`serve --processes N` overrides), sharing the port, the "
+        "caps above (counted for the host) and the storage; more than 1 needs PostgreSQL (DATABASE_URL). For "
+        "several scanners sending at once on a host with spare cores; see docs/production.md.")
     accept_any_called_ae: bool = _f(False, "Accept associations whatever called AE title they name "
                                     "(default: it must be AE_TITLE).")
     max_instance_mb: int = _f(1024, "Largest data set accepted, on the wire and after inflating Deflated "
@@ -127,6 +131,8 @@ class NodeSettings:
             raise ConfigError(f"{PREFIX}PORT must be 1..65535, got {self.port}")
         if not 1 <= len(self.ae_title) <= 16:
             raise ConfigError(f"{PREFIX}AE_TITLE must be 1..16 characters, got {self.ae_title!r}")
+        if not 1 <= self.node_processes <= 64:
+            raise ConfigError(f"{PREFIX}NODE_PROCESSES must be 1..64, got {self.node_processes}")
         if self.max_pending_per_address < 1 or self.max_pending_total < 1 or self.max_associations < 1:
             raise ConfigError(f"{PREFIX}MAX_ASSOCIATIONS, MAX_PENDING_PER_ADDRESS and MAX_PENDING_TOTAL must be >= 1")
         if self.max_instance_mb < 1 or self.max_message_s <= 0 or self.quarantine_max_mb < 0:

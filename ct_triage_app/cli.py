@@ -45,13 +45,35 @@ def _wait_for(stop: threading.Event) -> None:
         pass
 
 
-def _start_node(settings: Settings, session_factory):
+def _start_node(settings: Settings, session_factory, role=None):
     from ct_triage.contract import make_publisher
     from dicom_node import DicomNode
 
-    node = DicomNode(settings, session_factory, make_publisher(settings.broker_url))
+    node = DicomNode(settings, session_factory, make_publisher(settings.broker_url), role)
     node.start()
     return node
+
+
+def _supervised(args, settings: Settings, mode: str) -> int | None:
+    """With several node processes (--processes N, CT_TRIAGE_NODE_PROCESSES), this process is
+    their supervisor (dicom_node.processes): its exit code; None when it is the node itself."""
+    count = args.processes or settings.node_processes
+    if args.process_index is not None or count == 1:
+        return None
+    from dicom_node.processes import supervise
+
+    log_effective_config(settings, mode)
+    return supervise(settings, mode, count, lambda: open_database(settings)[0].dispose())
+
+
+def _process_role(args):
+    """The NodeRole of a child started by the supervisor; None for a node on its own."""
+    if args.process_index is None:
+        return None
+    from dicom_node.processes import child_role
+
+    return child_role(args.process_index, args.process_count, args.listen_fds, args.limits_fd, args.ready_fd,
+                      args.restarted)
 
 
 def _start_dashboard(settings: Settings, session_factory):
@@ -62,10 +84,15 @@ def _start_dashboard(settings: Settings, session_factory):
 
 def cmd_serve(args, settings: Settings) -> int:
     """Node + embedded worker on one machine, no servers needed."""
+    supervised = _supervised(args, settings, "serve")
+    if supervised is not None:
+        return supervised
     stop = _stop_on_signal()
-    log_effective_config(settings, "serve")
+    role = _process_role(args)  # with --processes N: child 0 (the others run `node`)
+    if role is None:
+        log_effective_config(settings, "serve")
     _, session_factory = open_database(settings)
-    node = _start_node(settings, session_factory)
+    node = _start_node(settings, session_factory, role)
     dashboard = _start_dashboard(settings, session_factory)
     consumer = None
     worker_process = None
@@ -82,6 +109,9 @@ def cmd_serve(args, settings: Settings) -> int:
         worker_process = subprocess.Popen([sys.executable, "-m", "ct_triage_app.cli", "worker"])
         log.info("Celery worker started (pid %d) on %s", worker_process.pid, "gpu,io")
     log.info("ct-triage serve ready: DICOM %s on port %d", settings.ae_title, node.port)
+    if role is not None:
+        role.ready()
+        role.watch_supervisor(stop)
     try:
         _wait_for(stop)
     finally:
@@ -134,14 +164,23 @@ def _requeue_claims(session_factory, is_ours) -> None:
 
 
 def cmd_node(args, settings: Settings) -> int:
+    supervised = _supervised(args, settings, "node")
+    if supervised is not None:
+        return supervised
     stop = _stop_on_signal()
-    log_effective_config(settings, "node")
-    if settings.embedded_queue:
+    role = _process_role(args)
+    if role is None:
+        log_effective_config(settings, "node")
+    if settings.embedded_queue and (role is None or role.index == 0):
         log.warning("CT_TRIAGE_BROKER_URL is empty: jobs wait in the database for a `ct-triage serve`")
     _, session_factory = open_database(settings)
-    node = _start_node(settings, session_factory)
-    dashboard = _start_dashboard(settings, session_factory)
+    node = _start_node(settings, session_factory, role)
+    # The page and /metrics once per host: in child 0 when there are several node processes.
+    dashboard = _start_dashboard(settings, session_factory) if role is None or role.duties else None
     log.info("ct-triage node ready: DICOM %s on port %d", settings.ae_title, node.port)
+    if role is not None:
+        role.ready()
+        role.watch_supervisor(stop)
     try:
         _wait_for(stop)
     finally:
@@ -433,16 +472,29 @@ def _wants_tools(argv: list[str] | None) -> bool:
     return not words or words[0] not in DAEMON_COMMANDS
 
 
+def _add_process_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--processes", type=int, default=None,
+                        help="receiving processes on this host, sharing the port (default CT_TRIAGE_NODE_PROCESSES, "
+                             "1); more than 1 needs PostgreSQL")
+    # Set by the supervisor for the processes it starts (dicom_node.processes), not by hand.
+    for option in ("--process-index", "--process-count", "--limits-fd", "--ready-fd"):
+        parser.add_argument(option, type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--listen-fds", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--restarted", action="store_true", help=argparse.SUPPRESS)
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser for ``argv`` (default ``sys.argv[1:]``): every command, except that the
     offline commands are left out when ``argv`` names a daemon command."""
     parser = argparse.ArgumentParser(prog="ct-triage", description="COVID-19 chest CT worklist triage daemon")
     parser.add_argument("--version", action="version", version=f"ct-triage {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="DICOM node + worker on one machine (embedded defaults)").set_defaults(
-        func=cmd_serve)
-    sub.add_parser("node", help="the DICOM node alone (publishes to CT_TRIAGE_BROKER_URL)").set_defaults(
-        func=cmd_node)
+    serve = sub.add_parser("serve", help="DICOM node + worker on one machine (embedded defaults)")
+    serve.set_defaults(func=cmd_serve)
+    node = sub.add_parser("node", help="the DICOM node alone (publishes to CT_TRIAGE_BROKER_URL)")
+    node.set_defaults(func=cmd_node)
+    for receiver in (serve, node):
+        _add_process_options(receiver)
     worker = sub.add_parser("worker", help="a Celery worker (needs CT_TRIAGE_BROKER_URL)")
     worker.add_argument("--queues", default="gpu,io", help="comma-separated queues (default gpu,io)")
     worker.add_argument("--concurrency", type=int, default=1, help="processes (one per GPU for gpu)")

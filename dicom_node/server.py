@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import ssl
 import tempfile
 import threading
 import time
-from pathlib import Path
+from typing import Any
 
 from pydicom import config as pydicom_config
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
@@ -36,12 +35,20 @@ from dicom_node.cluster import Cluster
 from dicom_node.commitment import STORAGE_COMMITMENT_PUSH_MODEL, CommitmentService
 from dicom_node.completeness import CompletenessTracker
 from dicom_node.expiry import WorkitemExpiry
+from dicom_node.processes import (
+    AdoptingAssociationServer,
+    BusyStudies,
+    NodeRole,
+    bind_error,
+    claim_tmp_dir,
+    release_tmp_dir,
+)
 from dicom_node.proxy import TrustedProxies
 from dicom_node.retention import RetentionSweeper
 from dicom_node.shutdown import InFlight, drain
 from dicom_node.spool import Spool
 from dicom_node.store import StoreService
-from dicom_node.transport import BoundedAssociationServer, Gate, install_bounded_receive, peer_of, tune_association
+from dicom_node.transport import BoundedAssociationServer, install_bounded_receive, peer_of, tune_association
 from dicom_node.ups import UpsNotifier, UpsService
 
 log = logging.getLogger("ct_triage.node")
@@ -203,8 +210,11 @@ def build_tls_context(settings: Settings) -> ssl.SSLContext:
 class DicomNode:
     """The node: AE + servers + completeness tracker. ``start()`` returns at once."""
 
-    def __init__(self, settings: Settings, session_factory: sessionmaker[Session], publisher: Publisher):
+    def __init__(self, settings: Settings, session_factory: sessionmaker[Session], publisher: Publisher,
+                 role: NodeRole | None = None):
         self.settings = settings
+        self.role = role or NodeRole()  # one of several node processes of the host (dicom_node.processes)
+        self.busy_siblings: BusyStudies | None = None
         self.spool = Spool(settings.effective_storage_dir, settings.min_free_disk_mb * 2**20,
                            quarantine_max_bytes=settings.quarantine_max_mb * 2**20)
         self.store = StoreService(self.spool, session_factory, on_series_stable=self._wake_tracker,
@@ -213,7 +223,7 @@ class DicomNode:
             session_factory, ae_title=settings.ae_title,
             peers=[parse_destination(p, setting="COMMITMENT_PEERS") for p in settings.commitment_peers],
             acse_timeout_s=settings.acse_timeout_s, dimse_timeout_s=settings.dimse_timeout_s,
-            wait_indexed=lambda: self.store.indexer.flush(60))
+            wait_indexed=self._wait_indexed)
         self.ups = UpsService(session_factory, settings)
         self.ups_notifier = UpsNotifier(session_factory, self.ups, settings.worklist_ae_title,
                                         poll_interval_s=settings.poll_interval_s, timeout_s=settings.acse_timeout_s)
@@ -221,7 +231,7 @@ class DicomNode:
         self.tracker = CompletenessTracker(session_factory, publisher, stable_age_s=settings.stable_age_s,
                                            max_receive_s=settings.max_receive_s,
                                            poll_interval_s=settings.poll_interval_s,
-                                           busy_study_uids=self.store.busy_or_pending_study_uids,
+                                           busy_study_uids=self._busy_study_uids,
                                            republish_after_s=None if settings.embedded_queue
                                            else settings.republish_after_s)
         self.expiry = WorkitemExpiry(session_factory, settings.worklist_expiry_h,
@@ -236,13 +246,25 @@ class DicomNode:
         self.ups.audit = self.audit
         self.ups.on_refusal = self.audit.request_refused
         self.expiry.on_expired = self.audit.workitem_expired
-        self.gate = Gate(settings.max_associations, settings.max_pending_per_address, settings.max_pending_total)
+        self.gate = self.role.make_gate(settings)
         self.ae = self._build_ae()
         self.servers: list[AssociationServer] = []
         self.cluster = Cluster(self, session_factory)  # several processes and hosts (dicom_node.cluster)
 
     def _wake_tracker(self) -> None:
         self.tracker.wake()
+
+    def _wait_indexed(self) -> bool:
+        """Rows of what was acknowledged so far, by this process and its siblings (at most 60 s)."""
+        asked = time.time()
+        done = self.store.indexer.flush(60)
+        if self.busy_siblings is not None:
+            done = self.busy_siblings.wait_siblings_indexed(asked, 60) and done
+        return done
+
+    def _busy_study_uids(self) -> frozenset[str]:
+        local = self.store.busy_or_pending_study_uids()
+        return local | self.busy_siblings.of_siblings() if self.busy_siblings is not None else local
 
     def _build_ae(self) -> AE:
         s = self.settings
@@ -290,14 +312,14 @@ class DicomNode:
         # are validated explicitly (dicom_node.uids).
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         self.cluster.register()  # before anything shared is touched: a refused node changes nothing
-        tempfile.tempdir = str(self.spool.tmp_dir)
         self._clean_tmp()
+        tempfile.tempdir = str(self.spool.tmp_dir)
         for warning in self.policy.warnings():
             log.warning("%s", warning)
         # The indexer first, then what the last run left on disk without a row: all of it
         # is indexed before the first association is accepted.
         self.store.indexer.start()
-        if self.cluster.scan_storage_at_start():
+        if self.role.scans_orphans and self.cluster.scan_storage_at_start():
             self.store.index_spooled_orphans()
         self.cluster.start()
         tls = build_tls_context(s) if s.tls_enabled else None
@@ -307,6 +329,12 @@ class DicomNode:
             self.servers.append(self._serve(s.port, None))
             if tls is not None:
                 self.servers.append(self._serve(s.tls_port, tls))
+        if self.role.count > 1:
+            self.busy_siblings = BusyStudies(self.spool.tmp_dir, self.store.busy_or_pending_study_uids,
+                                             self.store.indexer.flush)
+            self.busy_siblings.start()
+        if not self.role.duties:  # another process of this host runs them (dicom_node.processes)
+            return
         self.tracker.start()
         self.retention.start()
         self.expiry.start()
@@ -316,12 +344,17 @@ class DicomNode:
 
     def _serve(self, port: int, tls: ssl.SSLContext | None) -> AssociationServer:
         s = self.settings
-        server = self.ae.make_server(
-            (s.bind_address, port), evt_handlers=self.handlers(), ssl_context=tls,
-            server_class=BoundedAssociationServer, gate=self.gate, handshake_timeout=s.acse_timeout_s,
-            socket_timeout=s.network_timeout_s,
-            limits={"max_message_s": s.max_message_s, "max_instance_bytes": s.max_instance_mb * 2**20},
-            proxies=TrustedProxies(s.proxy_protocol_from) or None)
+        inherited = self.role.listen.get(port)
+        adopt: dict[str, Any] = {"listen_socket": inherited} if inherited is not None else {}
+        try:
+            server = self.ae.make_server(
+                (s.bind_address, port), evt_handlers=self.handlers(), ssl_context=tls,
+                server_class=AdoptingAssociationServer if adopt else BoundedAssociationServer, gate=self.gate,
+                handshake_timeout=s.acse_timeout_s, socket_timeout=s.network_timeout_s,
+                limits={"max_message_s": s.max_message_s, "max_instance_bytes": s.max_instance_mb * 2**20},
+                proxies=TrustedProxies(s.proxy_protocol_from) or None, **adopt)
+        except OSError as exc:
+            raise bind_error(exc, s.bind_address, port) from None
         thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{port}", daemon=True)
         thread.start()
         self.ae._servers.append(server)
@@ -334,9 +367,8 @@ class DicomNode:
         return self.servers[0].server_address[1]
 
     def _clean_tmp(self) -> None:
-        for leftover in Path(self.spool.tmp_dir).glob("*"):
-            with contextlib.suppress(OSError):
-                leftover.unlink()
+        """This process's own temporary folder; those of dead processes of this host are wiped."""
+        self.spool.tmp_dir = claim_tmp_dir(self.spool.root / "tmp")
 
     def stop(self, grace_s: float | None = None) -> None:
         """Graceful stop (dicom_node.shutdown): no new associations, open ones finish or are
@@ -347,6 +379,13 @@ class DicomNode:
         self.servers = []
         self.commitment.wait_idle(max(0.5, grace_s - (time.monotonic() - started)))
         self.store.indexer.stop()
+        if self.busy_siblings is not None:
+            self.busy_siblings.stop()
+        release_tmp_dir(self.spool.tmp_dir)
+        if not self.role.duties:
+            log.info("DICOM node process %d stopped in %.1f s%s", self.role.index, time.monotonic() - started,
+                     f" ({aborted} association(s) aborted)" if aborted else "")
+            return
         self.retention.stop()
         self.expiry.stop()
         self.tracker.stop()

@@ -5,6 +5,9 @@ Write path: pynetdicom streams the data set into a temp file under STORAGE_DIR/t
 if a copy already exists, so the first copy is never overwritten), fsync the
 directory, and only then is success answered; the row follows (dicom_node.indexer).
 The 256 instance folders exist from start-up, so that is two fsyncs per instance.
+The file's fsync starts as soon as the data set is whole (:meth:`Spool.sync_early`),
+in a small pool of threads, so its disk write overlaps the receive checks; the link
+waits for it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import os
 import shutil
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from dicom_node.uids import INSTANCE_FOLDERS
@@ -32,6 +36,8 @@ class Spool:
             folder.mkdir(parents=True, exist_ok=True)
         self._make_instance_folders()
         self._quarantine_lock = threading.Lock()
+        self._syncers: ThreadPoolExecutor | None = None
+        self._syncers_lock = threading.Lock()
         self._quarantine_bytes = sum(p.stat().st_size for p in self.quarantine_dir.glob("*") if p.is_file())
 
     def _make_instance_folders(self) -> None:
@@ -55,14 +61,30 @@ class Spool:
         """False when keeping ``nbytes`` more would take free space under the floor."""
         return self.free_bytes() - nbytes >= self.min_free_bytes
 
-    def store(self, temp_path: Path, relpath: str, *, replace: bool = False) -> bool:
+    def sync_early(self, temp_path: Path) -> Future | None:
+        """Start the fsync of ``temp_path``'s data now, in the background (the file stays
+        open until it is done); pass the result to :meth:`store`. None if it cannot start."""
+        try:
+            fd = os.open(temp_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        with self._syncers_lock:
+            if self._syncers is None:
+                self._syncers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
+            return self._syncers.submit(_fsync_and_close, fd)
+
+    def store(self, temp_path: Path, relpath: str, *, replace: bool = False, synced: Future | None = None) -> bool:
         """Make ``temp_path`` durable at ``relpath``; False if a file is already there.
 
         With ``replace`` an existing file (an orphan left by a crash between link and
-        commit, not in the database) is replaced atomically.
+        commit, not in the database) is replaced atomically. ``synced``: the fsync
+        :meth:`sync_early` started; it is waited for (and its error raised) before the link.
         """
-        with open(temp_path, "rb") as fh:
-            os.fsync(fh.fileno())
+        if synced is not None:
+            synced.result()
+        else:
+            with open(temp_path, "rb") as fh:
+                os.fsync(fh.fileno())
         final = self.root / relpath
         parent = final.parent
         if not parent.is_dir():
@@ -123,6 +145,13 @@ class Spool:
     def remove(self, relpath: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.root / relpath).unlink()
+
+
+def _fsync_and_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(folder: Path) -> None:

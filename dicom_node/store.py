@@ -124,6 +124,7 @@ class StoreService:
         sop_instance_uid = str(req.AffectedSOPInstanceUID)
         temp_path = Path(event.dataset_path)
         calling = assoc.requestor.ae_title
+        synced = self.spool.sync_early(temp_path)  # the disk write overlaps the checks below
         try:
             record = read_instance_record(temp_path, affected_sop_class_uid=sop_class_uid,
                                           affected_sop_instance_uid=sop_instance_uid,
@@ -152,7 +153,7 @@ class StoreService:
             try:
                 # Durable here: fsynced file, link, fsynced directory. A file already at the
                 # path is the first copy of a duplicate (kept); the indexer counts it.
-                first_copy = self.spool.store(temp_path, record.path)
+                first_copy = self.spool.store(temp_path, record.path, synced=synced)
             except OSError as exc:
                 stats.failed += 1
                 log.error("storage write failed for %s: %s", sop_instance_uid, clean(exc))

@@ -1,0 +1,499 @@
+"""Several receiving processes on one host: ``ct-triage node --processes N`` (and ``serve``).
+
+What
+    A supervisor (the process the command started) binds the listening socket(s) once
+    (the DICOM port, and the TLS port when it is a second port), creates the shared
+    admission table (:mod:`dicom_node.shared_limits`) and starts N fresh child processes
+    (``python -m ct_triage_app.cli node|serve --process-index I ...``, never a fork of a
+    process that runs threads or a database engine). Each child adopts the inherited
+    listening socket (:class:`AdoptingAssociationServer`) and accepts on it: one socket,
+    so the kernel hands each connection to one process that is waiting for it (no
+    ``SO_REUSEPORT``: a stray second node on the port still fails to bind, with a clear
+    error). The socket is non-blocking: a process woken for a connection another one
+    took goes back to waiting.
+
+    Child 0 runs what must run once per host (:attr:`NodeRole.duties`): the completeness
+    tracker, retention, the UPS notifier, the audit sender, workitem expiry, the scan for
+    spooled files without a row, the dashboard and, in ``serve``, the embedded consumer
+    (or the Celery worker). The others only receive. The supervisor restarts a child that
+    dies (backoff 1 s doubling to 30 s), forwards SIGTERM (each child drains as one node
+    does: :mod:`dicom_node.shutdown`), and exits non-zero when a child cannot start.
+
+    Each process keeps its temporary files in its own folder ``STORAGE_DIR/tmp/<host>-<pid>``;
+    a start wipes only the folders of processes of this host that no longer run
+    (:func:`claim_tmp_dir`). Studies an association of one process is still sending are
+    published in that folder so that child 0's completeness tracker treats them as busy
+    too, and so is how far its indexer got, so that a storage commitment answered by one
+    process waits for the rows of instances another acknowledged (:class:`BusyStudies`).
+
+Why these choices
+    - One inherited socket rather than ``SO_REUSEPORT``: the kernel's port hashing splits
+      four senders 3-1 as often as not; a shared accept queue goes to whoever waits.
+    - SQLite is one writer and one process: several processes require PostgreSQL
+      (:func:`check_database`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+
+from ct_triage.errors import ConfigError
+from ct_triage.settings import Settings
+from dicom_node.shared_limits import MAX_ROWS, SharedGate, SharedLimits
+from dicom_node.transport import BoundedAssociationServer, Gate
+
+log = logging.getLogger("ct_triage.node.processes")
+
+READY_TIMEOUT_S = 600.0  # child 0 indexes what the last run left without a row before it is ready
+RESTART_FIRST_S, RESTART_MAX_S = 1.0, 30.0
+STABLE_AFTER_S = 60.0  # a child that ran this long restarts after RESTART_FIRST_S again
+BUSY_PUBLISH_S = 0.25
+BUSY_FILE = "busy-studies"
+INDEXED_FILE = "indexed-until"
+ACCEPT_YIELD_S = 0.01  # how long a busier process leaves a new connection to a less busy one
+
+
+# -- the role of one process ------------------------------------------------------------
+@dataclass
+class NodeRole:
+    """Which process of the host this is, and what it inherited from the supervisor."""
+
+    index: int = 0
+    count: int = 1
+    listen: dict[int, socket.socket] = field(default_factory=dict)  # configured port -> listening socket
+    limits: SharedLimits | None = None
+    restarted: bool = False
+    ready_fd: int | None = None
+
+    @property
+    def duties(self) -> bool:
+        """Runs the once-per-host duties. With leases (PostgreSQL advisory locks) every
+        process may try them and one lease wins: then this becomes ``True``."""
+        return self.index == 0
+
+    @property
+    def scans_orphans(self) -> bool:
+        """Indexes spooled files without a row at start: child 0, and a restarted child
+        (what its dead predecessor acknowledged but had not indexed)."""
+        return self.duties or self.restarted
+
+    def make_gate(self, settings: Settings) -> Gate | SharedGate:
+        if self.limits is None:
+            return Gate(settings.max_associations, settings.max_pending_per_address, settings.max_pending_total)
+        return SharedGate(self.limits, self.index, settings.max_associations, settings.max_pending_per_address,
+                          settings.max_pending_total)
+
+    def ready(self) -> None:
+        """Tell the supervisor this child accepts associations."""
+        if self.ready_fd is not None:
+            try:
+                os.write(self.ready_fd, b"1")
+                os.close(self.ready_fd)
+            except OSError:
+                pass
+            self.ready_fd = None
+
+    def watch_supervisor(self, stop: threading.Event) -> None:
+        """Set ``stop`` if the supervisor disappears (SIGKILLed): no orphan keeps the port."""
+        if self.count <= 1:
+            return
+        parent = os.getppid()
+
+        def watch() -> None:
+            while not stop.wait(1.0):
+                if os.getppid() != parent:
+                    log.warning("the supervisor (pid %d) is gone: stopping", parent)
+                    stop.set()
+        threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
+
+
+def child_role(index: int, count: int, listen_fds: str, limits_fd: int, ready_fd: int,
+               restarted: bool) -> NodeRole:
+    """The :class:`NodeRole` of a child from its command line (see :meth:`Supervisor.child_args`)."""
+    listen = {}
+    for item in filter(None, listen_fds.split(",")):
+        port, fd = item.split(":")
+        listen[int(port)] = socket.socket(fileno=int(fd))
+    _log_as_child(index)
+    return NodeRole(index=index, count=count, listen=listen, limits=SharedLimits(limits_fd, count),
+                    restarted=restarted, ready_fd=ready_fd)
+
+
+def _log_as_child(index: int) -> None:
+    """Every log line of child ``index`` says so (``ct_triage.node[p1]``)."""
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s %(name)s[p{index}]: %(message)s"))
+
+
+class AdoptingAssociationServer(BoundedAssociationServer):
+    """:class:`BoundedAssociationServer` on a listening socket inherited from the supervisor:
+    pynetdicom binds in its constructor; here the bind and the listen are the adoption."""
+
+    def __init__(self, *args, listen_socket: socket.socket, **kwargs):
+        self._adopted = listen_socket
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self.socket is not None:
+            self.socket.close()  # the one socketserver made for us
+        self.socket = self._adopted
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        pass  # listening since the supervisor bound it
+
+    def get_request(self):
+        # Every process waits on the socket; one accept() wins, the others find it empty
+        # (BlockingIOError, an OSError: socketserver goes back to waiting). A process holding
+        # more connections than a sibling waits a moment first, so the least busy one takes it
+        # (the kernel wakes all waiters; the first to be scheduled would win).
+        if isinstance(self.gate, SharedGate) and self.gate.busier_than_a_sibling():
+            time.sleep(ACCEPT_YIELD_S)
+        client_socket, address = self.socket.accept()
+        client_socket.setblocking(True)
+        return client_socket, address
+
+
+# -- per-process temporary folders ------------------------------------------------------
+def _host() -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in socket.gethostname())[:64] or "host"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _process_folders(tmp_root: Path) -> list[tuple[Path, int]]:
+    """(folder, pid) of this host's process folders under ``tmp_root``."""
+    prefix = f"{_host()}-"
+    found = []
+    for entry in tmp_root.iterdir():
+        if entry.is_dir() and entry.name.startswith(prefix) and entry.name[len(prefix):].isdigit():
+            found.append((entry, int(entry.name[len(prefix):])))
+    return found
+
+
+def claim_tmp_dir(tmp_root: Path) -> Path:
+    """This process's temporary folder ``tmp_root/<host>-<pid>``, emptied; the folders of
+    this host's processes that no longer run are removed, and loose files of the old
+    single-folder layout too. Folders of other hosts (shared storage) are left alone."""
+    mine = tmp_root / f"{_host()}-{os.getpid()}"
+    for entry in tmp_root.iterdir():
+        if entry.is_file() or entry.is_symlink():
+            entry.unlink(missing_ok=True)
+    for folder, pid in _process_folders(tmp_root):
+        if folder == mine or not _running(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+    mine.mkdir(parents=True, exist_ok=True)
+    return mine
+
+
+def release_tmp_dir(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+class BusyStudies:
+    """What the other node processes of this host are still receiving and indexing.
+
+    Each process writes, in its temporary folder, the studies its associations are sending
+    (and its indexer still holds) to ``busy-studies`` when they change, and to
+    ``indexed-until`` the latest time before which everything it acknowledged is indexed,
+    both at most every ``BUSY_PUBLISH_S``. Child 0's completeness tracker counts the
+    siblings' busy studies as busy (:meth:`of_siblings`); a storage commitment waits for
+    the siblings' rows too (:meth:`wait_siblings_indexed`), whichever process the scanner's
+    N-ACTION reached."""
+
+    def __init__(self, folder: Path, local, flush):
+        self.folder = folder
+        self.local = local
+        self.flush = flush  # the local indexer's flush(timeout) -> bool
+        self._last: frozenset[str] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="busy-studies", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+
+    def _run(self) -> None:
+        while not self._stop.wait(BUSY_PUBLISH_S):
+            try:
+                self.publish()
+            except Exception as exc:  # never stops the node; the next round retries
+                log.warning("busy studies not published: %s", type(exc).__name__)
+
+    def _write(self, name: str, text: str) -> None:
+        temp = self.folder / f".{name}"
+        temp.write_text(text)
+        os.replace(temp, self.folder / name)
+
+    def publish(self) -> None:
+        asked = time.time()
+        if self.flush(BUSY_PUBLISH_S):  # everything acknowledged before `asked` has its row
+            self._write(INDEXED_FILE, repr(asked))
+        busy = frozenset(self.local())
+        if busy != self._last:
+            self._write(BUSY_FILE, "\n".join(sorted(busy)))
+            self._last = busy
+
+    def _siblings(self) -> list[Path]:
+        return [folder for folder, pid in _process_folders(self.folder.parent)
+                if folder != self.folder and _running(pid)]
+
+    def of_siblings(self) -> frozenset[str]:
+        found: set[str] = set()
+        for folder in self._siblings():
+            try:
+                found.update(filter(None, (folder / BUSY_FILE).read_text().splitlines()))
+            except OSError:
+                continue
+        return frozenset(found)
+
+    def wait_siblings_indexed(self, since: float, timeout: float) -> bool:
+        """Until every running sibling has indexed what it acknowledged before ``since``
+        (wall clock); False after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            waiting = []
+            for folder in self._siblings():
+                try:
+                    until = float((folder / INDEXED_FILE).read_text())
+                except (OSError, ValueError):
+                    until = 0.0
+                if until < since:
+                    waiting.append(folder)
+            if not waiting:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+
+# -- the supervisor ---------------------------------------------------------------------
+def check_database(settings: Settings, processes: int) -> None:
+    if processes < 1 or processes > MAX_ROWS:
+        raise ConfigError(f"--processes / CT_TRIAGE_NODE_PROCESSES must be 1..{MAX_ROWS}, got {processes}")
+    if processes > 1 and make_url(settings.effective_database_url).get_backend_name() != "postgresql":
+        raise ConfigError(
+            f"{processes} node processes need PostgreSQL: set CT_TRIAGE_DATABASE_URL=postgresql://... "
+            "(SQLite, the default, takes one writing process; run --processes 1 with it)")
+
+
+def bind_error(exc: OSError, address: str, port: int) -> ConfigError:
+    if exc.errno == errno.EADDRINUSE:
+        return ConfigError(f"cannot listen on {address}:{port}: the port is in use (another ct-triage node or "
+                           "DICOM server runs there?); set CT_TRIAGE_PORT / CT_TRIAGE_TLS_PORT or stop it")
+    return ConfigError(f"cannot listen on {address}:{port}: {exc.strerror or exc}")
+
+
+def listening_ports(settings: Settings) -> list[int]:
+    """The ports the node listens on (as :meth:`dicom_node.server.DicomNode.start` serves them)."""
+    if settings.tls_enabled and not settings.tls_required:
+        return [settings.port, settings.tls_port]
+    return [settings.port]
+
+
+def bind_listener(address: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    # As pynetdicom does: a restart is not refused for the last run's TIME_WAIT sockets. On
+    # Linux SO_REUSEADDR never lets a second listener share the port (SO_REUSEPORT would).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((address, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise bind_error(exc, address, port) from None
+    sock.setblocking(False)
+    sock.set_inheritable(True)
+    return sock
+
+
+@dataclass
+class _Child:
+    index: int
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    ready_r: int | None = None
+    restart_at: float | None = None
+    backoff: float = RESTART_FIRST_S
+    taken: int = 0  # associations taken by its dead predecessors
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, mode: str, count: int, sockets: dict[int, socket.socket]):
+        self.settings = settings
+        self.mode = mode
+        self.count = count
+        self.sockets = sockets
+        self.limits = SharedLimits.create(count)
+        self.children = [_Child(i) for i in range(count)]
+        self.stop_event = threading.Event()
+
+    def child_args(self, child: _Child, ready_w: int, restarted: bool) -> list[str]:
+        fds = ",".join(f"{port}:{sock.fileno()}" for port, sock in self.sockets.items())
+        mode = self.mode if child.index == 0 else "node"
+        args = [sys.executable, "-m", "ct_triage_app.cli", mode, "--process-index", str(child.index),
+                "--process-count", str(self.count), "--listen-fds", fds, "--limits-fd", str(self.limits.fd),
+                "--ready-fd", str(ready_w)]
+        return args + (["--restarted"] if restarted else [])
+
+    def spawn(self, child: _Child, restarted: bool = False) -> None:
+        ready_r, ready_w = os.pipe()
+        fds = [s.fileno() for s in self.sockets.values()] + [self.limits.fd, ready_w]
+        child.proc = subprocess.Popen(self.child_args(child, ready_w, restarted), pass_fds=fds)
+        os.close(ready_w)
+        child.ready_r = ready_r
+        child.started = time.monotonic()
+        child.restart_at = None
+        log.info("node process %d started (pid %d)%s", child.index, child.proc.pid, " (restart)" if restarted else "")
+
+    def wait_ready(self, children: list[_Child], timeout: float) -> str | None:
+        """None when every child said ready; else why not."""
+        waiting = {c.ready_r: c for c in children if c.ready_r is not None}
+        deadline = time.monotonic() + timeout
+        while waiting:
+            if self.stop_event.is_set():
+                return "stopped while starting"
+            ready, _, _ = select.select(list(waiting), [], [], min(1.0, max(0.0, deadline - time.monotonic())))
+            for fd in ready:
+                child = waiting.pop(fd)
+                got = os.read(fd, 1)
+                os.close(fd)
+                child.ready_r = None
+                if not got:
+                    assert child.proc is not None
+                    code = child.proc.wait()
+                    return f"node process {child.index} exited with code {code} before it was ready (its log above)"
+            if waiting and time.monotonic() > deadline:
+                return f"node process(es) {sorted(c.index for c in waiting.values())} not ready after {timeout:.0f} s"
+        return None
+
+    def _poll_ready(self, child: _Child) -> None:
+        if child.ready_r is None:
+            return
+        ready, _, _ = select.select([child.ready_r], [], [], 0)
+        if ready:
+            os.read(child.ready_r, 1)
+            os.close(child.ready_r)
+            child.ready_r = None
+
+    def run(self) -> int:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda signum, _frame: self._on_signal(signum))
+        ports = ", ".join(str(p) for p in self.sockets)
+        log.info("supervisor (pid %d): %d node processes on port(s) %s", os.getpid(), self.count, ports)
+        # Child 0 first: it indexes what the last run left without a row before anyone accepts.
+        self.spawn(self.children[0])
+        why = self.wait_ready(self.children[:1], READY_TIMEOUT_S)
+        if why is None:
+            for child in self.children[1:]:
+                self.spawn(child)
+            why = self.wait_ready(self.children[1:], READY_TIMEOUT_S)
+        if why is not None:
+            if not self.stop_event.is_set():
+                log.error("the node cannot start: %s", why)
+            self.stop_children()
+            return 1 if not self.stop_event.is_set() else 0
+        log.info("ct-triage %s ready: %d node processes accepting on port(s) %s", self.mode, self.count, ports)
+        while not self.stop_event.wait(0.2):
+            self.watch()
+        return self.stop_children()
+
+    def _on_signal(self, signum: int) -> None:
+        if not self.stop_event.is_set():
+            log.info("%s received: stopping the %d node processes gracefully", signal.Signals(signum).name,
+                     self.count)
+        self.stop_event.set()
+
+    def watch(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            if child.proc is None:
+                if child.restart_at is not None and now >= child.restart_at:
+                    self.spawn(child, restarted=True)
+                continue
+            self._poll_ready(child)
+            code = child.proc.poll()
+            if code is None:
+                continue
+            if child.ready_r is not None:
+                os.close(child.ready_r)
+                child.ready_r = None
+            child.taken += self.limits.clear_row(child.index)
+            if now - child.started > STABLE_AFTER_S:
+                child.backoff = RESTART_FIRST_S
+            log.error("node process %d (pid %d) exited with code %s: restarting it in %.0f s", child.index,
+                      child.proc.pid, code, child.backoff)
+            child.proc = None
+            child.restart_at = now + child.backoff
+            child.backoff = min(RESTART_MAX_S, child.backoff * 2)
+
+    def stop_children(self) -> int:
+        """SIGTERM to every child; SIGKILL to one still running after the grace."""
+        started = time.monotonic()
+        for sock in self.sockets.values():  # the children hold their copies until they drain
+            sock.close()
+        running = [c for c in self.children if c.proc is not None and c.proc.poll() is None]
+        for child in running:
+            assert child.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = started + self.settings.shutdown_grace_s + 15
+        codes = []
+        taken = [c.taken + t for c, t in zip(self.children, self.limits.taken())]
+        for child in self.children:
+            if child.proc is None:
+                continue
+            try:
+                codes.append(child.proc.wait(timeout=max(0.1, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                log.error("node process %d did not stop in time: killed", child.index)
+                child.proc.kill()
+                codes.append(child.proc.wait())
+        log.info("node processes stopped in %.1f s; associations taken per process: %s", time.monotonic() - started,
+                 ", ".join(f"p{i}={n}" for i, n in enumerate(taken)))
+        return 0 if all(code == 0 for code in codes) else 1
+
+
+def supervise(settings: Settings, mode: str, count: int, prepare_database) -> int:
+    """``ct-triage node|serve --processes N`` (N > 1): bind, start the children, watch them.
+    ``prepare_database()`` applies the migrations once, before any child opens the database."""
+    check_database(settings, count)
+    prepare_database()
+    sockets: dict[int, socket.socket] = {}
+    try:
+        for port in listening_ports(settings):
+            sockets[port] = bind_listener(settings.bind_address, port)
+    except ConfigError:
+        for sock in sockets.values():
+            sock.close()
+        raise
+    return Supervisor(settings, mode, count, sockets).run()

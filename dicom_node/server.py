@@ -381,6 +381,10 @@ class DicomNode:
         self.store.indexer.stop()
         if self.busy_siblings is not None:
             self.busy_siblings.stop()
+        if tempfile.tempdir == str(self.spool.tmp_dir):
+            # The folder goes; Python's temporary files (pynetdicom's received data sets among
+            # them) must not keep pointing at it in a process that lives on (tests, the demo).
+            tempfile.tempdir = None
         release_tmp_dir(self.spool.tmp_dir)
         if not self.role.duties:
             log.info("DICOM node process %d stopped in %.1f s%s", self.role.index, time.monotonic() - started,

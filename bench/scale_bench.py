@@ -25,7 +25,6 @@ import os
 import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,8 +35,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench import store_bench  # noqa: E402
 from bench.store_bench import DcmtkStorescp, Orthanc, Target  # noqa: E402
-from ct_triage_tools.scanner import STORESCU, dcmtk_env, free_port, write_ct_series  # noqa: E402
+from ct_triage_tools.scanner import free_port, write_ct_series  # noqa: E402
 
 SENDERS = (1, 2, 4)
 PDU = ["-pdu", "131072", "--max-send-pdu", "131072"]
@@ -109,19 +109,9 @@ class CtTriageProcesses(Target):
             self.database = None
 
 
-def send(port: int, folder: Path, called: str) -> subprocess.Popen:
-    return subprocess.Popen([STORESCU, "+sd", "+r", *PDU, "-aet", "BENCH", "-aec", called, "127.0.0.1", str(port),
-                             str(folder)], env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
 def run_senders(port: int, folders: list[Path], called: str) -> float:
-    started = time.perf_counter()
-    procs = [send(port, folder, called) for folder in folders]
-    for proc in procs:
-        _, err = proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
-    return time.perf_counter() - started
+    """store_bench's senders, recursing into folders, with 128 KB PDUs both ways (the issue's setup)."""
+    return store_bench.run_senders(port, folders, called, ("+r", *PDU))
 
 
 _ESTABLISHED = re.compile(r"\[p(\d+)\]: association from BENCH")

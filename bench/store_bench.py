@@ -101,14 +101,15 @@ class Orthanc(Target):
             self.server.stop(timeout=30)
 
 
-def send(port: int, folder: Path, called: str) -> subprocess.Popen:
-    return subprocess.Popen([STORESCU, "+sd", "-aet", "BENCH", "-aec", called, "127.0.0.1", str(port),
+def send(port: int, folder: Path, called: str, options: tuple[str, ...] = ()) -> subprocess.Popen:
+    """One dcmtk storescu sending ``folder``; ``options``: extra storescu options (e.g. the PDU size)."""
+    return subprocess.Popen([STORESCU, "+sd", *options, "-aet", "BENCH", "-aec", called, "127.0.0.1", str(port),
                              str(folder)], env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def run_senders(port: int, folders: list[Path], called: str) -> float:
+def run_senders(port: int, folders: list[Path], called: str, options: tuple[str, ...] = ()) -> float:
     started = time.perf_counter()
-    procs = [send(port, folder, called) for folder in folders]
+    procs = [send(port, folder, called, options) for folder in folders]
     for proc in procs:
         _, err = proc.communicate()
         if proc.returncode != 0:

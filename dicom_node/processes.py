@@ -54,6 +54,7 @@ from sqlalchemy.engine import make_url
 
 from ct_triage.errors import ConfigError
 from ct_triage.settings import Settings
+from dicom_node.nodes import pid_running
 from dicom_node.shared_limits import MAX_ROWS, SharedGate, SharedLimits
 from dicom_node.transport import BoundedAssociationServer, Gate
 
@@ -174,16 +175,6 @@ def _host() -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in socket.gethostname())[:64] or "host"
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _process_folders(tmp_root: Path) -> list[tuple[Path, int]]:
     """(folder, pid) of this host's process folders under ``tmp_root``."""
     prefix = f"{_host()}-"
@@ -203,7 +194,7 @@ def claim_tmp_dir(tmp_root: Path) -> Path:
         if entry.is_file() or entry.is_symlink():
             entry.unlink(missing_ok=True)
     for folder, pid in _process_folders(tmp_root):
-        if folder == mine or not _running(pid):
+        if folder == mine or not pid_running(pid):
             shutil.rmtree(folder, ignore_errors=True)
     mine.mkdir(parents=True, exist_ok=True)
     return mine
@@ -264,7 +255,7 @@ class BusyStudies:
 
     def _siblings(self) -> list[Path]:
         return [folder for folder, pid in _process_folders(self.folder.parent)
-                if folder != self.folder and _running(pid)]
+                if folder != self.folder and pid_running(pid)]
 
     def of_siblings(self) -> frozenset[str]:
         found: set[str] = set()

@@ -14,9 +14,6 @@ raises into a request: a failure to record is logged.
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections import deque
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -33,8 +30,7 @@ class HttpAudit:
     def __init__(self, settings: Settings, session_factory: sessionmaker[Session]):
         self.settings = settings
         self.session_factory = session_factory
-        self._failures: dict[str, deque[float]] = {}
-        self._lock = threading.Lock()
+        self._failures = audit.PerKeyRate(FAILURES_PER_MINUTE)
 
     def read(self, client_address: str | None, path: str, token: str) -> None:
         try:
@@ -44,21 +40,8 @@ class HttpAudit:
         except Exception:
             log.exception("audit: page read could not be recorded")
 
-    def _allow_failure(self, address: str) -> bool:
-        now = time.monotonic()
-        with self._lock:
-            window = self._failures.setdefault(address, deque())
-            while window and window[0] < now - 60:
-                window.popleft()
-            if len(window) >= FAILURES_PER_MINUTE:
-                return False
-            window.append(now)
-            if len(self._failures) > 10000:  # bounded under a flood from many addresses
-                self._failures.clear()
-            return True
-
     def failure(self, client_address: str | None, presented: str | None, why: str) -> None:
-        if not self._allow_failure(client_address or "?"):
+        if not self._failures.allow(client_address or "?"):
             return
         try:
             message = audit.authentication_failure(self.settings, user_id=audit.token_fingerprint(presented),

@@ -21,9 +21,6 @@ sender (:class:`AuditSender`) to ``CT_TRIAGE_AUDIT_REPOSITORY``.
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections import deque
 from types import SimpleNamespace
 
 from pydicom.dataset import Dataset
@@ -61,9 +58,7 @@ class NodeAudit:
     def __init__(self, session_factory: sessionmaker[Session], settings: Settings):
         self.session_factory = session_factory
         self.settings = settings
-        self._refusals: dict[str, deque[float]] = {}
-        self._suppressed: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._refusals = audit.PerKeyRate(REFUSALS_PER_MINUTE)
 
     def _record(self, build, **fields) -> bool:
         try:
@@ -74,21 +69,13 @@ class NodeAudit:
         return audit.record_now(self.session_factory, message)
 
     def _allow_refusal(self, address: str) -> bool:
-        now = time.monotonic()
-        with self._lock:
-            window = self._refusals.setdefault(address, deque())
-            while window and window[0] < now - 60:
-                window.popleft()
-            if len(window) >= REFUSALS_PER_MINUTE:
-                self._suppressed[address] = self._suppressed.get(address, 0) + 1
-                if self._suppressed[address] in (1, 100, 10000):
-                    log.warning("audit: more than %d refused associations a minute from %s: %d not recorded",
-                                REFUSALS_PER_MINUTE, address, self._suppressed[address])
-                return False
-            window.append(now)
-            if len(self._refusals) > 10000:  # bounded memory under a spoofed-address flood
-                self._refusals.clear()
+        if self._refusals.allow(address):
             return True
+        suppressed = self._refusals.suppressed.get(address, 0)
+        if suppressed in (1, 100, 10000):
+            log.warning("audit: more than %d refused associations a minute from %s: %d not recorded",
+                        REFUSALS_PER_MINUTE, address, suppressed)
+        return False
 
     def application(self, action: str) -> None:
         """The node started or stopped (Application Activity)."""

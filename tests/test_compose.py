@@ -87,24 +87,34 @@ def docker_ready():
         _unavailable("Debian's docker-compose is not installed")
 
 
+def compose_env(project: str, dicom_port: int, http_port: int, **extra: str) -> dict[str, str]:
+    """The environment a compose test runs docker-compose with: its own project, free ports, the
+    Debian base image, classic builds (cached layers shared between the compose tests), passwords."""
+    return {**os.environ, "COMPOSE_PROJECT_NAME": project, "CT_TRIAGE_BASE_IMAGE": BASE_IMAGE,
+            "CT_TRIAGE_DICOM_PORT": str(dicom_port), "ORTHANC_HTTP_PORT": str(http_port),
+            "CT_TRIAGE_STABLE_AGE_S": "3", "DOCKER_BUILDKIT": "0", "COMPOSE_DOCKER_CLI_BUILD": "0",
+            "ORTHANC_PASSWORD": ORTHANC_LOGIN[1], "REDIS_PASSWORD": "compose-test-redis", **extra}
+
+
+def build_stack(compose: list[str], env: dict[str, str], timing: dict[str, float]) -> None:
+    """The Debian base image (made once), the build context, then the stack's images (cached)."""
+    phase = time.monotonic()
+    _run(["bash", "deploy/make-base-image.sh", BASE_IMAGE], env=env, timeout=1200)
+    _run(["bash", "deploy/prepare-context.sh"], env=env, timeout=300)
+    timing["base_image_s"] = time.monotonic() - phase
+    phase = time.monotonic()
+    _run([*compose, "build"], env=env, timeout=2400)
+    timing["build_s"] = time.monotonic() - phase
+
+
 def test_compose_stack_scores_a_study_and_delivers_to_orthanc(docker_ready, tmp_path):
     require_dcmtk()
     timing: dict[str, float] = {}
     started = time.monotonic()
     project = f"cttriagetest{uuid.uuid4().hex[:8]}"
     dicom_port, http_port = free_port(), free_port()
-    env = {**os.environ, "COMPOSE_PROJECT_NAME": project, "CT_TRIAGE_BASE_IMAGE": BASE_IMAGE,
-           "CT_TRIAGE_DICOM_PORT": str(dicom_port), "ORTHANC_HTTP_PORT": str(http_port),
-           "CT_TRIAGE_STABLE_AGE_S": "3", "DOCKER_BUILDKIT": "0", "COMPOSE_DOCKER_CLI_BUILD": "0",
-           "ORTHANC_PASSWORD": ORTHANC_LOGIN[1], "REDIS_PASSWORD": "compose-test-redis"}
-
-    phase = time.monotonic()
-    _run(["bash", "deploy/make-base-image.sh", BASE_IMAGE], env=env, timeout=1200)
-    _run(["bash", "deploy/prepare-context.sh"], env=env, timeout=300)
-    timing["base_image_s"] = time.monotonic() - phase
-    phase = time.monotonic()
-    _run([*COMPOSE, "build"], env=env, timeout=2400)
-    timing["build_s"] = time.monotonic() - phase
+    env = compose_env(project, dicom_port, http_port)
+    build_stack(COMPOSE, env, timing)
 
     def logs() -> str:
         return _run([*COMPOSE, "logs", "--no-color", "--tail", "60"], env=env, timeout=120, check=False).stdout[-12000:]

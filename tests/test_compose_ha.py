@@ -42,6 +42,8 @@ from tests.test_compose import (  # noqa: F401  (docker_ready: the fixture)
     _http_json,
     _run,
     _wait,
+    build_stack,
+    compose_env,
     docker_ready,
 )
 
@@ -207,20 +209,8 @@ def test_two_nodes_behind_haproxy_one_sigkilled_mid_send(tmp_path):
     project = f"cttriageha{uuid.uuid4().hex[:8]}"
     dicom_port, http_port = free_port(), free_port()
     ha_net = _free_ha_net()
-    env = {**os.environ, "COMPOSE_PROJECT_NAME": project, "CT_TRIAGE_BASE_IMAGE": BASE_IMAGE,
-           "CT_TRIAGE_DICOM_PORT": str(dicom_port), "ORTHANC_HTTP_PORT": str(http_port),
-           "CT_TRIAGE_STABLE_AGE_S": "3", "DOCKER_BUILDKIT": "0", "COMPOSE_DOCKER_CLI_BUILD": "0",
-           "ORTHANC_PASSWORD": ORTHANC_LOGIN[1], "REDIS_PASSWORD": "compose-test-redis",
-           "POSTGRES_PASSWORD": POSTGRES_PASSWORD, "CT_TRIAGE_HA_NET": ha_net}
-
-    # The existing compose test's build steps: base image (once), build context, images (cached).
-    phase = time.monotonic()
-    _run(["bash", "deploy/make-base-image.sh", BASE_IMAGE], env=env, timeout=1200)
-    _run(["bash", "deploy/prepare-context.sh"], env=env, timeout=300)
-    timing["base_image_s"] = time.monotonic() - phase
-    phase = time.monotonic()
-    _run([*COMPOSE, "build"], env=env, timeout=2400)
-    timing["build_s"] = time.monotonic() - phase
+    env = compose_env(project, dicom_port, http_port, POSTGRES_PASSWORD=POSTGRES_PASSWORD, CT_TRIAGE_HA_NET=ha_net)
+    build_stack(COMPOSE, env, timing)  # the existing compose test's steps: its cached images are reused
 
     def logs() -> str:
         return _run([*COMPOSE, "logs", "--no-color", "--tail", "80"], env=env, timeout=120, check=False).stdout[-16000:]

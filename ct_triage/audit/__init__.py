@@ -35,7 +35,7 @@ from ct_triage.audit.events import (
     workitem_changed,
 )
 from ct_triage.audit.message import AuditEventError, AuditMessage
-from ct_triage.audit.store import format_audit_table, record, record_http_read, record_now
+from ct_triage.audit.store import PerKeyRate, format_audit_table, record, record_http_read, record_now
 from ct_triage.audit.syslog import send_pending_audit
 from db.audit import audit_backlog, recent_audit_events
 
@@ -43,7 +43,8 @@ SCHEMA_RNC = Path(__file__).resolve().parent / "schema" / "audit-message.rnc"
 SCHEMA_RNG = Path(__file__).resolve().parent / "schema" / "audit-message.rng"
 
 __all__ = [
-    "SCHEMA_RNC", "SCHEMA_RNG", "AuditEventError", "AuditMessage", "application_activity", "association_refused",
+    "SCHEMA_RNC", "SCHEMA_RNG", "AuditEventError", "AuditMessage", "PerKeyRate", "application_activity",
+    "association_refused",
     "audit_backlog", "authentication_failure", "format_audit_table", "hl7_sent", "http_read",
     "instances_transferred", "query", "recent_audit_events", "record", "record_http_read", "record_now",
     "send_pending_audit", "token_fingerprint", "workitem_changed",

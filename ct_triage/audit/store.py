@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
+from collections import deque
 from collections.abc import Sequence
 from datetime import timedelta
 
@@ -99,3 +102,32 @@ def format_audit_table(rows: Sequence[AuditEvent]) -> str:
     if not rows:
         out.append("(no audit events)")
     return "\n".join(text.rstrip() for text in out)
+
+
+class PerKeyRate:
+    """At most ``per_minute`` audit messages per key (a peer address) in any 60 s, so that a
+    flood of refusals or failed logins cannot fill the database; ``suppressed[key]`` counts
+    what was left out. Memory stays bounded: past ``max_keys`` keys (a spoofed-address flood)
+    the table starts again."""
+
+    def __init__(self, per_minute: int, max_keys: int = 10000):
+        self.per_minute = per_minute
+        self.max_keys = max_keys
+        self.suppressed: dict[str, int] = {}
+        self._seen: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, key: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            window = self._seen.setdefault(key, deque())
+            while window and window[0] < now - 60:
+                window.popleft()
+            if len(window) >= self.per_minute:
+                self.suppressed[key] = self.suppressed.get(key, 0) + 1
+                return False
+            window.append(now)
+            if len(self._seen) > self.max_keys:
+                self._seen.clear()
+                self.suppressed.clear()
+            return True

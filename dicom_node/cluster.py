@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ct_triage.polling import Poller
 from db import nodes as node_rows
 from db.session import session_scope
-from dicom_node import leases
+from dicom_node import journal, leases
 from dicom_node.journal import Journal
 from dicom_node.leases import LeaseHolder
 from dicom_node.nodes import NodeRegistry
@@ -100,7 +100,8 @@ class Cluster:
 
     def _all_indexed(self, paths: list[str]) -> bool:
         with session_scope(self.session_factory) as session:
-            return len(node_rows.indexed_among(session, paths)) == len(set(paths))
+            indexed = node_rows.indexed_among(session, paths)
+        return journal.settled(paths, indexed, self.node.spool.root)
 
     def _on_disk(self, sop_instance_uid: str) -> bool:
         if not self.several or not is_valid_uid(sop_instance_uid):

@@ -144,8 +144,14 @@ class Indexer:
                 self._cond.wait(0.5)
             if not self._queue:
                 return []
-            if len(self._queue) < MAX_BATCH:
-                self._cond.wait(LINGER_S)
+            # Linger for company until the deadline: each submit notifies, and a wait that
+            # ended at the next record would make batches of one or two at a scanner's pace.
+            linger_end = time.monotonic() + LINGER_S
+            while len(self._queue) < MAX_BATCH and not self._stop:
+                left = linger_end - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
             batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
             self._in_flight = len(batch)
             return batch

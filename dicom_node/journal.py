@@ -8,14 +8,19 @@ What
     must find them without that scan, within seconds. So each node process appends the
     relative path of each instance it is about to acknowledge to its own journal,
     ``STORAGE_DIR/journal/node-<row>.<segment>.log`` (``<row>``: its ``nodes`` row), and the
-    line is durable (``fdatasync``) before the C-STORE response, after the instance's own
-    fsyncs: a line always names a durable file. A survivor reads a dead node's journal,
-    indexes the paths that have no row (dicom_node.orphans), and removes it.
+    line is durable (``fdatasync``) before the C-STORE response. The line's sync runs beside
+    the instance's own fsyncs (:meth:`Journal.append_soon`), not after them: on this
+    machine's disk one after the other cost 27 % of a one-sender receive. So a line may name
+    a file that never became durable (the node died first, or the store failed); no
+    acknowledgement was sent for it, and every reader treats a line without its file as
+    nothing to do. A survivor reads a dead node's journal, indexes the paths that have no
+    row and whose file is there (dicom_node.orphans), and removes it.
 
 Cost
-    One ``fdatasync`` of a small append per acknowledged instance, shared by concurrent
-    associations (group commit: a writer whose line an earlier sync already covered returns
-    at once). Measured with bench/store_bench.py (docs/production.md, "Several hosts").
+    One ``fdatasync`` of a small append per acknowledged instance, overlapping the
+    instance's fsyncs, shared by concurrent associations (group commit: a writer whose line
+    an earlier sync already covered returns at once). Measured with bench/store_bench.py
+    (docs/production.md, "Several hosts").
 
 Size
     The node starts a new segment every :data:`ROTATE_S` (or :data:`ROTATE_LINES` lines)
@@ -31,12 +36,17 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 log = logging.getLogger("ct_triage.node.journal")
 
 ROTATE_S = 60.0
 ROTATE_LINES = 20000
+# A finished segment is checked for removal only this long after it was closed: a line is
+# written before its file is linked, so a younger segment may name a store still in flight
+# (which must not read as "no file, nothing to do").
+REMOVE_AFTER_S = 30.0
 _NAME = re.compile(r"^node-(\d+)\.(\d+)\.log$")
 
 
@@ -69,6 +79,12 @@ def read_paths(paths: Iterable[Path]) -> list[str]:
     return list(seen)
 
 
+def settled(paths: Iterable[str], indexed: set[str], storage_root: Path) -> bool:
+    """True when every path has its row (``indexed``) or no file: a line whose store failed
+    or never finished names nothing to index."""
+    return all(p in indexed or not (Path(storage_root) / p).is_file() for p in set(paths))
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -94,7 +110,9 @@ class Journal:
         self._segment = 0
         self._segment_lines = 0
         self._segment_started = time.monotonic()
-        self._finished: list[Path] = []
+        self._finished: list[tuple[Path, float]] = []  # (segment, closed at)
+        self._syncers: ThreadPoolExecutor | None = None
+        self._syncers_lock = threading.Lock()
         self._open(row_id, 0)
 
     @property
@@ -128,12 +146,20 @@ class Journal:
             self._synced = target
             self.syncs += 1
 
+    def append_soon(self, relpath: str) -> Future:
+        """:meth:`append` in the background, so that its sync overlaps the instance's own;
+        the caller waits for the result before it acknowledges."""
+        with self._syncers_lock:
+            if self._syncers is None:
+                self._syncers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="journal")
+            return self._syncers.submit(self.append, relpath)
+
     def _switch(self, row_id: int, segment: int) -> None:
         with self._sync_lock, self._lock:
             os.fdatasync(self._fd)
             self._synced = self._written
             os.close(self._fd)
-            self._finished.append(self._path(self._row_id, self._segment))
+            self._finished.append((self._path(self._row_id, self._segment), time.monotonic()))
             self._open(row_id, segment)
 
     def move_to(self, row_id: int) -> None:
@@ -145,20 +171,25 @@ class Journal:
         if self._segment_lines and (self._segment_lines >= ROTATE_LINES
                                     or time.monotonic() - self._segment_started >= ROTATE_S):
             self._switch(self._row_id, self._segment + 1)
-        for path in list(self._finished):
-            if all_indexed(read_paths([path])):
+        for item in list(self._finished):
+            path, closed_at = item
+            if time.monotonic() - closed_at >= REMOVE_AFTER_S and all_indexed(read_paths([path])):
                 path.unlink(missing_ok=True)
-                self._finished.remove(path)
+                self._finished.remove(item)
 
     def close(self, all_indexed: Callable[[list[str]], bool] | None = None) -> None:
         """At a clean stop: remove the journal when everything in it is indexed."""
+        with self._syncers_lock:
+            if self._syncers is not None:
+                self._syncers.shutdown(wait=True)
+                self._syncers = None
         with self._sync_lock, self._lock:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
-            self._finished.append(self._path(self._row_id, self._segment))
-        if all_indexed is not None:
-            for path in list(self._finished):
-                if all_indexed(read_paths([path])):
-                    path.unlink(missing_ok=True)
-                    self._finished.remove(path)
+            self._finished.append((self._path(self._row_id, self._segment), time.monotonic()))
+        if all_indexed is not None:  # every store has ended: no age needed
+            for item in list(self._finished):
+                if all_indexed(read_paths([item[0]])):
+                    item[0].unlink(missing_ok=True)
+                    self._finished.remove(item)

@@ -149,6 +149,9 @@ class StoreService:
             log.error("C-STORE of %s refused with 0xA702: the database is unavailable (indexing paused)",
                       sop_instance_uid)
             return status.OUT_OF_RESOURCES_DATABASE
+        # Several nodes: a survivor finds the path there if we die (dicom_node.journal). The
+        # line's sync overlaps the file's; both are done before the answer.
+        journaled = self.journal.append_soon(record.path) if self.journal is not None else None
         with self._uid_locks[hash(sop_instance_uid) % len(self._uid_locks)]:
             try:
                 # Durable here: fsynced file, link, fsynced directory. A file already at the
@@ -160,9 +163,9 @@ class StoreService:
                 return status.OUT_OF_RESOURCES_WRITE_FAILED
         if self._kill_after_fsync is not None:
             self._debug_kill_hook()
-        if self.journal is not None:  # several nodes: a survivor finds it there if we die (dicom_node.journal)
+        if journaled is not None:
             try:
-                self.journal.append(record.path)
+                journaled.result()
             except OSError as exc:
                 stats.failed += 1
                 log.error("journal write failed for %s: %s", sop_instance_uid, clean(exc))

@@ -86,7 +86,9 @@ def test_a_node_id_used_by_a_live_node_on_another_host_is_refused(start_node, po
 def test_a_survivor_indexes_what_a_killed_node_acknowledged(tmp_path, postgres_url):
     """Node A acknowledges 39 instances without indexing any (test hook), and is SIGKILLed at the
     40th (durable, not acknowledged); node B, another "host" on the same database and storage,
-    indexes the 39 within 30 s, once each; the scanner's resend to B completes the series."""
+    indexes the 39 within 30 s, once each; the scanner's resend to B completes the series.
+    The 40th may be indexed too: its journal line is written beside its fsync, and its file is
+    whole (as the node's own start-up scan would index it); never anything after it."""
     port_a, port_b = free_port(), free_port()
     series = write_ct_series(tmp_path / "series", 60, rows=64, columns=64, seed=18)
     node_b = Daemon(["node"], node_env(tmp_path, postgres_url, port_b, stable_age_s=60, node_id="host-b"),
@@ -114,12 +116,13 @@ def test_a_survivor_indexes_what_a_killed_node_acknowledged(tmp_path, postgres_u
         time.sleep(2)  # nothing more comes
         with factory() as session:
             rows = {i.sop_instance_uid for i in session.scalars(select(Instance))}
-            assert rows == set(series.sop_instance_uids[:39])
+            assert set(series.sop_instance_uids[:39]) <= rows <= set(series.sop_instance_uids[:40])
+            recovered = len(rows)
             row = session.scalar(select(Series))
-            assert row.instance_count == 39 and row.duplicate_count == 0
+            assert row.instance_count == recovered and row.duplicate_count == 0
             dead = session.scalar(select(Node).where(Node.node_id == "host-a"))
             assert dead.recovered_at is not None
-        assert "indexed 39 instance(s) that node host-a" in node_b.log(), node_b.log()
+        assert f"indexed {recovered} instance(s) that node host-a" in node_b.log(), node_b.log()
         assert took < 30, took
         assert not list((tmp_path / "storage" / "journal").glob(f"node-{dead.id}.*.log"))
 
@@ -129,7 +132,7 @@ def test_a_survivor_indexes_what_a_killed_node_acknowledged(tmp_path, postgres_u
             wait_for(lambda: session.scalar(select(func.count(Instance.id))) == 60, timeout=30)
         with factory() as session:
             row = session.scalar(select(Series))
-            assert row.instance_count == 60 and row.duplicate_count == 39
+            assert row.instance_count == 60 and row.duplicate_count == recovered
     finally:
         node_a.stop()
         node_b.stop()

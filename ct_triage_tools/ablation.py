@@ -571,7 +571,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--stop-after", type=int, default=None, help="stop after this many epochs in total")
     r.add_argument("--threads", type=int, default=1)
     q = sub.add_parser("queue", help="run presets one after another (each resumed), one process each")
-    q.add_argument("presets", nargs="*", choices=sorted(PRESETS))
+    # no ``choices``: argparse rejects an empty list against them (``queue --file F`` alone);
+    # _queued reports a name that is not a preset
+    q.add_argument("presets", nargs="*", metavar="PRESET")
     q.add_argument("--file", type=Path, default=None,
                    help="also presets from this file (one a line, # comments), re-read after every run: "
                         "append to it while the queue runs")

@@ -183,3 +183,11 @@ def test_the_queue_file_is_read_again_after_every_run(tmp_path):
     assert next(it) == "rad1"
     queue.write_text(queue.read_text() + "size128\n")  # appended while the queue runs
     assert list(it) == ["size128"]  # each tried once, unknown names skipped
+
+
+def test_the_queue_command_takes_a_file_alone(tmp_path, capsys):
+    """``queue --file F`` with no preset named (argparse refused the empty list once)."""
+    queue = tmp_path / "queue.txt"
+    queue.write_text("not-a-preset\n")
+    assert ablation.main(["--runs", str(tmp_path / "runs"), "queue", "--file", str(queue)]) == 0
+    assert '"skipped": "not a preset"' in capsys.readouterr().out

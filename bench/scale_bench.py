@@ -4,6 +4,7 @@ the same run; then 8 studies x 3 series sent at once to ct-triage with 2 process
 every instance indexed; peak RSS of all its processes).
 
     .venv/bin/python bench/scale_bench.py [--slices 300] [--repeat 5] [--json out.json]
+        [--receiver-cpus N]
         [--postgres-admin postgresql+psycopg://postgres@127.0.0.1:5432/test] [--big-slices N]
 
 Each series is ``--slices`` x 512x512 CT; storescu sends with 128 KB PDUs (``-pdu 131072
@@ -224,6 +225,10 @@ def make_data(root: Path, slices: int, big_slices: int) -> tuple[dict[int, list[
     return groups, studies, 8 * 3 * big_slices
 
 
+def summary_cpus() -> set[int]:
+    return store_bench.RECEIVER_CPUS or os.sched_getaffinity(0)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slices", type=int, default=300)
@@ -233,7 +238,12 @@ def main() -> int:
     parser.add_argument("--postgres-admin", default=os.environ.get("CT_TRIAGE_TEST_POSTGRES_URL", DEFAULT_ADMIN))
     parser.add_argument("--skip-big", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--receiver-cpus", type=int, default=None,
+                        help="pin every receiver (ct-triage, Orthanc, storescp and their children) to the first "
+                             "N CPUs: run once with 1 and once without to see how receiving grows with cores")
     args = parser.parse_args()
+    if args.receiver_cpus:
+        store_bench.RECEIVER_CPUS = set(sorted(os.sched_getaffinity(0))[:args.receiver_cpus])
 
     out = REPO / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
@@ -244,11 +254,12 @@ def main() -> int:
                              CtTriageProcesses(2, args.postgres_admin)]
     results = {target.name: measure(target, groups, args.repeat) for target in targets}
     print(f"series: {args.slices} slices x 512x512, {megabytes:.1f} MB each; median of {args.repeat}; "
-          f"storescu {' '.join(PDU)}")
+          f"storescu {' '.join(PDU)}; receivers on {len(summary_cpus())} CPU(s)")
     print(f"{'receiver':16}" + "".join(f" {f'{n} sender(s) s':>16} {'MB/s':>6}" for n in SENDERS))
     for name, r in results.items():
         print(f"{name:16}" + "".join(f" {r[f'{n}_s']:16.2f} {n * megabytes / r[f'{n}_s']:6.0f}" for n in SENDERS))
     summary: dict = {"megabytes_per_series": megabytes, "slices": args.slices, "repeat": args.repeat,
+                     "receiver_cpus": sorted(store_bench.RECEIVER_CPUS or os.sched_getaffinity(0)),
                      "load_average_at_end": os.getloadavg(), "results": results, "ratios": {}}
     for name in ("ct-triage p1", "ct-triage p2"):
         for n in SENDERS:

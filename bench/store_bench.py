@@ -29,6 +29,12 @@ from ct_triage_tools.scanner import STORESCU, dcmtk_env, free_port, wait_echo, w
 REPO = Path(__file__).resolve().parents[1]
 
 
+# CPUs the receivers (and every process they start) may run on; None: all. scale_bench's
+# --receiver-cpus sets it to show how receiving grows with cores. The senders and PostgreSQL
+# are not pinned.
+RECEIVER_CPUS: set[int] | None = None
+
+
 class Target:
     name = ""
     proc: subprocess.Popen | None = None
@@ -37,8 +43,10 @@ class Target:
 
     def launch(self, args: list[str], port: int, env: dict, stderr, called: str = "ANY-SCP") -> int:
         """Start ``args`` in its own session and wait until it answers C-ECHO (to ``called``) on ``port``."""
+        cpus = RECEIVER_CPUS
         self.proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
-                                     start_new_session=True)
+                                     start_new_session=True,
+                                     preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         wait_echo(port, called=called)
         return port
 

@@ -66,7 +66,7 @@ def _score(volume, settings, scorer) -> dict:
     t = time.perf_counter()
     result = score_volume(volume, settings, scorer=scorer)
     return {"status": result.status, "reason": result.reason, "percent": result.involvement_percent,
-            "category": result.category, "lung_ml": result.lung_volume_ml,
+            "category": result.category, "lung_ml": result.lung_volume_ml, "lesion_ml": result.lesion_volume_ml,
             "seconds": round(time.perf_counter() - t, 2)}
 
 

@@ -32,9 +32,10 @@ benchmark version (``MODEL_VERSION``) whose figures are not comparable with the 
       above ``MASK_COMPONENT_MIN_MEAN_HU`` (-950 HU: stomach and bowel gas are pure air).
    e. Per slice and separately on each side of the body's midline (its column centroid,
       voxels >= ``MASK_BODY_HU`` -500 HU), a closing with a disk of radius
-      ``MASK_CLOSING_MM`` (3 mm), then holes filled: vessels, bronchial walls, juxtapleural
-      nodules and the tumours, which are lung tissue, come back in. Per side, because where
-      the lungs meet in front and behind the mediastinum is enclosed: it would be a "hole".
+      ``MASK_CLOSING_MM`` (3 mm), then holes filled: vessels, bronchial walls, and nodules
+      or tumours enclosed by aerated lung come back in (a mass against the chest wall is no
+      hole and stays out, as on A0001). Per side, because where the lungs meet in front and
+      behind the mediastinum is enclosed: it would be a "hole".
 
    The mask is frozen: ``insertion_masks.json`` (beside this module) records per series its
    shape, voxel count, volume in ml and the SHA-256 of the packed mask

@@ -12,10 +12,13 @@ What
     error). The socket is non-blocking: a process woken for a connection another one
     took goes back to waiting.
 
-    Child 0 runs what must run once per host (:attr:`NodeRole.duties`): the completeness
-    tracker, retention, the UPS notifier, the audit sender, workitem expiry, the scan for
-    spooled files without a row, the dashboard and, in ``serve``, the embedded consumer
-    (or the Celery worker). The others only receive. The supervisor restarts a child that
+    The leased duties (the completeness tracker, retention, the UPS notifier, orphan
+    recovery: :mod:`dicom_node.leases`) start in every child and run where the lease is
+    held: child 0 takes the leases first (it starts alone), and when it dies a sibling (or
+    another host) takes them within a second, rather than after its restart. Child 0 runs
+    the rest of what must run once per host (:attr:`NodeRole.duties`): the audit sender,
+    workitem expiry, the scan for spooled files without a row, the dashboard and, in
+    ``serve``, the embedded consumer (or the Celery worker). The supervisor restarts a child that
     dies (backoff 1 s doubling to 30 s), forwards SIGTERM (each child drains as one node
     does: :mod:`dicom_node.shutdown`), and exits non-zero when a child cannot start.
 
@@ -83,8 +86,9 @@ class NodeRole:
 
     @property
     def duties(self) -> bool:
-        """Runs the once-per-host duties. With leases (PostgreSQL advisory locks) every
-        process may try them and one lease wins: then this becomes ``True``."""
+        """Runs the once-per-host duties that take no lease (the dashboard, the embedded
+        consumer, workitem expiry, the audit sender). The leased ones start in every process
+        and run where their lease (a PostgreSQL advisory lock, :mod:`dicom_node.leases`) is held."""
         return self.index == 0
 
     @property

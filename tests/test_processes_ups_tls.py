@@ -23,10 +23,10 @@ from tests.conftest import make_settings
 from tests.support.daemon import Daemon
 from tests.support.net import free_port_on, non_loopback_address
 from tests.support.pki import Pki
-from tests.support.scanner import free_port, require_dcmtk
+from tests.support.scanner import free_port, require_dcmtk, storescu, write_ct_series
 from tests.support.ups import UpsClient, UpsWatcher
 from tests.test_node import wait_for
-from tests.test_node_process import node_env
+from tests.test_node_process import node_env, queued_series
 from tests.test_ups import NO_EXPIRY_H, T0, seed
 
 
@@ -221,6 +221,28 @@ def test_ups_subscribers_on_two_hosts_get_each_report_once(tmp_path, postgres_ur
             watcher.stop()
     logs = host_a.log() + host_b.log()
     assert len(re.findall(r"lease ups-notifier taken", logs)) == 1, "the notifier lease moved or was taken twice"
+
+
+def test_studies_are_still_queued_after_process_0_is_killed(tmp_path, postgres_url):
+    """The completeness tracker moves with its lease too: after SIGKILL to process 0, a series
+    sent to the node is settled and queued once (before, the sibling held the lease without
+    running the tracker, and nothing was scored until the whole node restarted)."""
+    port = free_port()
+    node = Daemon(["node", "--processes", "2"], node_env(tmp_path, postgres_url, port), tmp_path / "node.log").start()
+    engine = make_engine(postgres_url)
+    try:
+        node.wait_dicom_ready(port)
+        wait_for(lambda: "2 node processes accepting" in node.log(), timeout=60)
+        holder = lease_holder(node, "completeness")
+        os.kill(child_pid(node, holder), signal.SIGKILL)
+        wait_for(lambda: node.log().count(f"[p{holder}]: ct-triage node ready") == 2, timeout=30)  # restarted
+        series = write_ct_series(tmp_path / "s", 5, rows=32, columns=32, seed=71)
+        assert storescu(port, series.paths).returncode == 0
+        row = queued_series(make_session_factory(engine))
+        assert row.instance_count == 5
+    finally:
+        node.stop()
+        engine.dispose()
 
 
 # -- the TLS port ---------------------------------------------------------------------------------

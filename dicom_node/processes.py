@@ -25,9 +25,10 @@ What
     Each process keeps its temporary files in its own folder ``STORAGE_DIR/tmp/<host>-<pid>``;
     a start wipes only the folders of processes of this host that no longer run
     (:func:`claim_tmp_dir`). Studies an association of one process is still sending are
-    published in that folder so that child 0's completeness tracker treats them as busy
-    too, and so is how far its indexer got, so that a storage commitment answered by one
-    process waits for the rows of instances another acknowledged (:class:`BusyStudies`).
+    published in that folder so that the completeness tracker (in whichever process holds
+    its lease) treats them as busy too, and so is how far its indexer got, so that a storage
+    commitment answered by one process waits for the rows of instances another acknowledged
+    (:class:`BusyStudies`).
 
 Why these choices
     - One inherited socket rather than ``SO_REUSEPORT``: the kernel's port hashing splits
@@ -214,10 +215,10 @@ class BusyStudies:
     Each process writes, in its temporary folder, the studies its associations are sending
     (and its indexer still holds) to ``busy-studies`` when they change, and to
     ``indexed-until`` the latest time before which everything it acknowledged is indexed,
-    both at most every ``BUSY_PUBLISH_S``. Child 0's completeness tracker counts the
-    siblings' busy studies as busy (:meth:`of_siblings`); a storage commitment waits for
-    the siblings' rows too (:meth:`wait_siblings_indexed`), whichever process the scanner's
-    N-ACTION reached."""
+    both at most every ``BUSY_PUBLISH_S``. The completeness tracker (where its lease is
+    held) counts the siblings' busy studies as busy (:meth:`of_siblings`); a storage
+    commitment waits for the siblings' rows too (:meth:`wait_siblings_indexed`), whichever
+    process the scanner's N-ACTION reached."""
 
     def __init__(self, folder: Path, local, flush):
         self.folder = folder

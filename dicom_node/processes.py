@@ -12,19 +12,23 @@ What
     error). The socket is non-blocking: a process woken for a connection another one
     took goes back to waiting.
 
-    Child 0 runs what must run once per host (:attr:`NodeRole.duties`): the completeness
-    tracker, retention, the UPS notifier, the audit sender, workitem expiry, the scan for
-    spooled files without a row, the dashboard and, in ``serve``, the embedded consumer
-    (or the Celery worker). The others only receive. The supervisor restarts a child that
+    The leased duties (the completeness tracker, retention, the UPS notifier, orphan
+    recovery: :mod:`dicom_node.leases`) start in every child and run where the lease is
+    held: child 0 takes the leases first (it starts alone), and when it dies a sibling (or
+    another host) takes them within a second, rather than after its restart. Child 0 runs
+    the rest of what must run once per host (:attr:`NodeRole.duties`): the audit sender,
+    workitem expiry, the scan for spooled files without a row, the dashboard and, in
+    ``serve``, the embedded consumer (or the Celery worker). The supervisor restarts a child that
     dies (backoff 1 s doubling to 30 s), forwards SIGTERM (each child drains as one node
     does: :mod:`dicom_node.shutdown`), and exits non-zero when a child cannot start.
 
     Each process keeps its temporary files in its own folder ``STORAGE_DIR/tmp/<host>-<pid>``;
     a start wipes only the folders of processes of this host that no longer run
     (:func:`claim_tmp_dir`). Studies an association of one process is still sending are
-    published in that folder so that child 0's completeness tracker treats them as busy
-    too, and so is how far its indexer got, so that a storage commitment answered by one
-    process waits for the rows of instances another acknowledged (:class:`BusyStudies`).
+    published in that folder so that the completeness tracker (in whichever process holds
+    its lease) treats them as busy too, and so is how far its indexer got, so that a storage
+    commitment answered by one process waits for the rows of instances another acknowledged
+    (:class:`BusyStudies`).
 
 Why these choices
     - One inherited socket rather than ``SO_REUSEPORT``: the kernel's port hashing splits
@@ -83,8 +87,9 @@ class NodeRole:
 
     @property
     def duties(self) -> bool:
-        """Runs the once-per-host duties. With leases (PostgreSQL advisory locks) every
-        process may try them and one lease wins: then this becomes ``True``."""
+        """Runs the once-per-host duties that take no lease (the dashboard, the embedded
+        consumer, workitem expiry, the audit sender). The leased ones start in every process
+        and run where their lease (a PostgreSQL advisory lock, :mod:`dicom_node.leases`) is held."""
         return self.index == 0
 
     @property
@@ -210,10 +215,10 @@ class BusyStudies:
     Each process writes, in its temporary folder, the studies its associations are sending
     (and its indexer still holds) to ``busy-studies`` when they change, and to
     ``indexed-until`` the latest time before which everything it acknowledged is indexed,
-    both at most every ``BUSY_PUBLISH_S``. Child 0's completeness tracker counts the
-    siblings' busy studies as busy (:meth:`of_siblings`); a storage commitment waits for
-    the siblings' rows too (:meth:`wait_siblings_indexed`), whichever process the scanner's
-    N-ACTION reached."""
+    both at most every ``BUSY_PUBLISH_S``. The completeness tracker (where its lease is
+    held) counts the siblings' busy studies as busy (:meth:`of_siblings`); a storage
+    commitment waits for the siblings' rows too (:meth:`wait_siblings_indexed`), whichever
+    process the scanner's N-ACTION reached."""
 
     def __init__(self, folder: Path, local, flush):
         self.folder = folder

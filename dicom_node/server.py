@@ -333,12 +333,15 @@ class DicomNode:
             self.busy_siblings = BusyStudies(self.spool.tmp_dir, self.store.busy_or_pending_study_uids,
                                              self.store.indexer.flush)
             self.busy_siblings.start()
-        if not self.role.duties:  # another process of this host runs them (dicom_node.processes)
-            return
+        # The leased duties start in every process: a round runs only while this process holds
+        # the duty's lease (dicom_node.leases), so the duties of a killed process move to a
+        # sibling or another host within a second instead of waiting for its restart.
         self.tracker.start()
         self.retention.start()
-        self.expiry.start()
         self.ups_notifier.start()
+        if not self.role.duties:  # the others run once per host, in child 0 (dicom_node.processes)
+            return
+        self.expiry.start()
         self.audit.application("start")
         self.audit_sender.start()
 
@@ -386,15 +389,15 @@ class DicomNode:
             # them) must not keep pointing at it in a process that lives on (tests, the demo).
             tempfile.tempdir = None
         release_tmp_dir(self.spool.tmp_dir)
-        if not self.role.duties:
-            log.info("DICOM node process %d stopped in %.1f s%s", self.role.index, time.monotonic() - started,
-                     f" ({aborted} association(s) aborted)" if aborted else "")
-            return
         self.retention.stop()
         self.expiry.stop()
         self.tracker.stop()
         self.ups_notifier.stop()
-        self.cluster.stop()
+        self.cluster.stop()  # every process: its journal, its nodes row marked stopped, its leases released
+        if not self.role.duties:
+            log.info("DICOM node process %d stopped in %.1f s%s", self.role.index, time.monotonic() - started,
+                     f" ({aborted} association(s) aborted)" if aborted else "")
+            return
         self.audit.application("stop")
         self.audit_sender.stop()
         try:  # one last round, so that the stop itself reaches the audit repository

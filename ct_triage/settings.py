@@ -343,8 +343,9 @@ class WorklistSettings:
         "is cancelled by the node (Scheduled Procedure Step Expiration DateTime (0040,4008)); the same horizon "
         "as HTTP_WORKLIST_HOURS by default. IN PROGRESS workitems never expire.")
     ups_subscribers: list[str] = _lf(
-        [], "UPS Watch subscribers we may send N-EVENT-REPORTs to, AET@host:port each; a subscription from "
-        "any other AE title is refused (0xC308).")
+        [], "UPS Watch subscribers we may send N-EVENT-REPORTs to, AET@host:port[+tls] each (+tls: DICOM TLS, "
+        "the subscriber's certificate verified against the system's CAs); a subscription from any other AE "
+        "title is refused (0xC308).")
     hl7_destinations: list[str] = _lf([], "Comma-separated RIS interfaces host:port receiving HL7 v2 over MLLP "
                                           "(order update + ORU^R01 per result); append '+tls' for MLLP over TLS "
                                           "(TLS 1.2 or later, the RIS certificate and host name verified).")

@@ -21,8 +21,12 @@ for N-GET/N-ACTION, Event for reports):
   4 unsubscribe; 5 suspend global subscription. Receiving AE titles must be listed in
   ``CT_TRIAGE_UPS_SUBSCRIBERS`` (AET@host:port), else 0xC308.
 - N-EVENT-REPORT: :class:`UpsNotifier` drains the ``ups_events`` outbox, opening an
-  association to each subscriber (UPS Event SOP class), retrying transient failures
-  (db.worklist.EVENT_RETRY_BASE_S doubling, EVENT_MAX_ATTEMPTS).
+  association to each subscriber (UPS Event SOP class; over TLS for ``AET@host:port+tls``,
+  verifying the subscriber's certificate against the notifier's ``tls_context``, by default
+  the system's CAs), retrying transient failures (db.worklist.EVENT_RETRY_BASE_S doubling,
+  EVENT_MAX_ATTEMPTS). A certificate that fails verification is permanent, as in
+  worker.delivery.scu: retrying cannot make an untrusted certificate trusted, so the
+  events are marked failed at once, their reason naming the certificate.
 
 Who may do what (PS3.4 Annex CC; the association's role from :mod:`dicom_node.access`):
 
@@ -51,18 +55,20 @@ from __future__ import annotations
 import json
 import logging
 import re
+import ssl
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from sqlalchemy.orm import Session, sessionmaker
 
-from ct_triage.association import reactor_paused
+from ct_triage.association import connect_failure, reactor_paused
 from ct_triage.polling import Poller
 from ct_triage.settings import Destination, Settings, parse_destination
 from ct_triage.text import clean, dicom_text
@@ -74,6 +80,8 @@ from dicom_node.access import UPS_EVENT, UPS_PULL, UPS_PUSH, UPS_QUERY, UPS_WATC
 from dicom_node.uids import is_valid_uid
 
 if TYPE_CHECKING:
+    from pynetdicom.association import Association
+
     from dicom_node.auditing import NodeAudit
 
 log = logging.getLogger("ct_triage.node.ups")
@@ -546,12 +554,18 @@ class UpsNotifier(Poller):
     join_timeout_s = 30.0
 
     def __init__(self, session_factory: sessionmaker[Session], service: UpsService, ae_title: str,
-                 poll_interval_s: float = 1.0, timeout_s: float = 30.0):
+                 poll_interval_s: float = 1.0, timeout_s: float = 30.0,
+                 tls_context: ssl.SSLContext | None = None):
+        """``tls_context``: client SSLContext for subscribers marked ``+tls``; None: a default
+        context verifying them against the system's CAs (``ssl.create_default_context``)."""
+        if tls_context is not None and not isinstance(tls_context, ssl.SSLContext):
+            raise TypeError(f"argument 'tls_context' must be an ssl.SSLContext, got {type(tls_context).__name__}")
         super().__init__(self.send_due, poll_interval_s)
         self.session_factory = session_factory
         self.service = service
         self.ae_title = ae_title
         self.timeout_s = timeout_s
+        self.tls_context = tls_context
 
     def send_due(self) -> int:
         with session_scope(self.session_factory) as session:
@@ -569,26 +583,48 @@ class UpsNotifier(Poller):
         with session_scope(self.session_factory) as session:
             worklist.finish_event(session, event_id, outcome, error)
 
+    def _associate(self, dest: Destination) -> tuple[Association | None, Literal["transient", "failed"], str]:
+        """An established association to ``dest`` (TLS when ``dest.tls``), else None, the
+        events' outcome and why. Not connected: probed once for the reason; a certificate
+        that fails verification is ``failed`` (permanent), anything else ``transient``."""
+        ae = AE(ae_title=self.ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
+        ae.add_requested_context(UPS_EVENT)
+        tls_context = None
+        if dest.tls:
+            tls_context = self.tls_context or ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        tls_args = (tls_context, dest.host) if tls_context is not None else None
+        opened = threading.Event()
+        try:
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args,
+                                 evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: opened.set())])
+        except Exception as exc:  # e.g. an unresolvable host name: transient
+            return None, "transient", f"cannot associate: {type(exc).__name__}: {exc}"
+        if assoc.is_established:
+            return assoc, "transient", ""
+        if assoc.is_rejected or opened.is_set():
+            return None, "transient", "association rejected or aborted"
+        try:
+            probed, why = connect_failure(dest.host, dest.port, tls_context, min(self.timeout_s, 5.0))
+        except Exception as exc:  # the probe must never break the poller
+            probed, why = "transient", type(exc).__name__
+        return None, "failed" if probed == "permanent" else "transient", f"cannot associate: {why}"
+
     def _send_to(self, ae_title: str, rows: list) -> int:
         dest = self.service.subscribers.get(ae_title)
         if dest is None:
             for row in rows:
                 self._finish(row[0], "failed", f"{ae_title} is not in CT_TRIAGE_UPS_SUBSCRIBERS")
             return 0
-        ae = AE(ae_title=self.ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
-        ae.add_requested_context(UPS_EVENT)
-        try:
-            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
-        except Exception as exc:  # an unreachable subscriber is transient
-            assoc = None
-            error = f"cannot associate: {type(exc).__name__}"
-        else:
-            error = "association rejected or aborted"
-        if assoc is None or not assoc.is_established:
+        assoc, outcome, error = self._associate(dest)
+        if assoc is None:
             for row in rows:
-                self._finish(row[0], "transient", f"{dest}: {error}")
-            log.warning("UPS events for %s: %s (will retry)", dest, error)
+                self._finish(row[0], outcome, f"{dest}: {error}")
+            if outcome == "failed":
+                log.error("UPS events for %s: %s (not retried: trust the subscriber's certificate, "
+                          "or correct CT_TRIAGE_UPS_SUBSCRIBERS)", dest, error)
+            else:
+                log.warning("UPS events for %s: %s (will retry)", dest, error)
             return 0
         sent = 0
         try:

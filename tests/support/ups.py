@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 
@@ -107,19 +108,23 @@ class UpsClient:
 class UpsWatcher:
     """An SCP of the UPS Event SOP class recording every N-EVENT-REPORT it gets."""
 
-    def __init__(self, port: int, ae_title: str = "WATCHER"):
+    def __init__(self, port: int, ae_title: str = "WATCHER", ssl_context: ssl.SSLContext | None = None):
+        """``ssl_context``: a server context to accept DICOM TLS only (the subscriber ``+tls``)."""
         self.events: list[tuple[int, str, Dataset]] = []  # (event type, workitem UID, event information)
+        self.over_tls: list[bool] = []  # per event: whether its association's socket was a TLS socket
         self._lock = threading.Lock()
         ae = AE(ae_title=ae_title)
         ae.add_supported_context(UPS_EVENT)
         ae.add_supported_context(UPS_PUSH)
-        self.server = ae.start_server(("127.0.0.1", port), block=False,
+        self.server = ae.start_server(("127.0.0.1", port), block=False, ssl_context=ssl_context,
                                       evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report)])
 
     def _on_report(self, event):
+        sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
         with self._lock:
             self.events.append((event.request.EventTypeID, str(event.request.AffectedSOPInstanceUID),
                                 event.event_information))
+            self.over_tls.append(isinstance(sock, ssl.SSLSocket) and sock.version() is not None)
         return 0x0000, None
 
     def states(self, uid: str) -> list[str]:

@@ -230,6 +230,14 @@ class ScoringSettings:
     lung_kernels: list[str] = _lf(DEFAULT_LUNG_KERNELS, "Convolution kernels preferred for scoring (case-insensitive).")
     min_slices: int = _f(20, "Fewer slices than this: the series is not applicable.")
     noise_floor_percent: float = _f(0.5, "Involvement below this is CT-0 (no signs).")
+    mass_exclusion: str = _f(
+        "report", "Solid masses (tumours: >= 2 ml, >= 70 % soft tissue, compact, sharp margin without a ground-glass "
+        "halo; worker/scoring/masses.py) among the hybrid's lesions: off, report (measured and reported in the "
+        "result, still counted) or exclude (reported and left out of the lesion volume and the %).")
+    lesion_hu_normalisation: bool = _f(
+        False, "Hybrid: map each volume's air and lung (and soft-tissue) HU peaks onto the lesion network's "
+               "training frame before windowing (bounded: scale 0.85-1.15, shift +-60 HU; fixed window when the "
+               "peaks are not found). worker/scoring/hu_frame.py; measured in the model card.")
 
     def check(self) -> None:
         """Validate this section (a ConfigError names the setting)."""
@@ -237,6 +245,8 @@ class ScoringSettings:
             raise ConfigError(f"{PREFIX}DEVICE must be auto, cpu or cuda, got {self.device!r}")
         if self.scorer not in ("classical", "hybrid", "unet"):
             raise ConfigError(f"{PREFIX}SCORER must be classical, hybrid or unet, got {self.scorer!r}")
+        if self.mass_exclusion not in ("off", "report", "exclude"):
+            raise ConfigError(f"{PREFIX}MASS_EXCLUSION must be off, report or exclude, got {self.mass_exclusion!r}")
 
 
 @dataclass(frozen=True)

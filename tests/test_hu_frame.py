@@ -1,0 +1,60 @@
+"""Test-time HU normalisation of the lesion network's input (worker/scoring/hu_frame.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from worker.scoring import hu_frame
+from worker.scoring.hu_frame import REF_HU, frame_from_peaks, tissue_peaks, volume_window
+
+WINDOW = (-1059.0, 21.0)
+
+
+def make(air: float, lung_hu: float, soft: float | None = 40.0, outside_air: bool = True):
+    """Three copies of a 200 x 200 slice: outside air (or fat all round), a soft-tissue
+    body, two lungs; noise 12 HU."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:200, :200]
+    body = ((yy - 100) / 90) ** 2 + ((xx - 100) / 95) ** 2 <= 1
+    left = ((yy - 100) / 50) ** 2 + ((xx - 60) / 30) ** 2 <= 1
+    lung = left | (((yy - 100) / 50) ** 2 + ((xx - 140) / 30) ** 2 <= 1)
+    img = np.full((200, 200), air if outside_air else -100.0, dtype=np.float32)
+    img[body] = -100.0 if soft is None else soft
+    img[lung] = lung_hu
+    img = img + rng.normal(0, 12, img.shape).astype(np.float32)
+    hu = np.repeat(img[None], 3, axis=0)
+    return hu, np.repeat(lung[None], 3, axis=0)
+
+
+def test_reference_peaks_give_the_fixed_window():
+    hu, lung = make(REF_HU["air"], REF_HU["lung"], REF_HU["soft"])
+    peaks = tissue_peaks(hu, lung)
+    assert set(peaks) == {"air", "lung", "soft"}
+    for k, v in peaks.items():
+        assert abs(v - REF_HU[k]) <= 5.0, (k, v)
+    frame = volume_window(hu, lung, WINDOW)
+    assert frame.normalised
+    assert abs(frame.window[0] - WINDOW[0]) < 15 and abs(frame.window[1] - WINDOW[1]) < 15
+
+
+def test_an_offset_scanner_is_corrected():
+    """Every tissue 30 HU denser than the reference: the window moves up by ~30 HU."""
+    hu, lung = make(REF_HU["air"] + 30, REF_HU["lung"] + 30, REF_HU["soft"] + 30)
+    frame = volume_window(hu, lung, WINDOW)
+    assert frame.normalised and frame.scale == pytest.approx(1.0, abs=0.02)
+    assert frame.window[0] == pytest.approx(WINDOW[0] + 30, abs=8)
+    assert frame.shift_hu == pytest.approx(-30, abs=6)
+
+
+def test_the_correction_is_bounded():
+    frame = frame_from_peaks({"air": -1000.0, "lung": -700.0}, WINDOW)  # diffuse disease moves the lung peak
+    assert frame.normalised
+    assert hu_frame.SCALE_BOUNDS[0] <= frame.scale <= hu_frame.SCALE_BOUNDS[1]
+    assert abs(frame.shift_hu) <= hu_frame.MAX_SHIFT_HU and "clamped" in frame.note
+
+
+def test_no_outside_air_falls_back_to_the_fixed_window():
+    hu, lung = make(REF_HU["air"], REF_HU["lung"], outside_air=False)
+    frame = volume_window(hu, lung, WINDOW)
+    assert not frame.normalised and frame.window == WINDOW and "no air peak" in frame.note

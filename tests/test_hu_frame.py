@@ -33,22 +33,32 @@ def test_reference_peaks_give_the_fixed_window():
     assert set(peaks) == {"air", "lung", "soft"}
     for k, v in peaks.items():
         assert abs(v - REF_HU[k]) <= 5.0, (k, v)
-    frame = volume_window(hu, lung, WINDOW)
-    assert frame.normalised
-    assert abs(frame.window[0] - WINDOW[0]) < 15 and abs(frame.window[1] - WINDOW[1]) < 15
+    for mode in ("air-soft", "air-lung"):
+        frame = volume_window(hu, lung, WINDOW, mode)
+        assert frame.normalised
+        assert abs(frame.window[0] - WINDOW[0]) < 15 and abs(frame.window[1] - WINDOW[1]) < 15
 
 
 def test_an_offset_scanner_is_corrected():
     """Every tissue 30 HU denser than the reference: the window moves up by ~30 HU."""
     hu, lung = make(REF_HU["air"] + 30, REF_HU["lung"] + 30, REF_HU["soft"] + 30)
-    frame = volume_window(hu, lung, WINDOW)
-    assert frame.normalised and frame.scale == pytest.approx(1.0, abs=0.02)
-    assert frame.window[0] == pytest.approx(WINDOW[0] + 30, abs=8)
-    assert frame.shift_hu == pytest.approx(-30, abs=6)
+    for mode in ("air-soft", "air-lung"):
+        frame = volume_window(hu, lung, WINDOW, mode)
+        assert frame.normalised and frame.scale == pytest.approx(1.0, abs=0.02)
+        assert frame.window[0] == pytest.approx(WINDOW[0] + 30, abs=8)
+        assert frame.shift_hu == pytest.approx(-30, abs=6)
+
+
+def test_air_soft_ignores_a_diseased_lung_peak():
+    """A lung peak moved up by disease (-700 HU) shifts air-lung to its bound; air-soft not at all."""
+    hu, lung = make(REF_HU["air"], -700.0, REF_HU["soft"])
+    soft = volume_window(hu, lung, WINDOW, "air-soft")
+    assert abs(soft.shift_hu) < 6 and abs(soft.scale - 1) < 0.02
+    assert volume_window(hu, lung, WINDOW, "air-lung").shift_hu < -30
 
 
 def test_the_correction_is_bounded():
-    frame = frame_from_peaks({"air": -1000.0, "lung": -700.0}, WINDOW)  # diffuse disease moves the lung peak
+    frame = frame_from_peaks({"air": -1000.0, "lung": -700.0}, WINDOW, "air-lung")  # disease moves the lung peak
     assert frame.normalised
     assert hu_frame.SCALE_BOUNDS[0] <= frame.scale <= hu_frame.SCALE_BOUNDS[1]
     assert abs(frame.shift_hu) <= hu_frame.MAX_SHIFT_HU and "clamped" in frame.note
@@ -56,5 +66,6 @@ def test_the_correction_is_bounded():
 
 def test_no_outside_air_falls_back_to_the_fixed_window():
     hu, lung = make(REF_HU["air"], REF_HU["lung"], outside_air=False)
-    frame = volume_window(hu, lung, WINDOW)
-    assert not frame.normalised and frame.window == WINDOW and "no air peak" in frame.note
+    for mode in ("air-soft", "air-lung"):
+        frame = volume_window(hu, lung, WINDOW, mode)
+        assert not frame.normalised and frame.window == WINDOW and "no air peak" in frame.note

@@ -24,20 +24,30 @@ What
 
     A peak counts when its band holds at least ``MIN_PEAK_VOXELS`` voxels and the mode is
     not on the band's edge (a slope, not a peak). The linear map ``HU' = a * HU + b`` that
-    sends the measured peaks onto ``REF_HU`` (exact for air and lung; least squares when
-    soft tissue is there too) is folded into the network's window: the window becomes
+    sends the measured peaks onto ``REF_HU`` (least squares over the mode's peaks,
+    ``FIT_PEAKS``) is folded into the network's window: the window becomes
     ``((low - b) / a, (high - b) / a)``. Only the network's input moves; every HU rule of
     the scorers keeps reading the true HU.
+
+Modes (``CT_TRIAGE_LESION_HU_NORMALISATION``)
+    ``air-soft``: air and soft tissue, the two peaks disease does not move (a scanner's
+    calibration: air -1000, water 0). ``air-lung``: air and aerated lung (soft tissue
+    joins when found), what the training window was fitted on; but a COVID-19 lung's
+    own peak moves up with the disease (-620..-750 HU on half the NY-SBU slices against
+    -872.5 for normal lung), and mapping it back to normal lung works against the very
+    signal the network looks for, so it hits the shift bound there. ``off``: the
+    weights' fixed window.
 
 Bounds (why: a real scanner is calibrated to air -1000 and water 0 HU; a large
 correction means the peaks were misread, e.g. diffuse disease moving the lung peak)
     * scale ``a`` within ``SCALE_BOUNDS`` (0.85..1.15),
-    * shift at the lung peak (``a * lung + b - lung``) within +-``MAX_SHIFT_HU`` (60 HU).
+    * shift at the reference lung HU (``a * r + b - r``, r = -872.5) within
+      +-``MAX_SHIFT_HU`` (60 HU); peaks closer than 50 HU to each other fit nothing.
     A correction outside is clamped to the bound, and the note says so.
 
 Fallback
-    When air or lung has no peak (a single slice cropped to the lungs, no outside air, a
-    tiny lung), the fixed window is used and the reason is returned (and logged by the
+    When a peak the mode needs is missing (a single slice cropped to the lungs: no outside
+    air; a tiny lung; no soft tissue in view), the fixed window is used and the reason is returned (and logged by the
     caller).
 
 Measured effect: ``worker/scoring/weights/MODEL_CARD.md`` ("Test-time HU normalisation").
@@ -57,6 +67,10 @@ MIN_PEAK_VOXELS = 500
 SAMPLE_STEP = 2
 SCALE_BOUNDS = (0.85, 1.15)
 MAX_SHIFT_HU = 60.0
+# which peaks fit the map, per mode (OPTIONAL_PEAKS join the least squares when found)
+FIT_PEAKS = {"air-soft": ("air", "soft"), "air-lung": ("air", "lung")}
+OPTIONAL_PEAKS = {"air-lung": ("soft",)}
+MODES = ("off", *FIT_PEAKS)
 
 
 @dataclass(frozen=True)
@@ -100,39 +114,39 @@ def tissue_peaks(hu: np.ndarray, lung: np.ndarray) -> dict[str, float]:
     return peaks
 
 
-def frame_from_peaks(peaks: dict[str, float], window: tuple[float, float]) -> Frame:
+def frame_from_peaks(peaks: dict[str, float], window: tuple[float, float], mode: str = "air-soft") -> Frame:
     """The bounded correction of ``window`` for the measured ``peaks`` (see the module docstring)."""
-    missing = [k for k in ("air", "lung") if k not in peaks]
+    if mode not in FIT_PEAKS:
+        raise ValueError(f"HU normalisation mode must be one of {tuple(FIT_PEAKS)}, got {mode!r}")
+    need = FIT_PEAKS[mode]
+    missing = [k for k in need if k not in peaks]
     if missing:
         return Frame(window, False, peaks, note=f"fixed window: no {' or '.join(missing)} peak")
-    keys = [k for k in ("air", "lung", "soft") if k in peaks]
+    keys = list(need) + [k for k in OPTIONAL_PEAKS.get(mode, ()) if k in peaks]
     x = np.array([peaks[k] for k in keys])
     y = np.array([REF_HU[k] for k in keys])
-    if len(keys) == 2:
-        a = (y[1] - y[0]) / (x[1] - x[0]) if x[1] != x[0] else 1.0
-        b = y[1] - a * x[1]
-    else:
-        a, b = (float(v) for v in np.polyfit(x, y, 1))
+    if x.max() - x.min() < 50.0:
+        return Frame(window, False, peaks, note="fixed window: peaks too close together")
+    a, b = (float(v) for v in np.polyfit(x, y, 1))
     notes = []
     a_c = float(np.clip(a, *SCALE_BOUNDS))
     if a_c != a:
         notes.append(f"scale {a:.3f} clamped")
-    lung = peaks["lung"]
-    # keep the lung peak's image where the unclamped map sends it, within the shift bound
-    target = a * lung + b
-    shift = float(np.clip(target - lung, -MAX_SHIFT_HU, MAX_SHIFT_HU))
-    if shift != target - lung:
-        notes.append(f"shift {target - lung:+.0f} HU clamped")
-    b_c = lung + shift - a_c * lung
+    ref = REF_HU["lung"]
+    want = a * ref + b - ref
+    shift = float(np.clip(want, -MAX_SHIFT_HU, MAX_SHIFT_HU))
+    if shift != want:
+        notes.append(f"shift {want:+.0f} HU clamped")
+    b_c = ref + shift - a_c * ref
     low, high = window
     new = ((low - b_c) / a_c, (high - b_c) / a_c)
-    note = (f"normalised window {new[0]:.0f}..{new[1]:.0f} HU (scale {a_c:.3f}, shift {shift:+.0f} HU "
-            f"at the lung peak; peaks " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()) + ")")
+    note = (f"normalised window {new[0]:.0f}..{new[1]:.0f} HU ({mode}: scale {a_c:.3f}, shift {shift:+.0f} HU "
+            f"at {ref:g} HU; peaks " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()) + ")")
     if notes:
         note += "; " + ", ".join(notes)
     return Frame((float(new[0]), float(new[1])), True, peaks, a_c, shift, note)
 
 
-def volume_window(hu: np.ndarray, lung: np.ndarray, window: tuple[float, float]) -> Frame:
+def volume_window(hu: np.ndarray, lung: np.ndarray, window: tuple[float, float], mode: str = "air-soft") -> Frame:
     """The network window for this volume: ``window`` corrected by its own tissue peaks."""
-    return frame_from_peaks(tissue_peaks(hu, lung), window)
+    return frame_from_peaks(tissue_peaks(hu, lung), window, mode)

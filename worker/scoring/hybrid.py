@@ -110,11 +110,13 @@ class HybridScorer:
     version = VERSION
 
     def __init__(self, weights_path: Path | None = None, threshold: float | None = None, *,
-                 hu_normalisation: bool = False, mass_mode: str = "report"):
+                 hu_normalisation: str = "off", mass_mode: str = "report"):
         configure_torch()
         if mass_mode not in masses.MODES:
             raise ConfigError(f"mass mode must be one of {masses.MODES}, got {mass_mode!r}")
-        self.hu_normalisation = bool(hu_normalisation)
+        if hu_normalisation not in hu_frame.MODES:
+            raise ConfigError(f"HU normalisation must be one of {hu_frame.MODES}, got {hu_normalisation!r}")
+        self.hu_normalisation = hu_normalisation
         self.mass_mode = mass_mode
         self.weights_path = Path(weights_path) if weights_path else lesion_net.DEFAULT_WEIGHTS
         try:
@@ -210,10 +212,10 @@ def _crop_boxes(lung: np.ndarray, zs: list[int], spacing: tuple[float, float, fl
 def lesion_probability(model: LesionNet, volume: Volume, lung: np.ndarray, factor: tuple[int, int, int],
                        spacing: tuple[float, float, float], device: str,
                        window: lesion_net.Window = (lesion_net.WINDOW_LOW_HU, lesion_net.WINDOW_HIGH_HU),
-                       *, normalise: bool = False
+                       *, normalise: str = "off"
                        ) -> tuple[np.ndarray, np.ndarray, int, hu_frame.Frame | None]:
     """(probability on the working grid, working-grid HU of the lung slices, slices scored,
-    the HU frame when ``normalise``: the window corrected by the volume's own tissue peaks,
+    the HU frame unless ``normalise`` is off: the window corrected by the volume's own tissue peaks,
     :mod:`worker.scoring.hu_frame`)."""
     shape = lung.shape
     prob = np.zeros(shape, dtype=np.float32)
@@ -230,8 +232,8 @@ def lesion_probability(model: LesionNet, volume: Volume, lung: np.ndarray, facto
     for i, zw in enumerate(all_z):
         hu_w[zw] = hu_all[i].numpy()
     frame = None
-    if normalise:
-        frame = hu_frame.volume_window(hu_w[lung_z], lung[lung_z], window)
+    if normalise != "off":
+        frame = hu_frame.volume_window(hu_w[lung_z], lung[lung_z], window, normalise)
         window = frame.window
     boxes = _crop_boxes(lung, zs, spacing)
     size = model.size

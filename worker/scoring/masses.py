@@ -99,7 +99,7 @@ def _disc(r: int) -> np.ndarray:
 
 
 def measure_component(comp: np.ndarray, S: np.ndarray, lung: np.ndarray, lesion: np.ndarray,
-                      spacing: tuple[float, float, float], offset: tuple[int, int, int]) -> Component:
+                      spacing: tuple[float, float, float], offset: tuple[int, ...]) -> Component:
     """The measures of one component (``comp``: a box of the volume around it)."""
     vox_ml = spacing[0] * spacing[1] * spacing[2] / 1000.0
     n = int(comp.sum())

@@ -35,7 +35,7 @@ def get_scorer(settings: Settings) -> Scorer:
         key: tuple = ("classical",)
     elif kind == "hybrid":
         path = Path(settings.lesion_weights).expanduser() if settings.lesion_weights else _shipped_lesion_weights()
-        options = (bool(getattr(settings, "lesion_hu_normalisation", False)),
+        options = (str(getattr(settings, "lesion_hu_normalisation", "off")),
                    str(getattr(settings, "mass_exclusion", "report")))
         try:
             stat = path.stat()

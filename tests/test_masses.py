@@ -57,4 +57,4 @@ def test_small_and_ground_glass_components_are_left_alone():
     ggo = r <= 20.0
     hu[ggo] = -600.0
     _, comps = find_masses(ggo, hu, lung, SPACING)
-    assert comps and not comps[0].mass and comps[0].solid_fraction == 0.0
+    assert comps and not comps[0].mass and comps[0].solid_fraction == 0.0 and comps[0].solidity is None

@@ -33,7 +33,7 @@ Modes (``CT_TRIAGE_LESION_HU_NORMALISATION``)
     ``air-soft``: air and soft tissue, the two peaks disease does not move (a scanner's
     calibration: air -1000, water 0). ``air-lung``: air and aerated lung (soft tissue
     joins when found), what the training window was fitted on; but a COVID-19 lung's
-    own peak moves up with the disease (-620..-750 HU on half the NY-SBU slices against
+    own peak moves up with the disease (-620..-752 HU on half the NY-SBU slices against
     -872.5 for normal lung), and mapping it back to normal lung works against the very
     signal the network looks for, so it hits the shift bound there. ``off``: the
     weights' fixed window.

@@ -69,3 +69,25 @@ def test_no_outside_air_falls_back_to_the_fixed_window():
     for mode in ("air-soft", "air-lung"):
         frame = volume_window(hu, lung, WINDOW, mode)
         assert not frame.normalised and frame.window == WINDOW and "no air peak" in frame.note
+
+
+def test_the_settings_reach_the_hybrid_scorer_and_are_checked():
+    """CT_TRIAGE_LESION_HU_NORMALISATION and CT_TRIAGE_MASS_EXCLUSION: checked values, handed to
+    the hybrid by the registry (one cached scorer per combination); the frame is noted."""
+    from ct_triage.errors import ConfigError
+    from ct_triage.settings import Settings
+    from ct_triage_tools.phantom import make_phantom
+    from worker.scoring.registry import get_scorer
+
+    for name, bad in (("lesion_hu_normalisation", "lung"), ("mass_exclusion", "drop")):
+        with pytest.raises(ConfigError, match=name.upper()):
+            Settings.from_env({}, **{name: bad})
+    s = Settings.from_env({}, device="cpu", lesion_hu_normalisation="air-soft", mass_exclusion="exclude")
+    scorer = get_scorer(s)
+    assert (scorer.hu_normalisation, scorer.mass_mode) == ("air-soft", "exclude")
+    default = get_scorer(Settings.from_env({}, device="cpu"))
+    assert default is not scorer and (default.hu_normalisation, default.mass_mode) == ("off", "report")
+    ph = make_phantom(20, slices=30, rows=128, seed=1, slice_spacing_mm=10.0)
+    seg = scorer.segment(ph.volume, "cpu")
+    assert any(n.startswith("normalised window") for n in seg.notes), seg.notes
+    assert seg.mass is not None and seg.mass_excluded

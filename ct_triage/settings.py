@@ -230,6 +230,15 @@ class ScoringSettings:
     lung_kernels: list[str] = _lf(DEFAULT_LUNG_KERNELS, "Convolution kernels preferred for scoring (case-insensitive).")
     min_slices: int = _f(20, "Fewer slices than this: the series is not applicable.")
     noise_floor_percent: float = _f(0.5, "Involvement below this is CT-0 (no signs).")
+    mass_exclusion: str = _f(
+        "report", "Solid masses (tumours: >= 2 ml, >= 70 % soft tissue, compact, sharp margin without a ground-glass "
+        "halo; worker/scoring/masses.py) among the hybrid's lesions: off, report (measured and reported in the "
+        "result, still counted) or exclude (reported and left out of the lesion volume and the %).")
+    lesion_hu_normalisation: str = _f(
+        "off", "Hybrid: test-time HU normalisation of the lesion network's input (worker/scoring/hu_frame.py): off "
+               "(the weights' fixed window), air-soft (map the volume's air and soft-tissue HU peaks onto the training "
+               "frame's) or air-lung (air and aerated-lung peaks; COVID-19 lungs move their lung peak, see the model "
+               "card). Bounded: scale 0.85-1.15, shift +-60 HU; the fixed window when the peaks are not found.")
 
     def check(self) -> None:
         """Validate this section (a ConfigError names the setting)."""
@@ -237,6 +246,11 @@ class ScoringSettings:
             raise ConfigError(f"{PREFIX}DEVICE must be auto, cpu or cuda, got {self.device!r}")
         if self.scorer not in ("classical", "hybrid", "unet"):
             raise ConfigError(f"{PREFIX}SCORER must be classical, hybrid or unet, got {self.scorer!r}")
+        if self.mass_exclusion not in ("off", "report", "exclude"):
+            raise ConfigError(f"{PREFIX}MASS_EXCLUSION must be off, report or exclude, got {self.mass_exclusion!r}")
+        if self.lesion_hu_normalisation not in ("off", "air-soft", "air-lung"):
+            raise ConfigError(f"{PREFIX}LESION_HU_NORMALISATION must be off, air-soft or air-lung, "
+                              f"got {self.lesion_hu_normalisation!r}")
 
 
 @dataclass(frozen=True)

@@ -214,3 +214,20 @@ def test_lesion_groups_limit_and_determinism(ct, result, seg):
         build_measurement_report(ct.datasets, result, 1, created_at=CREATED, max_lesions=-1)
     with pytest.raises(ValueError, match="masks"):
         build_measurement_report(ct.datasets, result, 1, created_at=CREATED, segmentation=seg)
+
+
+@pytest.mark.parametrize("excluded", [True, False])
+def test_solid_masses_are_stated_in_the_report(ct, result, excluded):
+    """Issue 19 item 5: solid masses the scorer found (worker.scoring.masses) get a TEXT item
+    (CTT016) saying whether they were left out of the involvement; none found: no item."""
+    def texts(r):
+        ds = build_measurement_report(ct.datasets, r, 1, created_at=CREATED)
+        qual = [i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"][0]
+        return {i.ConceptNameCodeSequence[0].CodeValue: i.TextValue for i in qual.ContentSequence
+                if i.ValueType == "TEXT"}
+
+    with_mass = dataclasses.replace(result, mass_volume_ml=12.5, mass_count=1, mass_excluded=excluded)
+    text = texts(with_mass)["CTT016"]
+    verb = "excluded from" if excluded else "counted in"
+    assert text == f"solid mass(es) {verb} the involvement: 12.5 ml (1); not COVID-19 pneumonia"
+    assert "CTT016" not in texts(dataclasses.replace(result, mass_volume_ml=0.0, mass_count=0, mass_excluded=True))

@@ -87,6 +87,21 @@ def test_phantom_accuracy(involvement, seed, scorer):
         assert r.lesion_count >= 1 and r.boxes
 
 
+@pytest.mark.parametrize("involvement", [60, 85])
+def test_confluent_consolidation_is_not_excluded_as_a_mass(involvement):
+    """Issue 19 item 5: with mass exclusion on, the phantoms' confluent consolidation (a third
+    of the lesion at 85 %, -60..+40 HU cores wrapped in ground glass) is not taken for a solid
+    mass: nothing is reported as a mass and the % is what it is with exclusion off."""
+    ph = phantom(involvement, 1)
+    on = score_volume(ph.volume, settings(device="cpu", scorer="hybrid", mass_exclusion="exclude"))
+    off = score_volume(ph.volume, settings(device="cpu", scorer="hybrid", mass_exclusion="off"))
+    assert on.status == off.status == "scored"
+    assert on.mass_excluded is True and on.mass_count == 0 and on.mass_volume_ml == 0.0
+    assert off.mass_count is None and off.mass_volume_ml is None
+    assert on.involvement_percent == off.involvement_percent
+    assert abs(on.involvement_percent - ph.ground_truth["involvement_percent"]) <= 3.0
+
+
 def test_ct0_with_dependent_density_and_effusion_stays_ct0(cpu):
     """The CT-0 phantom has the posterior density gradient (to -730 HU) and a right
     posterior pleural effusion: neither may become lesion, the effusion not lung."""

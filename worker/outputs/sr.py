@@ -24,7 +24,8 @@ Built with highdicom (``hd.sr.Comprehensive3DSR`` + ``MeasurementReport``). Cont
     (tens of KB, not one polyline per slice box: about 1,400 on a 300-slice CT-3 study).
 
 - Qualitative Evaluations container (C0034375, UMLS) of TID 1500: triage status
-  (``CTT003``) and TEXT items with the routing decision (paper's Table 2) or, for
+  (``CTT003``) and TEXT items with the routing decision (paper's Table 2), the solid
+  masses when the scorer found any (``CTT016``, ``worker.scoring.masses``) or, for
   ``not_applicable``/``failed`` results, the reason. Those results still get a report
   (status, reason, priority MEDIUM) so the PACS shows why there are no numbers.
 
@@ -75,6 +76,7 @@ TRIAGE_STATUS = private("CTT003", "AI triage status")
 WORKLIST_PRIORITY = private("CTT004", "Worklist priority")
 ROUTING_DECISION = private("CTT005", "Routing decision")
 STATUS_REASON = private("CTT006", "Reason not scored")
+SOLID_MASSES = private("CTT016", "Solid masses")
 CATEGORY_VALUES = {
     "CT-0": private("CT-0", "CT-0 not consistent with pneumonia"),
     "CT-1": private("CT-1", "CT-1 mild, up to 25% involved"),
@@ -258,6 +260,10 @@ def _qualitative_container(result: ScoreResult) -> hd.sr.ContainerContentItem:
     if result.status == "scored":
         items.append(_text(ROUTING_DECISION, f"{result.category}: {ROUTING[_category(result)]} "
                                              "(MosMedData scale, doi:10.17816/DD46826)"))
+        if result.mass_count:
+            verb = "excluded from" if result.mass_excluded else "counted in"
+            items.append(_text(SOLID_MASSES, f"solid mass(es) {verb} the involvement: {result.mass_volume_ml} ml "
+                                             f"({result.mass_count}); not COVID-19 pneumonia"))
     else:
         items.append(_text(STATUS_REASON, result.reason or "no reason given"))
     container.ContentSequence = hd.sr.ContentSequence(items)

@@ -44,11 +44,15 @@ class Segmentation:
     # when the scorer tells them apart: the lesion split into ground glass and consolidation
     ggo: np.ndarray | None = None
     consolidation: np.ndarray | None = None
+    # when the scorer looks for them (worker.scoring.masses): lesion components that are solid
+    # masses (tumours, not pneumonia), and whether they were taken out of ``lesion``
+    mass: np.ndarray | None = None
+    mass_excluded: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("lung", "left", "lesion", "ggo", "consolidation"):
+        for name in ("lung", "left", "lesion", "ggo", "consolidation", "mass"):
             arr = getattr(self, name)
-            if arr is None and name in ("ggo", "consolidation"):
+            if arr is None and name in ("ggo", "consolidation", "mass"):
                 continue
             if not isinstance(arr, np.ndarray) or arr.dtype != bool or arr.ndim != 3:
                 raise ValueError(f"Segmentation.{name} must be a 3-D bool array")

@@ -52,6 +52,16 @@ What
        consolidation: obscures them, soft-tissue density). Both masks go on with the
        segmentation: the SEG then carries "Ground glass opacity" and "Consolidation"
        segments instead of one "Lesions" segment, and the SR's lesions refer to them.
+    8. Solid masses (``mass_mode``, ``CT_TRIAGE_MASS_EXCLUSION``; :mod:`worker.scoring.masses`
+       gives the rule and its thresholds): lesion components that are solid, compact and
+       sharply marginated (a tumour, not pneumonia) are measured and reported
+       (``ScoreResult.mass_volume_ml``, ``mass_count``); with ``exclude`` they are also
+       taken out of the lesion (and its ground glass / consolidation split).
+
+Test-time HU normalisation (``hu_normalisation``, ``CT_TRIAGE_LESION_HU_NORMALISATION``):
+step 2's window is corrected per volume so its air and lung (and soft-tissue) HU peaks land
+where the training frame puts them (:mod:`worker.scoring.hu_frame`: bounds, fallback);
+only the network input moves, the HU rules keep the true HU.
 
 Everything after (volumes, %, category, boxes) is ``pipeline.measure``'s, as for every
 scorer, so the hybrid and the classical scorer are compared on the same arithmetic.
@@ -60,6 +70,7 @@ scorer, so the hybrid and the classical scorer are compared on the same arithmet
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 
@@ -69,12 +80,14 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from ct_triage.errors import ConfigError
-from worker.scoring import lesion_net
+from worker.scoring import hu_frame, lesion_net, masses
 from worker.scoring.base import Segmentation
 from worker.scoring.classical import lung_segmentation
 from worker.scoring.device import ModelCopies, configure_torch
 from worker.scoring.lesion_net import LesionNet, hu_to_gray, probability
 from worker.scoring.volume import Volume
+
+log = logging.getLogger(__name__)
 
 NAME = "ct-triage-hybrid"
 VERSION = "0.1.0"
@@ -96,8 +109,15 @@ class HybridScorer:
     name = NAME
     version = VERSION
 
-    def __init__(self, weights_path: Path | None = None, threshold: float | None = None):
+    def __init__(self, weights_path: Path | None = None, threshold: float | None = None, *,
+                 hu_normalisation: str = "off", mass_mode: str = "report"):
         configure_torch()
+        if mass_mode not in masses.MODES:
+            raise ConfigError(f"mass mode must be one of {masses.MODES}, got {mass_mode!r}")
+        if hu_normalisation not in hu_frame.MODES:
+            raise ConfigError(f"HU normalisation must be one of {hu_frame.MODES}, got {hu_normalisation!r}")
+        self.hu_normalisation = hu_normalisation
+        self.mass_mode = mass_mode
         self.weights_path = Path(weights_path) if weights_path else lesion_net.DEFAULT_WEIGHTS
         try:
             self.model, self.meta = lesion_net.load_weights(self.weights_path)
@@ -113,23 +133,39 @@ class HybridScorer:
         base, timings = lung_segmentation(volume, device, with_lesions=True)
         t1 = time.perf_counter()
         with torch.inference_mode():
-            prob, hu_w, scored = lesion_probability(self._copies.on(device), volume, base.lung, base.factor,
-                                                    base.spacing_mm, device, self.window)
+            prob, hu_w, scored, frame = lesion_probability(self._copies.on(device), volume, base.lung, base.factor,
+                                                           base.spacing_mm, device, self.window,
+                                                           normalise=self.hu_normalisation)
         timings["network"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         lesion, consolidation = lesion_mask(prob, hu_w, base.lung, base.spacing_mm, self.threshold, base.lesion)
+        timings["lesion_mask"] = time.perf_counter() - t2
+        vox = base.voxel_volume_ml
+        notes = list(base.notes) + [f"lesion network on {scored} slices (threshold {self.threshold:g})"]
+        if frame is not None:
+            notes.append(frame.note)
+            if not frame.normalised:
+                log.info("HU normalisation not applied: %s", frame.note)
+        mass = None
+        if self.mass_mode != "off":
+            t3 = time.perf_counter()
+            mass, comps = masses.find_masses(lesion, hu_w, base.lung, base.spacing_mm)
+            n_mass = sum(c.mass for c in comps)
+            if n_mass:
+                verb = "excluded" if self.mass_mode == "exclude" else "counted"
+                notes.append(f"solid mass(es) {verb}: {int(mass.sum()) * vox:.1f} ml ({n_mass})")
+            if self.mass_mode == "exclude":
+                lesion = lesion & ~mass
+                consolidation = consolidation & ~mass
+            timings["masses"] = time.perf_counter() - t3
         cons = int(consolidation.sum())
         ggo = int(lesion.sum()) - cons
-        timings["lesion_mask"] = time.perf_counter() - t2
         timings["total"] = time.perf_counter() - t
-        vox = base.voxel_volume_ml
-        notes = list(base.notes) + [
-            f"lesion network on {scored} slices (threshold {self.threshold:g})",
-            f"ground glass {ggo * vox:.1f} ml, consolidation {cons * vox:.1f} ml "
-            f"(split at {CONSOLIDATION_HU:g} HU)",
-        ]
+        notes.append(f"ground glass {ggo * vox:.1f} ml, consolidation {cons * vox:.1f} ml "
+                     f"(split at {CONSOLIDATION_HU:g} HU)")
         return dataclasses.replace(base, lesion=lesion, timings=timings, notes=notes,
-                                   ggo=lesion & ~consolidation, consolidation=consolidation)
+                                   ggo=lesion & ~consolidation, consolidation=consolidation,
+                                   mass=mass, mass_excluded=self.mass_mode == "exclude")
 
 
 def _pooled_slices(hu: np.ndarray, zs: list[int], factor: tuple[int, int, int]) -> torch.Tensor:
@@ -175,15 +211,18 @@ def _crop_boxes(lung: np.ndarray, zs: list[int], spacing: tuple[float, float, fl
 
 def lesion_probability(model: LesionNet, volume: Volume, lung: np.ndarray, factor: tuple[int, int, int],
                        spacing: tuple[float, float, float], device: str,
-                       window: lesion_net.Window = (lesion_net.WINDOW_LOW_HU, lesion_net.WINDOW_HIGH_HU)
-                       ) -> tuple[np.ndarray, np.ndarray, int]:
-    """(probability on the working grid, working-grid HU of the lung slices, slices scored)."""
+                       window: lesion_net.Window = (lesion_net.WINDOW_LOW_HU, lesion_net.WINDOW_HIGH_HU),
+                       *, normalise: str = "off"
+                       ) -> tuple[np.ndarray, np.ndarray, int, hu_frame.Frame | None]:
+    """(probability on the working grid, working-grid HU of the lung slices, slices scored,
+    the HU frame unless ``normalise`` is off: the window corrected by the volume's own tissue peaks,
+    :mod:`worker.scoring.hu_frame`)."""
     shape = lung.shape
     prob = np.zeros(shape, dtype=np.float32)
     hu_w = np.full(shape, -1024.0, dtype=np.float32)
     lung_z = np.flatnonzero(lung.any(axis=(1, 2)))
     if lung_z.size == 0:
-        return prob, hu_w, 0
+        return prob, hu_w, 0, None
     step = max(1, int(np.floor(NET_STEP_MM / spacing[0] + 1e-6)))
     zs = list(lung_z[::step])
     if zs[-1] != lung_z[-1]:
@@ -192,6 +231,10 @@ def lesion_probability(model: LesionNet, volume: Volume, lung: np.ndarray, facto
     hu_all = _pooled_slices(volume.hu, all_z, factor)
     for i, zw in enumerate(all_z):
         hu_w[zw] = hu_all[i].numpy()
+    frame = None
+    if normalise != "off":
+        frame = hu_frame.volume_window(hu_w[lung_z], lung[lung_z], window, normalise)
+        window = frame.window
     boxes = _crop_boxes(lung, zs, spacing)
     size = model.size
     dev = torch.device(device)
@@ -221,7 +264,7 @@ def lesion_probability(model: LesionNet, volume: Volume, lung: np.ndarray, facto
             lo, hi = zs_arr[j - 1], zs_arr[j]
             w = (zw - lo) / (hi - lo)
             prob[zw] = (1 - w) * scored[j - 1] + w * scored[j]
-    return prob, hu_w, len(zs)
+    return prob, hu_w, len(zs), frame
 
 
 def lesion_mask(prob: np.ndarray, hu_w: np.ndarray, lung: np.ndarray, spacing: tuple[float, float, float],

@@ -165,7 +165,20 @@ def measure(volume: Volume, seg: Segmentation, settings: Settings) -> ScoreResul
         lesion_volume_ml=round(n_les * vml, 1),
         lesion_count=int(count),
         boxes=boxes,
+        **_masses(seg),
     )
+
+
+def _masses(seg: Segmentation) -> dict:
+    """The result's mass fields (``worker.scoring.masses``) when the scorer looked for masses."""
+    if seg.mass is None:
+        return {}
+    from scipy import ndimage
+
+    n = int(seg.mass.sum())
+    count = int(ndimage.label(seg.mass, structure=np.ones((3, 3, 3), dtype=bool))[1]) if n else 0
+    return {"mass_volume_ml": round(n * seg.voxel_volume_ml, 1), "mass_count": count,
+            "mass_excluded": bool(seg.mass_excluded)}
 
 
 def _extent(mask: np.ndarray, axis: int) -> slice:

@@ -2,7 +2,8 @@
 
 ``CT_TRIAGE_SCORER`` chooses: ``hybrid`` (default: classical lungs, lesions the 2D network
 shipped with the package confirms, :mod:`worker.scoring.hybrid`; ``CT_TRIAGE_LESION_WEIGHTS``
-may name other weights), ``classical`` (HU rules only, transparent, needs no weights) or
+may name other weights; ``CT_TRIAGE_MASS_EXCLUSION`` and ``CT_TRIAGE_LESION_HU_NORMALISATION`` are
+its options), ``classical`` (HU rules only, transparent, needs no weights) or
 ``unet`` (a small 3D U-Net whose weights come from ``CT_TRIAGE_UNET_WEIGHTS``; nothing
 is downloaded). Scorers are cached per process; a changed weights file
 (path, mtime or size) builds a new one. Importing this module does not import torch:
@@ -34,11 +35,13 @@ def get_scorer(settings: Settings) -> Scorer:
         key: tuple = ("classical",)
     elif kind == "hybrid":
         path = Path(settings.lesion_weights).expanduser() if settings.lesion_weights else _shipped_lesion_weights()
+        options = (str(getattr(settings, "lesion_hu_normalisation", "off")),
+                   str(getattr(settings, "mass_exclusion", "report")))
         try:
             stat = path.stat()
-            key = ("hybrid", str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+            key = ("hybrid", str(path.resolve()), stat.st_mtime_ns, stat.st_size, *options)
         except OSError:
-            key = ("hybrid", str(path), None, None)
+            key = ("hybrid", str(path), None, None, *options)
     elif kind == "unet":
         if not settings.unet_weights:
             raise ConfigError(
@@ -63,7 +66,7 @@ def get_scorer(settings: Settings) -> Scorer:
             elif kind == "hybrid":
                 from worker.scoring.hybrid import HybridScorer  # imports torch: only when used
 
-                scorer = HybridScorer(Path(key[1]))
+                scorer = HybridScorer(Path(key[1]), hu_normalisation=key[4], mass_mode=key[5])
             else:
                 from worker.scoring.unet import UNetScorer  # imports torch: only when used
 

@@ -81,6 +81,11 @@ class ScoreResult:
     lung_volume_right_ml: float | None = None
     lesion_volume_ml: float | None = None
     lesion_count: int | None = None
+    # Solid masses among the lesions (worker.scoring.masses; hybrid scorer, CT_TRIAGE_MASS_EXCLUSION):
+    # None when not looked for; excluded from lesion_volume_ml and the % when mass_excluded.
+    mass_volume_ml: float | None = None
+    mass_count: int | None = None
+    mass_excluded: bool | None = None
     model: str = "ct-triage-classical"
     model_version: str = "0.1.0"
     device: str = "cpu"

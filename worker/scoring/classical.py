@@ -71,9 +71,12 @@ Working grid
    % per lung and total, CT category, lesion count (26-connected) and per-slice boxes.
 
 Calibrated on the synthetic phantoms (ct_triage_tools.phantom) and checked on the real scans in
-shared/data (non-COVID patients: 1-3 % at 2.8-5.7 l). Known limits: a lung whose aerated
-part is gone entirely has nothing to grow from; consolidation against the mediastinum
-with a sharp margin can be rejected as "organ"; dense dependent atelectasis thicker
+shared/data (non-COVID patients: 1-5 % at 2.8-5.8 l) and on real lesion shapes inserted into
+them (docs/scoring.md, insertion benchmark). Known limits: next to confluent consolidation
+up to 20 mm of the heart border, mediastinum and liver dome can be taken in as lung and
+lesion (an over-read); a lung whose aerated part is gone entirely has nothing to grow
+from; consolidation against the mediastinum with a sharp margin can be rejected as
+"organ"; dense dependent atelectasis thicker
 than ~7 mm and clusters of vessels in motion-blurred lung next to the heart can read as
 lesion; ground glass smaller than ~7 mm is not counted.
 """

@@ -39,7 +39,7 @@ Working grid
    2-3 pixels out in the aerated lung (beyond the partial-volume rim; aerated in the
    slices above and below too, so thick-slice partial volume at the diaphragm and
    heart does not count) is denser than -620 HU (ground glass, smoothed 3x3: the
-   faint half of the -700..-300 HU band counts too; normal and dependent lung stay
+   faint end of the -700..-300 HU band counts too; normal and dependent lung stay
    below). A kept large region is taken in only within 20 mm (square, in-plane) of
    those dense ring pixels: consolidation grows in from its ground-glass margin, while
    an organ that diseased lung wraps around (liver dome, heart) would otherwise come
@@ -588,7 +588,9 @@ def _accept_dense(added, aerated, level, px, pixel_mm2, device) -> np.ndarray:
 
     The margin of a region is the ring 2-3 pixels out from it inside the aerated
     lung (beyond the partial-volume rim); a ring pixel belongs to the region with
-    the highest label within 3 pixels; ``level`` is the smoothed image.
+    the highest label within 3 pixels; ``level`` is the smoothed image. Of a kept
+    large region only the pixels within MARGIN_REACH_MM of a ring pixel above
+    MARGIN_GGO_HU are returned.
     """
     labels, n = ndimage.label(added, structure=_IN_PLANE8)
     if n == 0:

@@ -3,7 +3,7 @@
 One series (Siemens B70f, 30 slices of 8 mm, the sharp kernel) at 15 % and 45 %: the frozen
 lung mask is the recorded one, the truth hits the target, the inserted HU are those the
 model states, vessels are not darkened, and the classical scorer reads the truth within
-``CLASSICAL_BOUND_POINTS`` (a regression guard: the issue's 5 points are not met yet). Skipped
+``CLASSICAL_BOUND_POINTS`` (a regression guard, 7 points; the issue's target is 5). Skipped
 with a message when the shared data is absent.
 """
 
@@ -20,10 +20,10 @@ from tests.support.data import LUNG_PET_CT, MOSMED_MASKS, need
 SERIES = "A0002-siemens-B70f-8mm"
 LEVELS = (15.0, 45.0)
 TRUTH_TOLERANCE_POINTS = 0.05  # growth takes exactly what is missing: only rounding is left
-# |classical % - truth %| on this case. The issue's target is 5 points; on real anatomy the
-# classical scorer misses it (benchmark table in docs/scoring.md: -2.6 at 15 %, -11.0 at 45 % here,
-# under-reading). This bound catches a further regression; tighten it as the scorer improves.
-CLASSICAL_BOUND_POINTS = 15.0
+# |classical % - truth %| on this case. The issue's target is 5 points; the benchmark table in
+# docs/scoring.md reads +0.5 at 15 % and +4.6 at 45 % here since the dense-lung margin rule
+# (was -2.6 and -11.0). This bound catches a regression with some room; tighten it as the scorer improves.
+CLASSICAL_BOUND_POINTS = 7.0
 
 
 @pytest.fixture(scope="module")

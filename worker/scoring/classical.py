@@ -38,9 +38,14 @@ Working grid
    disease: consolidation is wrapped in ground glass, so at least 30 % of the ring
    2-3 pixels out in the aerated lung (beyond the partial-volume rim; aerated in the
    slices above and below too, so thick-slice partial volume at the diaphragm and
-   heart does not count) is denser than -550 HU. Organs the lung wraps around (heart,
-   liver dome, hilum) and pleural effusion meet normal lung with a sharp edge and stay
-   out; an effusion's fluid level is flat, which a closing does not fill anyway.
+   heart does not count) is denser than -620 HU (ground glass, smoothed 3x3: the
+   faint end of the -700..-300 HU band counts too; normal and dependent lung stay
+   below). A kept large region is taken in only within 20 mm (square, in-plane) of
+   those dense ring pixels: consolidation grows in from its ground-glass margin, while
+   an organ that diseased lung wraps around (liver dome, heart) would otherwise come
+   in whole. Organs the lung wraps around (heart, liver dome, hilum) and pleural
+   effusion meet normal lung with a sharp edge and stay out; an effusion's fluid
+   level is flat, which a closing does not fill anyway.
 
 5. Lesions (MosMedData protocol: ground glass + consolidation; vessels, airways and
    dependent density excluded where distinguishable):
@@ -66,9 +71,12 @@ Working grid
    % per lung and total, CT category, lesion count (26-connected) and per-slice boxes.
 
 Calibrated on the synthetic phantoms (ct_triage_tools.phantom) and checked on the real scans in
-shared/data (non-COVID patients: 1-3 % at 2.8-5.7 l). Known limits: a lung whose aerated
-part is gone entirely has nothing to grow from; consolidation against the mediastinum
-with a sharp margin can be rejected as "organ"; dense dependent atelectasis thicker
+shared/data (non-COVID patients: 1-5 % at 2.8-5.8 l) and on real lesion shapes inserted into
+them (docs/scoring.md, insertion benchmark). Known limits: next to confluent consolidation
+up to 20 mm of the heart border, mediastinum and liver dome can be taken in as lung and
+lesion (an over-read); a lung whose aerated part is gone entirely has nothing to grow
+from; consolidation against the mediastinum with a sharp margin can be rejected as
+"organ"; dense dependent atelectasis thicker
 than ~7 mm and clusters of vessels in motion-blurred lung next to the heart can read as
 lesion; ground glass smaller than ~7 mm is not counted.
 """
@@ -107,8 +115,9 @@ BONE_HU = 200.0
 CLOSING_RADIUS_MM = 20.0
 Z_REACH_MM = 10.0
 SMALL_HOLE_MM2 = 150.0
-MARGIN_GGO_HU = -550.0
+MARGIN_GGO_HU = -620.0
 MARGIN_MIN_FRACTION = 0.3
+MARGIN_REACH_MM = 20.0
 LESION_LOW_HU = -680.0
 LESION_HIGH_HU = 100.0
 DENSE_HU = -200.0
@@ -579,7 +588,9 @@ def _accept_dense(added, aerated, level, px, pixel_mm2, device) -> np.ndarray:
 
     The margin of a region is the ring 2-3 pixels out from it inside the aerated
     lung (beyond the partial-volume rim); a ring pixel belongs to the region with
-    the highest label within 3 pixels; ``level`` is the smoothed image.
+    the highest label within 3 pixels; ``level`` is the smoothed image. Of a kept
+    large region only the pixels within MARGIN_REACH_MM of a ring pixel above
+    MARGIN_GGO_HU are returned.
     """
     labels, n = ndimage.label(added, structure=_IN_PLANE8)
     if n == 0:
@@ -601,9 +612,21 @@ def _accept_dense(added, aerated, level, px, pixel_mm2, device) -> np.ndarray:
     ring_n = np.bincount(ring_lab, minlength=n + 1)
     ring_ggo = np.bincount(ring_lab, weights=(level[ring] > MARGIN_GGO_HU), minlength=n + 1)
     frac = ring_ggo / np.maximum(ring_n, 1)
-    accept = (area < SMALL_HOLE_MM2) | ((frac >= MARGIN_MIN_FRACTION) & (ring_n >= 8))
+    small = area < SMALL_HOLE_MM2
+    accept = small | ((frac >= MARGIN_MIN_FRACTION) & (ring_n >= 8))
     accept[0] = False
-    return accept[labels]
+    small[0] = False
+    kept = accept[labels]
+    large_kept = kept & ~small[labels]
+    slices = np.flatnonzero(large_kept.any(axis=(1, 2)))
+    if slices.size:
+        # a large region is kept only within reach of its diseased margin: consolidation
+        # grows in from the ground glass, an organ the diseased lung wraps around (liver
+        # dome, heart) is taken in no deeper than the reach (only slices that hold one)
+        diseased = torch.from_numpy(ring[slices] & (level[slices] > MARGIN_GGO_HU)).to(device)
+        near = (_maxfilter2d(diseased, _odd(2 * MARGIN_REACH_MM / px))).cpu().numpy()
+        kept[slices] &= ~large_kept[slices] | near
+    return kept
 
 
 def _lesions(W, S, lung: np.ndarray, spacing, device, voxel_ml, notes) -> np.ndarray:

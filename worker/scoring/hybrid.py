@@ -42,8 +42,9 @@ What
        at 1 mm, seed 1): the network alone read 12 / 27 / 38 % for 20 / 45 / 85 %; with
        this rule the phantom accuracy matrix (0..85 %, two seeds) is read within 1.2
        points, like the classical scorer, while the real non-COVID series stay at
-       0.3..1.1 % (classical 1.1..3.4 %): its candidates there (dependent density, partial
-       volume, tumour margins) are not confirmed.
+       0.3..1.6 % (classical 1.1..4.8 % since its dense-lung margin rule reaches consolidation
+       against the chest wall): its candidates there (dependent density, partial volume,
+       tumour margins) are not confirmed.
     6. 3D components under ``MIN_LESION_ML`` are dropped (as the classical scorer does).
     7. Ground glass and consolidation: lesion voxels at or above ``CONSOLIDATION_HU``
        (working-grid HU, 3x3 mean) are consolidation, the rest ground glass; reported in

@@ -39,7 +39,7 @@ def queued_series(factory) -> Series:
     def queued():
         with factory() as session:
             row = session.scalar(select(Series))
-            return row.state == "queued" and row
+            return row is not None and row.state == "queued" and row  # None: not indexed yet
     row = wait_for(queued, timeout=30)
     with factory() as session:
         assert session.scalar(select(func.count(Job.id))) == 1

@@ -5,12 +5,13 @@ What
     (the DICOM port, and the TLS port when it is a second port), creates the shared
     admission table (:mod:`dicom_node.shared_limits`) and starts N fresh child processes
     (``python -m ct_triage_app.cli node|serve --process-index I ...``, never a fork of a
-    process that runs threads or a database engine). Each child adopts the inherited
-    listening socket (:class:`AdoptingAssociationServer`) and accepts on it: one socket,
-    so the kernel hands each connection to one process that is waiting for it (no
-    ``SO_REUSEPORT``: a stray second node on the port still fails to bind, with a clear
-    error). The socket is non-blocking: a process woken for a connection another one
-    took goes back to waiting.
+    process that runs threads or a database engine). The supervisor alone accepts: each
+    connection goes, as a descriptor over a Unix socket pair (``SCM_RIGHTS``), to the ready
+    child holding the fewest sockets (pending + accepted associations, plus those handed
+    to it and not yet received), ties to the one chosen longest ago
+    (:class:`Dispatcher`). The child reads the PROXY header, applies the caps and runs the
+    association as a single node does (:class:`AdoptingAssociationServer`). No
+    ``SO_REUSEPORT``: a stray second node on the port still fails to bind, with a clear error.
 
     The leased duties (the completeness tracker, retention, the UPS notifier, orphan
     recovery: :mod:`dicom_node.leases`) start in every child and run where the lease is
@@ -31,8 +32,13 @@ What
     (:class:`BusyStudies`).
 
 Why these choices
-    - One inherited socket rather than ``SO_REUSEPORT``: the kernel's port hashing splits
-      four senders 3-1 as often as not; a shared accept queue goes to whoever waits.
+    - The supervisor hands out connections rather than the children sharing one socket or
+      ``SO_REUSEPORT``: the kernel's port hashing splits four senders 3-1 as often as not,
+      and so did a shared accept queue (whoever is scheduled first wins, even with the
+      busier process yielding for 10 ms: 3-1 in 3 of 5 benchmark repeats). Counting the
+      connections in flight makes four senders arriving within a millisecond split 2-2. A
+      connection costs the supervisor an accept and a ``sendmsg``; when no child is ready
+      (all restarting), connections wait in the listen backlog, as they would for one node.
     - SQLite is one writer and one process: several processes require PostgreSQL
       (:func:`check_database`).
 """
@@ -70,7 +76,9 @@ STABLE_AFTER_S = 60.0  # a child that ran this long restarts after RESTART_FIRST
 BUSY_PUBLISH_S = 0.25
 BUSY_FILE = "busy-studies"
 INDEXED_FILE = "indexed-until"
-ACCEPT_YIELD_S = 0.01  # how long a busier process leaves a new connection to a less busy one
+DISPATCH_POLL_S = 0.2  # the dispatcher's longest wait: how soon it sees a stop or a child ready
+STALLED_AFTER_S = 1.0  # a child that left a handed connection unreceived this long gets no more until it does
+NO_CHILD_WAIT_S = 0.05  # with no child ready, how long a waiting connection stays in the backlog between looks
 
 
 # -- the role of one process ------------------------------------------------------------
@@ -147,8 +155,10 @@ def _log_as_child(index: int) -> None:
 
 
 class AdoptingAssociationServer(BoundedAssociationServer):
-    """:class:`BoundedAssociationServer` on a listening socket inherited from the supervisor:
-    pynetdicom binds in its constructor; here the bind and the listen are the adoption."""
+    """:class:`BoundedAssociationServer` fed by the supervisor: its "listening" socket is this
+    child's end of a Unix socket pair, and each message carries one accepted connection
+    (:class:`Dispatcher`). Everything after the accept (PROXY header, caps, TLS, the
+    association) is the single node's."""
 
     def __init__(self, *args, listen_socket: socket.socket, **kwargs):
         self._adopted = listen_socket
@@ -158,21 +168,156 @@ class AdoptingAssociationServer(BoundedAssociationServer):
         if self.socket is not None:
             self.socket.close()  # the one socketserver made for us
         self.socket = self._adopted
-        self.server_address = self.socket.getsockname()
+        self.socket.setblocking(False)
+        # server_address stays the configured (address, port) the supervisor listens on.
 
     def server_activate(self) -> None:
-        pass  # listening since the supervisor bound it
+        pass  # the supervisor listens
 
     def get_request(self):
-        # Every process waits on the socket; one accept() wins, the others find it empty
-        # (BlockingIOError, an OSError: socketserver goes back to waiting). A process holding
-        # more connections than a sibling waits a moment first, so the least busy one takes it
-        # (the kernel wakes all waiters; the first to be scheduled would win).
-        if isinstance(self.gate, SharedGate) and self.gate.busier_than_a_sibling():
-            time.sleep(ACCEPT_YIELD_S)
-        client_socket, address = self.socket.accept()
-        client_socket.setblocking(True)
+        msg, fds, _flags, _addr = socket.recv_fds(self.socket, 1, 4)
+        if not fds:
+            if not msg:  # the supervisor closed its end: it stops, or it is gone (the watch stops us)
+                time.sleep(DISPATCH_POLL_S)
+            raise OSError("no connection in the supervisor's message")
+        for extra in fds[1:]:
+            os.close(extra)
+        client_socket = socket.socket(fileno=fds[0])
+        if isinstance(self.gate, SharedGate):
+            self.gate.note_handed_in()
+        try:
+            client_socket.setblocking(True)
+            address = client_socket.getpeername()
+        except OSError:
+            client_socket.close()  # the peer already left
+            raise
         return client_socket, address
+
+
+class Dispatcher:
+    """The supervisor's accept loop: each connection to the child with the least load.
+
+    Load of a child: sockets it holds (pending + accepted, from the shared table) plus
+    connections sent to it that it has not received yet; ties go to the child chosen
+    longest ago, so a burst of simultaneous connections is dealt round-robin. A child that
+    has left a connection unreceived for ``STALLED_AFTER_S`` (stopped, or stuck) gets no
+    more until it takes it; with every child stalled, the least loaded still gets them."""
+
+    def __init__(self, sockets: dict[int, socket.socket], limits: SharedLimits, count: int):
+        self.sockets = sockets
+        self.limits = limits
+        self.lock = threading.Lock()
+        self.channels: list[dict[int, socket.socket]] = [{} for _ in range(count)]  # child -> port -> our end
+        self.ready = [False] * count
+        self.sent = [0] * count
+        self.last_chosen = [0.0] * count
+        self.received = [0] * count  # as last read from the table
+        self.progress_at = [0.0] * count  # when it last had nothing in flight or received one
+        self.handed = [0] * count  # per child, for the stop log (since start, across restarts)
+        self.stop_event = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def open_channels(self, index: int) -> dict[int, socket.socket]:
+        """New socket pairs for child ``index`` (about to start): returns the child's ends (to pass)."""
+        theirs = {}
+        with self.lock:
+            self._close(index)
+            for port in self.sockets:
+                ours, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                ours.setblocking(False)
+                child_end.set_inheritable(True)
+                self.channels[index][port] = ours
+                theirs[port] = child_end
+            self.sent[index] = self.received[index] = 0
+        return theirs
+
+    def set_ready(self, index: int, ready: bool) -> None:
+        with self.lock:
+            self.ready[index] = ready
+            if not ready:
+                self._close(index)
+
+    def _close(self, index: int) -> None:
+        for ours in self.channels[index].values():
+            ours.close()  # a connection sent and not received is closed with it
+        self.channels[index] = {}
+        self.ready[index] = False
+
+    def choose(self, port: int, now: float | None = None) -> int | None:
+        """The ready child to take the next connection on ``port``, or None."""
+        now = time.monotonic() if now is None else now
+        candidates = []
+        for index, (held, received) in enumerate(self.limits.loads()[:len(self.ready)]):
+            if not self.ready[index] or port not in self.channels[index]:
+                continue
+            in_flight = max(0, self.sent[index] - received)
+            if in_flight == 0 or received != self.received[index]:
+                self.received[index], self.progress_at[index] = received, now
+            stalled = now - self.progress_at[index] > STALLED_AFTER_S
+            candidates.append((stalled, held + in_flight, self.last_chosen[index], index))
+        return min(candidates)[3] if candidates else None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+        with self.lock:
+            for index in range(len(self.channels)):
+                self._close(index)
+
+    def _run(self) -> None:
+        by_fd = {sock.fileno(): port for port, sock in self.sockets.items()}
+        while not self.stop_event.is_set():
+            with self.lock:
+                anyone = any(self.ready)
+            if not anyone:  # leave connections in the backlog until a child is ready
+                self.stop_event.wait(NO_CHILD_WAIT_S)
+                continue
+            try:
+                readable, _, _ = select.select(list(by_fd), [], [], DISPATCH_POLL_S)
+            except (OSError, ValueError):
+                return  # the listening sockets were closed: stopping
+            for fd in readable:
+                self._take(by_fd[fd])
+
+    def _take(self, port: int) -> None:
+        try:
+            conn, _address = self.sockets[port].accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.warning("accept on port %d failed: %s", port, exc)
+            return
+        try:
+            with self.lock:
+                tried: set[int] = set()
+                while True:
+                    index = self.choose(port)
+                    if index is None or index in tried:
+                        log.warning("connection on port %d closed: no node process could take it", port)
+                        return
+                    tried.add(index)
+                    try:
+                        socket.send_fds(self.channels[index][port], [b"c"], [conn.fileno()])
+                    except BlockingIOError:  # its queue is full: it hangs; the next one takes it
+                        log.warning("node process %d takes no connections (its queue is full): trying another",
+                                    index)
+                        continue
+                    except OSError as exc:  # it died; the supervisor restarts it
+                        log.warning("node process %d did not take a connection (%s): trying another", index,
+                                    exc.strerror or exc)
+                        self._close(index)
+                        continue
+                    self.sent[index] += 1
+                    self.handed[index] += 1
+                    self.last_chosen[index] = time.monotonic()
+                    return
+        finally:
+            conn.close()  # the child holds its own copy now
 
 
 # -- per-process temporary folders ------------------------------------------------------
@@ -352,9 +497,10 @@ class Supervisor:
         self.limits = SharedLimits.create(count)
         self.children = [_Child(i) for i in range(count)]
         self.stop_event = threading.Event()
+        self.dispatcher = Dispatcher(sockets, self.limits, count)
 
-    def child_args(self, child: _Child, ready_w: int, restarted: bool) -> list[str]:
-        fds = ",".join(f"{port}:{sock.fileno()}" for port, sock in self.sockets.items())
+    def child_args(self, child: _Child, ready_w: int, restarted: bool, channels: dict[int, socket.socket]) -> list[str]:
+        fds = ",".join(f"{port}:{sock.fileno()}" for port, sock in channels.items())
         mode = self.mode if child.index == 0 else "node"
         args = [sys.executable, "-m", "ct_triage_app.cli", mode, "--process-index", str(child.index),
                 "--process-count", str(self.count), "--listen-fds", fds, "--limits-fd", str(self.limits.fd),
@@ -363,9 +509,14 @@ class Supervisor:
 
     def spawn(self, child: _Child, restarted: bool = False) -> None:
         ready_r, ready_w = os.pipe()
-        fds = [s.fileno() for s in self.sockets.values()] + [self.limits.fd, ready_w]
-        child.proc = subprocess.Popen(self.child_args(child, ready_w, restarted), pass_fds=fds)
-        os.close(ready_w)
+        channels = self.dispatcher.open_channels(child.index)
+        fds = [c.fileno() for c in channels.values()] + [self.limits.fd, ready_w]
+        try:
+            child.proc = subprocess.Popen(self.child_args(child, ready_w, restarted, channels), pass_fds=fds)
+        finally:
+            os.close(ready_w)
+            for end in channels.values():
+                end.close()
         child.ready_r = ready_r
         child.started = time.monotonic()
         child.restart_at = None
@@ -384,6 +535,7 @@ class Supervisor:
                 got = os.read(fd, 1)
                 os.close(fd)
                 child.ready_r = None
+                self.dispatcher.set_ready(child.index, bool(got))
                 if not got:
                     assert child.proc is not None
                     code = child.proc.wait()
@@ -397,9 +549,10 @@ class Supervisor:
             return
         ready, _, _ = select.select([child.ready_r], [], [], 0)
         if ready:
-            os.read(child.ready_r, 1)
+            got = os.read(child.ready_r, 1)
             os.close(child.ready_r)
             child.ready_r = None
+            self.dispatcher.set_ready(child.index, bool(got))
 
     def run(self) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -410,6 +563,7 @@ class Supervisor:
         self.spawn(self.children[0])
         why = self.wait_ready(self.children[:1], READY_TIMEOUT_S)
         if why is None:
+            self.dispatcher.start()
             for child in self.children[1:]:
                 self.spawn(child)
             why = self.wait_ready(self.children[1:], READY_TIMEOUT_S)
@@ -440,6 +594,7 @@ class Supervisor:
             code = child.proc.poll()
             if code is None:
                 continue
+            self.dispatcher.set_ready(child.index, False)
             if child.ready_r is not None:
                 os.close(child.ready_r)
                 child.ready_r = None
@@ -455,7 +610,8 @@ class Supervisor:
     def stop_children(self) -> int:
         """SIGTERM to every child; SIGKILL to one still running after the grace."""
         started = time.monotonic()
-        for sock in self.sockets.values():  # the children hold their copies until they drain
+        self.dispatcher.stop()  # no new connection from here on; the children drain theirs
+        for sock in self.sockets.values():
             sock.close()
         running = [c for c in self.children if c.proc is not None and c.proc.poll() is None]
         for child in running:

@@ -12,7 +12,9 @@ How
     creates and hands to each child as an inherited descriptor (no name, nothing to clean
     up, gone with the last process). It has one row per process (its child index); a
     process writes only its own row: pending sockets, accepted associations, associations
-    taken so far, and pending sockets per source address hashed (CRC-32) into a fixed
+    taken so far, connections received from the supervisor so far (:mod:`dicom_node.processes`
+    hands each accepted connection to the least busy process), and pending sockets per source
+    address hashed (CRC-32) into a fixed
     number of buckets. Two addresses in one bucket share a cap: a collision only makes the
     cap stricter. A decision sums the rows under an ``fcntl`` lock on the file (and a
     thread lock, since POSIX record locks do not exclude the threads of one process):
@@ -37,7 +39,7 @@ import zlib
 
 MAX_ROWS = 64
 ADDRESS_BUCKETS = 509  # prime: spreads addresses of one subnet
-_PID, _PENDING, _ACCEPTED, _TAKEN = 0, 1, 2, 3
+_PID, _PENDING, _ACCEPTED, _TAKEN, _HANDED_IN = 0, 1, 2, 3, 4
 _HEADER = 8  # int64 fields before the buckets of a row
 _ROW = _HEADER + ADDRESS_BUCKETS
 _SIZE = MAX_ROWS * _ROW * 8
@@ -81,6 +83,13 @@ class SharedLimits:
             cells[base:base + _ROW] = memoryview(bytes(_ROW * 8)).cast("q")
             cells[base + _PID] = pid
             return taken
+
+    def loads(self) -> list[tuple[int, int]]:
+        """Per process: (sockets held: pending + accepted, connections received so far), read
+        without the lock (a hint for the supervisor's choice; each cell is one aligned word)."""
+        cells = self._cells
+        return [(cells[r * _ROW + _PENDING] + cells[r * _ROW + _ACCEPTED], cells[r * _ROW + _HANDED_IN])
+                for r in range(self.rows)]
 
     def taken(self) -> list[int]:
         """Associations accepted so far by each process (since its row was last cleared)."""
@@ -147,12 +156,11 @@ class SharedGate:
                 self._accepted.discard(key)
                 cells[self._base + _ACCEPTED] -= 1
 
-    def busier_than_a_sibling(self) -> bool:
-        """True when another process of the host holds fewer sockets (pending + accepted) than
-        this one: a hint for who should take the next connection, read without the lock."""
-        cells = self.limits._cells
-        load = [cells[r * _ROW + _PENDING] + cells[r * _ROW + _ACCEPTED] for r in range(self.limits.rows)]
-        return load[self.row] > min(load)
+    def note_handed_in(self) -> None:
+        """One more connection received from the supervisor (it counts those not yet received
+        as load: see :meth:`SharedLimits.loads`)."""
+        with self.limits as cells:
+            cells[self._base + _HANDED_IN] += 1
 
     def counts(self) -> tuple[int, int]:
         """(pending, accepted) for the whole host."""

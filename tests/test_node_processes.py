@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import re
+import select as io_select
 import signal
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from pynetdicom import AE
@@ -82,10 +84,57 @@ def test_two_processes_share_the_port_index_every_instance_once_and_stop_cleanly
     assert not list((tmp_path / "storage" / "tmp").iterdir())  # each removed its own temp folder
 
 
-def _associate(port: int):
-    ae = AE(ae_title="SCANNER")
+def _associate(port: int, calling: str = "SCANNER"):
+    ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
     return ae.associate("127.0.0.1", port, ae_title="CTTRIAGE")
+
+
+def _established_per_process(log: str, calling: str) -> list[int]:
+    found = re.findall(rf"\[p(\d)\]: association from {calling} at ", log)
+    return [found.count("0"), found.count("1")]
+
+
+def test_simultaneous_connections_split_evenly_and_follow_the_load(tmp_path, postgres_url):
+    """The kernel's SO_REUSEPORT hashing, and a shared accept queue, split 4 senders 3-1 as
+    often as not: the supervisor hands each connection to the least busy process."""
+    port = free_port()
+    env = node_env(tmp_path, postgres_url, port)
+    node = Daemon(["node", "--processes", "2"], env, tmp_path / "node.log").start()
+    held = []
+    try:
+        node.wait_dicom_ready(port)
+        wait_for(lambda: "2 node processes accepting" in node.log(), timeout=60)
+        for round_ in range(3):
+            with ThreadPoolExecutor(4) as pool:  # four scanners connecting at once
+                batch = list(pool.map(lambda _: _associate(port, "BURST"), range(4)))
+            held += batch
+            assert all(a.is_established for a in batch)
+            wait_for(lambda r=round_: sum(_established_per_process(node.log(), "BURST")) == 4 * (r + 1))
+            assert _established_per_process(node.log(), "BURST") == [2 * (round_ + 1)] * 2, node.log()[-3000:]
+        # Load, not turns: with p0's associations gone, the next two go to p0.
+        for assoc in held:
+            if "[p0]" in _owner(node.log(), assoc):
+                assoc.release()
+        time.sleep(1.0)  # the node frees the slots as its association threads end (nothing logs it)
+        for _ in range(2):
+            held.append(_associate(port, "AFTER"))
+        wait_for(lambda: sum(_established_per_process(node.log(), "AFTER")) == 2)
+        assert _established_per_process(node.log(), "AFTER") == [2, 0], node.log()[-3000:]
+    finally:
+        for assoc in held:
+            if assoc.is_established:
+                assoc.release()
+        node.stop()
+
+
+def _owner(log: str, assoc) -> str:
+    """The ``[pN]`` of the log line that established ``assoc`` (by its local port)."""
+    local_port = assoc.dul.socket.socket.getsockname()[1] if assoc.is_established else None
+    for line in log.splitlines():
+        if f"127.0.0.1:{local_port} established" in line:
+            return line
+    return ""
 
 
 def test_association_cap_holds_across_processes(tmp_path, postgres_url):
@@ -189,7 +238,8 @@ def test_shared_gate_counts_for_the_host_and_a_cleared_row_frees_its_slots():
     assert "MAX_PENDING_TOTAL" in (a.open(("10.0.0.3", 5)) or "")
     assert a.admit(("10.0.0.1", 1)) and b.admit(("10.0.0.1", 2))
     assert b.counts() == (1, 2)
-    assert b.busier_than_a_sibling() and not a.busier_than_a_sibling()  # b also holds the pending one
+    b.note_handed_in()
+    assert limits.loads() == [(1, 0), (2, 1)]  # b also holds the pending one
     assert not b.admit(("10.0.0.2", 4))  # two accepted on the host
     limits.clear_row(0)  # process 0 died: its slots are free again
     assert b.admit(("10.0.0.2", 4))
@@ -277,3 +327,56 @@ def test_a_process_sees_what_its_siblings_still_receive_and_waits_for_their_rows
         sibling_process.kill()
         sibling_process.wait()
     assert me.of_siblings() == frozenset() and me.wait_siblings_indexed(time.time() + 5, 0.1)  # it is gone
+
+
+def test_dispatcher_deals_by_load_skips_a_stalled_child_and_survives_a_dead_one():
+    from dicom_node.processes import STALLED_AFTER_S, Dispatcher, bind_listener
+
+    listener = bind_listener("127.0.0.1", 0)
+    port = listener.getsockname()[1]
+    limits = SharedLimits.create(2)
+    gates = [SharedGate(SharedLimits(limits.fd, 2), row, 8, 8, 8) for row in range(2)]
+    dispatcher = Dispatcher({port: listener}, limits, 2)
+    ends = [dispatcher.open_channels(row)[port] for row in range(2)]
+    clients: list[socket.socket] = []
+
+    def connect_and_deal() -> int:
+        clients.append(socket.create_connection(("127.0.0.1", port)))
+        before = list(dispatcher.handed)
+        wait_for(lambda: io_select.select([listener], [], [], 0.05)[0])
+        dispatcher._take(port)
+        return [a - b for a, b in zip(dispatcher.handed, before)].index(1)
+
+    def receive(row: int) -> socket.socket:
+        _msg, fds, _flags, _addr = socket.recv_fds(ends[row], 1, 1)
+        gates[row].note_handed_in()
+        return socket.socket(fileno=fds[0])
+
+    try:
+        assert dispatcher.choose(port) is None  # nobody ready yet: connections wait in the backlog
+        for row in range(2):
+            dispatcher.set_ready(row, True)
+        # A burst before anyone received: dealt in turn (in flight counts as load).
+        assert [connect_and_deal() for _ in range(4)] == [0, 1, 0, 1]
+        received = [receive(row) for row in (0, 0, 1, 1)]
+        assert limits.loads() == [(0, 2), (0, 2)]
+        # Load, not turns: p0 now holds two associations, so the next two go to p1.
+        for key in (("10.0.0.1", 1), ("10.0.0.1", 2)):
+            assert gates[0].open(key) is None and gates[0].admit(key)
+        assert [connect_and_deal(), connect_and_deal()] == [1, 1]
+        # p1 leaves those two unreceived (stopped, or stuck): after STALLED_AFTER_S it gets none.
+        assert dispatcher.choose(port, now=time.monotonic() + STALLED_AFTER_S + 0.5) == 0
+        received += [receive(1), receive(1)]
+        assert dispatcher.choose(port) == 1  # it took them: back in the deal, the least loaded
+        # A dead child: its end is gone, the connection goes to the other one.
+        ends[1].close()
+        assert connect_and_deal() == 0
+        assert not dispatcher.ready[1] and dispatcher.channels[1] == {}
+        received.append(receive(0))
+        # The connection reached the child whole: the peer's bytes arrive on the handed socket.
+        clients[-1].sendall(b"hello")
+        assert received[-1].recv(5) == b"hello"
+    finally:
+        dispatcher.stop()
+        for sock in clients + [listener, ends[0]]:
+            sock.close()

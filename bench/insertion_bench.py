@@ -15,7 +15,7 @@ of these non-COVID lungs), shown apart and not in the means.
 
 Usage:  .venv/bin/python bench/insertion_bench.py [--data ../shared/data] [--series NAME,...]
         [--levels 5,15,30,45,60,80] [--scorers classical,hybrid] [--weights PATH] [--seed 0]
-        [--montage DIR] [--freeze] [--json]
+        [--variant SETTING=VALUE ...] [--montage DIR] [--freeze] [--json]
 
 ``--weights PATH`` adds a column: the hybrid scorer with that lesion-network file (the new
 model). ``--freeze`` recomputes the lung masks and writes their checksums to
@@ -45,8 +45,9 @@ TARGET_AGREEMENT = 90.0
 GREEN, RED, YELLOW = (0, 220, 0), (255, 40, 40), (255, 230, 0)
 
 
-def _scorers(names: list[str], weights: Path | None, device: str) -> dict:
-    """Column name -> (settings, scorer), built once."""
+def _scorers(names: list[str], weights: Path | None, device: str, variants: list[str] = ()) -> dict:
+    """Column name -> (settings, scorer), built once; each variant (``setting=value``) adds
+    the hybrid scorer with that setting changed."""
     from ct_triage.settings import Settings
     from worker.scoring.registry import get_scorer
 
@@ -57,6 +58,10 @@ def _scorers(names: list[str], weights: Path | None, device: str) -> dict:
     if weights is not None:
         settings = Settings.from_env({}, device=device, scorer="hybrid", lesion_weights=weights)
         built[f"hybrid+{weights.name}"] = (settings, get_scorer(settings))
+    for variant in variants:
+        key, _, value = variant.partition("=")
+        settings = Settings.from_env({}, device=device, scorer="hybrid", **{key: value})
+        built[f"hybrid {key}={value}"] = (settings, get_scorer(settings))
     return built
 
 
@@ -174,6 +179,9 @@ def main(argv=None) -> int:
     parser.add_argument("--levels", default=",".join(f"{p:g}" for p in insertion.TARGET_PERCENTS))
     parser.add_argument("--scorers", default="classical,hybrid")
     parser.add_argument("--weights", type=Path, help="add the hybrid scorer with this lesion-network file")
+    parser.add_argument("--variant", action="append", default=[], metavar="SETTING=VALUE",
+                        help="add the hybrid scorer with this setting changed, e.g. mass_exclusion=exclude "
+                             "or lesion_hu_normalisation=air-soft (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--montage", type=Path, help="write PNG montages here")
@@ -187,7 +195,7 @@ def main(argv=None) -> int:
         return 2
     if args.freeze:
         return _freeze(args)
-    scorers = _scorers([s for s in args.scorers.split(",") if s], args.weights, args.device)
+    scorers = _scorers([s for s in args.scorers.split(",") if s], args.weights, args.device, args.variant)
     started = time.perf_counter()
     try:
         rows = [row for name in args.series for row in _run_series(name, args, scorers)]

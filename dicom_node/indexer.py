@@ -144,6 +144,7 @@ class Indexer:
             self._cond.notify_all()
         self._thread.join(timeout=5)
         self._thread = None
+        log.info("indexer stopped: %d instance(s) indexed in %d batch(es) since start", self.indexed, self.batches)
 
     # -- consumer side -------------------------------------------------------------------
     def _take(self) -> list[repository.InstanceRecord]:

@@ -380,3 +380,29 @@ def test_dispatcher_deals_by_load_skips_a_stalled_child_and_survives_a_dead_one(
         dispatcher.stop()
         for sock in clients + [listener, ends[0]]:
             sock.close()
+
+
+def test_proxy_header_is_read_by_whichever_process_takes_the_connection(tmp_path, postgres_url):
+    """Connections handed from the supervisor keep their PROXY v2 header for the child: the
+    allowlist and the log see the scanner behind the balancer (127.0.0.2), in both processes."""
+    from dicom_node.proxy import build_header
+    from tests.test_proxy import associate_rq, exchange
+
+    port = free_port()
+    env = node_env(tmp_path, postgres_url, port, proxy_protocol_from="127.0.0.2",
+                   allowed_calling_aes="SCANNER@10.1.2.3", acse_timeout_s=3)
+    node = Daemon(["node", "--processes", "2"], env, tmp_path / "node.log").start()
+    try:
+        wait_for(lambda: "2 node processes accepting" in node.log(), timeout=60)
+        for source_port in range(40001, 40005):
+            payload = build_header(("10.1.2.3", source_port), ("127.0.0.1", port)) + \
+                associate_rq("SCANNER", "CTTRIAGE", port)
+            assert exchange("127.0.0.2", port, payload) == b"\x02"  # A-ASSOCIATE-AC
+        refused = build_header(("10.1.2.99", 41000), ("127.0.0.1", port)) + associate_rq("SCANNER", "CTTRIAGE", port)
+        assert exchange("127.0.0.2", port, refused) == b"\x03"  # A-ASSOCIATE-RJ: not the allowed address
+        wait_for(lambda: node.log().count("association from SCANNER at 10.1.2.3:") == 4)
+    finally:
+        node.stop()
+    log = node.log()
+    assert {line.split("[p")[1][0] for line in log.splitlines() if "at 10.1.2.3:" in line} == {"0", "1"}
+    assert "127.0.0.2" not in "".join(line for line in log.splitlines() if "established" in line)

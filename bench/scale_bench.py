@@ -237,6 +237,10 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--postgres-admin", default=os.environ.get("CT_TRIAGE_TEST_POSTGRES_URL", DEFAULT_ADMIN))
     parser.add_argument("--skip-big", action="store_true")
+    parser.add_argument("--processes", default="1,2", help="ct-triage process counts to measure (default 1,2)")
+    parser.add_argument("--skip-anchors", action="store_true",
+                        help="leave out storescp and Orthanc (only to compare ct-triage settings in one run; the "
+                             "figures to report come with the anchors)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--receiver-cpus", type=int, default=None,
                         help="pin every receiver (ct-triage, Orthanc, storescp and their children) to the first "
@@ -250,8 +254,9 @@ def main() -> int:
     groups, studies, big_instances = make_data(out, args.slices, args.big_slices or args.slices)
     megabytes = sum(p.stat().st_size for p in groups[1][0].iterdir()) / 1e6
 
-    targets: list[Target] = [DcmtkStorescp(), Orthanc(), CtTriageProcesses(1, args.postgres_admin),
-                             CtTriageProcesses(2, args.postgres_admin)]
+    counts = [int(n) for n in args.processes.split(",") if n]
+    anchors: list[Target] = [] if args.skip_anchors else [DcmtkStorescp(), Orthanc()]
+    targets: list[Target] = anchors + [CtTriageProcesses(n, args.postgres_admin) for n in counts]
     results = {target.name: measure(target, groups, args.repeat) for target in targets}
     print(f"series: {args.slices} slices x 512x512, {megabytes:.1f} MB each; median of {args.repeat}; "
           f"storescu {' '.join(PDU)}; receivers on {len(summary_cpus())} CPU(s)")
@@ -261,17 +266,21 @@ def main() -> int:
     summary: dict = {"megabytes_per_series": megabytes, "slices": args.slices, "repeat": args.repeat,
                      "receiver_cpus": sorted(store_bench.RECEIVER_CPUS or os.sched_getaffinity(0)),
                      "load_average_at_end": os.getloadavg(), "results": results, "ratios": {}}
-    for name in ("ct-triage p1", "ct-triage p2"):
+    first = f"ct-triage p{counts[0]}"
+    for name in (f"ct-triage p{c}" for c in counts):
         for n in SENDERS:
             ours = results[name][f"{n}_s"]
-            summary["ratios"][f"{name} {n} senders vs Orthanc"] = ours / results["Orthanc"][f"{n}_s"]
-            summary["ratios"][f"{name} {n} senders vs storescp"] = ours / results["dcmtk storescp"][f"{n}_s"]
-            summary["ratios"][f"{name} {n} senders aggregate vs 1 sender p1"] = (
-                (n / ours) / (1 / results["ct-triage p1"]["1_s"]))
+            for anchor in ("Orthanc", "dcmtk storescp"):
+                if anchor in results:
+                    summary["ratios"][f"{name} {n} senders vs {anchor.split()[-1]}"] = ours / results[anchor][f"{n}_s"]
+            summary["ratios"][f"{name} {n} senders aggregate vs 1 sender {first.split()[-1]}"] = (
+                (n / ours) / (1 / results[first]["1_s"]))
     for key, value in summary["ratios"].items():
         print(f"{key}: {value:.2f}")
-    if "split_4_senders" in results["ct-triage p2"]:
-        print(f"4 senders, 2 processes: associations per process {results['ct-triage p2']['split_4_senders']}")
+    for c in counts:
+        if "split_4_senders" in results[f"ct-triage p{c}"]:
+            print(f"4 senders, {c} processes: associations per process "
+                  f"{results[f'ct-triage p{c}']['split_4_senders']}")
     if not args.skip_big:
         big = big_run(args.postgres_admin, studies, big_instances)
         summary["big"] = big

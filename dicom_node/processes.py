@@ -79,6 +79,7 @@ INDEXED_FILE = "indexed-until"
 DISPATCH_POLL_S = 0.2  # the dispatcher's longest wait: how soon it sees a stop or a child ready
 STALLED_AFTER_S = 1.0  # a child that left a handed connection unreceived this long gets no more until it does
 NO_CHILD_WAIT_S = 0.05  # with no child ready, how long a waiting connection stays in the backlog between looks
+WARN_EVERY_S = 10.0  # the dispatcher repeats a warning (with a count) at most this often: a flood logs a few lines
 
 
 # -- the role of one process ------------------------------------------------------------
@@ -216,6 +217,16 @@ class Dispatcher:
         self.handed = [0] * count  # per child, for the stop log (since start, across restarts)
         self.stop_event = threading.Event()
         self.thread: threading.Thread | None = None
+        self._warned: dict[str, tuple[float, int]] = {}  # warning -> (when last logged, repeats since)
+
+    def _warn(self, message: str) -> None:
+        now = time.monotonic()
+        last, repeats = self._warned.get(message, (-WARN_EVERY_S, 0))
+        if now - last < WARN_EVERY_S:
+            self._warned[message] = (last, repeats + 1)
+            return
+        log.warning("%s%s", message, f" ({repeats} more time(s) in the last {WARN_EVERY_S:.0f} s)" if repeats else "")
+        self._warned[message] = (now, 0)
 
     def open_channels(self, index: int) -> dict[int, socket.socket]:
         """New socket pairs for child ``index`` (about to start): returns the child's ends (to pass)."""
@@ -289,8 +300,9 @@ class Dispatcher:
             conn, _address = self.sockets[port].accept()
         except (BlockingIOError, InterruptedError):
             return
-        except OSError as exc:
-            log.warning("accept on port %d failed: %s", port, exc)
+        except OSError as exc:  # out of descriptors or buffers: the connection waits in the backlog
+            self._warn(f"accept on port {port} failed: {exc.strerror or exc}")
+            self.stop_event.wait(NO_CHILD_WAIT_S)
             return
         try:
             with self.lock:
@@ -298,14 +310,13 @@ class Dispatcher:
                 while True:
                     index = self.choose(port)
                     if index is None or index in tried:
-                        log.warning("connection on port %d closed: no node process could take it", port)
+                        self._warn(f"connection on port {port} closed: no node process could take it")
                         return
                     tried.add(index)
                     try:
                         socket.send_fds(self.channels[index][port], [b"c"], [conn.fileno()])
                     except BlockingIOError:  # its queue is full: it hangs; the next one takes it
-                        log.warning("node process %d takes no connections (its queue is full): trying another",
-                                    index)
+                        self._warn(f"node process {index} takes no connections (its queue is full): trying another")
                         continue
                     except OSError as exc:  # it died; the supervisor restarts it
                         log.warning("node process %d did not take a connection (%s): trying another", index,

@@ -3,6 +3,7 @@ dcmtk's storescu, PostgreSQL."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import select as io_select
@@ -329,7 +330,7 @@ def test_a_process_sees_what_its_siblings_still_receive_and_waits_for_their_rows
     assert me.of_siblings() == frozenset() and me.wait_siblings_indexed(time.time() + 5, 0.1)  # it is gone
 
 
-def test_dispatcher_deals_by_load_skips_a_stalled_child_and_survives_a_dead_one():
+def test_dispatcher_deals_by_load_skips_a_stalled_child_and_survives_a_dead_one(caplog):
     from dicom_node.processes import STALLED_AFTER_S, Dispatcher, bind_listener
 
     listener = bind_listener("127.0.0.1", 0)
@@ -376,6 +377,17 @@ def test_dispatcher_deals_by_load_skips_a_stalled_child_and_survives_a_dead_one(
         # The connection reached the child whole: the peer's bytes arrive on the handed socket.
         clients[-1].sendall(b"hello")
         assert received[-1].recv(5) == b"hello"
+        # Nobody can take connections: each is closed (the scanner sees it at once), and a
+        # flood of them logs one line, not one per connection.
+        ends[0].close()
+        caplog.set_level(logging.WARNING, logger="ct_triage.node.processes")
+        for _ in range(3):
+            clients.append(socket.create_connection(("127.0.0.1", port)))
+            wait_for(lambda: io_select.select([listener], [], [], 0.05)[0])
+            dispatcher._take(port)
+            clients[-1].settimeout(5)
+            assert clients[-1].recv(1) == b""  # closed by the node
+        assert caplog.text.count("no node process could take it") == 1, caplog.text
     finally:
         dispatcher.stop()
         for sock in clients + [listener, ends[0]]:

@@ -4,7 +4,7 @@ the same run; then 8 studies x 3 series sent at once to ct-triage with 2 process
 every instance indexed; peak RSS of all its processes).
 
     .venv/bin/python bench/scale_bench.py [--slices 300] [--repeat 5] [--json out.json]
-        [--receiver-cpus N]
+        [--receiver-cpus N] [--processes 1,2] [--skip-anchors]
         [--postgres-admin postgresql+psycopg://postgres@127.0.0.1:5432/test] [--big-slices N]
 
 Each series is ``--slices`` x 512x512 CT; storescu sends with 128 KB PDUs (``-pdu 131072
@@ -13,7 +13,9 @@ storage, a fresh PostgreSQL database), so every instance is new. Reported: the m
 seconds per (receiver, senders), MB/s, ct-triage's time as a ratio of Orthanc's and
 storescp's for the same sends, aggregate throughput relative to one sender, and with 2
 processes how the 4 senders' associations were split between them (from the
-``[pN] ... established`` log lines). Timings are not asserted anywhere: run it on a quiet
+``[pN] ... established`` log lines). ``--processes 2,3,4`` compares process counts
+(``--skip-anchors`` leaves storescp and Orthanc out of such a comparison; figures to report
+come with them). Timings are not asserted anywhere: run it on a quiet
 machine (the figures of a loaded machine say little).
 """
 

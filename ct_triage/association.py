@@ -84,6 +84,16 @@ def check_ae_title(value, name: str) -> str:
     return text
 
 
+def peer_tls_context(marked_tls: bool, configured: ssl.SSLContext | None) -> ssl.SSLContext | None:
+    """The client context for a peer the configuration marks ``+tls`` (UPS subscribers,
+    storage commitment peers): the configured one, else the system default, which verifies
+    the peer's certificate against the system's CAs; None (plain TCP) for an unmarked peer.
+    ``worker.delivery.scu`` differs on purpose: there a given context forces TLS."""
+    if not marked_tls:
+        return None
+    return configured or ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+
+
 def connect_failure(host: str, port: int, tls: ssl.SSLContext | None, timeout: float) -> tuple[Outcome, str]:
     """Why the TCP (or TLS) connection failed: probe once to get the OS/TLS error."""
     where = f"{host}:{port}"

@@ -33,7 +33,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ct_triage.association import reactor_paused
+from ct_triage.association import peer_tls_context, reactor_paused
 from ct_triage.settings import Destination
 from db import repository
 from db.session import session_scope
@@ -215,11 +215,8 @@ class CommitmentService:
             ae.network_timeout = self.dimse_timeout_s
             ae.add_requested_context(STORAGE_COMMITMENT_PUSH_MODEL)
             role = build_role(STORAGE_COMMITMENT_PUSH_MODEL, scu_role=False, scp_role=True)
-            tls_args = None
-            if peer.tls:
-                import ssl
-
-                tls_args = (self.tls_context or ssl.create_default_context(ssl.Purpose.SERVER_AUTH), peer.host)
+            context = peer_tls_context(peer.tls, self.tls_context)
+            tls_args = (context, peer.host) if context is not None else None
             reason = "association not established"
             try:
                 assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, ext_neg=[role],

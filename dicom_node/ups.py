@@ -68,7 +68,7 @@ from pydicom.tag import Tag
 from pynetdicom import AE, evt
 from sqlalchemy.orm import Session, sessionmaker
 
-from ct_triage.association import connect_failure, reactor_paused
+from ct_triage.association import connect_failure, peer_tls_context, reactor_paused
 from ct_triage.polling import Poller
 from ct_triage.settings import Destination, Settings, parse_destination
 from ct_triage.text import clean, dicom_text
@@ -590,9 +590,7 @@ class UpsNotifier(Poller):
         ae = AE(ae_title=self.ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
         ae.add_requested_context(UPS_EVENT)
-        tls_context = None
-        if dest.tls:
-            tls_context = self.tls_context or ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        tls_context = peer_tls_context(dest.tls, self.tls_context)
         tls_args = (tls_context, dest.host) if tls_context is not None else None
         opened = threading.Event()
         try:

@@ -4,6 +4,7 @@ scanner's own SCP (CT_TRIAGE_COMMITMENT_PEERS), with retries."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -15,6 +16,7 @@ from pynetdicom.sop_class import StorageCommitmentPushModel
 
 from dicom_node import status
 from tests.support.scanner import free_port, require_dcmtk, storescu, write_ct_series
+from tests.test_node import wait_for
 
 WELL_KNOWN_INSTANCE = "1.2.840.10008.1.20.1.1"
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -23,8 +25,9 @@ CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 class ScannerSCP:
     """The scanner's own Storage Commitment SCU-side listener (it accepts our SCP role)."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, ssl_context=None):
         self.port = port
+        self.ssl_context = ssl_context
         self.reports: list[tuple[int, Dataset, str]] = []
         self.received = threading.Event()
         self.ae = AE(ae_title="SCANNER")
@@ -38,7 +41,7 @@ class ScannerSCP:
         return 0x0000, None
 
     def start(self) -> ScannerSCP:
-        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False,
+        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, ssl_context=self.ssl_context,
                                            evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report)])
         return self
 
@@ -108,6 +111,43 @@ def test_report_goes_on_a_new_association_when_the_scanner_released(stored_serie
     assert [(i.ReferencedSOPInstanceUID, i.FailureReason) for i in info.FailedSOPSequence] == [
         (unknown, status.NO_SUCH_OBJECT_INSTANCE)]
     assert len(scanner.reports) == 1
+
+
+def test_report_to_a_tls_peer_goes_over_tls_and_an_untrusted_one_gets_none(start_node, sqlite_url, tmp_path,
+                                                                            caplog):
+    """A ``+tls`` commitment peer: the report's new association is TLS, verified against the
+    node's client context (the system's CAs when none is set: a self-signed peer gets nothing)."""
+    import ssl
+
+    from tests.test_delivery_scu import _self_signed
+
+    pytest.importorskip("cryptography")
+    require_dcmtk()
+    cert, key = _self_signed(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    scanner_port = free_port()
+    running = start_node(sqlite_url, commitment_peers=[f"SCANNER@127.0.0.1:{scanner_port}+tls"])
+    series = write_ct_series(tmp_path / "s", 2, rows=32, columns=32, seed=62)
+    assert storescu(running.port, series.paths).returncode == 0
+    running.node.commitment.retry_s = (600.0,)  # the untrusted attempt's retry is not in this test
+    caplog.set_level(logging.INFO, logger="ct_triage")
+    scanner = ScannerSCP(scanner_port, ssl_context=server_ctx).start()
+    try:
+        _n_action_then_release(running.port, _request(series.sop_instance_uids), [])
+        wait_for(lambda: "attempt 1 of" in caplog.text, timeout=20)
+        assert "certificate verify failed" in caplog.text.lower(), caplog.text[-2000:]
+        assert not scanner.received.is_set(), "a report reached a peer whose certificate is not trusted"
+        trusting = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+        trusting.check_hostname = False  # the certificate names localhost; the peer is 127.0.0.1
+        running.node.commitment.tls_context = trusting
+        request = _request(series.sop_instance_uids)
+        _n_action_then_release(running.port, request, [])
+        assert scanner.received.wait(20), "no N-EVENT-REPORT over TLS"
+    finally:
+        scanner.stop()
+    event_type, info, requestor = scanner.reports[0]
+    assert (event_type, requestor, info.TransactionUID) == (1, "CTTRIAGE", request.TransactionUID)
 
 
 def test_report_on_a_new_association_is_retried_until_the_scanner_listens(stored_series):

@@ -418,3 +418,45 @@ def test_proxy_header_is_read_by_whichever_process_takes_the_connection(tmp_path
     log = node.log()
     assert {line.split("[p")[1][0] for line in log.splitlines() if "at 10.1.2.3:" in line} == {"0", "1"}
     assert "127.0.0.2" not in "".join(line for line in log.splitlines() if "established" in line)
+
+
+def test_a_stopped_process_gets_no_new_connections_after_a_second_and_rejoins(tmp_path, postgres_url):
+    """SIGSTOP one child (hung): at most the connections handed to it before STALLED_AFTER_S
+    wait for it; every later one goes to its sibling. After SIGCONT it takes connections again."""
+    port = free_port()
+    node = Daemon(["node", "--processes", "2"], node_env(tmp_path, postgres_url, port), tmp_path / "node.log").start()
+    stopped = None
+    try:
+        wait_for(lambda: "2 node processes accepting" in node.log(), timeout=60)
+        stopped = _children(node.process.pid)[1]
+        os.kill(stopped, signal.SIGSTOP)
+
+        def echo() -> bool:
+            ae = AE(ae_title="PROBE")
+            ae.acse_timeout = 3
+            ae.add_requested_context(Verification)
+            assoc = ae.associate("127.0.0.1", port, ae_title="CTTRIAGE")
+            ok = assoc.is_established and assoc.send_c_echo().Status == 0
+            if assoc.is_established:
+                assoc.release()
+            return bool(ok)
+
+        started = time.monotonic()
+        with ThreadPoolExecutor(8) as pool:
+            first = [pool.submit(echo) for _ in range(2)]  # the next turn may be the stopped one's
+            time.sleep(1.5)
+            later = [pool.submit(echo) for _ in range(6)]
+            assert all(f.result(timeout=30) for f in later), node.log()[-3000:]
+            assert sum(f.result(timeout=30) for f in first) >= 1
+        assert time.monotonic() - started < 12
+        os.kill(stopped, signal.SIGCONT)
+        stopped = None
+        for _ in range(4):
+            assert echo()
+        wait_for(lambda: _established_per_process(node.log(), "PROBE")[1] >= 1, timeout=10)
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
+        node.stop()
+    log = node.log()
+    assert _established_per_process(log, "PROBE")[0] >= 7, log[-3000:]

@@ -214,7 +214,7 @@ class Dispatcher:
         self.last_chosen = [0.0] * count
         self.received = [0] * count  # as last read from the table
         self.progress_at = [0.0] * count  # when it last had nothing in flight or received one
-        self.handed = [0] * count  # per child, for the stop log (since start, across restarts)
+        self.handed = [0] * count  # connections handed to each child since start, across its restarts
         self.stop_event = threading.Event()
         self.thread: threading.Thread | None = None
         self._warned: dict[str, tuple[float, int]] = {}  # warning -> (when last logged, repeats since)

@@ -62,6 +62,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
+from ct_triage.audit import PerKeyRate
 from ct_triage.errors import ConfigError
 from ct_triage.settings import Settings
 from dicom_node.nodes import pid_running
@@ -79,7 +80,7 @@ INDEXED_FILE = "indexed-until"
 DISPATCH_POLL_S = 0.2  # the dispatcher's longest wait: how soon it sees a stop or a child ready
 STALLED_AFTER_S = 1.0  # a child that left a handed connection unreceived this long gets no more until it does
 NO_CHILD_WAIT_S = 0.05  # with no child ready, how long a waiting connection stays in the backlog between looks
-WARN_EVERY_S = 10.0  # the dispatcher repeats a warning (with a count) at most this often: a flood logs a few lines
+WARNINGS_PER_MINUTE = 1  # the dispatcher's same warning at most this often (with a count): a flood logs a line a minute
 
 
 # -- the role of one process ------------------------------------------------------------
@@ -217,16 +218,12 @@ class Dispatcher:
         self.handed = [0] * count  # connections handed to each child since start, across its restarts
         self.stop_event = threading.Event()
         self.thread: threading.Thread | None = None
-        self._warned: dict[str, tuple[float, int]] = {}  # warning -> (when last logged, repeats since)
+        self._warnings = PerKeyRate(WARNINGS_PER_MINUTE, max_keys=64)
 
     def _warn(self, message: str) -> None:
-        now = time.monotonic()
-        last, repeats = self._warned.get(message, (-WARN_EVERY_S, 0))
-        if now - last < WARN_EVERY_S:
-            self._warned[message] = (last, repeats + 1)
-            return
-        log.warning("%s%s", message, f" ({repeats} more time(s) in the last {WARN_EVERY_S:.0f} s)" if repeats else "")
-        self._warned[message] = (now, 0)
+        if self._warnings.allow(message):
+            left_out = self._warnings.suppressed.pop(message, 0)
+            log.warning("%s%s", message, f" ({left_out} more time(s) since the last such line)" if left_out else "")
 
     def open_channels(self, index: int) -> dict[int, socket.socket]:
         """New socket pairs for child ``index`` (about to start): returns the child's ends (to pass)."""

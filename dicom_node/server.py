@@ -48,7 +48,13 @@ from dicom_node.retention import RetentionSweeper
 from dicom_node.shutdown import InFlight, drain
 from dicom_node.spool import Spool
 from dicom_node.store import StoreService
-from dicom_node.transport import BoundedAssociationServer, install_bounded_receive, peer_of, tune_association
+from dicom_node.transport import (
+    BoundedAssociationServer,
+    install_bounded_receive,
+    peer_of,
+    seconds_without_a_whole_pdu,
+    tune_association,
+)
 from dicom_node.ups import UpsNotifier, UpsService
 
 log = logging.getLogger("ct_triage.node")
@@ -188,8 +194,9 @@ def abort_reason(assoc) -> str:
     if reason:
         return reason
     dul = getattr(assoc, "dul", None)
-    if dul is not None and dul.idle_timer_expired():
-        return f"network timeout: no complete PDU for {assoc.network_timeout:.0f} s"
+    timeout = assoc.network_timeout
+    if dul is not None and (dul.idle_timer_expired() or (timeout and seconds_without_a_whole_pdu(dul) >= timeout)):
+        return f"network timeout: no complete PDU for {timeout:.0f} s"
     return "A-ABORT from the peer or connection lost"
 
 

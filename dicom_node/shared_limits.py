@@ -14,10 +14,10 @@ How
     process writes only its own row: pending sockets, accepted associations, associations
     taken so far, connections received from the supervisor so far (:mod:`dicom_node.processes`
     hands each accepted connection to the least busy process), and pending sockets per source
-    address hashed (CRC-32) into a fixed number of buckets. Two addresses in one bucket share a cap: a collision only makes the
-    cap stricter. A decision sums the rows under an ``fcntl`` lock on the file (and a
-    thread lock, since POSIX record locks do not exclude the threads of one process):
-    a few microseconds per connection. When a child dies, the supervisor zeroes its row
+    address hashed (CRC-32) into a fixed number of buckets. Two addresses in one bucket
+    share a cap: a collision only makes the cap stricter. A decision sums the rows under an
+    ``fcntl`` lock on the file (and a thread lock, since POSIX record locks do not exclude
+    the threads of one process): a few microseconds per connection. When a child dies, the supervisor zeroes its row
     (:meth:`SharedLimits.clear_row`), and a child zeroes its row when it starts, so the
     slots of a dead process never leak.
 

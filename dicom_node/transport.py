@@ -94,6 +94,7 @@ class _Rx:
     message_started: float | None = None
     message_bytes: int = 0
     dead: bool = False
+    last_whole: float = field(default_factory=time.monotonic)  # when the last whole PDU was handled
 
     def reset(self) -> None:
         self.buffer = bytearray(6)
@@ -263,7 +264,15 @@ def _handle_pdu(self: DULServiceProvider, data: bytearray, rx: _Rx) -> bool:
             return False
     self.event_queue.put(event)
     self._recv_pdu.put(pdu)
+    rx.last_whole = time.monotonic()
     return True
+
+
+def seconds_without_a_whole_pdu(dul: DULServiceProvider) -> float:
+    """Seconds since ``dul`` last handled a whole PDU (since it started, if none). pynetdicom's
+    idle timer cannot say after an abort: bytes a peer trickles in while the association
+    closes restart it."""
+    return time.monotonic() - _rx(dul).last_whole
 
 
 def _deadline_passed(self: DULServiceProvider, rx: _Rx) -> str | None:

@@ -193,9 +193,11 @@ def abort_reason(assoc) -> str:
     reason = getattr(assoc, "ct_abort_reason", None)
     if reason:
         return reason
+    # Our transport's clock, not pynetdicom's idle timer: bytes trickled in while an aborted
+    # association closes restart that timer, and an expired timer implies this clock passed too.
     dul = getattr(assoc, "dul", None)
     timeout = assoc.network_timeout
-    if dul is not None and (dul.idle_timer_expired() or (timeout and seconds_without_a_whole_pdu(dul) >= timeout)):
+    if dul is not None and timeout and seconds_without_a_whole_pdu(dul) >= timeout:
         return f"network timeout: no complete PDU for {timeout:.0f} s"
     return "A-ABORT from the peer or connection lost"
 

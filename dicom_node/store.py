@@ -259,6 +259,9 @@ class StoreService:
             log.info("series %s of study %s: %s (%s%s)", record.series_instance_uid, record.study_instance_uid,
                      outcome.series_state, clean(record.modality, 16),
                      f", {clean(record.not_applicable_reason)}" if record.not_applicable_reason else "")
+        if outcome.opened_study_version is not None:
+            log.info("study %s: new series after its last version was queued: version %d", record.study_instance_uid,
+                     outcome.opened_study_version)
         if outcome.reopened:
             log.info("series %s reopened by a late instance: version %d, receiving",
                      record.series_instance_uid, outcome.series_version)

@@ -295,3 +295,76 @@ def test_a_job_is_handed_back_only_by_the_worker_holding_it(session_factory):
         job = session.get(Job, job_id)
         assert (job.state, job.worker, job.published_at) == ("queued", None, None)  # the node publishes it again
         assert repository.unpublished_job_ids(session) == [job_id]
+
+
+def test_a_reopening_committed_while_jobs_are_created_is_not_overwritten(postgres_url, tmp_path):
+    """PostgreSQL, READ COMMITTED: the indexer reopens a settled series (a late instance) while
+    the completeness tracker creates the study's job. The tracker must see the reopened series,
+    not queue the states it read before the indexer's commit: the new version must get a job.
+    (The fault suite's PostgreSQL restart found this: one study never scored at its last version.)"""
+    import dataclasses
+    import threading
+
+    from ct_triage.runtime import open_database
+    from db.models import Study
+    from tests.conftest import make_settings
+
+    engine, factory = open_database(make_settings(tmp_path, postgres_url))
+    try:
+        with factory() as session, session.begin():
+            repository.record_instance(session, _record("71"))  # stable at once (ImagesInAcquisition 1)
+        indexer = factory()
+        indexer.begin()
+        late = dataclasses.replace(_record("71"), sop_instance_uid="1.2.3.71.2", path="71-2.dcm")
+        assert repository.record_instance(indexer, late).reopened
+        indexer.flush()  # the reopening is written, not committed: its rows are locked
+        created: list[list[int]] = []
+
+        def tracker() -> None:
+            with factory() as session, session.begin():
+                created.append(repository.create_due_jobs(session, SCORE_STUDY, stable_age_s=0))
+
+        thread = threading.Thread(target=tracker)
+        thread.start()
+        thread.join(0.5)  # the tracker has read the stable series (committed) and now waits
+        indexer.commit()
+        indexer.close()
+        thread.join(10)
+        assert not thread.is_alive()
+        with factory() as session, session.begin():
+            repository.create_due_jobs(session, SCORE_STUDY, stable_age_s=0)  # the next tick
+        with factory() as session:
+            study = session.query(Study).one()
+            series = session.query(Series).one()
+            versions = sorted(job.study_version for job in session.query(Job).all())
+            assert (study.version, series.version) == (2, 2)
+            assert versions[-1] == 2, f"no job for the reopened version: jobs {versions}, series {series.state}"
+            assert series.state == "queued"
+    finally:
+        engine.dispose()
+
+
+def test_a_new_series_after_the_study_was_queued_opens_a_new_version(session_factory):
+    """A study version with a job is frozen: a series that arrives after it (a reformat sent
+    minutes later) opens the next version and is scored with it, not left queued under a job
+    that has already read the study's files."""
+    import dataclasses
+
+    from db.models import Study
+
+    first_job = _queued_job(session_factory, "81")
+    later = dataclasses.replace(_record("81"), sop_instance_uid="1.2.3.81.2.1", series_instance_uid="1.2.3.81.2",
+                                path="81-2.dcm")
+    with session_factory() as session, session.begin():
+        outcome = repository.record_instance(session, later)
+        assert outcome.created_series and outcome.opened_study_version == 2
+        (second_job,) = repository.create_due_jobs(session, SCORE_STUDY, stable_age_s=0)
+    with session_factory() as session:
+        assert session.query(Study).one().version == 2
+        assert [(job.id, job.study_version) for job in session.query(Job).order_by(Job.id)] == \
+            [(first_job, 1), (second_job, 2)]
+        assert {s.series_instance_uid: s.state for s in session.query(Series)} == \
+            {"1.2.3.81.0": "queued", "1.2.3.81.2": "queued"}
+    with session_factory() as session, session.begin():  # while version 2's job waits: version 3
+        third = dataclasses.replace(later, sop_instance_uid="1.2.3.81.3.1", series_instance_uid="1.2.3.81.3")
+        assert repository.record_instance(session, third).opened_study_version == 3

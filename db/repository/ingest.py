@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from db.models import (
     Instance,
+    Job,
     Patient,
     RejectedInstance,
     Series,
@@ -77,6 +78,8 @@ class StoreOutcome:
     created_series: bool = False
     reopened: bool = False
     became_stable: bool = False
+    # Set when a new series opened the study's next version (its current one already had a job).
+    opened_study_version: int | None = None
 
 
 def transition(session: Session, series: Series, target: SeriesState, reason: str | None = None,
@@ -191,8 +194,10 @@ def record_instances(session: Session, records: list[InstanceRecord],
             series = session.scalar(select(Series).where(Series.series_instance_uid == rec.series_instance_uid))
         created = series is None
         reopened = False
+        opened_study_version = None
         if series is None:
             series = _create_series(session, rec, study, now)
+            opened_study_version = study.version if _open_new_version_for_new_series(session, study) else None
         else:
             reopened = _reopen_if_settled(session, series, study, rec, now)
         series_by_uid[rec.series_instance_uid] = series
@@ -211,7 +216,7 @@ def record_instances(session: Session, records: list[InstanceRecord],
             mark_stable(session, series, "ImagesInAcquisition reached", now)
             became_stable = True
         outcomes.append(StoreOutcome(False, series.id, series.state, series.version, created, reopened,
-                                     became_stable))
+                                     became_stable, opened_study_version))
     insert_pending()
     return outcomes
 
@@ -255,6 +260,20 @@ def _reopen_if_settled(session: Session, series: Series, study: Study, rec: Inst
     series.version += 1
     bump_study_version(session, study)
     transition(session, series, SeriesState.RECEIVING, "late instance reopened the series", now)
+    return True
+
+
+def _open_new_version_for_new_series(session: Session, study: Study) -> bool:
+    """A new series in a study whose current version already has a job opens the next version.
+
+    A version is frozen once a job exists for it: the job may already have read the study's
+    files or finished. Without the bump the new series would settle, be queued under that job
+    and never be scored (nor considered by series selection). True when it bumped.
+    """
+    if session.scalar(select(Job.id).where(Job.study_fk == study.id, Job.study_version == study.version)
+                      .limit(1)) is None:
+        return False
+    bump_study_version(session, study)
     return True
 
 

@@ -19,7 +19,7 @@ from db.models import (
     Study,
 )
 from db.repository.base import rowcount
-from db.repository.ingest import transition
+from db.repository.ingest import lock_study_series, transition
 from db.states import (
     InvalidStateChange,
     JobState,
@@ -43,8 +43,8 @@ def create_due_jobs(session: Session, task_name: str, *, busy_study_uids: frozen
     ).all()
     job_ids = []
     for study_id in study_ids:
-        study = session.get_one(Study, study_id)
-        states = {s.state for s in study.series}
+        study, series_rows = _lock_study(session, study_id)
+        states = {s.state for s in series_rows}
         if SeriesState.RECEIVING.value in states:
             continue
         quiet = study.last_received_at <= now - timedelta(seconds=stable_age_s)
@@ -58,11 +58,25 @@ def create_due_jobs(session: Session, task_name: str, *, busy_study_uids: frozen
             session.add(job)
             session.flush()
             job_ids.append(job.id)
-        for series in study.series:
+        for series in series_rows:
             if series.state == SeriesState.STABLE.value:
                 transition(session, series, SeriesState.QUEUED, f"job {job.id} (study version {study.version})",
                            now)
     return job_ids
+
+
+def _lock_study(session: Session, study_id: int) -> tuple[Study, list[Series]]:
+    """The study and its series, re-read and locked for this transaction (PostgreSQL).
+
+    The indexer may, at the same moment, reopen one of the series (a late instance: version
+    + 1) or add a new series. Read without the locks, the series states and the version would
+    be those from before its commit, and queueing them would overwrite the reopened series'
+    ``receiving`` with ``queued``: that version would never be scored. Study first, then the
+    series, the order in which the indexer and the worker take them.
+    """
+    study = session.scalars(select(Study).where(Study.id == study_id).with_for_update()
+                            .execution_options(populate_existing=True)).one()
+    return study, lock_study_series(session, study_id)
 
 
 def unpublished_job_ids(session: Session) -> list[int]:

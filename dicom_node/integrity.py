@@ -196,15 +196,15 @@ class _Walker:
         self.pixel = info
 
 
-def walk(path: Path, dataset_offset: int, transfer_syntax_uid: str) -> PixelInfo | None:
-    """Walk the data set in ``path`` from ``dataset_offset`` to its end; Pixel Data's place."""
+def walk_file(fh: BinaryIO, dataset_offset: int, transfer_syntax_uid: str) -> PixelInfo | None:
+    """Walk the data set in ``fh`` (a file, or an in-memory copy: ``io.BytesIO``) from
+    ``dataset_offset`` to its end; Pixel Data's place."""
     implicit = transfer_syntax_uid == "1.2.840.10008.1.2"
     little = transfer_syntax_uid != "1.2.840.10008.1.2.2"
-    with open(path, "rb", buffering=16384) as fh:
-        end = fh.seek(0, 2)
-        fh.seek(dataset_offset)
-        walker = _Walker(fh, end, implicit, little)
-        walker.elements(end, 0, implicit, top=True)
+    end = fh.seek(0, 2)
+    fh.seek(dataset_offset)
+    walker = _Walker(fh, end, implicit, little)
+    walker.elements(end, 0, implicit, top=True)
     return walker.pixel
 
 

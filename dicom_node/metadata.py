@@ -3,11 +3,12 @@ checking the data set is whole (dicom_node.integrity)."""
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, BinaryIO, NamedTuple, TypeVar
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -26,11 +27,15 @@ from dicom_node.integrity import (
     PixelInfo,
     check_pixel_data,
     inflate_capped,
-    walk,
+    walk_file,
 )
 from dicom_node.uids import instance_relpath, is_valid_uid
 
 N = TypeVar("N", int, float)
+
+# Received files up to this size are read into memory once and parsed there (a CT slice is
+# 0.5 MB); larger ones (multi-frame) are parsed from the file, so memory stays bounded.
+IN_MEMORY_MAX_BYTES = 8 * 2**20
 
 
 class RejectedInstance(InvalidInput):
@@ -94,16 +99,15 @@ def not_applicable_reason(sop_class_uid: str, ds) -> str | None:
     return None
 
 
-def _open_dataset(path: Path, transfer_syntax_uid: str, scratch_dir: Path | None, max_bytes: int,
-                  room_left) -> tuple[Path, int, str, Path | None]:
-    """(file, offset of the data set, syntax to parse it with, scratch file to delete or None)."""
-    with open(path, "rb") as fh:
-        read_preamble(fh, True)
-        meta = _read_file_meta_info(fh)
-        offset = fh.tell()
-    syntax = str(meta.get("TransferSyntaxUID") or transfer_syntax_uid)
-    if syntax != DEFLATED:
-        return path, offset, syntax, None
+def _read_meta(fh: BinaryIO, transfer_syntax_uid: str) -> tuple[int, str]:
+    """(offset of the data set, syntax to parse it with) of a file positioned at its start."""
+    read_preamble(fh, True)
+    meta = _read_file_meta_info(fh)
+    return fh.tell(), str(meta.get("TransferSyntaxUID") or transfer_syntax_uid)
+
+
+def _inflated(path: Path, offset: int, scratch_dir: Path | None, max_bytes: int, room_left) -> Path:
+    """A scratch file holding the inflated data set of the Deflated Explicit VR file ``path``."""
     handle, name = tempfile.mkstemp(prefix="inflate-", dir=scratch_dir)
     scratch = Path(name)
     try:
@@ -112,7 +116,7 @@ def _open_dataset(path: Path, transfer_syntax_uid: str, scratch_dir: Path | None
     except BaseException:
         scratch.unlink(missing_ok=True)
         raise
-    return scratch, 0, "1.2.840.10008.1.2.1", scratch
+    return scratch
 
 
 def read_instance_record(path: Path, *, affected_sop_class_uid: str, affected_sop_instance_uid: str,
@@ -149,6 +153,7 @@ class _Header(NamedTuple):
     pixel: PixelInfo | None
     geometry: dict[str, int | None]  # check_pixel_data's rows, columns, samples, bits_allocated, frames
     uids: dict[str, Any]  # _IDENTIFYING_UIDS as read (None: absent)
+    size: int  # bytes of the file as received
 
 
 def _read_header(path: Path, transfer_syntax_uid: str, scratch_dir: Path | None, max_bytes: int,
@@ -160,15 +165,24 @@ def _read_header(path: Path, transfer_syntax_uid: str, scratch_dir: Path | None,
     scratch = None
     try:
         try:
-            source, offset, syntax, scratch = _open_dataset(path, transfer_syntax_uid, scratch_dir, max_bytes,
-                                                            room_left)
-            implicit = syntax == "1.2.840.10008.1.2"
-            little = syntax != "1.2.840.10008.1.2.2"
-            with open(source, "rb") as fh:
-                fh.seek(offset)
-                ds = read_dataset(fh, implicit, little, stop_when=_at_pixel_data)
+            with open(path, "rb") as on_disk:
+                size = os.fstat(on_disk.fileno()).st_size
+                # Every tell() of a buffered file is an lseek that lets go of the GIL; a CT
+                # slice parsed from disk made ~130 of them, each a thread switch under load.
+                fh: BinaryIO = io.BytesIO(on_disk.read()) if size <= IN_MEMORY_MAX_BYTES else on_disk
+                offset, syntax = _read_meta(fh, transfer_syntax_uid)
+                if syntax == DEFLATED:
+                    scratch = _inflated(path, offset, scratch_dir, max_bytes, room_left)
+                    fh, offset, syntax = open(scratch, "rb"), 0, "1.2.840.10008.1.2.1"  # noqa: SIM115 - closed below
+                try:
+                    fh.seek(offset)
+                    ds = read_dataset(fh, syntax == "1.2.840.10008.1.2", syntax != "1.2.840.10008.1.2.2",
+                                      stop_when=_at_pixel_data)
+                    pixel = walk_file(fh, offset, syntax)
+                finally:
+                    if scratch is not None:
+                        fh.close()
             uids = {keyword: ds.get(keyword) for keyword in _IDENTIFYING_UIDS}
-            pixel = walk(source, offset, syntax)
             geometry = {key: _int(ds, keyword) for key, keyword in (
                 ("rows", "Rows"), ("columns", "Columns"), ("samples", "SamplesPerPixel"),
                 ("bits_allocated", "BitsAllocated"), ("frames", "NumberOfFrames"))}
@@ -180,7 +194,7 @@ def _read_header(path: Path, transfer_syntax_uid: str, scratch_dir: Path | None,
     finally:
         if scratch is not None:
             scratch.unlink(missing_ok=True)
-    return _Header(ds=ds, syntax=syntax, pixel=pixel, geometry=geometry, uids=uids)
+    return _Header(ds=ds, syntax=syntax, pixel=pixel, geometry=geometry, uids=uids, size=size)
 
 
 def _check_uids(uids: dict[str, Any], *, affected_sop_class_uid: str, affected_sop_instance_uid: str) -> None:
@@ -212,7 +226,7 @@ def _record(header: _Header, path: Path, transfer_syntax_uid: str, calling_ae_ti
             series_instance_uid=str(header.uids["SeriesInstanceUID"]),
             transfer_syntax_uid=transfer_syntax_uid,
             path=instance_relpath(sop_uid),
-            size_bytes=path.stat().st_size,
+            size_bytes=header.size,
             patient_id=_text(ds, "PatientID", 64) or "",
             issuer_of_patient_id=_text(ds, "IssuerOfPatientID", 64) or "",
             patient_name=_text(ds, "PatientName", 324),

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ct_triage.contract import Publisher
 from ct_triage.settings import Settings, parse_destination
 from ct_triage.text import clean
-from dicom_node import status
+from dicom_node import fast_store, status
 from dicom_node.access import (
     UPS_PULL,
     UPS_PUSH,
@@ -315,7 +315,7 @@ class DicomNode:
         # Data sets stream to disk as they arrive, into a temp folder on the storage
         # file system, so the final placement is a link, not a copy.
         _config.STORE_RECV_CHUNKED_DATASET = True
-        install_bounded_receive()
+        install_bounded_receive((fast_store.take_p_data, fast_store.discard) if s.fast_store else None)
         # Headers are read to index them, not to judge them: value validation (regexes
         # on every element) costs more than the rest of the indexing; UIDs we rely on
         # are validated explicitly (dicom_node.uids).

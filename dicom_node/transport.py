@@ -53,6 +53,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 
+from pynetdicom import dul as pynetdicom_dul
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
@@ -173,12 +174,29 @@ def _closed(dul: DULServiceProvider, message: str | None) -> None:
     dul.event_queue.put("Evt17")
 
 
-def _track_message(dul: DULServiceProvider, pdu, rx: _Rx) -> str | None:
-    """Update the DIMSE message in progress from a P-DATA-TF; a reason to abort, or None."""
+def p_data_fragments(pdu: bytearray) -> list[tuple[int, memoryview]] | None:
+    """(presentation context ID, fragment with its message control header) of each item of a
+    whole P-DATA-TF PDU, as views into ``pdu``; None when the items do not fill it exactly."""
+    items = []
+    view = memoryview(pdu)
+    offset, end = 6, len(pdu)
+    while offset < end:
+        if offset + 5 > end:
+            return None
+        length, context_id = struct.unpack_from(">LB", pdu, offset)
+        if length < 2 or offset + 4 + length > end:
+            return None
+        items.append((context_id, view[offset + 5:offset + 4 + length]))
+        offset += 4 + length
+    return items
+
+
+def _track_message(dul: DULServiceProvider, fragments, rx: _Rx) -> str | None:
+    """Update the DIMSE message in progress from the fragments of a P-DATA-TF; a reason to
+    abort, or None."""
     limits = _limits(dul)
     now = time.monotonic()
-    for item in pdu.presentation_data_value_items:
-        data = item.presentation_data_value
+    for data in fragments:
         if not data:
             continue
         control = data[0]
@@ -217,8 +235,11 @@ def _read_pdu_data(self: DULServiceProvider) -> bool:  # noqa: C901 - being edit
             want = min(want, len(rx.buffer) - rx.got)
         try:
             with memoryview(rx.buffer) as view:
-                count = sock.recv_into(view[rx.got:rx.got + want], want)
+                count = _receive(sock, view[rx.got:rx.got + want])
         except (BlockingIOError, ssl.SSLWantReadError, InterruptedError):
+            # Nothing more yet: wait briefly inside the PDU, else back to the DUL loop (its timers).
+            if time.monotonic() < burst_end and _readable(sock, 0.005):
+                continue
             return False
         except TimeoutError:
             abort_connection(self, f"no data for {sock.gettimeout():.0f} s inside a PDU")
@@ -247,21 +268,42 @@ def _read_pdu_data(self: DULServiceProvider) -> bool:  # noqa: C901 - being edit
             data = rx.buffer
             rx.reset()
             return _handle_pdu(self, data, rx)
-        if time.monotonic() > burst_end or not _readable(sock, 0.005):
+        if time.monotonic() > burst_end:
             return False
 
 
+def _receive(sock, view: memoryview) -> int:
+    """Bytes read into ``view``; BlockingIOError when none are there.
+
+    A plain socket is read with one ``readv`` on its descriptor (non-blocking, as Python keeps
+    every socket with a timeout): ``recv_into`` would first ``poll`` it, and each system call
+    lets go of the GIL, a thread switch when other associations wait for it. TLS sockets go
+    through ``ssl``.
+    """
+    if isinstance(sock, ssl.SSLSocket) or sock.gettimeout() is None:
+        return sock.recv_into(view, len(view))
+    return os.readv(sock.fileno(), [view])
+
+
 def _handle_pdu(self: DULServiceProvider, data: bytearray, rx: _Rx) -> bool:
+    if data[0] == 0x04:
+        items = p_data_fragments(data)
+        reason = "malformed P-DATA-TF (its items do not fill it)" if items is None else \
+            _track_message(self, (fragment for _, fragment in items), rx)
+        if reason:
+            abort_connection(self, reason)
+            return False
+        hook = _P_DATA_HOOK[0]
+        if hook is not None:
+            taken = hook(self, items, abort_connection)
+            if taken is not None:
+                rx.last_whole = time.monotonic()
+                return taken
     try:
         pdu, event = self._decode_pdu(data)
     except Exception as exc:
         abort_connection(self, f"undecodable PDU type 0x{data[0]:02X}: {clean_exception(exc)}")
         return False
-    if data[0] == 0x04:
-        reason = _track_message(self, pdu, rx)
-        if reason:
-            abort_connection(self, reason)
-            return False
     self.event_queue.put(event)
     self._recv_pdu.put(pdu)
     rx.last_whole = time.monotonic()
@@ -293,6 +335,7 @@ def _is_transport_event(self: DULServiceProvider) -> bool:
     """
     rx = _rx(self)
     if rx.dead or self.socket is None:
+        time.sleep(0.001)  # until the state machine ends the loop (the loop itself never sleeps)
         return False
     if self.state_machine.current_state == "Sta13":
         if self.socket.socket is not None and _readable(self.socket.socket, 0):
@@ -347,6 +390,9 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
     try:
         _ORIGINAL["run_reactor"](self)
     finally:
+        on_end = _P_DATA_HOOK[1]
+        if on_end is not None:
+            on_end(self)
         state = self.__dict__
         with state["_ct_wake_lock"]:
             state["_ct_wake"] = None
@@ -367,11 +413,33 @@ def _reactor_get_msg(self, block: bool = False):
 _installed = False
 _ORIGINAL: dict = {}
 _NO_LOCK = threading.Lock()
+# (take, ended): ``take(dul, fragments, abort)`` is offered each whole P-DATA-TF first (True
+# handled, False aborted, None: pynetdicom's); ``ended(dul)`` runs when the DUL stops.
+_P_DATA_HOOK: list = [None, None]
 
 
-def install_bounded_receive() -> None:
-    """Replace pynetdicom's DUL receive path and its idle polling (process-wide, idempotent)."""
+class _DulClock:
+    """``time`` as pynetdicom's DUL module sees it, without its zero sleeps.
+
+    The DUL loop calls ``time.sleep(_run_loop_delay)`` (0 here) after every pass that found no
+    event: a system call that lets go of the GIL about twenty times per received instance.
+    Our ``_is_transport_event`` already waits in ``select()`` when there is nothing to do.
+    """
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        if seconds > 0:
+            time.sleep(seconds)
+
+
+def install_bounded_receive(p_data_hook: tuple | None = None) -> None:
+    """Replace pynetdicom's DUL receive path and its idle polling (process-wide, idempotent);
+    ``p_data_hook``: (take, ended) as in ``_P_DATA_HOOK`` (dicom_node.fast_store), or None."""
     global _installed
+    _P_DATA_HOOK[:] = list(p_data_hook) if p_data_hook else [None, None]
     if _installed:
         return
     _ORIGINAL.update(send_pdu=DULServiceProvider.send_pdu, __init__=DULServiceProvider.__init__,
@@ -385,6 +453,7 @@ def install_bounded_receive() -> None:
     DULServiceProvider.__init__ = _dul_init  # type: ignore[method-assign]
     DULServiceProvider.run_reactor = _dul_run_reactor  # type: ignore[method-assign]
     DIMSEServiceProvider.get_msg = _reactor_get_msg  # type: ignore[method-assign]
+    pynetdicom_dul.time = _DulClock()  # type: ignore[assignment]
     _installed = True
 
 

@@ -286,6 +286,11 @@ def _answer(dul, incoming: _Incoming) -> None:
     context = assoc._accepted_cx[incoming.context_id]
     handler, args = assoc.get_handlers(evt.EVT_C_STORE)
     event = StoreEvent(assoc, Request(command, incoming.path), context.as_tuple)
+    # The network timeout is the peer's silence, not our work: the association's reactor
+    # checks the idle timer meanwhile (with pynetdicom it served the store and could not).
+    idle = dul._idle_timer
+    idle.restart()
+    idle.stop()
     try:
         status = handler(event, *args) if args else handler(event)
         status = int(status if isinstance(status, int) else status.Status)
@@ -293,6 +298,7 @@ def _answer(dul, incoming: _Incoming) -> None:
         log.exception("unexpected error in the C-STORE handler")
         status = PROCESSING_FAILURE
     finally:
+        idle.restart()
         with contextlib.suppress(OSError):
             incoming.path.unlink()
     sock = dul.socket.socket if dul.socket is not None else None

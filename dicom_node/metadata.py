@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -99,11 +100,57 @@ def not_applicable_reason(sop_class_uid: str, ds) -> str | None:
     return None
 
 
+_LONG_META_VRS = (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN")
+
+
 def _read_meta(fh: BinaryIO, transfer_syntax_uid: str) -> tuple[int, str]:
-    """(offset of the data set, syntax to parse it with) of a file positioned at its start."""
+    """(offset of the data set, syntax to parse it with) of a file positioned at its start.
+
+    The file meta group as the node writes it (preamble, ``DICM``, explicit VR little endian
+    group 0002) is read directly; anything else through pydicom, which says what is wrong.
+    """
+    head = fh.read(132)
+    if len(head) == 132 and head[128:] == b"DICM":
+        found = _scan_meta(fh)
+        if found is not None:
+            offset, syntax = found
+            return offset, syntax or transfer_syntax_uid
+    fh.seek(0)
     read_preamble(fh, True)
     meta = _read_file_meta_info(fh)
     return fh.tell(), str(meta.get("TransferSyntaxUID") or transfer_syntax_uid)
+
+
+def _scan_meta(fh: BinaryIO) -> tuple[int, str | None] | None:
+    """Walk group 0002 after ``DICM``: (offset of the data set, TransferSyntaxUID or None);
+    None when an element is not what a file meta group holds."""
+    syntax = None
+    while True:
+        start = fh.tell()
+        raw = fh.read(8)
+        if len(raw) < 8:
+            return None
+        group, element = struct.unpack("<HH", raw[:4])
+        if group != 0x0002:
+            fh.seek(start)
+            return start, syntax
+        vr = raw[4:6]
+        if vr in _LONG_META_VRS:
+            extra = fh.read(4)
+            if len(extra) < 4:
+                return None
+            (length,) = struct.unpack("<L", extra)
+        elif vr.isalpha() and vr.isupper():
+            (length,) = struct.unpack("<H", raw[6:])
+        else:
+            return None
+        if length > 1024:  # undefined (0xFFFFFFFF) or far beyond any meta element
+            return None
+        value = fh.read(length)
+        if len(value) < length:
+            return None
+        if element == 0x0010:
+            syntax = value.rstrip(b"\0 ").decode("ascii", "replace") or None
 
 
 def _inflated(path: Path, offset: int, scratch_dir: Path | None, max_bytes: int, room_left) -> Path:

@@ -153,3 +153,29 @@ def test_a_malformed_p_data_is_aborted(start_node, sqlite_url, caplog):
     assert "malformed P-DATA-TF" in caplog.text
     time.sleep(0.2)
     assert not _tmp_files(running)
+
+
+def test_the_file_meta_is_read_as_pydicom_reads_it(tmp_path):
+    """dicom_node.metadata reads the file meta group directly; every file must give pydicom's
+    (data set offset, transfer syntax), and what it does not recognise goes to pydicom."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    from dicom_node import metadata
+
+    def pydicoms(raw: bytes, fallback: str) -> tuple[int, str]:
+        fh = BytesIO(raw)
+        read_preamble(fh, True)
+        meta = _read_file_meta_info(fh)
+        return fh.tell(), str(meta.get("TransferSyntaxUID") or fallback)
+
+    written = write_ct_series(tmp_path / "s", 1, rows=8, columns=8).paths[0].read_bytes()
+    command = fast_store.StoreCommand(sop_class_uid=CT, sop_instance_uid="1.2.3.4.5")
+    ours = fast_store.file_meta(command, "1.2.840.10008.1.2") + b"\x08\x00\x18\x00\x0a\x00\x00\x001.2.3.4.5\x00"
+    private = bytearray(ours)  # an OB element (private information) appended to the group
+    extra = struct.pack("<HH2sHL", 2, 0x0102, b"OB", 0, 4) + b"\x01\x02\x03\x04"
+    group_length = struct.unpack_from("<L", private, 140)[0]
+    private[140:144] = struct.pack("<L", group_length + len(extra))
+    private[144 + group_length:144 + group_length] = extra
+    no_preamble = written[128:]
+    for raw in (written, ours, bytes(private), no_preamble, b"\0" * 200):
+        assert metadata._read_meta(BytesIO(raw), "9.9") == pydicoms(raw, "9.9")

@@ -100,6 +100,7 @@ def test_retention_keeps_a_study_reopened_by_a_late_instance(start_node, sqlite_
     running = start_node(sqlite_url)
     series = write_ct_series(tmp_path / "a", 4, rows=32, columns=32, seed=74)
     assert storescu(running.port, series.paths).returncode == 0
+    assert running.node.store.indexer.flush()  # acknowledged is on disk; the row follows
     with session_scope(running.session_factory) as session:
         study = session.scalar(select(Study))
         _settle_study(session, study, scored_days_ago=9, delivered_days_ago=8)

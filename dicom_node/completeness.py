@@ -54,10 +54,14 @@ class CompletenessTracker(Poller):
                          series.state_reason, series.instance_count, series.version,
                          f", flags: {'; '.join(series.flags)}" if series.flags else "")
         with session_scope(self.session_factory) as session:
-            created = repository.create_due_jobs(session, SCORE_STUDY, busy_study_uids=self.busy_study_uids(),
-                                                 stable_age_s=self.stable_age_s)
-        for job_id in created:
-            log.info("job %d queued (%s)", job_id, SCORE_STUDY)
+            study_ids = repository.due_study_ids(session)
+        busy = self.busy_study_uids()
+        for study_id in study_ids:  # one transaction per study: it holds that study's locks only
+            with session_scope(self.session_factory) as session:
+                job_id = repository.create_due_job(session, SCORE_STUDY, study_id, busy_study_uids=busy,
+                                                   stable_age_s=self.stable_age_s)
+            if job_id is not None:
+                log.info("job %d queued (%s)", job_id, SCORE_STUDY)
         if self.republish_after_s is not None and \
                 time.monotonic() - self._lost_work_checked >= min(LOST_WORK_CHECK_S, self.republish_after_s):
             self._lost_work_checked = time.monotonic()

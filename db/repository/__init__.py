@@ -39,7 +39,9 @@ from db.repository.ingest import (
 )
 from db.repository.jobs import (
     claim_job,
+    create_due_job,
     create_due_jobs,
+    due_study_ids,
     finish_job,
     get_job,
     instance_paths,
@@ -89,13 +91,13 @@ from db.states import InvalidStateChange
 __all__ = [
     "ExpiredFile", "InstanceRecord", "InvalidStateChange", "ResultStatusRow", "SeriesStatusRow", "StorageCounts",
     "StoreOutcome", "add_deliveries", "add_result", "align_destination_retries", "claim_delivery", "claim_job",
-    "count_duplicate", "counts", "create_due_jobs", "deliveries_ahead", "delivery_result", "due_delivery_ids",
-    "expired_files", "find_instance", "finish_delivery", "finish_job", "forget_output_files", "geometry_flags",
-    "get_delivery", "get_job", "indexed_paths", "instance_paths", "lock_study_series", "mark_delivery_published",
-    "mark_files_deleted", "mark_published", "mark_stable", "next_queued_job_id", "record_instance",
-    "record_instances", "record_output_files", "record_rejection", "release_claims", "release_job",
-    "requeue_abandoned_jobs", "result_exists", "result_status", "series_files", "series_status",
-    "settle_quiet_series", "start_delivery", "storage_counts", "stored_output_files", "stored_sop_instance_uids",
-    "take_over_job", "transition", "unpublish_lost_work", "unpublished_delivery_ids", "unpublished_job_ids",
-    "unpublished_outbox_ids",
+    "count_duplicate", "counts", "create_due_job", "create_due_jobs", "deliveries_ahead", "delivery_result",
+    "due_delivery_ids", "due_study_ids", "expired_files", "find_instance", "finish_delivery", "finish_job",
+    "forget_output_files", "geometry_flags", "get_delivery", "get_job", "indexed_paths", "instance_paths",
+    "lock_study_series", "mark_delivery_published", "mark_files_deleted", "mark_published", "mark_stable",
+    "next_queued_job_id", "record_instance", "record_instances", "record_output_files", "record_rejection",
+    "release_claims", "release_job", "requeue_abandoned_jobs", "result_exists", "result_status", "series_files",
+    "series_status", "settle_quiet_series", "start_delivery", "storage_counts", "stored_output_files",
+    "stored_sop_instance_uids", "take_over_job", "transition", "unpublish_lost_work", "unpublished_delivery_ids",
+    "unpublished_job_ids", "unpublished_outbox_ids",
 ]

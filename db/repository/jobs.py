@@ -31,38 +31,54 @@ from db.types import utcnow
 
 def create_due_jobs(session: Session, task_name: str, *, busy_study_uids: frozenset[str] = frozenset(),
                     stable_age_s: float = 15.0, now: datetime | None = None) -> list[int]:
-    """One job per study version whose series have all settled and some are stable.
+    """:func:`create_due_job` for every :func:`due_study_ids`, in the caller's one transaction
+    (the node's tracker gives each study its own: see :func:`create_due_job`)."""
+    created = (create_due_job(session, task_name, study_id, busy_study_uids=busy_study_uids,
+                              stable_age_s=stable_age_s, now=now) for study_id in due_study_ids(session))
+    return [job_id for job_id in created if job_id is not None]
+
+
+def due_study_ids(session: Session) -> list[int]:
+    """Studies with a stable series: candidates for :func:`create_due_job`."""
+    return list(session.scalars(select(Series.study_fk).where(Series.state == SeriesState.STABLE.value)
+                                .distinct()).all())
+
+
+def create_due_job(session: Session, task_name: str, study_id: int, *,
+                   busy_study_uids: frozenset[str] = frozenset(), stable_age_s: float = 15.0,
+                   now: datetime | None = None) -> int | None:
+    """The job of the study's current version once its series have all settled and some are
+    stable (its id when created here, else None); its stable series move to ``queued``.
 
     A study that an open association is still sending is left alone until that
     association ends or the study has been quiet for ``stable_age_s``, so a second
     series that follows a complete first one lands in the same version.
+
+    The study and its series are locked (:func:`_lock_study`) until the transaction ends:
+    commit after each study, as the tracker does, so that it never holds one study while
+    waiting for another that an indexer batch holds (a deadlock PostgreSQL would break by
+    failing one of them).
     """
     now = now or utcnow()
-    study_ids = session.scalars(
-        select(Series.study_fk).where(Series.state == SeriesState.STABLE.value).distinct()
-    ).all()
-    job_ids = []
-    for study_id in study_ids:
-        study, series_rows = _lock_study(session, study_id)
-        states = {s.state for s in series_rows}
-        if SeriesState.RECEIVING.value in states:
-            continue
-        quiet = study.last_received_at <= now - timedelta(seconds=stable_age_s)
-        if study.study_instance_uid in busy_study_uids and not quiet:
-            continue
-        job = session.scalar(select(Job).where(Job.task_name == task_name, Job.study_fk == study.id,
-                                               Job.study_version == study.version))
-        if job is None:
-            job = Job(task_name=task_name, study_fk=study.id, study_version=study.version, state=JobState.QUEUED.value,
-                      attempts=0, created_at=now)
-            session.add(job)
-            session.flush()
-            job_ids.append(job.id)
-        for series in series_rows:
-            if series.state == SeriesState.STABLE.value:
-                transition(session, series, SeriesState.QUEUED, f"job {job.id} (study version {study.version})",
-                           now)
-    return job_ids
+    study, series_rows = _lock_study(session, study_id)
+    states = {s.state for s in series_rows}
+    if SeriesState.RECEIVING.value in states or SeriesState.STABLE.value not in states:
+        return None
+    quiet = study.last_received_at <= now - timedelta(seconds=stable_age_s)
+    if study.study_instance_uid in busy_study_uids and not quiet:
+        return None
+    job = session.scalar(select(Job).where(Job.task_name == task_name, Job.study_fk == study.id,
+                                           Job.study_version == study.version))
+    created = job is None
+    if job is None:
+        job = Job(task_name=task_name, study_fk=study.id, study_version=study.version, state=JobState.QUEUED.value,
+                  attempts=0, created_at=now)
+        session.add(job)
+        session.flush()
+    for series in series_rows:
+        if series.state == SeriesState.STABLE.value:
+            transition(session, series, SeriesState.QUEUED, f"job {job.id} (study version {study.version})", now)
+    return job.id if created else None
 
 
 def _lock_study(session: Session, study_id: int) -> tuple[Study, list[Series]]:

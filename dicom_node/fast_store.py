@@ -35,6 +35,9 @@ of that message:
   data set aborts the association (A-ABORT, one log line), as would a data set over the
   size limit (``dicom_node.transport``). An association that ends mid-message leaves no
   temporary file (:func:`discard`).
+- **A temporary file that cannot be created or written** (disk full, I/O error): the rest of
+  the data set is read and dropped, and the request is answered 0xA701 ("could not write to
+  storage") with one log line; the association goes on, so the scanner can retry.
 
 ``CT_TRIAGE_FAST_STORE=false`` turns it off: every PDU goes to pynetdicom.
 """
@@ -54,12 +57,14 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
+from ct_triage.text import clean, clean_exception
+from dicom_node import status as statuses
+
 log = logging.getLogger("ct_triage.node.fast_store")
 
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 NO_DATA_SET = 0x0101
-PROCESSING_FAILURE = 0x0110  # what we answer when the handler raised (it never should)
 
 _US_TAGS = {0x0100: "command_field", 0x0110: "message_id", 0x0700: "priority", 0x0800: "data_set_type",
             0x1031: "move_originator_message_id"}
@@ -111,23 +116,37 @@ class StoreEvent:
 
 @dataclass
 class _Incoming:
-    """A C-STORE being received through this module."""
+    """A C-STORE being received through this module. ``failed``: why its temporary file
+    could not be written; the rest of the data set is then read and dropped, and the
+    request answered with 0xA701."""
 
     command: StoreCommand
     context_id: int
-    fd: int
-    path: Path
-    closed: bool = False
+    fd: int = -1
+    path: Path | None = None
+    failed: str | None = None
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
+        if self.fd >= 0:
             os.close(self.fd)
+            self.fd = -1
 
     def discard(self) -> None:
         self.close()
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            self.path = None
+
+    def write(self, data: memoryview) -> None:
+        if self.failed is not None:
+            return
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError as exc:
+            self.failed = clean_exception(exc)
+            self.discard()
 
 
 def _element(tag: int, value: bytes) -> bytes:
@@ -242,13 +261,14 @@ def take_p_data(dul, items: list[tuple[int, memoryview]], abort) -> bool | None:
         handler = assoc.get_handlers(evt.EVT_C_STORE)
         if context is None or not handler or handler[0] is None:
             return None
-        fd, name = tempfile.mkstemp(suffix=".dcm", dir=tempfile.gettempdir())
-        incoming = _Incoming(command, context_id, fd, Path(name))
+        incoming = _Incoming(command, context_id)
         dul.__dict__["_ct_store"] = incoming
         try:
-            os.write(fd, file_meta(command, str(context.transfer_syntax[0])))
+            fd, name = tempfile.mkstemp(suffix=".dcm", dir=tempfile.gettempdir())
+            incoming.fd, incoming.path = fd, Path(name)
         except OSError as exc:
-            return _failed(dul, incoming, abort, f"cannot write the temporary file: {exc}")
+            incoming.failed = clean_exception(exc)
+        incoming.write(memoryview(file_meta(command, str(context.transfer_syntax[0]))))
         items = items[1:]
     return _data(dul, incoming, items, abort)
 
@@ -259,10 +279,7 @@ def _data(dul, incoming: _Incoming, items, abort) -> bool:
         if control & 0x01 or context_id != incoming.context_id:
             return _failed(dul, incoming, abort, "a command fragment or another presentation context "
                                                  "inside a C-STORE data set")
-        try:
-            _write_all(incoming.fd, fragment[1:])
-        except OSError as exc:
-            return _failed(dul, incoming, abort, f"cannot write the temporary file: {exc}")
+        incoming.write(fragment[1:])
         if control & 0x02:
             if fragment is not items[-1][1]:
                 return _failed(dul, incoming, abort, "data after the last fragment of a C-STORE data set")
@@ -271,41 +288,45 @@ def _data(dul, incoming: _Incoming, items, abort) -> bool:
     return True
 
 
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        written = os.write(fd, data)
-        data = data[written:]
-
-
 def _answer(dul, incoming: _Incoming) -> None:
     """The whole data set is on disk: the bound handler decides, the response goes out."""
     dul.__dict__["_ct_store"] = None
     incoming.close()
     assoc = dul.assoc
     command = incoming.command
+    if incoming.failed is not None or incoming.path is None:
+        log.error("C-STORE of %s refused with 0xA701: cannot write its temporary file: %s",
+                  clean(command.sop_instance_uid, 80), incoming.failed)
+        status = statuses.OUT_OF_RESOURCES_WRITE_FAILED
+    else:
+        status = _handle(dul, incoming, incoming.path)
+    sock = dul.socket.socket if dul.socket is not None else None
+    if sock is None or not assoc.is_established:
+        return
+    with contextlib.suppress(OSError):  # the peer went away: the DUL notices on its next read
+        sock.sendall(p_data_tf(incoming.context_id, 0x03, encode_response(command, status)))
+
+
+def _handle(dul, incoming: _Incoming, path: Path) -> int:
+    """The status the bound ``EVT_C_STORE`` handler answers for the data set at ``path``."""
+    assoc = dul.assoc
     context = assoc._accepted_cx[incoming.context_id]
     handler, args = assoc.get_handlers(evt.EVT_C_STORE)
-    event = StoreEvent(assoc, Request(command, incoming.path), context.as_tuple)
+    event = StoreEvent(assoc, Request(incoming.command, path), context.as_tuple)
     # The network timeout is the peer's silence, not our work: the association's reactor
     # checks the idle timer meanwhile (with pynetdicom it served the store and could not).
     idle = dul._idle_timer
     idle.restart()
     idle.stop()
     try:
-        status = handler(event, *args) if args else handler(event)
-        status = int(status if isinstance(status, int) else status.Status)
+        answer = handler(event, *args) if args else handler(event)
+        return int(answer if isinstance(answer, int) else answer.Status)
     except Exception:  # the bound handler never raises; if it did, the peer still gets an answer
         log.exception("unexpected error in the C-STORE handler")
-        status = PROCESSING_FAILURE
+        return statuses.PROCESSING_FAILURE
     finally:
         idle.restart()
-        with contextlib.suppress(OSError):
-            incoming.path.unlink()
-    sock = dul.socket.socket if dul.socket is not None else None
-    if sock is None or not assoc.is_established:
-        return
-    with contextlib.suppress(OSError):  # the peer went away: the DUL notices on its next read
-        sock.sendall(p_data_tf(incoming.context_id, 0x03, encode_response(command, status)))
+        incoming.discard()
 
 
 def _failed(dul, incoming: _Incoming, abort, reason: str) -> bool:

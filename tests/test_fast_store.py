@@ -3,6 +3,7 @@ would (command parsing, the response, the file meta), and the paths it leaves to
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import time
@@ -179,3 +180,27 @@ def test_the_file_meta_is_read_as_pydicom_reads_it(tmp_path):
     no_preamble = written[128:]
     for raw in (written, ours, bytes(private), no_preamble, b"\0" * 200):
         assert metadata._read_meta(BytesIO(raw), "9.9") == pydicoms(raw, "9.9")
+
+
+def test_a_temporary_file_that_cannot_be_written_is_answered_0xa701(start_node, sqlite_url, tmp_path, monkeypatch,
+                                                                   caplog):
+    require_dcmtk()
+    running = start_node(sqlite_url)
+    series = write_ct_series(tmp_path / "s", 2, rows=32, columns=32, seed=5)
+
+    def no_room(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fast_store.tempfile, "mkstemp", no_room)
+    result = storescu(running.port, series.paths)
+    output = result.stdout + result.stderr
+    # answered with the status (storescu then stops and releases), not aborted
+    assert "Received Store Response (Refused: OutOfResources)" in output, output[-2000:]
+    assert "Releasing Association" in output and "Abort" not in output, output[-2000:]
+    assert "refused with 0xA701: cannot write its temporary file: OSError" in caplog.text
+    monkeypatch.undo()
+    assert not any((running.settings.effective_storage_dir / "instances").rglob("*.dcm"))
+
+    broken = fast_store._Incoming(fast_store.StoreCommand(), 1, fd=os.open(os.devnull, os.O_RDONLY))
+    broken.write(memoryview(b"data"))  # a descriptor that cannot be written: the failure is kept, not raised
+    assert broken.failed and broken.fd == -1

@@ -102,10 +102,12 @@ def lock_study_series(session: Session, study_id: int) -> list[Series]:
     The worker moves series states (queued -> scoring -> scored) while the indexer may
     reopen a series with a late instance (-> receiving -> stable, version + 1). Without
     the lock, a state read before the indexer's commit and written after it would undo
-    the reopening, and the new version would never be scored.
+    the reopening, and the new version would never be scored. ``FOR NO KEY UPDATE``: it
+    serialises with the indexer's updates, not with inserts that only reference the series
+    (instances, results), whose foreign-key checks take key-share locks.
     """
     return list(session.scalars(select(Series).where(Series.study_fk == study_id).order_by(Series.id)
-                                .with_for_update().execution_options(populate_existing=True)).all())
+                                .with_for_update(key_share=True).execution_options(populate_existing=True)).all())
 
 
 def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:

@@ -88,9 +88,12 @@ def _lock_study(session: Session, study_id: int) -> tuple[Study, list[Series]]:
     + 1) or add a new series. Read without the locks, the series states and the version would
     be those from before its commit, and queueing them would overwrite the reopened series'
     ``receiving`` with ``queued``: that version would never be scored. Study first, then the
-    series, the order in which the indexer and the worker take them.
+    series, the order in which the indexer and the worker take them. ``FOR NO KEY UPDATE``,
+    the lock an UPDATE takes: it waits for the indexer's writes but not for the key-share
+    locks of foreign-key checks (a worker inserting this study's result), which ``FOR
+    UPDATE`` would, a deadlock with a worker holding its series' key-share lock.
     """
-    study = session.scalars(select(Study).where(Study.id == study_id).with_for_update()
+    study = session.scalars(select(Study).where(Study.id == study_id).with_for_update(key_share=True)
                             .execution_options(populate_existing=True)).one()
     return study, lock_study_series(session, study_id)
 

@@ -30,7 +30,9 @@ of that message:
   (``assoc``, ``request``, ``context``, ``dataset_path``), and sending the C-STORE-RSP
   command set (implicit VR little endian, as pynetdicom encodes it) on the socket from
   this thread, which is the thread pynetdicom sends from. The temporary file is removed
-  afterwards, as pynetdicom does.
+  afterwards, as pynetdicom does. The association's idle timer stands still while the
+  handler runs: the time we take is not the peer's silence (with pynetdicom the reactor
+  thread that checks the timer was the one serving the store).
 - **Broken messages**: a command fragment or another presentation context inside the
   data set aborts the association (A-ABORT, one log line), as would a data set over the
   size limit (``dicom_node.transport``). An association that ends mid-message leaves no
@@ -39,7 +41,9 @@ of that message:
   the data set is read and dropped, and the request is answered 0xA701 ("could not write to
   storage") with one log line; the association goes on, so the scanner can retry.
 
-``CT_TRIAGE_FAST_STORE=false`` turns it off: every PDU goes to pynetdicom.
+``CT_TRIAGE_FAST_STORE=false`` turns it off: every PDU goes to pynetdicom. Measured
+(``bench/scale_bench.py``, docs/production.md): one sender 2.28 s off, 1.85 s on; four
+senders to two processes 5.04 s off, 3.77 s on (Orthanc 1.89 and 3.13 s in the same run).
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def test_command_response_and_file_meta_are_pynetdicoms():
     assert fast_store.file_meta(parsed, EXPLICIT) == buffer.getvalue()
 
 
-def _stored_bytes(running, paths) -> dict[str, bytes]:
+def _stored_bytes(running) -> dict[str, bytes]:
     assert running.node.store.indexer.flush()
     storage = running.settings.effective_storage_dir / "instances"
     return {path.name: path.read_bytes() for path in storage.rglob("*.dcm")}
@@ -82,7 +82,7 @@ def test_storescu_files_stored_identically_with_and_without_the_fast_path(start_
                              storage_dir=tmp_path / f"storage-{fast}")
         result = storescu(running.port, series.paths)
         assert len(acknowledged_files(result.stdout + result.stderr)) == 6, result.stderr[-2000:]
-        stored[fast] = _stored_bytes(running, series.paths)
+        stored[fast] = _stored_bytes(running)
         assert len(served) == 6  # the second node (fast_store=False) never takes the fast path
         running.node.stop()
     assert len(stored[True]) == 6 and stored[True] == stored[False]
@@ -104,7 +104,7 @@ def test_echo_and_stores_mixed_on_one_association(start_node, sqlite_url, tmp_pa
     finally:
         assoc.release()
     assert statuses == [0] * 7
-    assert len(_stored_bytes(running, paths)) == 3
+    assert len(_stored_bytes(running)) == 3
 
 
 def _raw_association(port: int):
